@@ -1,0 +1,64 @@
+"""Checkpoints that are never half-written, and loading that explains what is wrong.
+
+Saving goes through ``atomic_write`` (temporary file, fsync, rename), so a crash
+mid-save leaves the previous checkpoint intact. Loading uses ``weights_only=True``:
+no arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stable_cnn.atomic import atomic_write
+from stable_cnn.errors import UserError
+
+FORMAT = "stable-cnn/1"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, foreign or for another model."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically write ``state`` (plus a format tag) to ``path``."""
+    with atomic_write(path) as out:
+        torch.save({"format": FORMAT, **state}, out)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint to the CPU; every failure is one CheckpointError line."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:200]}): "
+            f"use another checkpoint (best.pt or last.pt of the run)"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a stable-cnn checkpoint (no {FORMAT!r} format tag): "
+            f"pass a checkpoints/last.pt or best.pt written by stable-cnn-train"
+        )
+    return state
+
+
+def load_model_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load the model weights, naming the architecture mismatch if they don't fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        saved = state.get("model_config", {})
+        detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model ({saved or 'unknown config'}): "
+            f"{detail[:160]}; build the same model (e.g. its model.width) to load it"
+        ) from None

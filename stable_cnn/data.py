@@ -1,0 +1,377 @@
+"""Datasets -> batches: train, validation and test splits ready for the loop.
+
+Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
+decoded once into a uint8 tensor on the training device, and ``TensorBatches``
+slices, augments and normalises whole batches there. ``image_folder`` data keeps
+the classic per-image DataLoader path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from stable_cnn.atomic import atomic_write
+from stable_cnn.augment import normalize, random_crop, random_flip
+from stable_cnn.config import DataConfig
+from stable_cnn.errors import DataError
+
+# The validation split is drawn with this fixed seed, so every run (any trainer.seed)
+# validates on the same images and their val accuracies compare.
+SPLIT_SEED = 0
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+TORCHVISION_DATASETS = {
+    "fashion_mnist": ("FashionMNIST", "Fashion-MNIST"),
+    "mnist": ("MNIST", "MNIST"),
+    "cifar10": ("CIFAR10", "CIFAR-10"),
+    "cifar100": ("CIFAR100", "CIFAR-100"),
+    "svhn": ("SVHN", "SVHN"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the logs need to know about the data."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    class_names: tuple[str, ...]
+
+
+@dataclass
+class DataSplits:
+    train: Any  # iterable of (images, labels) batches: TensorBatches or DataLoader
+    val: Any
+    test: Any
+    info: DatasetInfo
+    num_train: int
+    num_val: int
+    num_test: int
+    val_is_test: bool  # data.val_size=0: validation runs on the test split
+
+
+class TensorBatches:
+    """Batches sliced from uint8 images held in memory, augmented and normalised per batch.
+
+    Shuffles with ``torch.randperm`` from its own generator, so data order and
+    augmentation are reproducible from the seed and independent of model init.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        *,
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.images = images  # (N, C, H, W) uint8
+        self.labels = labels  # (N,) int64
+        self.batch_size = batch_size
+        self.mean = mean.view(1, -1, 1, 1).to(images.device)
+        self.std = std.view(1, -1, 1, 1).to(images.device)
+        self.train = train  # shuffle, augment, drop the last partial batch
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.generator = generator
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if self.train:
+            return n // self.batch_size
+        return -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        device = self.images.device
+        if self.train:
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+            order = order.to(device)
+        else:
+            order = torch.arange(n, device=device)
+        for batch in range(len(self)):
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            images = self.images[index]
+            if self.train:
+                images = random_crop(images, self.crop_padding, self.generator)
+                if self.flip:
+                    images = random_flip(images, self.generator)
+            yield normalize(images, self.mean, self.std), self.labels[index]
+
+
+def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSplits:
+    """Load the dataset named by ``config.name`` and cut it into train, val and test batches."""
+    if config.name == "image_folder":
+        return _image_folder_splits(config, seed)
+    train_images, train_labels, class_names = load_tensors(config, train=True)
+    test_images, test_labels, _ = load_tensors(config, train=False)
+    _check_shape(config, train_images)
+
+    train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
+    train_index = _limit(train_index, config.limit_train)
+    _check_batch_size(config, len(train_index))
+    mean, std = torch.tensor(config.mean), torch.tensor(config.std)
+
+    def batches(images: torch.Tensor, labels: torch.Tensor, train: bool) -> TensorBatches:
+        return TensorBatches(
+            images.to(device),
+            labels.to(device),
+            config.batch_size if train else config.eval_batch_size,
+            mean,
+            std,
+            train=train,
+            crop_padding=config.crop_padding if config.augment else 0,
+            flip=config.flip and config.augment,
+            generator=torch.Generator(device=device).manual_seed(seed) if train else None,
+        )
+
+    test_index = _limit(torch.arange(len(test_labels)), config.limit_test)
+    test = batches(test_images[test_index], test_labels[test_index], train=False)
+    if len(val_index) == 0:
+        val = test
+    else:
+        val_index = _limit(val_index, config.limit_test)
+        val = batches(train_images[val_index], train_labels[val_index], train=False)
+    train = batches(train_images[train_index], train_labels[train_index], train=True)
+    info = DatasetInfo(
+        config.name, config.in_channels, len(class_names), config.image_size, class_names
+    )
+    return DataSplits(
+        train,
+        val,
+        test,
+        info,
+        len(train_index),
+        len(val.labels),
+        len(test.labels),
+        val_is_test=len(val_index) == 0,
+    )
+
+
+def split_indices(num_images: int, val_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold ``val_size`` images out of the training set, the same ones for every run."""
+    if val_size >= num_images:
+        raise DataError(
+            f"data.val_size={val_size} leaves no training images ({name} has {num_images} "
+            f"training images): lower data.val_size, or set it to 0 to validate on the test set"
+        )
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return order[val_size:], order[:val_size]
+
+
+def _limit(index: torch.Tensor, limit: int | None) -> torch.Tensor:
+    return index if limit is None else index[:limit]
+
+
+def _check_batch_size(config: DataConfig, num_train: int) -> None:
+    if config.batch_size > num_train:
+        raise DataError(
+            f"data.batch_size={config.batch_size} is larger than the {num_train} training "
+            f"images: lower data.batch_size or raise data.limit_train"
+        )
+
+
+def _check_shape(config: DataConfig, images: torch.Tensor) -> None:
+    _, channels, height, width = images.shape
+    if channels != config.in_channels or height != config.image_size or width != height:
+        raise DataError(
+            f"{config.name} images are {channels}x{height}x{width} but the data config says "
+            f"in_channels={config.in_channels}, image_size={config.image_size}: fix the data config"
+        )
+
+
+def load_tensors(config: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """One split as (uint8 images (N, C, H, W), int64 labels (N,), class names)."""
+    if config.name == "synthetic":
+        return synthetic_tensors(config, train)
+    if config.name not in TORCHVISION_DATASETS:
+        known = ", ".join([*TORCHVISION_DATASETS, "image_folder", "synthetic"])
+        raise DataError(f"data.name={config.name!r} is not a known dataset: use one of {known}")
+    dataset = open_torchvision_dataset(config, train)
+    if config.name == "svhn":
+        images = torch.from_numpy(dataset.data)  # already (N, 3, 32, 32)
+        labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
+        return images, labels, tuple(str(digit) for digit in range(10))
+    images = torch.as_tensor(dataset.data)
+    # MNIST family: (N, H, W); CIFAR: (N, H, W, C)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return images.contiguous(), labels, tuple(dataset.classes)
+
+
+def open_torchvision_dataset(config: DataConfig, train: bool) -> Any:
+    """The torchvision dataset, from disk, the system copy, or a download, in that order."""
+    import torchvision.datasets as tv
+
+    class_name, pretty = TORCHVISION_DATASETS[config.name]
+    dataset_class = getattr(tv, class_name)
+    root = Path(config.root).expanduser()
+    split = {"split": "train" if train else "test"} if config.name == "svhn" else {"train": train}
+    if config.name in ("fashion_mnist", "mnist") and config.system_dir:
+        install_idx_files(Path(config.system_dir), root / class_name / "raw")
+    try:
+        return dataset_class(str(root), download=False, **split)
+    except RuntimeError:
+        pass  # not on disk
+    except ImportError as err:
+        raise DataError(f"{pretty} needs an extra package ({err}): pip install scipy") from None
+    hint = _missing_data_hint(config, pretty, root)
+    if not config.download:
+        raise DataError(f"{pretty} is not in {root} and data.download=false: {hint}")
+    created = not root.exists()
+    try:
+        return dataset_class(str(root), download=True, **split)
+    except Exception as err:  # torchvision raises many kinds when offline
+        if created:
+            shutil.rmtree(root, ignore_errors=True)  # leave nothing half-downloaded
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{pretty} is not in {root} and could not be downloaded ({reason}): {hint}"
+        ) from None
+
+
+def _missing_data_hint(config: DataConfig, pretty: str, root: Path) -> str:
+    if config.name == "fashion_mnist":
+        return (
+            "install the offline copy with `apt-get install dataset-fashion-mnist` "
+            f"(files in {config.system_dir}), or run with internet access and data.download=true"
+        )
+    return (
+        f"run once with internet access and data.download=true, or copy {pretty} "
+        f"into {root} (data.root=... or STABLE_CNN_DATA point elsewhere)"
+    )
+
+
+def install_idx_files(system_dir: Path, raw_dir: Path) -> None:
+    """Decompress gzipped IDX files (e.g. Debian's dataset-fashion-mnist) into torchvision's
+    ``raw/`` layout. Their checksums differ from torchvision's, so torchvision's own
+    download step would reject them; it loads the decompressed files directly.
+    Each file is written atomically, so no half file is ever left.
+    """
+    missing = [name for name in MNIST_FILES if not (raw_dir / name).exists()]
+    sources = [system_dir / f"{name}.gz" for name in missing]
+    if not missing or not all(source.exists() for source in sources):
+        return
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in zip(missing, sources, strict=True):
+        with atomic_write(raw_dir / name) as out, gzip.open(source, "rb") as packed:
+            shutil.copyfileobj(packed, out, length=1 << 20)
+
+
+def synthetic_tensors(config: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Class templates plus noise: learnable, deterministic, nothing read from disk."""
+    classes = config.num_classes or 10
+    shape = (config.in_channels, config.image_size, config.image_size)
+    templates = torch.randint(0, 256, (classes, *shape), generator=torch.Generator().manual_seed(0))
+    count = config.num_train if train else config.num_test
+    generator = torch.Generator().manual_seed(1 if train else 2)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    noise = torch.randn((count, *shape), generator=generator) * 48
+    images = (templates[labels].float() * 0.6 + 50 + noise).clamp(0, 255).to(torch.uint8)
+    return images, labels, tuple(f"class_{k}" for k in range(classes))
+
+
+def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
+    """The classic path: per-image decode and transforms in DataLoader workers."""
+    from torchvision import datasets, transforms
+
+    root = Path(config.root).expanduser()
+    size = config.image_size
+    convert = [transforms.Grayscale(1)] if config.in_channels == 1 else []
+    convert += [transforms.Resize((size, size))]
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
+    augment = []
+    if config.augment:
+        augment.append(transforms.RandomCrop(size, padding=config.crop_padding))
+        if config.flip:
+            augment.append(transforms.RandomHorizontalFlip())
+    train_transform = transforms.Compose(convert + augment + to_tensor)
+    eval_transform = transforms.Compose(convert + to_tensor)
+
+    def folder(split: str, transform: Any) -> Any:
+        path = root / split
+        if not path.is_dir():
+            raise DataError(
+                f"image_folder: {path} does not exist: data.root must hold train/ and val/ "
+                f"folders with one subfolder of images per class"
+            )
+        try:  # ImageFolder decodes every image as RGB; Grayscale above makes it 1 channel
+            return datasets.ImageFolder(str(path), transform=transform)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise DataError(f"image_folder: no images in {path} ({err})") from None
+
+    train_set = folder("train", train_transform)
+    classes = tuple(train_set.classes)
+    if config.num_classes is not None and config.num_classes != len(classes):
+        raise DataError(
+            f"data.num_classes={config.num_classes} but {root / 'train'} has {len(classes)} "
+            f"class folders: set data.num_classes=null to infer it"
+        )
+    val_set = folder("val", eval_transform)
+    has_test = (root / "test").is_dir()
+    test_set = folder("test", eval_transform) if has_test else val_set
+    for split, dataset in (("val", val_set), ("test", test_set)):
+        if tuple(dataset.classes) != classes:
+            raise DataError(
+                f"image_folder: {root / split} has classes {list(dataset.classes)} but "
+                f"{root / 'train'} has {list(classes)}: both need the same class folders"
+            )
+    test_set = Subset(test_set, _limit(torch.arange(len(test_set)), config.limit_test).tolist())
+    if config.val_size > 0:
+        train_index, val_index = split_indices(len(train_set), config.val_size, "image_folder")
+        held_out = folder("train", eval_transform)
+        val_set = Subset(held_out, _limit(val_index, config.limit_test).tolist())
+        train_set = Subset(train_set, train_index.tolist())
+    elif has_test:
+        val_set = Subset(val_set, _limit(torch.arange(len(val_set)), config.limit_test).tolist())
+    else:
+        val_set = test_set  # no test/ folder: val/ serves as both
+    train_set = Subset(train_set, _limit(torch.arange(len(train_set)), config.limit_train).tolist())
+    _check_batch_size(config, len(train_set))
+
+    def loader(dataset: Any, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size if train else config.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=config.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=config.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed) if train else None,
+        )
+
+    test = loader(test_set, train=False)
+    val = test if val_set is test_set else loader(val_set, train=False)
+    info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
+    return DataSplits(
+        loader(train_set, train=True),
+        val,
+        test,
+        info,
+        len(train_set),
+        len(val_set),
+        len(test_set),
+        val_is_test=val_set is test_set,
+    )

@@ -1,0 +1,183 @@
+"""One epoch of training, one pass of evaluation, and the optimizer step between them.
+
+The step order is fixed (nanoGPT's): scale -> backward -> unscale -> clip -> step ->
+update -> zero_grad. Clipping therefore sees real gradient units, and a single
+GradScaler lives for the whole run (the tutorial made a new one every epoch, which
+threw away its calibrated scale). Loss and accuracy accumulate on the device; the
+host reads them only at log intervals and at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from stable_cnn.config import ClippingConfig
+from stable_cnn.errors import UserError
+from stable_cnn.hardware import Precision, Runtime
+from stable_cnn.schedulers import LRSchedule
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss over the epoch
+    accuracy: float  # training accuracy on augmented batches, percent
+    grad_norm: float  # mean gradient L2 norm before clipping
+    images: int
+    seconds: float
+    global_step: int  # optimizer steps taken so far in the run
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    accuracy: float  # percent
+    images: int
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+def clip_gradients(parameters: list[nn.Parameter], clipping: ClippingConfig) -> torch.Tensor:
+    """Clip in place as configured; return the total L2 norm from before clipping
+    (a device tensor: reading it would sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if clipping.name == "norm":
+        torch.nn.utils.clip_grads_with_norm_(parameters, clipping.max_norm, norm)
+    elif clipping.name == "value":
+        torch.nn.utils.clip_grad_value_(parameters, clipping.max_value)
+    return norm
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    parameters: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clipping: ClippingConfig,
+) -> torch.Tensor:
+    """Backward, clip the unscaled gradients, step; returns the pre-clip gradient norm.
+    Under fp16 the scaler skips the step when a gradient is inf/NaN."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(parameters, clipping)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: LRSchedule,
+    clipping: ClippingConfig,
+    runtime: Runtime,
+    global_step: int,
+    log_every_n_steps: int,
+    log_step: StepLogger,
+    progress_label: str = "",
+    progress_bar: bool = True,
+) -> EpochStats:
+    model.train()
+    device = runtime.device
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    zero = torch.zeros((), device=device)
+    loss_sum, correct, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+    window_loss, window_steps = zero.clone(), 0
+    images_seen, steps = 0, 0
+    bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
+    started = time.perf_counter()
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, runtime.precision):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        grad_norm = optimizer_step(loss, parameters, optimizer, scaler, clipping)
+        schedule.after_optimizer_step()
+
+        batch_loss = loss.detach().float()
+        loss_sum += batch_loss * labels.shape[0]
+        correct += (logits.argmax(1) == labels).sum()
+        grad_norm_sum += grad_norm
+        window_loss += batch_loss
+        images_seen += labels.shape[0]
+        steps += 1
+        global_step += 1
+        window_steps += 1
+        if global_step % log_every_n_steps == 0:
+            scalars = {
+                "train/loss": window_loss.item() / window_steps,
+                "train/lr": optimizer.param_groups[0]["lr"],
+                "train/grad_norm": grad_norm.item(),
+            }
+            if scaler.is_enabled():
+                scalars["amp/scale"] = scaler.get_scale()
+            log_step(global_step, scalars)
+            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+            window_loss.zero_()
+            window_steps = 0
+    bar.close()
+    mean_loss = loss_sum.item() / max(images_seen, 1)
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(
+            f"training loss became {mean_loss} by step {global_step}: lower optimizer.lr, "
+            f"keep clipping on (clipping=norm), or try amp=off"
+        )
+    return EpochStats(
+        loss=mean_loss,
+        accuracy=100.0 * correct.item() / max(images_seen, 1),
+        grad_norm=grad_norm_sum.item() / max(steps, 1),
+        images=images_seen,
+        seconds=time.perf_counter() - started,
+        global_step=global_step,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    runtime: Runtime,
+) -> EvalStats:
+    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent."""
+    model.eval()
+    device = runtime.device
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    with torch.inference_mode():
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, runtime.precision):
+                logits = model(images)
+            loss_sum += criterion(logits.float(), labels)
+            correct += (logits.argmax(1) == labels).sum()
+            count += labels.shape[0]
+    return EvalStats(loss_sum.item() / count, 100.0 * correct.item() / count, count)

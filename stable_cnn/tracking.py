@@ -1,0 +1,57 @@
+"""What a run leaves behind: TensorBoard scalars, metrics.jsonl and results.json.
+
+Every scalar is plotted against the optimizer step (``global_step``), so train and
+validation curves share one x axis; metrics.jsonl carries the epoch numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+from stable_cnn.atomic import atomic_write
+
+
+class RunTracker:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def log_step(self, global_step: int, scalars: dict[str, float]) -> None:
+        """Step-level scalars (train/loss, train/lr, ...): TensorBoard only."""
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, global_step)
+
+    def log_epoch(
+        self, record: dict[str, Any], global_step: int, scalars: dict[str, float]
+    ) -> None:
+        """One line of metrics.jsonl, and the epoch's scalars in TensorBoard."""
+        with self.metrics_path.open("a") as out:
+            out.write(json.dumps(_finite_or_none(record)) + "\n")
+        self.log_step(global_step, scalars)
+        self.writer.flush()
+
+    def log_results(self, results: dict[str, Any], global_step: int) -> None:
+        """results.json, written atomically, and the test scalars."""
+        self.log_step(
+            global_step, {"test/acc": results["test_acc"], "test/loss": results["test_loss"]}
+        )
+        with atomic_write(self.run_dir / "results.json") as out:
+            out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: write null so that every JSON reader can parse the file."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }

@@ -1,0 +1,249 @@
+"""The Hydra entrypoint, ``stable-cnn-train``: the only module that sees the DictConfig.
+
+A run reads top to bottom: compose config -> build data -> build model -> build
+optimizer, schedule, scaler -> for each epoch: train, validate, log, checkpoint ->
+test the best checkpoint -> return the best validation accuracy (for sweepers).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from stable_cnn.config import RunConfig, register_schemas
+from stable_cnn.data import DatasetInfo, build_splits
+from stable_cnn.engine import EpochStats, EvalStats, evaluate, train_one_epoch
+from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.hardware import (
+    Runtime,
+    choose_memory_format,
+    choose_precision,
+    describe_cpu,
+    resolve_device,
+)
+from stable_cnn.models import SmallCNN
+from stable_cnn.optimizers import build_optimizer
+from stable_cnn.schedulers import build_schedule
+from stable_cnn.tracking import RunTracker
+
+log = logging.getLogger("stable_cnn")
+
+
+def config_dir() -> str:
+    """conf/ at the repository root (source checkout, editable install), else the copy
+    shipped inside the package (``pip install .``)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"no conf/config.yaml next to {package}: reinstall stable-cnn")
+
+
+def parse_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as typed objects; range checks run here, before any data."""
+    try:
+        groups = {name: OmegaConf.to_object(cfg[name]) for name in RunConfig.__dataclass_fields__}
+    except OmegaConfBaseException as err:  # e.g. a required key left as ???
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    return RunConfig(**groups)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+
+
+def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
+    return SmallCNN(
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        width=run.model.width,
+        dropout=run.model.dropout,
+        head_dropout=run.model.head_dropout,
+        hidden=run.model.hidden,
+        batchnorm=run.model.batchnorm,
+    )
+
+
+def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
+    """What it takes to rebuild the model from a checkpoint."""
+    return {"in_channels": info.in_channels, "num_classes": info.num_classes, **asdict(run.model)}
+
+
+def epoch_summary(epoch: int, epochs: int, train: EpochStats, val: EvalStats, lr: float) -> str:
+    return (
+        f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  val_loss {val.loss:.4f}  "
+        f"val_acc {val.accuracy:.2f}%  lr {lr:.3g}  {train.images_per_second:,.0f} img/s  "
+        f"{train.seconds:.1f}s"
+    )
+
+
+def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dict[str, Any]:
+    """Train, validate every epoch, test the best checkpoint; returns results.json's content."""
+    started = time.perf_counter()
+    trainer = run.trainer
+    seed_everything(trainer.seed, trainer.deterministic)
+    device = resolve_device(trainer.device)
+    precision = choose_precision(run.amp.name, device)
+    memory_format = choose_memory_format(device, precision, trainer.channels_last)
+    runtime = Runtime(device, precision, memory_format)
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    cpu = (
+        f", {torch.get_num_threads()} threads, CPU {describe_cpu()}" if device.type == "cpu" else ""
+    )
+    log.info("run folder: %s", run_dir)
+    log.info("device %s%s", device, cpu)
+    log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
+
+    data = build_splits(run.data, device, trainer.seed)
+    log.info(
+        "data %s: %d train / %d val / %d test images, batch %d",
+        data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
+    )  # fmt: skip
+    if data.val_is_test:
+        log.warning(
+            "validating on the test set (data.val_size=0): test accuracy is then optimistic"
+        )
+
+    model = build_model(run, data.info).to(device, memory_format=memory_format)
+    log.info(
+        "model SmallCNN width %d: %.2fM parameters",
+        run.model.width, sum(p.numel() for p in model.parameters()) / 1e6,
+    )  # fmt: skip
+    criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+    optimizer = build_optimizer(model, run.optimizer)
+    schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)  # once per run
+
+    tracker = RunTracker(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    best_val_acc, best_epoch, global_step, epochs_done = -1.0, 0, 0, 0
+    for epoch in range(1, trainer.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(
+            model, data.train, criterion, optimizer, scaler, schedule, run.clipping, runtime,
+            global_step, trainer.log_every_n_steps, tracker.log_step,
+            progress_label=f"epoch {epoch}/{trainer.epochs}", progress_bar=trainer.progress_bar,
+        )  # fmt: skip
+        global_step = train_stats.global_step
+        val_stats = evaluate(model, data.val, runtime)
+        schedule.after_epoch(val_stats.accuracy)
+        epochs_done = epoch
+
+        record = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "train_loss": train_stats.loss,
+            "train_acc": train_stats.accuracy,
+            "val_loss": val_stats.loss,
+            "val_acc": val_stats.accuracy,
+            "lr": lr,
+            "grad_norm": train_stats.grad_norm,
+            "train_img_s": train_stats.images_per_second,
+            "epoch_s": train_stats.seconds,
+        }
+        tracker.log_epoch(
+            record,
+            global_step,
+            {
+                "val/loss": val_stats.loss,
+                "val/acc": val_stats.accuracy,
+                "train/epoch_loss": train_stats.loss,
+                "train/epoch_acc": train_stats.accuracy,
+                "train/img_per_s": train_stats.images_per_second,
+            },
+        )
+        improved = val_stats.accuracy > best_val_acc
+        log.info(
+            "%s%s",
+            epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr),
+            "  (best)" if improved else "",
+        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "best_val_acc": max(best_val_acc, val_stats.accuracy),
+            "val_acc": val_stats.accuracy,
+            "model_config": model_config(run, data.info),
+            "config": composed_config,
+            "rng": {"torch": torch.get_rng_state(), "data": data_generator_state(data.train)},
+        }
+        save_checkpoint(state, checkpoints / "last.pt")
+        if improved:
+            best_val_acc, best_epoch = val_stats.accuracy, epoch
+            save_checkpoint(state, checkpoints / "best.pt")
+        patience = trainer.early_stopping_patience
+        if patience is not None and epoch - best_epoch >= patience:
+            log.info("early stopping: no better val_acc for %d epochs", patience)
+            break
+
+    best_path = checkpoints / "best.pt"
+    load_model_weights(model, load_checkpoint(best_path), best_path)
+    test_stats = evaluate(model, data.test, runtime)
+    results = {
+        "best_val_acc": best_val_acc,
+        "best_epoch": best_epoch,
+        "test_acc": test_stats.accuracy,
+        "test_loss": test_stats.loss,
+        "epochs": epochs_done,
+        "global_step": global_step,
+        "wall_s": time.perf_counter() - started,
+        "device": str(device),
+        "precision": precision.name,
+    }
+    tracker.log_results(results, global_step)
+    tracker.close()
+    log.info(
+        "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",
+        best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
+    )  # fmt: skip
+    return results
+
+
+def data_generator_state(batches: Any) -> torch.Tensor | None:
+    """The data-order/augmentation generator's state, where the batches have one."""
+    generator = getattr(batches, "generator", None)
+    return None if generator is None else generator.get_state()
+
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Compose, train, and return the best validation accuracy (what sweepers maximise)."""
+    try:
+        run = parse_run_config(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        results = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except UserError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+    return results["best_val_acc"]
+
+
+if __name__ == "__main__":
+    main()

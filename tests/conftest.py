@@ -1,0 +1,66 @@
+"""Shared test helpers: compose the real config, run the real CLI, find real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from stable_cnn.config import RunConfig
+from stable_cnn.data import install_idx_files
+from stable_cnn.train import config_dir, parse_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# The smallest settings that still exercise the real paths (width 8, a few steps).
+TINY = [
+    "data=synthetic",
+    "model.width=8",
+    "trainer.epochs=2",
+    "trainer.device=cpu",
+    "trainer.log_every_n_steps=2",
+]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    return parse_run_config(compose_config(overrides))
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, module: bool = True
+) -> subprocess.CompletedProcess:
+    """Run the trainer as a user would; returns the finished process (text output)."""
+    if module:
+        command = [sys.executable, "-m", "stable_cnn.train", *args]
+    else:
+        command = [str(Path(sys.executable).parent / "stable-cnn-train"), *args]
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("STABLE_CNN_DATA", None) if env is None else None
+    return subprocess.run(
+        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the real Fashion-MNIST, decompressed from the Debian package."""
+    if not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("data")
+    install_idx_files(FASHION_MNIST_SYSTEM_DIR, root / "FashionMNIST" / "raw")
+    return root

@@ -1,0 +1,151 @@
+"""The real command line, as a user runs it: artefacts, learning, sweeps, help, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import TINY, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "train_img_s", "epoch_s"}
+RESULT_KEYS = {"best_val_acc", "test_acc", "test_loss", "epochs", "wall_s"}
+
+
+def scalar_tags(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        [
+            f"data.root={fashion_mnist_root}",
+            "data.limit_train=4000",
+            "data.limit_test=1000",
+            "data.batch_size=64",
+            "model.width=8",
+            "model.dropout=0.1",  # a tiny model learns faster with less dropout
+            "data.augment=false",
+            "trainer.epochs=2",
+            "trainer.log_every_n_steps=10",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        module=False,  # the console script
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    log = done.stdout + done.stderr
+    assert "precision" in log and "epoch 2/2" in log and "val_acc" in log and "img/s" in log
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+    epochs = read_jsonl(run_dir / "metrics.jsonl")
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(EPOCH_KEYS <= set(e) for e in epochs)
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["best_val_acc"] == max(e["val_acc"] for e in epochs)
+    assert results["test_acc"] > 50, "learns: far above the 10% of chance"
+
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert checkpoint["model_config"]["width"] == 8
+
+    tags = scalar_tags(run_dir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "test/acc"):
+        assert tag in tags, f"TensorBoard tag {tag} missing"
+    assert tags["val/acc"] == pytest.approx([e["val_acc"] for e in epochs])
+    assert tags["test/acc"] == pytest.approx([results["test_acc"]])
+    assert len(tags["train/loss"]) == 2 * (4000 // 64) // 10
+
+
+def test_same_seed_gives_the_same_metrics(tmp_path):
+    def metrics(name: str) -> list[dict]:
+        run_dir = tmp_path / name
+        done = run_cli([*TINY, "trainer.seed=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr + done.stdout
+        timing = {"train_img_s", "epoch_s"}
+        return [
+            {k: v for k, v in e.items() if k not in timing}
+            for e in read_jsonl(run_dir / "metrics.jsonl")
+        ]
+
+    first = metrics("a")
+    assert first == metrics("b")
+    done = run_cli([*TINY, "trainer.seed=4", f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert done.returncode == 0
+    other = read_jsonl(tmp_path / "c" / "metrics.jsonl")
+    assert other[0]["train_loss"] != first[0]["train_loss"], "another seed, another run"
+
+
+def test_issue_example_overrides_run(tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        [
+            *TINY,
+            "optimizer=adamw",
+            "optimizer.lr=3e-3",
+            "scheduler=plateau",
+            "clipping=value",
+            "clipping.max_value=0.5",
+            "amp=fp16",
+            "data.batch_size=32",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "precision fp16" in done.stdout
+    assert "amp/scale" in scalar_tags(run_dir), "fp16 logs the GradScaler's scale"
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "name: adamw" in config and "max_value: 0.5" in config
+
+
+def test_multirun_gives_one_folder_per_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        ["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    for job, lr in (("0", 0.01), ("1", 0.1)):
+        assert (sweep / job / "results.json").exists()
+        assert read_jsonl(sweep / job / "metrics.jsonl")[0]["lr"] == pytest.approx(lr)
+
+
+def test_default_run_dir_is_outputs_date_time(tmp_path):
+    done = run_cli([*TINY, "trainer.epochs=1"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    (results,) = (tmp_path / "outputs").glob("*/*/results.json")
+    date, time = results.parent.parent.name, results.parent.name
+    assert len(date) == 10 and date.count("-") == 2 and time.count("-") == 2
+
+
+def test_help_lists_every_group_and_option(tmp_path):
+    done = run_cli(["--help"], cwd=tmp_path)
+    assert done.returncode == 0
+    for line in (
+        "amp: auto, bf16, fp16, off",
+        "clipping: none, norm, value",
+        "data: cifar10, cifar100, fashion_mnist, image_folder, mnist, svhn, synthetic",
+        "optimizer: adamw, sgd",
+        "scheduler: cosine, none, onecycle, plateau, step",
+    ):
+        assert line in done.stdout
+    assert "schema" not in done.stdout, "internal schemas stay out of the option lists"
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    done = run_cli(["--cfg", "job", "optimizer=adamw", "model.width=32"], cwd=tmp_path)
+    assert done.returncode == 0
+    assert "name: adamw" in done.stdout and "width: 32" in done.stdout
+    assert not (tmp_path / "outputs").exists(), "printing the config runs nothing"

@@ -1,0 +1,151 @@
+"""Data: the offline Fashion-MNIST install, splits, batch augmentation, image folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stable_cnn.augment import random_crop, random_flip
+from stable_cnn.data import TensorBatches, build_splits, install_idx_files
+from stable_cnn.errors import DataError
+from tests.conftest import FASHION_MNIST_SYSTEM_DIR, compose_run
+
+
+def test_system_copy_is_decompressed_into_torchvisions_layout(fashion_mnist_root):
+    raw = fashion_mnist_root / "FashionMNIST" / "raw"
+    names = sorted(p.name for p in raw.iterdir())
+    assert names == sorted(
+        [
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+        ]
+    ), "no partial files are left behind"
+    run = compose_run(["data.root=" + str(fashion_mnist_root), "data.download=false"])
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    assert (splits.num_train, splits.num_val, splits.num_test) == (55_000, 5_000, 10_000)
+    assert splits.info.class_names[0] == "T-shirt/top" and splits.info.num_classes == 10
+    images, labels = next(iter(splits.val))
+    assert images.shape == (1024, 1, 28, 28) and images.dtype == torch.float32
+    # Normalised with the dataset's statistics: roughly zero mean, unit std.
+    assert abs(images.mean().item()) < 0.2 and 0.8 < images.std().item() < 1.2
+
+
+def test_limits_and_validation_split(fashion_mnist_root):
+    run = compose_run(
+        [
+            f"data.root={fashion_mnist_root}",
+            "data.limit_train=300",
+            "data.limit_test=200",
+            "data.batch_size=100",
+        ]
+    )
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    assert (splits.num_train, splits.num_val, splits.num_test) == (300, 200, 200)
+    assert len(splits.train) == 3 and not splits.val_is_test
+    run = compose_run([f"data.root={fashion_mnist_root}", "data.val_size=0", "data.limit_test=50"])
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    assert splits.val_is_test and splits.num_train == 60_000
+
+
+def test_missing_dataset_offline_names_both_fixes(tmp_path):
+    empty = tmp_path / "no-such-system-copy"
+    run = compose_run(
+        [f"data.root={tmp_path / 'data'}", "data.download=false", f"data.system_dir={empty}"]
+    )
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as err:
+        build_splits(run.data, torch.device("cpu"), seed=0)
+    assert "data.download=true" in str(err.value)
+    assert not (tmp_path / "data").exists(), "nothing half-made is left behind"
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.exists(), reason="needs dataset-fashion-mnist")
+def test_interrupted_install_leaves_no_partial_file(tmp_path, monkeypatch):
+    import shutil
+
+    def fail_midway(source, out, length=0):
+        out.write(source.read(1000))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfileobj", fail_midway)
+    raw = tmp_path / "raw"
+    with pytest.raises(OSError, match="disk full"):
+        install_idx_files(FASHION_MNIST_SYSTEM_DIR, raw)
+    assert list(raw.iterdir()) == []
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 2, 6, 6), dtype=torch.uint8)
+    cropped = random_crop(images, padding=2, generator=generator)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    offsets = set()
+    for k in range(64):
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(cropped[k], padded[k, :, dy : dy + 6, dx : dx + 6])
+        ]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 12, "offsets vary across the batch"
+
+
+def test_random_flip_mirrors_about_half_the_images():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.arange(1000 * 4, dtype=torch.float32).reshape(1000, 1, 2, 2)
+    flipped = random_flip(images, generator)
+    mirrored = torch.tensor([torch.equal(f, i.flip(2)) for f, i in zip(flipped, images)])
+    unchanged = torch.tensor([torch.equal(f, i) for f, i in zip(flipped, images)])
+    assert torch.all(mirrored | unchanged)
+    assert 400 < mirrored.sum().item() < 600
+
+
+def test_tensor_batches_cover_the_training_set_once_in_a_seeded_order():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 8, 8).clone()
+    labels = torch.arange(10)
+
+    def epoch_labels(seed: int) -> list[int]:
+        batches = TensorBatches(
+            images, labels, 3, torch.tensor([0.0]), torch.tensor([1.0]),
+            train=True, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        assert len(batches) == 3  # the last partial batch is dropped
+        return [int(x) for _, batch_labels in batches for x in batch_labels]
+
+    first = epoch_labels(0)
+    assert len(set(first)) == 9 and first == epoch_labels(0) and first != epoch_labels(1)
+
+
+def write_image_folder(root, layout: dict[str, dict[str, int]]) -> None:
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+
+
+def test_image_folder_loads_classes_from_subfolders(tmp_path):
+    write_image_folder(tmp_path, {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 3}})
+    run = compose_run(
+        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=0"]
+    )
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    assert splits.info.class_names == ("cat", "dog") and splits.info.num_classes == 2
+    assert (splits.num_train, splits.num_val, splits.num_test) == (12, 5, 5)
+    images, labels = next(iter(splits.train))
+    assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1}
+
+
+def test_image_folder_with_mismatched_classes_is_refused(tmp_path):
+    write_image_folder(tmp_path, {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "fox": 1}})
+    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2"])
+    with pytest.raises(DataError, match="same class folders"):
+        build_splits(run.data, torch.device("cpu"), seed=0)

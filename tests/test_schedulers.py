@@ -1,0 +1,87 @@
+"""Each schedule's learning-rate sequence, stepped with its own cadence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from stable_cnn.config import (
+    CosineConfig,
+    OneCycleConfig,
+    PlateauConfig,
+    SchedulerConfig,
+    StepConfig,
+)
+from stable_cnn.schedulers import build_schedule
+
+PEAK = 0.1
+
+
+def lr_trace(config: SchedulerConfig, epochs: int, steps: int, val_accs=None) -> list[list[float]]:
+    """Drive a schedule as the training loop does; returns the LR of every step, per epoch."""
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=0.9)
+    schedule = build_schedule(optimizer, config, epochs, steps)
+    trace = []
+    for epoch in range(epochs):
+        lrs = []
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_optimizer_step()
+        schedule.after_epoch(val_accs[epoch] if val_accs else 50.0)
+        trace.append(lrs)
+    return trace
+
+
+def test_cosine_per_epoch_is_torchs_cosine_annealing_held_for_each_epoch():
+    trace = lr_trace(CosineConfig(interval="epoch"), epochs=6, steps=3)
+    for epoch, lrs in enumerate(trace):
+        want = PEAK * 0.5 * (1 + math.cos(math.pi * epoch / 6))
+        assert lrs == pytest.approx([want] * 3)
+
+
+def test_cosine_per_step_with_warmup_rises_then_decays_to_eta_min():
+    trace = lr_trace(
+        CosineConfig(interval="step", warmup_epochs=1, eta_min=0.001), epochs=4, steps=10
+    )
+    flat = [lr for lrs in trace for lr in lrs]
+    warmup, decay = flat[:10], flat[10:]
+    assert warmup == sorted(warmup) and warmup[0] < PEAK / 5
+    assert decay[0] == pytest.approx(PEAK)
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] == pytest.approx(0.001, abs=0.001)
+
+
+def test_plateau_cuts_the_lr_only_after_patience_epochs_without_better_val_acc():
+    accs = [50, 60, 70, 70, 70, 70, 70, 70]  # improves, then stalls from epoch 3
+    trace = lr_trace(PlateauConfig(factor=0.5, patience=2), epochs=8, steps=2, val_accs=accs)
+    firsts = [lrs[0] for lrs in trace]
+    assert firsts[:6] == pytest.approx([PEAK] * 6)
+    assert firsts[6] == pytest.approx(PEAK / 2)
+
+
+def test_plateau_keeps_the_lr_while_val_acc_climbs():
+    trace = lr_trace(PlateauConfig(patience=0), epochs=5, steps=1, val_accs=[10, 20, 30, 40, 50])
+    assert [lrs[0] for lrs in trace] == pytest.approx([PEAK] * 5)
+
+
+def test_step_multiplies_by_gamma_every_step_size_epochs():
+    trace = lr_trace(StepConfig(step_size=2, gamma=0.1), epochs=5, steps=2)
+    assert [lrs[0] for lrs in trace] == pytest.approx([PEAK, PEAK, PEAK / 10, PEAK / 10, PEAK / 100])
+
+
+def test_onecycle_warms_up_to_peak_then_anneals_per_step():
+    config = OneCycleConfig(pct_start=0.25, div_factor=25, final_div_factor=1e4)
+    flat = [lr for lrs in lr_trace(config, epochs=4, steps=25) for lr in lrs]
+    assert flat[0] == pytest.approx(PEAK / 25)
+    assert max(flat) == pytest.approx(PEAK, rel=1e-3)
+    assert flat.index(max(flat)) == pytest.approx(25, abs=1)
+    assert flat[-1] < PEAK / 25 / 1e3
+
+
+def test_none_keeps_the_lr_constant():
+    trace = lr_trace(SchedulerConfig(name="none"), epochs=3, steps=4)
+    assert {lr for lrs in trace for lr in lrs} == {PEAK}
