@@ -52,6 +52,15 @@ class EvalStats:
     images: int
 
 
+def ensure_finite(what: str, value: float, global_step: int) -> None:
+    """Stop a diverged run with one line, rather than train on NaN weights."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"{what} became {value} by step {global_step}: lower optimizer.lr, "
+            f"keep clipping on (clipping=norm), or try amp=off"
+        )
+
+
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     if precision.dtype is None:
         return contextlib.nullcontext()
@@ -144,11 +153,7 @@ def train_one_epoch(
             window_steps = 0
     bar.close()
     mean_loss = loss_sum.item() / max(images_seen, 1)
-    if not math.isfinite(mean_loss):
-        raise TrainingDiverged(
-            f"training loss became {mean_loss} by step {global_step}: lower optimizer.lr, "
-            f"keep clipping on (clipping=norm), or try amp=off"
-        )
+    ensure_finite("training loss", mean_loss, global_step)
     return EpochStats(
         loss=mean_loss,
         accuracy=100.0 * correct.item() / max(images_seen, 1),

@@ -19,13 +19,13 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, build_splits
-from stable_cnn.engine import EpochStats, EvalStats, evaluate, train_one_epoch
+from stable_cnn.engine import EpochStats, EvalStats, ensure_finite, evaluate, train_one_epoch
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import (
     Runtime,
@@ -56,7 +56,12 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
     """The composed config as typed objects; range checks run here, before any data."""
     try:
         groups = {name: OmegaConf.to_object(cfg[name]) for name in RunConfig.__dataclass_fields__}
-    except OmegaConfBaseException as err:  # e.g. a required key left as ???
+    except MissingMandatoryValue as err:  # a key left as ??? in the YAML
+        raise ConfigError(
+            f"{err.full_key} is required here and has no value: add {err.full_key}=... "
+            f"to the command line"
+        ) from None
+    except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     return RunConfig(**groups)
@@ -146,6 +151,7 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         )  # fmt: skip
         global_step = train_stats.global_step
         val_stats = evaluate(model, data.val, runtime)
+        ensure_finite("validation loss", val_stats.loss, global_step)
         schedule.after_epoch(val_stats.accuracy)
         epochs_done = epoch
 

@@ -45,8 +45,8 @@ def run_cli(
         command = [sys.executable, "-m", "stable_cnn.train", *args]
     else:
         command = [str(Path(sys.executable).parent / "stable-cnn-train"), *args]
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("STABLE_CNN_DATA", None) if env is None else None
+    full_env = {k: v for k, v in os.environ.items() if k != "STABLE_CNN_DATA"}
+    full_env.update(env or {})
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
     )

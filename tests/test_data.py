@@ -28,7 +28,7 @@ def test_system_copy_is_decompressed_into_torchvisions_layout(fashion_mnist_root
     splits = build_splits(run.data, torch.device("cpu"), seed=0)
     assert (splits.num_train, splits.num_val, splits.num_test) == (55_000, 5_000, 10_000)
     assert splits.info.class_names[0] == "T-shirt/top" and splits.info.num_classes == 10
-    images, labels = next(iter(splits.val))
+    images, _labels = next(iter(splits.val))
     assert images.shape == (1024, 1, 28, 28) and images.dtype == torch.float32
     # Normalised with the dataset's statistics: roughly zero mean, unit std.
     assert abs(images.mean().item()) < 0.2 and 0.8 < images.std().item() < 1.2

@@ -21,7 +21,9 @@ def tiny_model_and_loss(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 
 def total_grad_norm(model: nn.Module) -> float:
-    return torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item()
+    return torch.linalg.vector_norm(
+        torch.cat([p.grad.flatten() for p in model.parameters()])
+    ).item()
 
 
 def test_step_clips_unscaled_gradients_then_steps_once():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -51,7 +52,7 @@ def test_cosine_per_step_with_warmup_rises_then_decays_to_eta_min():
     warmup, decay = flat[:10], flat[10:]
     assert warmup == sorted(warmup) and warmup[0] < PEAK / 5
     assert decay[0] == pytest.approx(PEAK)
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in itertools.pairwise(decay))
     assert decay[-1] == pytest.approx(0.001, abs=0.001)
 
 
@@ -70,7 +71,9 @@ def test_plateau_keeps_the_lr_while_val_acc_climbs():
 
 def test_step_multiplies_by_gamma_every_step_size_epochs():
     trace = lr_trace(StepConfig(step_size=2, gamma=0.1), epochs=5, steps=2)
-    assert [lrs[0] for lrs in trace] == pytest.approx([PEAK, PEAK, PEAK / 10, PEAK / 10, PEAK / 100])
+    assert [lrs[0] for lrs in trace] == pytest.approx(
+        [PEAK, PEAK, PEAK / 10, PEAK / 10, PEAK / 100]
+    )
 
 
 def test_onecycle_warms_up_to_peak_then_anneals_per_step():

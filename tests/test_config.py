@@ -1,0 +1,156 @@
+"""Every config option composes into working objects; every bad input is one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stable_cnn.config import AmpConfig
+from stable_cnn.data import build_splits
+from stable_cnn.hardware import choose_precision
+from stable_cnn.models import SmallCNN
+from stable_cnn.optimizers import build_optimizer
+from stable_cnn.schedulers import build_schedule
+from stable_cnn.train import config_dir
+from tests.conftest import TINY, compose_config, compose_run, run_cli
+
+CONF = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{group}={option}" for group in ("optimizer", "scheduler", "clipping", "amp", "model")
+     for option in options(group)],
+)  # fmt: skip
+def test_every_training_option_composes_and_builds(override: str):
+    run = compose_run([*TINY, override])
+    assert run.__getattribute__(override.split("=")[0]).name == override.split("=")[1]
+    model = SmallCNN(width=run.model.width, dropout=run.model.dropout)
+    optimizer = build_optimizer(model, run.optimizer)
+    schedule = build_schedule(optimizer, run.scheduler, run.trainer.epochs, steps_per_epoch=5)
+    for _ in range(5):
+        optimizer.step()
+        schedule.after_optimizer_step()
+    schedule.after_epoch(val_acc=50.0)
+    assert optimizer.param_groups[0]["lr"] >= 0
+    precision = choose_precision(run.amp.name, torch.device("cpu"))
+    assert precision.name in ("fp32", "fp16", "bf16")
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_option_composes(option: str):
+    overrides = [f"data={option}"] + (
+        ["data.root=/some/images"] if option == "image_folder" else []
+    )
+    run = compose_run(overrides)
+    assert run.data.name == option
+    assert len(run.data.mean) == len(run.data.std) == run.data.in_channels
+
+
+def test_synthetic_data_builds_batches():
+    run = compose_run(TINY)
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    images, labels = next(iter(splits.train))
+    assert images.shape == (64, 1, 28, 28) and labels.shape == (64,)
+
+
+def test_experiment_tutorial_is_the_full_size_model():
+    run = compose_run(["experiment=tutorial"])
+    assert run.model.width == 64 and run.model.dropout == 0.3 and run.model.head_dropout == 0.5
+    assert (run.optimizer.name, run.scheduler.name, run.clipping.name) == ("sgd", "cosine", "norm")
+    assert run.clipping.max_norm == 1.0 and run.amp.name == "auto"
+
+
+def test_data_root_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("STABLE_CNN_DATA", "/datasets")
+    assert compose_config([]).data.root == "/datasets"
+    monkeypatch.delenv("STABLE_CNN_DATA")
+    assert compose_config([]).data.root == "./data"
+
+
+def test_amp_off_is_the_string_off_not_yaml_false():
+    assert compose_run(["amp=off"]).amp == AmpConfig("off")
+
+
+# Each bad input: the overrides, and text the error must contain (key, value, the fix).
+BAD_INPUTS = {
+    "unknown group option": (["optimizer=foo"], ["optimizer/foo", "adamw", "sgd"]),
+    "unknown amp option": (["amp=fp8"], ["amp/fp8", "bf16"]),
+    "unknown key": (["optimizer.foo=1"], ["optimizer.foo", "+optimizer.foo=1"]),
+    "wrong type float": (["optimizer.lr=abc"], ["optimizer.lr", "'abc'", "Float"]),
+    "wrong type int": (["trainer.epochs=1.5"], ["trainer.epochs", "1.5", "Integer"]),
+    "lr <= 0": (["optimizer.lr=0"], ["optimizer.lr=0.0", "must be > 0"]),
+    "dropout >= 1": (["model.dropout=1.0"], ["model.dropout=1.0", "[0, 1)"]),
+    "negative head dropout": (["model.head_dropout=-0.1"], ["model.head_dropout=-0.1"]),
+    "epochs < 1": (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
+    "max_norm <= 0": (["clipping.max_norm=0"], ["clipping.max_norm=0.0", "> 0"]),
+    "max_value <= 0": (["clipping=value", "clipping.max_value=-1"], ["clipping.max_value=-1"]),
+    "unknown device": (["trainer.device=tpu"], ["trainer.device='tpu'", "cuda:N"]),
+    "bad interval": (["scheduler.interval=hourly"], ["scheduler.interval='hourly'", "step"]),
+    "limit_train=0": (["data.limit_train=0"], ["data.limit_train=0", ">= 1"]),
+    "mean per channel": (["data=cifar10", "data.mean=[0.5]"], ["data.mean", "per input channel"]),
+    "image_folder without root": (["data=image_folder"], ["data.root", "required"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_config_stops_before_reading_data(case: str, tmp_path: Path):
+    overrides, expected = BAD_INPUTS[case]
+    data_root = {"STABLE_CNN_DATA": str(tmp_path / "data")}
+    done = run_cli([*overrides, "hydra.run.dir=run"], tmp_path, env=data_root)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    for text in expected:
+        assert text in output, f"{text!r} missing from:\n{output}"
+    assert "Traceback" not in output
+    assert not (tmp_path / "data").exists(), "no data was read or downloaded"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_one_line(tmp_path: Path):
+    done = run_cli([*TINY, "trainer.device=cuda", "hydra.run.dir=run"], tmp_path)
+    assert done.returncode == 2
+    assert "trainer.device='cuda'" in done.stdout and "trainer.device=cpu" in done.stdout
+
+
+BAD_DATA = {
+    "missing dataset offline": (
+        ["data=mnist", "data.download=false"],
+        ["MNIST is not in", "data.download=true"],
+    ),
+    "batch larger than data": (
+        ["data.limit_train=10", "data.batch_size=32"],
+        ["data.batch_size=32", "10 training images"],
+    ),
+    "val_size larger than data": (["data.val_size=10000"], ["data.val_size=10000"]),
+    "image folder without images": (
+        ["data=image_folder", "data.root=."],
+        ["train does not exist", "one subfolder of images per class"],
+    ),
+    "diverging loss": (
+        ["optimizer.lr=1e6", "clipping=none", "amp=off", "data.limit_train=128"],
+        ["became nan", "optimizer.lr"],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
+def test_bad_data_is_one_clear_error(case: str, tmp_path: Path):
+    overrides, expected = BAD_DATA[case]
+    args = [*TINY, *overrides, "hydra.run.dir=run"]
+    done = run_cli(args, tmp_path, env={"STABLE_CNN_DATA": str(tmp_path / "data")})
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(text in errors[0] for text in expected), output
+    assert "Traceback" not in output
