@@ -149,3 +149,50 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert done.returncode == 0
     assert "name: adamw" in done.stdout and "width: 32" in done.stdout
     assert not (tmp_path / "outputs").exists(), "printing the config runs nothing"
+
+
+def test_early_stopping_ends_the_run_and_tests_the_best_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    # A learning rate this small cannot improve on epoch 1, so patience 1 stops after epoch 2.
+    done = run_cli(
+        [*TINY, "trainer.epochs=5", "optimizer.lr=1e-9", "scheduler=none",
+         "trainer.early_stopping_patience=1", "trainer.deterministic=true",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "early stopping" in done.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"] < 5 and results["best_epoch"] < results["epochs"]
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == results["epochs"]
+
+
+def test_progress_bar_shows_on_a_terminal(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    main, terminal = pty.openpty()
+    # An 80x24 window, as a real terminal has (a bare pty is 0 columns wide: no bar fits).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *TINY, "trainer.epochs=1", "hydra.run.dir=run"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+    )  # fmt: skip
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert process.wait(timeout=120) == 0
+    text = screen.decode(errors="replace")
+    assert "epoch 1/1:" in text and "it/s" in text, "a tqdm bar with the epoch label"
