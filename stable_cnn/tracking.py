@@ -14,6 +14,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from stable_cnn.atomic import atomic_write
+from stable_cnn.engine import EpochStats, EvalStats
 
 
 class RunTracker:
@@ -27,13 +28,31 @@ class RunTracker:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, global_step)
 
-    def log_epoch(
-        self, record: dict[str, Any], global_step: int, scalars: dict[str, float]
-    ) -> None:
-        """One line of metrics.jsonl, and the epoch's scalars in TensorBoard."""
+    def log_epoch(self, epoch: int, lr: float, train: EpochStats, val: EvalStats) -> None:
+        """One line of metrics.jsonl, and the epoch's scalars in TensorBoard.
+        ``lr`` is the learning rate the epoch started with."""
+        record = {
+            "epoch": epoch,
+            "global_step": train.global_step,
+            "train_loss": train.loss,
+            "train_acc": train.accuracy,
+            "val_loss": val.loss,
+            "val_acc": val.accuracy,
+            "lr": lr,
+            "grad_norm": train.grad_norm,
+            "train_img_s": train.images_per_second,
+            "epoch_s": train.seconds,
+        }
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
-        self.log_step(global_step, scalars)
+        scalars = {
+            "val/loss": val.loss,
+            "val/acc": val.accuracy,
+            "train/epoch_loss": train.loss,
+            "train/epoch_acc": train.accuracy,
+            "train/img_per_s": train.images_per_second,
+        }
+        self.log_step(train.global_step, scalars)
         self.writer.flush()
 
     def log_results(self, results: dict[str, Any], global_step: int) -> None:

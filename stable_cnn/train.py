@@ -102,34 +102,37 @@ def epoch_summary(epoch: int, epochs: int, train: EpochStats, val: EvalStats, lr
     )
 
 
+def choose_runtime(run: RunConfig) -> Runtime:
+    """Device, precision and memory layout for this run; logs what it chose and why."""
+    device = resolve_device(run.trainer.device)
+    precision = choose_precision(run.amp.name, device)
+    memory_format = choose_memory_format(device, precision, run.trainer.channels_last)
+    if device.type == "cpu":
+        log.info("device cpu, %d threads, CPU %s", torch.get_num_threads(), describe_cpu())
+    else:
+        log.info("device %s", device)
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
+    return Runtime(device, precision, memory_format)
+
+
 def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; returns results.json's content."""
     started = time.perf_counter()
     trainer = run.trainer
-    seed_everything(trainer.seed, trainer.deterministic)
-    device = resolve_device(trainer.device)
-    precision = choose_precision(run.amp.name, device)
-    memory_format = choose_memory_format(device, precision, trainer.channels_last)
-    runtime = Runtime(device, precision, memory_format)
-    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
-    cpu = (
-        f", {torch.get_num_threads()} threads, CPU {describe_cpu()}" if device.type == "cpu" else ""
-    )
     log.info("run folder: %s", run_dir)
-    log.info("device %s%s", device, cpu)
-    log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
+    seed_everything(trainer.seed, trainer.deterministic)
+    runtime = choose_runtime(run)
 
-    data = build_splits(run.data, device, trainer.seed)
+    data = build_splits(run.data, runtime.device, trainer.seed)
     log.info(
         "data %s: %d train / %d val / %d test images, batch %d",
         data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
     )  # fmt: skip
     if data.val_is_test:
-        log.warning(
-            "validating on the test set (data.val_size=0): test accuracy is then optimistic"
-        )
+        log.warning("validating on the test set (data.val_size=0): test accuracy is optimistic")
 
-    model = build_model(run, data.info).to(device, memory_format=memory_format)
+    model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
     log.info(
         "model SmallCNN width %d: %.2fM parameters",
         run.model.width, sum(p.numel() for p in model.parameters()) / 1e6,
@@ -137,7 +140,8 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
     criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
     optimizer = build_optimizer(model, run.optimizer)
     schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)  # once per run
+    # One GradScaler for the whole run: its loss scale is calibrated over many steps.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
 
     tracker = RunTracker(run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -149,41 +153,17 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
             global_step, trainer.log_every_n_steps, tracker.log_step,
             progress_label=f"epoch {epoch}/{trainer.epochs}", progress_bar=trainer.progress_bar,
         )  # fmt: skip
-        global_step = train_stats.global_step
+        global_step, epochs_done = train_stats.global_step, epoch
         val_stats = evaluate(model, data.val, runtime)
         ensure_finite("validation loss", val_stats.loss, global_step)
         schedule.after_epoch(val_stats.accuracy)
-        epochs_done = epoch
 
-        record = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "train_loss": train_stats.loss,
-            "train_acc": train_stats.accuracy,
-            "val_loss": val_stats.loss,
-            "val_acc": val_stats.accuracy,
-            "lr": lr,
-            "grad_norm": train_stats.grad_norm,
-            "train_img_s": train_stats.images_per_second,
-            "epoch_s": train_stats.seconds,
-        }
-        tracker.log_epoch(
-            record,
-            global_step,
-            {
-                "val/loss": val_stats.loss,
-                "val/acc": val_stats.accuracy,
-                "train/epoch_loss": train_stats.loss,
-                "train/epoch_acc": train_stats.accuracy,
-                "train/img_per_s": train_stats.images_per_second,
-            },
-        )
+        tracker.log_epoch(epoch, lr, train_stats, val_stats)
         improved = val_stats.accuracy > best_val_acc
-        log.info(
-            "%s%s",
-            epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr),
-            "  (best)" if improved else "",
-        )
+        summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
+        log.info("%s%s", summary, "  (best)" if improved else "")
+        if improved:
+            best_val_acc, best_epoch = val_stats.accuracy, epoch
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -191,7 +171,7 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
             "scaler": scaler.state_dict(),
             "epoch": epoch,
             "global_step": global_step,
-            "best_val_acc": max(best_val_acc, val_stats.accuracy),
+            "best_val_acc": best_val_acc,
             "val_acc": val_stats.accuracy,
             "model_config": model_config(run, data.info),
             "config": composed_config,
@@ -199,16 +179,13 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         }
         save_checkpoint(state, checkpoints / "last.pt")
         if improved:
-            best_val_acc, best_epoch = val_stats.accuracy, epoch
             save_checkpoint(state, checkpoints / "best.pt")
         patience = trainer.early_stopping_patience
         if patience is not None and epoch - best_epoch >= patience:
             log.info("early stopping: no better val_acc for %d epochs", patience)
             break
 
-    best_path = checkpoints / "best.pt"
-    load_model_weights(model, load_checkpoint(best_path), best_path)
-    test_stats = evaluate(model, data.test, runtime)
+    test_stats = evaluate_checkpoint(model, checkpoints / "best.pt", data.test, runtime)
     results = {
         "best_val_acc": best_val_acc,
         "best_epoch": best_epoch,
@@ -217,8 +194,8 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         "epochs": epochs_done,
         "global_step": global_step,
         "wall_s": time.perf_counter() - started,
-        "device": str(device),
-        "precision": precision.name,
+        "device": str(runtime.device),
+        "precision": runtime.precision.name,
     }
     tracker.log_results(results, global_step)
     tracker.close()
@@ -227,6 +204,12 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
     )  # fmt: skip
     return results
+
+
+def evaluate_checkpoint(model: nn.Module, path: Path, batches: Any, runtime: Runtime) -> EvalStats:
+    """Load a checkpoint's weights into ``model`` and evaluate them on ``batches``."""
+    load_model_weights(model, load_checkpoint(path), path)
+    return evaluate(model, batches, runtime)
 
 
 def data_generator_state(batches: Any) -> torch.Tensor | None:

@@ -21,7 +21,10 @@ def test_non_editable_install_ships_the_configs(tmp_path: Path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
-    assert (target / "stable_cnn" / "conf" / "optimizer" / "sgd.yaml").exists()
+    shipped = {
+        p.relative_to(target / "stable_cnn") for p in target.glob("stable_cnn/conf/**/*.yaml")
+    }
+    assert shipped == {p.relative_to(REPO) for p in REPO.glob("conf/**/*.yaml")}
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run(
         [sys.executable, "-m", "stable_cnn.train", "--cfg", "job", "scheduler=plateau"],
