@@ -262,6 +262,8 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     channels_last: bool | None = None  # null = where it is faster (CUDA, CPUs with native bf16)
     progress_bar: bool = True  # shown only on a terminal
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
@@ -281,6 +283,12 @@ class TrainerConfig:
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,
             "trainer.early_stopping_patience",
             self.early_stopping_patience,
+            "must be null or >= 1",
+        )
+        _check(
+            self.num_threads is None or self.num_threads >= 1,
+            "trainer.num_threads",
+            self.num_threads,
             "must be null or >= 1",
         )
         _check(

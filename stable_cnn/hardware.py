@@ -9,12 +9,16 @@ don't assume.
 from __future__ import annotations
 
 import functools
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from stable_cnn.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,9 @@ class Precision:
     dtype: torch.dtype | None
     use_grad_scaler: bool  # fp16 gradients underflow without loss scaling
     reason: str  # one phrase for the run log
+
+
+FP32 = Precision("fp32", None, False, "amp=off")
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ def choose_precision(amp: str, device: torch.device) -> Precision:
     """Resolve ``amp`` (auto | fp16 | bf16 | off) for ``device``."""
     native_bf16 = cpu_has_native_bf16()
     if amp == "off":
-        return Precision("fp32", None, False, "amp=off")
+        return FP32
     if amp == "fp16":
         note = "amp=fp16" if device.type == "cuda" else "amp=fp16 (slow off CUDA)"
         return Precision("fp16", torch.float16, True, note)
@@ -116,3 +123,34 @@ def choose_memory_format(
         )
         channels_last = device.type == "cuda" or native_bf16_cpu
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)``, or ``model`` itself with a one-line warning where the
+    compiler cannot run. Keep using ``model`` for state_dict: the compiled wrapper's keys
+    carry an ``_orig_mod.`` prefix."""
+    missing = compiler_missing(device)
+    if missing:
+        log.warning("trainer.compile=true ignored: %s; training without torch.compile", missing)
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as err:  # torch raises many kinds on unsupported platforms
+        log.warning("trainer.compile=true ignored: torch.compile failed (%s)", err)
+        return model
+
+
+def compiler_missing(device: torch.device) -> str:
+    """Why torch.compile cannot work here, or '' when it can."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python/platform"
+    if device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc")):
+        return "the CPU backend needs a C compiler (apt-get install gcc)"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "the CUDA backend needs Triton (pip install triton)"
+    return ""

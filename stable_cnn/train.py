@@ -31,6 +31,7 @@ from stable_cnn.hardware import (
     Runtime,
     choose_memory_format,
     choose_precision,
+    compile_model,
     describe_cpu,
     resolve_device,
 )
@@ -104,6 +105,8 @@ def epoch_summary(epoch: int, epochs: int, train: EpochStats, val: EvalStats, lr
 
 def choose_runtime(run: RunConfig) -> Runtime:
     """Device, precision and memory layout for this run; logs what it chose and why."""
+    if run.trainer.num_threads is not None:
+        torch.set_num_threads(run.trainer.num_threads)
     device = resolve_device(run.trainer.device)
     precision = choose_precision(run.amp.name, device)
     memory_format = choose_memory_format(device, precision, run.trainer.channels_last)
@@ -137,6 +140,8 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         "model SmallCNN width %d: %.2fM parameters",
         run.model.width, sum(p.numel() for p in model.parameters()) / 1e6,
     )  # fmt: skip
+    # Train and evaluate through `network` (compiled or not); save `model`'s plain state_dict.
+    network = compile_model(model, runtime.device) if trainer.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
     optimizer = build_optimizer(model, run.optimizer)
     schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
@@ -149,12 +154,12 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
     for epoch in range(1, trainer.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(
-            model, data.train, criterion, optimizer, scaler, schedule, run.clipping, runtime,
+            network, data.train, criterion, optimizer, scaler, schedule, run.clipping, runtime,
             global_step, trainer.log_every_n_steps, tracker.log_step,
             progress_label=f"epoch {epoch}/{trainer.epochs}", progress_bar=trainer.progress_bar,
         )  # fmt: skip
         global_step, epochs_done = train_stats.global_step, epoch
-        val_stats = evaluate(model, data.val, runtime)
+        val_stats = evaluate(network, data.val, runtime)
         ensure_finite("validation loss", val_stats.loss, global_step)
         schedule.after_epoch(val_stats.accuracy)
 
@@ -185,7 +190,9 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
             log.info("early stopping: no better val_acc for %d epochs", patience)
             break
 
-    test_stats = evaluate_checkpoint(model, checkpoints / "best.pt", data.test, runtime)
+    best_path = checkpoints / "best.pt"
+    load_model_weights(model, load_checkpoint(best_path), best_path)  # `network` shares them
+    test_stats = evaluate(network, data.test, runtime)
     results = {
         "best_val_acc": best_val_acc,
         "best_epoch": best_epoch,
@@ -204,12 +211,6 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
         best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
     )  # fmt: skip
     return results
-
-
-def evaluate_checkpoint(model: nn.Module, path: Path, batches: Any, runtime: Runtime) -> EvalStats:
-    """Load a checkpoint's weights into ``model`` and evaluate them on ``batches``."""
-    load_model_weights(model, load_checkpoint(path), path)
-    return evaluate(model, batches, runtime)
 
 
 def data_generator_state(batches: Any) -> torch.Tensor | None:
