@@ -36,6 +36,7 @@ from stable_cnn.hardware import (
     FP32,
     Precision,
     Runtime,
+    choose_memory_format,
     choose_precision,
     compile_model,
     cpu_has_native_bf16,
@@ -203,7 +204,8 @@ def variants(args, device: torch.device) -> list[tuple[Precision, bool, bool]]:
     auto = choose_precision("auto", device)
     precisions = [FP32] if auto.name == "fp32" else [FP32, auto]
     # --quick measures only the layout that amp=auto's machine would train with.
-    layouts = [device.type == "cuda" or auto.name == "bf16"] if args.quick else [False, True]
+    auto_layout = choose_memory_format(device, None) == torch.channels_last
+    layouts = [auto_layout] if args.quick else [False, True]
     compiles = [False, True] if args.compile else [False]
     return [(p, cl, c) for p in precisions for cl in layouts for c in compiles]
 

@@ -260,7 +260,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # TensorBoard step scalars and progress-bar loss interval
     early_stopping_patience: int | None = None  # stop after N epochs without a better val acc
     label_smoothing: float = 0.0
-    channels_last: bool | None = None  # null = where it is faster (CUDA, CPUs with native bf16)
+    channels_last: bool | None = None  # null = where it is faster (CUDA, AVX-512 CPUs)
     progress_bar: bool = True  # shown only on a terminal
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)

@@ -109,7 +109,7 @@ def choose_runtime(run: RunConfig) -> Runtime:
         torch.set_num_threads(run.trainer.num_threads)
     device = resolve_device(run.trainer.device)
     precision = choose_precision(run.amp.name, device)
-    memory_format = choose_memory_format(device, precision, run.trainer.channels_last)
+    memory_format = choose_memory_format(device, run.trainer.channels_last)
     if device.type == "cpu":
         log.info("device cpu, %d threads, CPU %s", torch.get_num_threads(), describe_cpu())
     else:

@@ -60,6 +60,12 @@ def test_synthetic_data_builds_batches():
     assert images.shape == (64, 1, 28, 28) and labels.shape == (64,)
 
 
+@pytest.mark.parametrize("option", options("experiment"))
+def test_every_experiment_preset_composes(option: str):
+    run = compose_run([f"experiment={option}"])
+    assert run.trainer.epochs >= 1 and run.model.width >= 8
+
+
 def test_experiment_tutorial_is_the_full_size_model():
     run = compose_run(["experiment=tutorial"])
     assert run.model.width == 64 and run.model.dropout == 0.3 and run.model.head_dropout == 0.5
