@@ -134,7 +134,7 @@ def stable_cnn_loop(args, config: DataConfig, runtime: Runtime, compiled: bool) 
         tracker = RunTracker(Path(run_dir))
         rates = []
         for epoch in range(2):  # the first epoch pays one-time costs (compile, allocator)
-            stats = train_one_epoch(
+            stats, _ = train_one_epoch(
                 network, data.train, nn.CrossEntropyLoss(), optimizer, scaler, schedule, CLIP,
                 runtime, epoch * len(data.train), 50, tracker.log_step, progress_bar=False,
             )  # fmt: skip

@@ -264,6 +264,7 @@ class TrainerConfig:
     progress_bar: bool = True  # shown only on a terminal
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)
+    resume: str | None = None  # null = fresh; auto; or a checkpoint file / run folder to continue
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")

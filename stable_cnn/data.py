@@ -95,6 +95,8 @@ class TensorBatches:
         self.crop_padding = crop_padding
         self.flip = flip
         self.generator = generator
+        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
+        self.position = 0  # batches of this epoch already handed out
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -103,21 +105,39 @@ class TensorBatches:
         return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
         device = self.images.device
-        if self.train:
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
-            order = order.to(device)
-        else:
-            order = torch.arange(n, device=device)
-        for batch in range(len(self)):
-            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        if not self.train:
+            self.order, self.position = torch.arange(len(self.labels), device=device), 0
+        elif self.order is None:  # a new epoch; a resumed one keeps its saved order
+            order = torch.randperm(
+                len(self.labels), generator=self.generator, device=self.generator.device
+            )
+            self.order, self.position = order.to(device), 0
+        while self.position < len(self):
+            start = self.position * self.batch_size
+            index = self.order[start : start + self.batch_size]
             images = self.images[index]
             if self.train:
                 images = random_crop(images, self.crop_padding, self.generator)
                 if self.flip:
                     images = random_flip(images, self.generator)
+            self.position += 1
             yield normalize(images, self.mean, self.std), self.labels[index]
+        self.order = None  # the epoch is over: the next iteration draws a new order
+
+    def state_dict(self) -> dict:
+        """Where the data stream stands: the RNG, this epoch's order and the next batch."""
+        return {
+            "generator": self.generator.get_state(),
+            "order": None if self.order is None else self.order.cpu(),
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        order = state["order"]
+        self.order = None if order is None else order.to(self.images.device)
+        self.position = state["position"]
 
 
 def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSplits:

@@ -32,6 +32,38 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
+class EpochProgress:
+    """Running sums of one epoch, on the device; saved in mid-epoch checkpoints so that a
+    resumed epoch reports the same numbers as an uninterrupted one."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    grad_norm_sum: torch.Tensor
+    images: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+    def state_dict(self) -> dict:
+        return {
+            "loss_sum": self.loss_sum.cpu(),
+            "correct": self.correct.cpu(),
+            "grad_norm_sum": self.grad_norm_sum.cpu(),
+            "images": self.images,
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
+        tensors = (state[key].to(device) for key in ("loss_sum", "correct", "grad_norm_sum"))
+        return cls(*tensors, state["images"], state["steps"], state["seconds"])
+
+
+@dataclass
 class EpochStats:
     loss: float  # mean training loss over the epoch
     accuracy: float  # training accuracy on augmented batches, percent
@@ -39,6 +71,7 @@ class EpochStats:
     images: int
     seconds: float
     global_step: int  # optimizer steps taken so far in the run
+    completed: bool = True  # False: stopped early by a signal (see train.py)
 
     @property
     def images_per_second(self) -> float:
@@ -111,14 +144,17 @@ def train_one_epoch(
     log_step: StepLogger,
     progress_label: str = "",
     progress_bar: bool = True,
-) -> EpochStats:
+    progress: EpochProgress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[EpochStats, EpochProgress]:
+    """Train over ``batches``; continue ``progress`` when resuming mid-epoch. Stops after
+    the current step once ``should_stop()`` is true (stats then have completed=False)."""
     model.train()
     device = runtime.device
     parameters = [p for p in model.parameters() if p.requires_grad]
-    zero = torch.zeros((), device=device)
-    loss_sum, correct, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
-    window_loss, window_steps = zero.clone(), 0
-    images_seen, steps = 0, 0
+    sums = progress or EpochProgress.start(device)
+    window_loss, window_steps = torch.zeros((), device=device), 0
+    completed = True
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for images, labels in bar:
@@ -131,12 +167,12 @@ def train_one_epoch(
         schedule.after_optimizer_step()
 
         batch_loss = loss.detach().float()
-        loss_sum += batch_loss * labels.shape[0]
-        correct += (logits.argmax(1) == labels).sum()
-        grad_norm_sum += grad_norm
+        sums.loss_sum += batch_loss * labels.shape[0]
+        sums.correct += (logits.argmax(1) == labels).sum()
+        sums.grad_norm_sum += grad_norm
+        sums.images += labels.shape[0]
+        sums.steps += 1
         window_loss += batch_loss
-        images_seen += labels.shape[0]
-        steps += 1
         global_step += 1
         window_steps += 1
         if global_step % log_every_n_steps == 0:
@@ -151,17 +187,23 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
             window_loss.zero_()
             window_steps = 0
+        if should_stop():
+            completed = False
+            break
     bar.close()
-    mean_loss = loss_sum.item() / max(images_seen, 1)
+    sums.seconds += time.perf_counter() - started
+    mean_loss = sums.loss_sum.item() / max(sums.images, 1)
     ensure_finite("training loss", mean_loss, global_step)
-    return EpochStats(
+    stats = EpochStats(
         loss=mean_loss,
-        accuracy=100.0 * correct.item() / max(images_seen, 1),
-        grad_norm=grad_norm_sum.item() / max(steps, 1),
-        images=images_seen,
-        seconds=time.perf_counter() - started,
+        accuracy=100.0 * sums.correct.item() / max(sums.images, 1),
+        grad_norm=sums.grad_norm_sum.item() / max(sums.steps, 1),
+        images=sums.images,
+        seconds=sums.seconds,
         global_step=global_step,
+        completed=completed,
     )
+    return stats, sums
 
 
 def evaluate(

@@ -18,10 +18,25 @@ from stable_cnn.engine import EpochStats, EvalStats
 
 
 class RunTracker:
-    def __init__(self, run_dir: Path) -> None:
+    """Opens the run's logs; a resumed run passes where its checkpoint stood, so that
+    nothing logged after that point (before the interruption) shows twice."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0, epochs_done: int = 0) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        if resume_step > 0:
+            self._truncate_metrics(epochs_done)
+        # purge_step hides the interrupted run's events from this step on in TensorBoard.
+        purge_step = resume_step + 1 if resume_step > 0 else None
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["epoch"] <= epochs_done]
+        with atomic_write(self.metrics_path) as out:
+            out.write("".join(line + "\n" for line in kept).encode())
 
     def log_step(self, global_step: int, scalars: dict[str, float]) -> None:
         """Step-level scalars (train/loss, train/lr, ...): TensorBoard only."""

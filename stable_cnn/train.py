@@ -7,11 +7,12 @@ test the best checkpoint -> return the best validation accuracy (for sweepers).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from torch import nn
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, build_splits
-from stable_cnn.engine import EpochStats, EvalStats, ensure_finite, evaluate, train_one_epoch
+from stable_cnn.engine import (
+    EpochProgress,
+    EpochStats,
+    EvalStats,
+    ensure_finite,
+    evaluate,
+    train_one_epoch,
+)
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import (
     Runtime,
@@ -37,6 +45,8 @@ from stable_cnn.hardware import (
 )
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
+from stable_cnn.preemption import EXIT_PREEMPTED, GracefulStop
+from stable_cnn.resume import find_checkpoint, holds_a_run, is_finished, restore_rng, rng_state
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.tracking import RunTracker
 
@@ -119,10 +129,37 @@ def choose_runtime(run: RunConfig) -> Runtime:
     return Runtime(device, precision, memory_format)
 
 
-def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dict[str, Any]:
+class RunPreempted(Exception):
+    """A signal stopped the run after it saved a resumable checkpoint."""
+
+
+@dataclass
+class Counters:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+
+
+def train(
+    run: RunConfig, run_dir: Path, composed_config: dict[str, Any], outputs: Path = Path("outputs")
+) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; returns results.json's content."""
     started = time.perf_counter()
     trainer = run.trainer
+    resume_from = find_checkpoint(trainer.resume, run_dir, outputs, composed_config)
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
+        if is_finished(run_dir):
+            log.info("run %s already finished: nothing to resume", run_dir)
+            return json.loads((run_dir / "results.json").read_text())
+    elif holds_a_run(run_dir):
+        raise UserError(
+            f"run folder {run_dir} already holds a run: continue it with trainer.resume=auto, "
+            f"or choose another hydra.run.dir"
+        )
     log.info("run folder: %s", run_dir)
     seed_everything(trainer.seed, trainer.deterministic)
     runtime = choose_runtime(run)
@@ -148,75 +185,99 @@ def train(run: RunConfig, run_dir: Path, composed_config: dict[str, Any]) -> dic
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
 
-    tracker = RunTracker(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    best_val_acc, best_epoch, global_step, epochs_done = -1.0, 0, 0, 0
-    for epoch in range(1, trainer.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(
-            network, data.train, criterion, optimizer, scaler, schedule, run.clipping, runtime,
-            global_step, trainer.log_every_n_steps, tracker.log_step,
-            progress_label=f"epoch {epoch}/{trainer.epochs}", progress_bar=trainer.progress_bar,
-        )  # fmt: skip
-        global_step, epochs_done = train_stats.global_step, epoch
-        val_stats = evaluate(network, data.val, runtime)
-        ensure_finite("validation loss", val_stats.loss, global_step)
-        schedule.after_epoch(val_stats.accuracy)
+    counters, progress = Counters(), None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        load_model_weights(model, state, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if state["data"] is not None and hasattr(data.train, "load_state_dict"):
+            data.train.load_state_dict(state["data"])
+        restore_rng(state["rng"])
+        counters = Counters(**state["counters"])
+        if state["progress"] is not None:
+            progress = EpochProgress.from_state(state["progress"], runtime.device)
+        where = f"mid-epoch {counters.epoch + 1}" if progress else f"after epoch {counters.epoch}"
+        log.info("resuming from %s (%s, step %d)", resume_from, where, counters.global_step)
 
-        tracker.log_epoch(epoch, lr, train_stats, val_stats)
-        improved = val_stats.accuracy > best_val_acc
-        summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
-        log.info("%s%s", summary, "  (best)" if improved else "")
-        if improved:
-            best_val_acc, best_epoch = val_stats.accuracy, epoch
-        state = {
+    def checkpoint(progress: EpochProgress | None) -> dict[str, Any]:
+        return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "best_val_acc": best_val_acc,
-            "val_acc": val_stats.accuracy,
+            "counters": asdict(counters),
+            "progress": None if progress is None else progress.state_dict(),
+            "data": data.train.state_dict() if hasattr(data.train, "state_dict") else None,
+            "rng": rng_state(),
             "model_config": model_config(run, data.info),
             "config": composed_config,
-            "rng": {"torch": torch.get_rng_state(), "data": data_generator_state(data.train)},
         }
-        save_checkpoint(state, checkpoints / "last.pt")
-        if improved:
-            save_checkpoint(state, checkpoints / "best.pt")
-        patience = trainer.early_stopping_patience
-        if patience is not None and epoch - best_epoch >= patience:
-            log.info("early stopping: no better val_acc for %d epochs", patience)
-            break
+
+    tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
+    checkpoints = run_dir / "checkpoints"
+    with GracefulStop() as stop:
+        for epoch in range(counters.epoch + 1, trainer.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            train_stats, progress = train_one_epoch(
+                network, data.train, criterion, optimizer, scaler, schedule, run.clipping,
+                runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
+                progress_label=f"epoch {epoch}/{trainer.epochs}",
+                progress_bar=trainer.progress_bar, progress=progress,
+                should_stop=lambda: stop.requested,
+            )  # fmt: skip
+            counters.global_step = train_stats.global_step
+            if not train_stats.completed:
+                save_checkpoint(checkpoint(progress), checkpoints / "last.pt")
+                tracker.close()
+                raise RunPreempted(
+                    f"{stop.signal_name}: stopped in epoch {epoch} at step "
+                    f"{counters.global_step}; checkpoint saved; continue with "
+                    f"trainer.resume={run_dir}"
+                )
+            progress = None
+            val_stats = evaluate(network, data.val, runtime)
+            ensure_finite("validation loss", val_stats.loss, counters.global_step)
+            schedule.after_epoch(val_stats.accuracy)
+            counters.epoch = epoch
+
+            tracker.log_epoch(epoch, lr, train_stats, val_stats)
+            improved = val_stats.accuracy > counters.best_val_acc
+            summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
+            log.info("%s%s", summary, "  (best)" if improved else "")
+            if improved:
+                counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
+            state = checkpoint(None)
+            if improved:  # best.pt first: last.pt must never name a best that is not on disk
+                save_checkpoint(state, checkpoints / "best.pt")
+            save_checkpoint(state, checkpoints / "last.pt")
+            patience = trainer.early_stopping_patience
+            if patience is not None and epoch - counters.best_epoch >= patience:
+                log.info("early stopping: no better val_acc for %d epochs", patience)
+                break
 
     best_path = checkpoints / "best.pt"
     load_model_weights(model, load_checkpoint(best_path), best_path)  # `network` shares them
     test_stats = evaluate(network, data.test, runtime)
     results = {
-        "best_val_acc": best_val_acc,
-        "best_epoch": best_epoch,
+        "best_val_acc": counters.best_val_acc,
+        "best_epoch": counters.best_epoch,
         "test_acc": test_stats.accuracy,
         "test_loss": test_stats.loss,
-        "epochs": epochs_done,
-        "global_step": global_step,
+        "epochs": counters.epoch,
+        "global_step": counters.global_step,
         "wall_s": time.perf_counter() - started,
         "device": str(runtime.device),
         "precision": runtime.precision.name,
     }
-    tracker.log_results(results, global_step)
+    tracker.log_results(results, counters.global_step)
     tracker.close()
     log.info(
         "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",
-        best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
+        counters.best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
     )  # fmt: skip
     return results
-
-
-def data_generator_state(batches: Any) -> torch.Tensor | None:
-    """The data-order/augmentation generator's state, where the batches have one."""
-    generator = getattr(batches, "generator", None)
-    return None if generator is None else generator.get_state()
 
 
 register_schemas()
@@ -232,6 +293,9 @@ def main(cfg: DictConfig) -> float:
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_code)
+    except RunPreempted as stopped:
+        log.warning("%s", stopped)
+        sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
 
 

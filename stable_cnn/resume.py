@@ -1,0 +1,91 @@
+"""Which checkpoint a run continues from, and the random state that makes it exact."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stable_cnn.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Keys of the composed config that may differ between a run and its continuation.
+IGNORED_KEYS = {("trainer", "resume")}
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "results.json").is_file()
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys that a resumed run may change."""
+    return {
+        group: (
+            {k: v for k, v in values.items() if (group, k) not in IGNORED_KEYS}
+            if isinstance(values, dict)
+            else values
+        )
+        for group, values in config.items()
+    }
+
+
+def find_checkpoint(
+    resume: str | None, run_dir: Path, outputs: Path, config: dict[str, Any]
+) -> Path | None:
+    """The checkpoint to continue, or None for a fresh run.
+
+    ``resume`` is None (fresh), ``auto`` (this run folder's own checkpoint, else the newest
+    unfinished run under ``outputs`` with the same config) or a checkpoint / run folder path.
+    """
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"trainer.resume={resume!r}: no checkpoint at {path}; pass a checkpoint file, "
+                f"a run folder holding checkpoints/last.pt, or trainer.resume=auto"
+            )
+        return path
+    own = run_dir / "checkpoints" / "last.pt"
+    if own.is_file():
+        return own
+    wanted = comparable(config)
+    candidates = sorted(
+        outputs.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for candidate in candidates:
+        if is_finished(candidate.parent.parent):
+            continue
+        try:
+            saved = load_checkpoint(candidate).get("config", {})
+        except CheckpointError as err:
+            log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
+            continue
+        if comparable(saved) == wanted:
+            return candidate
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,174 @@
+"""Runs that survive: exact resume after kill -9 and SIGTERM, atomic checkpoints, and
+clear errors for checkpoints that cannot be used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stable_cnn.preemption import EXIT_PREEMPTED
+from tests.conftest import TINY, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+# Long enough (about 45 steps an epoch) that a signal lands while the run is training.
+RESUMABLE = [
+    *TINY, "data.num_train=3000", "trainer.epochs=4", "trainer.deterministic=true",
+    "trainer.progress_bar=false",
+]  # fmt: skip
+TIMING = {"train_img_s", "epoch_s"}
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "stable_cnn.train", *RESUMABLE, *extra,
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    return subprocess.Popen(command, cwd=run_dir.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def wait_for_epochs(run_dir: Path, epochs: int, process: subprocess.Popen) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            return
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("the run did not get far enough")
+
+
+def outcome(run_dir: Path) -> tuple[list[dict], dict, dict[str, torch.Tensor]]:
+    metrics = [{k: v for k, v in e.items() if k not in TIMING}
+               for e in read_jsonl(run_dir / "metrics.jsonl")]  # fmt: skip
+    results = json.loads((run_dir / "results.json").read_text())
+    results = {k: v for k, v in results.items() if k != "wall_s"}
+    weights = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return metrics, results, weights
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    metrics_a, results_a, weights_a = outcome(a)
+    metrics_b, results_b, weights_b = outcome(b)
+    assert metrics_a == metrics_b
+    assert results_a == results_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    done = start(run_dir)
+    assert done.wait(timeout=300) == 0, done.stdout.read()
+    return run_dir
+
+
+def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Path):
+    run_dir = tmp_path / "killed"
+    process = start(run_dir)
+    wait_for_epochs(run_dir, 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (run_dir / "results.json").exists()
+
+    resumed = start(run_dir, "trainer.resume=auto")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path, tmp_path: Path):
+    run_dir = tmp_path / "preempted"
+    process = start(run_dir)
+    wait_for_epochs(run_dir, 1, process)
+    time.sleep(0.2)  # into epoch 2
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, output
+    assert "SIGTERM: stopped in epoch" in output and "trainer.resume=" in output
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"] is not None and state["progress"]["steps"] > 0, "mid-epoch"
+
+    resumed = start(run_dir, f"trainer.resume={run_dir}")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "mid-epoch" in output
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_a_finished_run_is_not_trained_again(uninterrupted: Path):
+    before = (uninterrupted / "results.json").read_text()
+    done = run_cli([*RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={uninterrupted}"],
+                   cwd=uninterrupted.parent)  # fmt: skip
+    assert done.returncode == 0 and "already finished" in done.stdout
+    assert (uninterrupted / "results.json").read_text() == before
+
+
+def test_a_run_folder_is_never_reused_by_accident(uninterrupted: Path):
+    done = run_cli([*RESUMABLE, f"hydra.run.dir={uninterrupted}"], cwd=uninterrupted.parent)
+    assert done.returncode == 2
+    assert "already holds a run" in done.stdout and "trainer.resume=auto" in done.stdout
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "missing", "other width"])
+def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Path, tmp_path):
+    path = tmp_path / "bad.pt"
+    good = (uninterrupted / "checkpoints" / "last.pt").read_bytes()
+    overrides = []
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif damage == "other width":
+        path.write_bytes(good)
+        overrides = ["model.width=16"]
+    expected = {
+        "garbage": "is corrupt", "truncated": "is corrupt", "foreign": "not a stable-cnn",
+        "missing": "no checkpoint at", "other width": "holds a different model",
+    }[damage]  # fmt: skip
+    done = run_cli([*TINY, *overrides, f"trainer.resume={path}", "hydra.run.dir=run"], tmp_path)
+    errors = [line for line in done.stdout.splitlines() if "error:" in line]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(errors) == 1 and expected in errors[0] and str(path) in errors[0]
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+SAVE_FOREVER = """
+import sys, torch
+from pathlib import Path
+from stable_cnn.checkpoint import save_checkpoint
+path, step = Path(sys.argv[1]), 0
+big = torch.zeros(2_000_000)  # 8 MB: each save takes a while, so kills land mid-write
+while True:
+    step += 1
+    save_checkpoint({"step": step, "weights": big + step}, path)
+    print(step, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Path):
+    from stable_cnn.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    for attempt in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert writer.stdout.readline()  # at least one save completed
+        time.sleep(0.05 + 0.037 * attempt)  # land at different points of a write
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        state = load_checkpoint(path)
+        assert torch.all(state["weights"] == state["step"]), "one save, whole and consistent"
+    leftovers = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
+    assert all(name.endswith(".partial") for name in leftovers)
