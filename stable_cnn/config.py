@@ -265,6 +265,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)
     resume: str | None = None  # null = fresh; auto; or a checkpoint file / run folder to continue
+    on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: skip the step, or stop (and save)
+    max_consecutive_nonfinite: int = 10  # with skip: stop after this many skipped in a row
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
@@ -285,6 +287,13 @@ class TrainerConfig:
             "trainer.early_stopping_patience",
             self.early_stopping_patience,
             "must be null or >= 1",
+        )
+        _check_choice("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        _check(
+            self.max_consecutive_nonfinite >= 1,
+            "trainer.max_consecutive_nonfinite",
+            self.max_consecutive_nonfinite,
+            "must be >= 1",
         )
         _check(
             self.num_threads is None or self.num_threads >= 1,

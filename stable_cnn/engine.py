@@ -42,6 +42,8 @@ class EpochProgress:
     images: int = 0
     steps: int = 0
     seconds: float = 0.0
+    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (fp32/bf16)
+    amp_skipped_steps: int = 0  # fp16 steps the GradScaler skipped (gradient overflow)
 
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
@@ -55,12 +57,14 @@ class EpochProgress:
             "images": self.images,
             "steps": self.steps,
             "seconds": self.seconds,
+            "nonfinite_steps": self.nonfinite_steps,
+            "amp_skipped_steps": self.amp_skipped_steps,
         }
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
-        tensors = (state[key].to(device) for key in ("loss_sum", "correct", "grad_norm_sum"))
-        return cls(*tensors, state["images"], state["steps"], state["seconds"])
+        tensors = [state.pop(key).to(device) for key in ("loss_sum", "correct", "grad_norm_sum")]
+        return cls(*tensors, **state)
 
 
 @dataclass
@@ -71,7 +75,13 @@ class EpochStats:
     images: int
     seconds: float
     global_step: int  # optimizer steps taken so far in the run
-    completed: bool = True  # False: stopped early by a signal (see train.py)
+    nonfinite_steps: int = 0
+    amp_skipped_steps: int = 0
+    stop_reason: str = ""  # why the epoch ended early ("" = it completed)
+
+    @property
+    def completed(self) -> bool:
+        return not self.stop_reason
 
     @property
     def images_per_second(self) -> float:
@@ -112,22 +122,37 @@ def clip_gradients(parameters: list[nn.Parameter], clipping: ClippingConfig) -> 
     return norm
 
 
+@dataclass
+class StepOutcome:
+    grad_norm: torch.Tensor  # total L2 norm before clipping, on the device
+    loss_finite: bool
+    grads_finite: bool
+
+    @property
+    def applied(self) -> bool:
+        return self.loss_finite and self.grads_finite
+
+
 def optimizer_step(
     loss: torch.Tensor,
     parameters: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     clipping: ClippingConfig,
-) -> torch.Tensor:
-    """Backward, clip the unscaled gradients, step; returns the pre-clip gradient norm.
-    Under fp16 the scaler skips the step when a gradient is inf/NaN."""
+) -> StepOutcome:
+    """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
+    NaN/Inf is skipped (the weights stay as they were)."""
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = clip_gradients(parameters, clipping)
-    scaler.step(optimizer)
+    # One host read per step: skipping must be decided before the update. (Under fp16 the
+    # GradScaler reads the same flag itself, and skips and lowers its scale on its own.)
+    loss_finite, grads_finite = torch.stack([loss.isfinite(), grad_norm.isfinite()]).tolist()
+    if (loss_finite and grads_finite) or scaler.is_enabled():
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return StepOutcome(grad_norm, loss_finite, grads_finite)
 
 
 def train_one_epoch(
@@ -145,16 +170,22 @@ def train_one_epoch(
     progress_label: str = "",
     progress_bar: bool = True,
     progress: EpochProgress | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    stop_requested: Callable[[], str] = lambda: "",
+    on_nonfinite: str = "skip",
+    max_consecutive_nonfinite: int = 10,
 ) -> tuple[EpochStats, EpochProgress]:
-    """Train over ``batches``; continue ``progress`` when resuming mid-epoch. Stops after
-    the current step once ``should_stop()`` is true (stats then have completed=False)."""
+    """Train over ``batches``; continue ``progress`` when resuming mid-epoch.
+
+    Ends the epoch early, after the current step, when ``stop_requested()`` names a reason
+    (a signal), or on a NaN/Inf loss or gradient with ``on_nonfinite="stop"``, or after
+    ``max_consecutive_nonfinite`` skipped steps in a row with ``on_nonfinite="skip"``.
+    """
     model.train()
     device = runtime.device
     parameters = [p for p in model.parameters() if p.requires_grad]
     sums = progress or EpochProgress.start(device)
-    window_loss, window_steps = torch.zeros((), device=device), 0
-    completed = True
+    window_loss, window_steps, consecutive_nonfinite = torch.zeros((), device=device), 0, 0
+    stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for images, labels in bar:
@@ -163,23 +194,37 @@ def train_one_epoch(
         with autocast(device, runtime.precision):
             logits = model(images)
             loss = criterion(logits, labels)
-        grad_norm = optimizer_step(loss, parameters, optimizer, scaler, clipping)
+        step = optimizer_step(loss, parameters, optimizer, scaler, clipping)
         schedule.after_optimizer_step()
-
-        batch_loss = loss.detach().float()
-        sums.loss_sum += batch_loss * labels.shape[0]
-        sums.correct += (logits.argmax(1) == labels).sum()
-        sums.grad_norm_sum += grad_norm
-        sums.images += labels.shape[0]
-        sums.steps += 1
-        window_loss += batch_loss
         global_step += 1
-        window_steps += 1
-        if global_step % log_every_n_steps == 0:
+
+        if step.applied:
+            consecutive_nonfinite = 0
+            batch_loss = loss.detach().float()
+            sums.loss_sum += batch_loss * labels.shape[0]
+            sums.correct += (logits.argmax(1) == labels).sum()
+            sums.grad_norm_sum += step.grad_norm
+            sums.images += labels.shape[0]
+            sums.steps += 1
+            window_loss += batch_loss
+            window_steps += 1
+        elif scaler.is_enabled() and step.loss_finite:
+            sums.amp_skipped_steps += 1  # fp16 overflow: the scaler lowers its scale, normal
+        else:
+            sums.nonfinite_steps += 1
+            consecutive_nonfinite += 1
+            what = "loss" if not step.loss_finite else "gradient"
+            if on_nonfinite == "stop":
+                stop_reason = f"non-finite {what} at step {global_step}"
+            elif consecutive_nonfinite >= max_consecutive_nonfinite:
+                stop_reason = (
+                    f"{consecutive_nonfinite} non-finite steps in a row (step {global_step})"
+                )
+        if global_step % log_every_n_steps == 0 and window_steps:
             scalars = {
                 "train/loss": window_loss.item() / window_steps,
                 "train/lr": optimizer.param_groups[0]["lr"],
-                "train/grad_norm": grad_norm.item(),
+                "train/grad_norm": step.grad_norm.item(),
             }
             if scaler.is_enabled():
                 scalars["amp/scale"] = scaler.get_scale()
@@ -187,21 +232,22 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
             window_loss.zero_()
             window_steps = 0
-        if should_stop():
-            completed = False
+        stop_reason = stop_reason or stop_requested()
+        if stop_reason:
             break
     bar.close()
     sums.seconds += time.perf_counter() - started
-    mean_loss = sums.loss_sum.item() / max(sums.images, 1)
-    ensure_finite("training loss", mean_loss, global_step)
+    images = max(sums.images, 1)
     stats = EpochStats(
-        loss=mean_loss,
-        accuracy=100.0 * sums.correct.item() / max(sums.images, 1),
+        loss=sums.loss_sum.item() / images,
+        accuracy=100.0 * sums.correct.item() / images,
         grad_norm=sums.grad_norm_sum.item() / max(sums.steps, 1),
         images=sums.images,
         seconds=sums.seconds,
         global_step=global_step,
-        completed=completed,
+        nonfinite_steps=sums.nonfinite_steps,
+        amp_skipped_steps=sums.amp_skipped_steps,
+        stop_reason=stop_reason,
     )
     return stats, sums
 

@@ -57,6 +57,8 @@ class RunTracker:
             "grad_norm": train.grad_norm,
             "train_img_s": train.images_per_second,
             "epoch_s": train.seconds,
+            "nonfinite_steps": train.nonfinite_steps,
+            "amp_skipped_steps": train.amp_skipped_steps,
         }
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
@@ -66,6 +68,8 @@ class RunTracker:
             "train/epoch_loss": train.loss,
             "train/epoch_acc": train.accuracy,
             "train/img_per_s": train.images_per_second,
+            "train/nonfinite_steps": train.nonfinite_steps,
+            "amp/skipped_steps": train.amp_skipped_steps,
         }
         self.log_step(train.global_step, scalars)
         self.writer.flush()

@@ -30,6 +30,7 @@ from stable_cnn.engine import (
     EpochProgress,
     EpochStats,
     EvalStats,
+    TrainingDiverged,
     ensure_finite,
     evaluate,
     train_one_epoch,
@@ -225,16 +226,24 @@ def train(
                 runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
                 progress_label=f"epoch {epoch}/{trainer.epochs}",
                 progress_bar=trainer.progress_bar, progress=progress,
-                should_stop=lambda: stop.requested,
+                stop_requested=lambda: stop.signal_name or "",
+                on_nonfinite=trainer.on_nonfinite,
+                max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
             )  # fmt: skip
             counters.global_step = train_stats.global_step
             if not train_stats.completed:
                 save_checkpoint(checkpoint(progress), checkpoints / "last.pt")
                 tracker.close()
-                raise RunPreempted(
-                    f"{stop.signal_name}: stopped in epoch {epoch} at step "
-                    f"{counters.global_step}; checkpoint saved; continue with "
-                    f"trainer.resume={run_dir}"
+                where = f"stopped in epoch {epoch} at step {counters.global_step}"
+                if stop.requested:
+                    raise RunPreempted(
+                        f"{stop.signal_name}: {where}; checkpoint saved; continue with "
+                        f"trainer.resume={run_dir}"
+                    )
+                raise TrainingDiverged(
+                    f"{train_stats.stop_reason}: {where} (trainer.on_nonfinite="
+                    f"{trainer.on_nonfinite}); the weights from before that step are in "
+                    f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                 )
             progress = None
             val_stats = evaluate(network, data.val, runtime)

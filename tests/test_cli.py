@@ -13,7 +13,8 @@ from tests.conftest import TINY, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
-EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "train_img_s", "epoch_s"}
+EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "train_img_s", "epoch_s",
+              "nonfinite_steps", "amp_skipped_steps"}  # fmt: skip
 RESULT_KEYS = {"best_val_acc", "test_acc", "test_loss", "epochs", "wall_s"}
 
 

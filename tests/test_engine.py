@@ -38,10 +38,11 @@ def test_step_clips_unscaled_gradients_then_steps_once():
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    pre_clip = optimizer_step(
+    step = optimizer_step(
         loss, list(model.parameters()), optimizer, scaler, ClippingConfig("norm", max_norm=max_norm)
     )
-    assert pre_clip.item() == pytest.approx(norm.item(), rel=1e-5)
+    assert step.applied
+    assert step.grad_norm.item() == pytest.approx(norm.item(), rel=1e-5)
     for param, want in zip(model.parameters(), expected):
         torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in model.parameters()), "gradients are cleared after the step"

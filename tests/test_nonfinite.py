@@ -1,0 +1,87 @@
+"""NaN/Inf losses and gradients: skipped and counted, or stopped with a checkpoint saved."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from stable_cnn.config import ClippingConfig, SchedulerConfig
+from stable_cnn.engine import train_one_epoch
+from stable_cnn.hardware import FP32, Runtime
+from stable_cnn.models import SmallCNN
+from stable_cnn.schedulers import build_schedule
+from tests.conftest import TINY, run_cli
+
+CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
+
+
+def batches_with_a_nan_image(count: int, poisoned: set[int]) -> list:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for index in range(count):
+        images = torch.randn(8, 1, 16, 16, generator=generator)
+        if index in poisoned:
+            images[3, 0, 5, 5] = float("nan")
+        batches.append((images, torch.randint(0, 10, (8,), generator=generator)))
+    return batches
+
+
+def run_epoch(batches: list, policy: str, limit: int = 10):
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    schedule = build_schedule(optimizer, SchedulerConfig("none"), 1, len(batches))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats, _ = train_one_epoch(
+        model, batches, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
+        ClippingConfig("norm", max_norm=1.0), CPU, 0, 100, lambda step, scalars: None,
+        progress_bar=False, on_nonfinite=policy, max_consecutive_nonfinite=limit,
+    )  # fmt: skip
+    return model, stats
+
+
+def test_skip_drops_the_bad_step_and_keeps_training():
+    model, stats = run_epoch(batches_with_a_nan_image(6, poisoned={2}), "skip")
+    assert stats.completed and stats.nonfinite_steps == 1 and stats.global_step == 6
+    assert math.isfinite(stats.loss) and stats.images == 5 * 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stop_ends_the_epoch_at_the_bad_step():
+    _, stats = run_epoch(batches_with_a_nan_image(6, poisoned={2}), "stop")
+    assert not stats.completed and stats.global_step == 3
+    assert stats.stop_reason == "non-finite loss at step 3"
+
+
+def test_skip_gives_up_after_too_many_in_a_row():
+    _, stats = run_epoch(batches_with_a_nan_image(8, poisoned={1, 2, 3, 4}), "skip", limit=3)
+    assert stats.stop_reason.startswith("3 non-finite steps in a row")
+
+
+@pytest.mark.slow
+def test_cli_stop_policy_saves_and_names_epoch_and_step(tmp_path):
+    # lr 1e6 without clipping overflows within a few steps.
+    args = [*TINY, "optimizer.lr=1e6", "clipping=none", "amp=off",
+            "trainer.on_nonfinite=stop", "hydra.run.dir=run"]  # fmt: skip
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 2
+    (error,) = [line for line in done.stdout.splitlines() if "error:" in line]
+    assert "non-finite" in error and "stopped in epoch 1 at step" in error
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_cli_skips_counts_and_then_gives_up(tmp_path):
+    # A nearly-zero std turns every image into +-inf: every step is skipped, counted,
+    # and after max_consecutive_nonfinite the run stops with one line.
+    args = [*TINY, "data.std=[1e-40]", "amp=off", "trainer.max_consecutive_nonfinite=3",
+            "hydra.run.dir=run"]  # fmt: skip
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 2
+    assert "3 non-finite steps in a row" in done.stdout
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["nonfinite_steps"] == 3
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "no epoch completed"
