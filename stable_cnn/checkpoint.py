@@ -26,9 +26,17 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomically write ``state`` (plus a format tag) to ``path``."""
-    with atomic_write(path) as out:
-        torch.save({"format": FORMAT, **state}, out)
+    """Atomically write ``state`` (plus a format tag) to ``path``; a failed write (a full
+    disk) leaves the previous checkpoint in place and says so."""
+    try:
+        with atomic_write(path) as out:
+            torch.save({"format": FORMAT, **state}, out)
+    except (OSError, RuntimeError) as err:  # torch.save wraps some write errors
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({reason}): free disk space or set "
+            f"hydra.run.dir elsewhere; the previous checkpoint there is intact"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

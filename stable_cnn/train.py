@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -308,5 +309,30 @@ def main(cfg: DictConfig) -> float:
     return results["best_val_acc"]
 
 
-if __name__ == "__main__":
+def output_folder_problem(args: list[str]) -> str:
+    """Why the run folder cannot be created, or ''. Hydra creates it before ``main`` runs
+    and would answer with a traceback, so the console entry checks first."""
+    folders = [arg.split("=", 1)[1] for arg in args
+               if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]  # fmt: skip
+    for folder in folders or ["outputs"]:
+        existing = Path(folder).expanduser().absolute()
+        while not existing.exists():
+            existing = existing.parent
+        why = "is a file" if not existing.is_dir() else ""
+        why = why or ("is not writable" if not os.access(existing, os.W_OK) else "")
+        if why:
+            return f"cannot create the run folder {folder}: {existing} {why}; set hydra.run.dir"
+    return ""
+
+
+def cli() -> None:
+    """The console entry point: pre-flight checks with one-line errors, then ``main``."""
+    problem = output_folder_problem(sys.argv[1:])
+    if problem:
+        print(f"stable-cnn-train: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

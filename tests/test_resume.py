@@ -172,3 +172,38 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Pa
         assert torch.all(state["weights"] == state["step"]), "one save, whole and consistent"
     leftovers = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
     assert all(name.endswith(".partial") for name in leftovers)
+
+
+FILL_THE_DISK = """
+import resource, signal, sys, torch
+from pathlib import Path
+from stable_cnn.checkpoint import CheckpointError, save_checkpoint
+path = Path(sys.argv[1])
+save_checkpoint({"step": 1, "weights": torch.zeros(1000)}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # like a disk that fills up
+try:
+    save_checkpoint({"step": 2, "weights": torch.zeros(1_000_000)}, path)
+except CheckpointError as err:
+    print(err)
+"""
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path: Path):
+    from stable_cnn.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    done = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "could not write checkpoint" in done.stdout and "previous checkpoint" in done.stdout
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "no partial file is left"
+
+
+def test_an_output_folder_inside_a_file_is_one_line(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = run_cli([*TINY, f"hydra.run.dir={blocker / 'run'}"], tmp_path)
+    assert done.returncode == 2
+    assert "cannot create the run folder" in done.stderr and "is a file" in done.stderr
+    assert "Traceback" not in done.stderr
