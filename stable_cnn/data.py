@@ -56,7 +56,7 @@ class DatasetInfo:
 
 @dataclass
 class DataSplits:
-    train: Any  # iterable of (images, labels) batches: TensorBatches or DataLoader
+    train: Any  # (images, labels) batches with state_dict(): TensorBatches or ShuffledLoader
     val: Any
     test: Any
     info: DatasetInfo
@@ -370,23 +370,22 @@ def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
     train_set = Subset(train_set, _limit(torch.arange(len(train_set)), config.limit_train).tolist())
     _check_batch_size(config, len(train_set))
 
-    def loader(dataset: Any, train: bool) -> DataLoader:
+    def loader(dataset: Any) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=config.batch_size if train else config.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
+            batch_size=config.eval_batch_size,
             num_workers=config.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=config.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed) if train else None,
         )
 
-    test = loader(test_set, train=False)
-    val = test if val_set is test_set else loader(val_set, train=False)
+    test = loader(test_set)
+    val = test if val_set is test_set else loader(val_set)
     info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
     return DataSplits(
-        loader(train_set, train=True),
+        ShuffledLoader(
+            train_set, config.batch_size, config.num_workers, torch.Generator().manual_seed(seed)
+        ),
         val,
         test,
         info,
@@ -395,3 +394,48 @@ def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
         len(test_set),
         val_is_test=val_set is test_set,
     )
+
+
+class ShuffledLoader:
+    """Training batches of a map-style dataset through DataLoader workers, in an order that
+    a checkpoint can save and restore (so a resumed epoch continues at the next batch)."""
+
+    def __init__(
+        self, dataset: Any, batch_size: int, num_workers: int, generator: torch.Generator
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.generator = generator
+        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
+        self.position = 0  # batches of this epoch already handed out
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size  # the last partial batch is dropped
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.order is None:
+            self.order, self.position = (
+                torch.randperm(len(self.dataset), generator=self.generator),
+                0,
+            )
+        size = self.batch_size
+        batches = [
+            self.order[k * size : (k + 1) * size].tolist() for k in range(self.position, len(self))
+        ]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch in loader:
+            self.position += 1
+            yield batch
+        self.order = None
+
+    state_dict = TensorBatches.state_dict
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]

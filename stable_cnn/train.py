@@ -194,8 +194,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if state["data"] is not None and hasattr(data.train, "load_state_dict"):
-            data.train.load_state_dict(state["data"])
+        data.train.load_state_dict(state["data"])
         restore_rng(state["rng"])
         counters = Counters(**state["counters"])
         if state["progress"] is not None:
@@ -211,7 +210,7 @@ def train(
             "scaler": scaler.state_dict(),
             "counters": asdict(counters),
             "progress": None if progress is None else progress.state_dict(),
-            "data": data.train.state_dict() if hasattr(data.train, "state_dict") else None,
+            "data": data.train.state_dict(),
             "rng": rng_state(),
             "model_config": model_config(run, data.info),
             "config": composed_config,

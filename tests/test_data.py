@@ -149,3 +149,25 @@ def test_image_folder_with_mismatched_classes_is_refused(tmp_path):
     run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2"])
     with pytest.raises(DataError, match="same class folders"):
         build_splits(run.data, torch.device("cpu"), seed=0)
+
+
+def test_image_folder_batches_resume_at_the_next_batch(tmp_path):
+    write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
+    run = compose_run(
+        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=0",
+         "data.augment=false"]
+    )  # fmt: skip
+
+    def fresh():
+        return build_splits(run.data, torch.device("cpu"), seed=0).train
+
+    whole_epoch = [images for images, _ in fresh()]
+    interrupted = fresh()
+    iterator = iter(interrupted)
+    first = [next(iterator)[0] for _ in range(2)]
+    state = interrupted.state_dict()  # as a mid-epoch checkpoint saves it
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    rest = [images for images, _ in resumed]
+    assert len(whole_epoch) == 4 and len(first) + len(rest) == 4
+    assert all(torch.equal(a, b) for a, b in zip(whole_epoch, first + rest))
