@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,6 +378,7 @@ def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
             num_workers=config.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=config.num_workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
         )
 
     test = loader(test_set)
@@ -428,6 +430,7 @@ class ShuffledLoader:
             batch_sampler=batches,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_stop_signals_to_the_trainer,
         )
         for batch in loader:
             self.position += 1
@@ -439,3 +442,11 @@ class ShuffledLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.order, self.position = state["order"], state["position"]
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group and SLURM signals every process: workers
+    ignore both, so the main process can finish its step and save (DataLoader still
+    shuts them down, and they exit when the main process dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

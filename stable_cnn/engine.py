@@ -44,6 +44,7 @@ class EpochProgress:
     seconds: float = 0.0
     nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (fp32/bf16)
     amp_skipped_steps: int = 0  # fp16 steps the GradScaler skipped (gradient overflow)
+    start_lr: float = 0.0  # the learning rate the epoch started with
 
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
@@ -59,6 +60,7 @@ class EpochProgress:
             "seconds": self.seconds,
             "nonfinite_steps": self.nonfinite_steps,
             "amp_skipped_steps": self.amp_skipped_steps,
+            "start_lr": self.start_lr,
         }
 
     @classmethod
@@ -183,7 +185,14 @@ def train_one_epoch(
     model.train()
     device = runtime.device
     parameters = [p for p in model.parameters() if p.requires_grad]
-    sums = progress or EpochProgress.start(device)
+    if progress is None:
+        progress = EpochProgress.start(device)
+        progress.start_lr = optimizer.param_groups[0]["lr"]
+    sums = progress
+    # BatchNorm updates its running statistics in the forward pass, before a step can be
+    # judged; a skipped step puts them back, so one NaN batch cannot poison them.
+    norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for b in m.buffers()]  # fmt: skip
     window_loss, window_steps, consecutive_nonfinite = torch.zeros((), device=device), 0, 0
     stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
@@ -191,10 +200,14 @@ def train_one_epoch(
     for images, labels in bar:
         images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
         labels = labels.to(device, non_blocking=True)
+        saved_buffers = [b.clone() for b in norm_buffers]
         with autocast(device, runtime.precision):
             logits = model(images)
             loss = criterion(logits, labels)
         step = optimizer_step(loss, parameters, optimizer, scaler, clipping)
+        if not step.applied:
+            for buffer, saved in zip(norm_buffers, saved_buffers, strict=True):
+                buffer.copy_(saved)
         schedule.after_optimizer_step()
         global_step += 1
 

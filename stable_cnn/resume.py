@@ -13,8 +13,17 @@ from stable_cnn.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Keys of the composed config that may differ between a run and its continuation.
-IGNORED_KEYS = {("trainer", "resume")}
+# Keys of the composed config that may differ between a run and its continuation: they
+# change neither the numbers nor the shape of the run.
+IGNORED_KEYS = {
+    ("trainer", "resume"),
+    ("trainer", "progress_bar"),
+    ("trainer", "num_threads"),
+    ("data", "root"),
+    ("data", "download"),
+    ("data", "system_dir"),
+    ("data", "num_workers"),
+}
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -75,6 +84,33 @@ def find_checkpoint(
         if comparable(saved) == wanted:
             return candidate
     return None
+
+
+def check_same_config(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Refuse, in one line, a checkpoint written with settings that change the run."""
+    saved, wanted = comparable(state.get("config", {})), comparable(config)
+    differing = sorted(
+        f"{group}.{key}"
+        for group in wanted.keys() | saved.keys()
+        for key in (wanted.get(group) or {}).keys() | (saved.get(group) or {}).keys()
+        if (saved.get(group) or {}).get(key) != (wanted.get(group) or {}).get(key)
+    )
+    if differing:
+        shown = ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
+        raise CheckpointError(
+            f"checkpoint {path} was written with another config ({shown} differ): resume "
+            f"with the same settings (see its run folder's .hydra/config.yaml)"
+        )
+
+
+def check_same_device(state: dict[str, Any], device: torch.device, path: Path) -> None:
+    """RNG and GradScaler states belong to a device type: refuse to mix them."""
+    saved_device = state.get("device_type", device.type)
+    if saved_device != device.type:
+        raise CheckpointError(
+            f"checkpoint {path} was written on {saved_device}, this run is on {device.type}: "
+            f"resume with trainer.device={saved_device}"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
@@ -48,7 +49,15 @@ from stable_cnn.hardware import (
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import EXIT_PREEMPTED, GracefulStop
-from stable_cnn.resume import find_checkpoint, holds_a_run, is_finished, restore_rng, rng_state
+from stable_cnn.resume import (
+    check_same_config,
+    check_same_device,
+    find_checkpoint,
+    holds_a_run,
+    is_finished,
+    restore_rng,
+    rng_state,
+)
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.tracking import RunTracker
 
@@ -84,10 +93,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+        # cuBLAS needs a fixed workspace to be deterministic; set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: the few CUDA kernels without a deterministic version warn, not crash.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)  # a multirun's jobs share the process
+    # cuDNN autotuning picks kernels by timing, so it is off when runs must repeat exactly.
+    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
 
 
 def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
@@ -152,7 +165,10 @@ def train(
     started = time.perf_counter()
     trainer = run.trainer
     resume_from = find_checkpoint(trainer.resume, run_dir, outputs, composed_config)
-    if resume_from is not None:
+    resume_state = None if resume_from is None else load_checkpoint(resume_from)
+    if resume_state is not None:
+        check_same_config(resume_state, composed_config, resume_from)
+    if resume_from is not None and resume_from.parent.name == "checkpoints":
         run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
         if is_finished(run_dir):
             log.info("run %s already finished: nothing to resume", run_dir)
@@ -188,8 +204,9 @@ def train(
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
 
     counters, progress = Counters(), None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
+    if resume_state is not None:
+        state = resume_state
+        check_same_device(state, runtime.device, resume_from)
         load_model_weights(model, state, resume_from)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
@@ -214,13 +231,13 @@ def train(
             "rng": rng_state(),
             "model_config": model_config(run, data.info),
             "config": composed_config,
+            "device_type": runtime.device.type,
         }
 
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
     checkpoints = run_dir / "checkpoints"
     with GracefulStop() as stop:
         for epoch in range(counters.epoch + 1, trainer.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
             train_stats, progress = train_one_epoch(
                 network, data.train, criterion, optimizer, scaler, schedule, run.clipping,
                 runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
@@ -245,7 +262,7 @@ def train(
                     f"{trainer.on_nonfinite}); the weights from before that step are in "
                     f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                 )
-            progress = None
+            lr, progress = progress.start_lr, None
             val_stats = evaluate(network, data.val, runtime)
             ensure_finite("validation loss", val_stats.loss, counters.global_step)
             schedule.after_epoch(val_stats.accuracy)
@@ -261,6 +278,12 @@ def train(
             if improved:  # best.pt first: last.pt must never name a best that is not on disk
                 save_checkpoint(state, checkpoints / "best.pt")
             save_checkpoint(state, checkpoints / "last.pt")
+            if stop.requested and epoch < trainer.epochs:  # arrived during validation or saving
+                tracker.close()
+                raise RunPreempted(
+                    f"{stop.signal_name}: stopped after epoch {epoch}; checkpoint saved; "
+                    f"continue with trainer.resume={run_dir}"
+                )
             patience = trainer.early_stopping_patience
             if patience is not None and epoch - counters.best_epoch >= patience:
                 log.info("early stopping: no better val_acc for %d epochs", patience)
@@ -301,9 +324,13 @@ def main(cfg: DictConfig) -> float:
         results = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True))
     except UserError as err:
         log.error("error: %s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed and runs the others
         sys.exit(err.exit_code)
     except RunPreempted as stopped:
         log.warning("%s", stopped)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
 

@@ -48,6 +48,7 @@ def test_skip_drops_the_bad_step_and_keeps_training():
     assert stats.completed and stats.nonfinite_steps == 1 and stats.global_step == 6
     assert math.isfinite(stats.loss) and stats.images == 5 * 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers()), "BatchNorm stats unpoisoned"
 
 
 def test_stop_ends_the_epoch_at_the_bad_step():

@@ -119,6 +119,14 @@ def test_a_run_folder_is_never_reused_by_accident(uninterrupted: Path):
     assert "already holds a run" in done.stdout and "trainer.resume=auto" in done.stdout
 
 
+def test_resuming_with_other_settings_is_refused(uninterrupted: Path, tmp_path: Path):
+    checkpoint = uninterrupted / "checkpoints" / "last.pt"
+    done = run_cli([*RESUMABLE, "trainer.epochs=6", f"trainer.resume={checkpoint}",
+                    "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    assert "trainer.epochs differ" in done.stdout and str(checkpoint) in done.stdout
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "missing", "other width"])
 def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Path, tmp_path):
     path = tmp_path / "bad.pt"
@@ -135,9 +143,11 @@ def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Pa
         overrides = ["model.width=16"]
     expected = {
         "garbage": "is corrupt", "truncated": "is corrupt", "foreign": "not a stable-cnn",
-        "missing": "no checkpoint at", "other width": "holds a different model",
+        "missing": "no checkpoint at", "other width": "model.width differ",
     }[damage]  # fmt: skip
-    done = run_cli([*TINY, *overrides, f"trainer.resume={path}", "hydra.run.dir=run"], tmp_path)
+    done = run_cli(
+        [*RESUMABLE, *overrides, f"trainer.resume={path}", "hydra.run.dir=run"], tmp_path
+    )
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(errors) == 1 and expected in errors[0] and str(path) in errors[0]
