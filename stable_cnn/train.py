@@ -205,17 +205,15 @@ def train(
 
     counters, progress = Counters(), None
     if resume_state is not None:
-        state = resume_state
-        check_same_device(state, runtime.device, resume_from)
-        load_model_weights(model, state, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        data.train.load_state_dict(state["data"])
-        restore_rng(state["rng"])
-        counters = Counters(**state["counters"])
-        if state["progress"] is not None:
-            progress = EpochProgress.from_state(state["progress"], runtime.device)
+        check_same_device(resume_state, runtime.device, resume_from)
+        load_model_weights(model, resume_state, resume_from)
+        for part, key in ((optimizer, "optimizer"), (schedule, "scheduler"), (scaler, "scaler"),
+                          (data.train, "data")):  # fmt: skip
+            part.load_state_dict(resume_state[key])
+        restore_rng(resume_state["rng"])
+        counters = Counters(**resume_state["counters"])
+        if resume_state["progress"] is not None:
+            progress = EpochProgress.from_state(resume_state["progress"], runtime.device)
         where = f"mid-epoch {counters.epoch + 1}" if progress else f"after epoch {counters.epoch}"
         log.info("resuming from %s (%s, step %d)", resume_from, where, counters.global_step)
 
