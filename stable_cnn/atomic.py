@@ -15,6 +15,8 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Yield a binary file in ``path``'s folder; on success fsync it and rename it over
     ``path`` (atomic on POSIX), on any failure delete it and leave ``path`` untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(handle, "wb") as out:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stable_cnn.preemption import EXIT_PREEMPTED
 from tests.conftest import TINY, read_jsonl, run_cli
+from tests.test_cli import scalar_tags
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +86,15 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
     assert resumed.returncode == 0, output
     assert "resuming from" in output
     assert_same_run(uninterrupted, run_dir)
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/acc")]
+    assert len(steps) == 4 and steps == sorted(set(steps)), "no epoch logged twice"
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)), "the interrupted tail is purged, not duplicated"
+    assert scalar_tags(run_dir)["val/acc"] == [e["val_acc"] for e in read_jsonl(
+        run_dir / "metrics.jsonl")]  # fmt: skip
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path, tmp_path: Path):
@@ -168,7 +179,7 @@ while True:
 
 
 def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Path):
-    from stable_cnn.checkpoint import load_checkpoint
+    from stable_cnn.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     for attempt in range(5):
@@ -180,8 +191,8 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Pa
         writer.wait()
         state = load_checkpoint(path)
         assert torch.all(state["weights"] == state["step"]), "one save, whole and consistent"
-    leftovers = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
-    assert all(name.endswith(".partial") for name in leftovers)
+    save_checkpoint({"step": 0, "weights": torch.zeros(1)}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "killed writers' files go"
 
 
 FILL_THE_DISK = """
