@@ -1,4 +1,5 @@
-"""What a run leaves behind: TensorBoard scalars, metrics.jsonl and results.json.
+"""What a run leaves behind: TensorBoard scalars and hparams, metrics.jsonl, results.json,
+and failure.json for a run that diverged or stopped.
 
 Every scalar is plotted against the optimizer step (``global_step``), so train and
 validation curves share one x axis; metrics.jsonl carries the epoch numbers.
@@ -11,10 +12,25 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.metadata import (
+    PLUGIN_DATA_VERSION,
+    PLUGIN_NAME,
+    SESSION_END_INFO_TAG,
+)
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.engine import EpochStats, EvalStats
+
+Hparams = dict[str, str | float | int | bool]
+
+# The HPARAMS tab's metric columns: scalars logged once, when the run ends.
+FINAL_METRICS = ("final/best_val_acc", "final/test_acc", "final/wall_s", "final/epochs")
+FAILURE_FILE = "failure.json"
 
 
 class RunTracker:
@@ -81,10 +97,58 @@ class RunTracker:
         )
         with atomic_write(self.run_dir / "results.json") as out:
             out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
+        (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that now finished
+        self.writer.flush()
+
+    def log_hparams(
+        self, hparams: Hparams, final: dict[str, float], succeeded: bool, global_step: int
+    ) -> None:
+        """One HPARAMS record for this run, in its own event file, so that
+        ``tensorboard --logdir <sweep>`` lists every run of a sweep side by side.
+
+        ``final`` maps the FINAL_METRICS tags that this run reached to their values;
+        they are logged as scalars too, which is where the HPARAMS tab reads them.
+        """
+        for tag, value in final.items():
+            self.writer.add_scalar(tag, value, global_step)
+        experiment, session_start, session_end = hparams_summaries(
+            hparams, dict.fromkeys(FINAL_METRICS, 0.0)
+        )
+        if not succeeded:
+            session_end = _session_end(Status.Value("STATUS_FAILURE"))
+        for summary in (experiment, session_start, session_end):
+            self.writer.file_writer.add_summary(summary, global_step)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def record_failure(run_dir: Path, status: str, reason: str, message: str) -> None:
+    """failure.json: why the run ended without results (read by stable-cnn-report).
+    ``status`` is ``diverged`` (numbers went non-finite) or ``interrupted`` (a signal);
+    ``reason`` is a few words for tables, ``message`` the full line that was logged."""
+    record = {"status": status, "reason": reason, "message": message}
+    with atomic_write(run_dir / FAILURE_FILE) as out:
+        out.write((json.dumps(record, indent=2) + "\n").encode())
+
+
+def read_failure(run_dir: Path) -> dict[str, str] | None:
+    path = run_dir / FAILURE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _session_end(status: int) -> Summary:
+    """A session-end summary with ``status`` (torch's helper always writes success)."""
+    content = HParamsPluginData(
+        session_end_info=SessionEndInfo(status=status), version=PLUGIN_DATA_VERSION
+    )
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=content.SerializeToString()
+        )
+    )
+    return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

@@ -13,13 +13,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -49,6 +50,7 @@ from stable_cnn.hardware import (
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import EXIT_PREEMPTED, GracefulStop
+from stable_cnn.report import write_report
 from stable_cnn.resume import (
     check_same_config,
     check_same_device,
@@ -59,7 +61,7 @@ from stable_cnn.resume import (
     rng_state,
 )
 from stable_cnn.schedulers import build_schedule
-from stable_cnn.tracking import RunTracker
+from stable_cnn.tracking import Hparams, RunTracker, read_failure, record_failure
 
 log = logging.getLogger("stable_cnn")
 
@@ -158,26 +160,52 @@ class Counters:
     best_epoch: int = 0
 
 
-def train(
-    run: RunConfig, run_dir: Path, composed_config: dict[str, Any], outputs: Path = Path("outputs")
-) -> dict[str, Any]:
-    """Train, validate every epoch, test the best checkpoint; returns results.json's content."""
-    started = time.perf_counter()
-    trainer = run.trainer
-    resume_from = find_checkpoint(trainer.resume, run_dir, outputs, composed_config)
+def locate_run(
+    resume: str | None, run_dir: Path, outputs: Path, composed_config: dict[str, Any]
+) -> tuple[Path, Path | None, dict[str, Any] | None]:
+    """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
+    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config)
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_same_config(resume_state, composed_config, resume_from)
     if resume_from is not None and resume_from.parent.name == "checkpoints":
         run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
-        if is_finished(run_dir):
-            log.info("run %s already finished: nothing to resume", run_dir)
-            return json.loads((run_dir / "results.json").read_text())
     elif holds_a_run(run_dir):
         raise UserError(
             f"run folder {run_dir} already holds a run: continue it with trainer.resume=auto, "
             f"or choose another hydra.run.dir"
         )
+    return run_dir, resume_from, resume_state
+
+
+def earlier_outcome(run_dir: Path) -> dict[str, Any] | None:
+    """results.json of a run that already finished; a run that diverged with this very
+    config would diverge again, so it raises its recorded reason."""
+    if is_finished(run_dir):
+        log.info("run %s already finished: nothing to resume", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    failure = read_failure(run_dir)
+    if failure is not None and failure["status"] == "diverged":
+        raise TrainingDiverged(f"{failure['message']} (recorded earlier: not rerun)")
+    return None
+
+
+def train(
+    run: RunConfig,
+    run_dir: Path,
+    composed_config: dict[str, Any],
+    outputs: Path = Path("outputs"),
+    hparams: Hparams | None = None,
+) -> dict[str, Any]:
+    """Train, validate every epoch, test the best checkpoint; returns results.json's content.
+    ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics."""
+    started = time.perf_counter()
+    trainer = run.trainer
+    run_dir, resume_from, resume_state = locate_run(
+        trainer.resume, run_dir, outputs, composed_config
+    )
+    if resume_from is not None and (outcome := earlier_outcome(run_dir)) is not None:
+        return outcome
     log.info("run folder: %s", run_dir)
     seed_everything(trainer.seed, trainer.deterministic)
     runtime = choose_runtime(run)
@@ -234,58 +262,69 @@ def train(
 
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
     checkpoints = run_dir / "checkpoints"
-    with GracefulStop() as stop:
-        for epoch in range(counters.epoch + 1, trainer.epochs + 1):
-            train_stats, progress = train_one_epoch(
-                network, data.train, criterion, optimizer, scaler, schedule, run.clipping,
-                runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
-                progress_label=f"epoch {epoch}/{trainer.epochs}",
-                progress_bar=trainer.progress_bar, progress=progress,
-                stop_requested=lambda: stop.signal_name or "",
-                on_nonfinite=trainer.on_nonfinite,
-                max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
-            )  # fmt: skip
-            counters.global_step = train_stats.global_step
-            if not train_stats.completed:
-                save_checkpoint(checkpoint(progress), checkpoints / "last.pt")
-                tracker.close()
-                where = f"stopped in epoch {epoch} at step {counters.global_step}"
-                if stop.requested:
-                    raise RunPreempted(
-                        f"{stop.signal_name}: {where}; checkpoint saved; continue with "
-                        f"trainer.resume={run_dir}"
+    try:
+        with GracefulStop() as stop:
+            for epoch in range(counters.epoch + 1, trainer.epochs + 1):
+                train_stats, progress = train_one_epoch(
+                    network, data.train, criterion, optimizer, scaler, schedule, run.clipping,
+                    runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
+                    progress_label=f"epoch {epoch}/{trainer.epochs}",
+                    progress_bar=trainer.progress_bar, progress=progress,
+                    stop_requested=lambda: stop.signal_name or "",
+                    on_nonfinite=trainer.on_nonfinite,
+                    max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
+                )  # fmt: skip
+                counters.global_step = train_stats.global_step
+                if not train_stats.completed:
+                    save_checkpoint(checkpoint(progress), checkpoints / "last.pt")
+                    where = f"stopped in epoch {epoch} at step {counters.global_step}"
+                    if stop.requested:
+                        raise RunPreempted(
+                            f"{stop.signal_name}: {where}; checkpoint saved; continue with "
+                            f"trainer.resume={run_dir}"
+                        )
+                    raise TrainingDiverged(
+                        f"{train_stats.stop_reason}: {where} (trainer.on_nonfinite="
+                        f"{trainer.on_nonfinite}); the weights from before that step are in "
+                        f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                     )
-                raise TrainingDiverged(
-                    f"{train_stats.stop_reason}: {where} (trainer.on_nonfinite="
-                    f"{trainer.on_nonfinite}); the weights from before that step are in "
-                    f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
-                )
-            lr, progress = progress.start_lr, None
-            val_stats = evaluate(network, data.val, runtime)
-            ensure_finite("validation loss", val_stats.loss, counters.global_step)
-            schedule.after_epoch(val_stats.accuracy)
-            counters.epoch = epoch
+                lr, progress = progress.start_lr, None
+                val_stats = evaluate(network, data.val, runtime)
+                ensure_finite("validation loss", val_stats.loss, counters.global_step)
+                schedule.after_epoch(val_stats.accuracy)
+                counters.epoch = epoch
 
-            tracker.log_epoch(epoch, lr, train_stats, val_stats)
-            improved = val_stats.accuracy > counters.best_val_acc
-            summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
-            log.info("%s%s", summary, "  (best)" if improved else "")
-            if improved:
-                counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
-            state = checkpoint(None)
-            if improved:  # best.pt first: last.pt must never name a best that is not on disk
-                save_checkpoint(state, checkpoints / "best.pt")
-            save_checkpoint(state, checkpoints / "last.pt")
-            if stop.requested and epoch < trainer.epochs:  # arrived during validation or saving
-                tracker.close()
-                raise RunPreempted(
-                    f"{stop.signal_name}: stopped after epoch {epoch}; checkpoint saved; "
-                    f"continue with trainer.resume={run_dir}"
-                )
-            patience = trainer.early_stopping_patience
-            if patience is not None and epoch - counters.best_epoch >= patience:
-                log.info("early stopping: no better val_acc for %d epochs", patience)
-                break
+                tracker.log_epoch(epoch, lr, train_stats, val_stats)
+                improved = val_stats.accuracy > counters.best_val_acc
+                summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
+                log.info("%s%s", summary, "  (best)" if improved else "")
+                if improved:
+                    counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
+                state = checkpoint(None)
+                if improved:  # best.pt first: last.pt must never name a best that is not on disk
+                    save_checkpoint(state, checkpoints / "best.pt")
+                save_checkpoint(state, checkpoints / "last.pt")
+                if stop.requested and epoch < trainer.epochs:  # arrived in validation or saving
+                    raise RunPreempted(
+                        f"{stop.signal_name}: stopped after epoch {epoch}; checkpoint saved; "
+                        f"continue with trainer.resume={run_dir}"
+                    )
+                patience = trainer.early_stopping_patience
+                if patience is not None and epoch - counters.best_epoch >= patience:
+                    log.info("early stopping: no better val_acc for %d epochs", patience)
+                    break
+    except TrainingDiverged as err:
+        record_failure(run_dir, "diverged", reason=str(err).split(":", 1)[0], message=str(err))
+        final = {"final/epochs": float(counters.epoch)}
+        if counters.best_epoch > 0:
+            final["final/best_val_acc"] = counters.best_val_acc
+        tracker.log_hparams(hparams or {}, final, succeeded=False, global_step=counters.global_step)
+        tracker.close()
+        raise
+    except RunPreempted as err:
+        record_failure(run_dir, "interrupted", reason=str(err).split(";", 1)[0], message=str(err))
+        tracker.close()
+        raise
 
     best_path = checkpoints / "best.pt"
     load_model_weights(model, load_checkpoint(best_path), best_path)  # `network` shares them
@@ -302,6 +341,13 @@ def train(
         "precision": runtime.precision.name,
     }
     tracker.log_results(results, counters.global_step)
+    final = {
+        "final/best_val_acc": results["best_val_acc"],
+        "final/test_acc": results["test_acc"],
+        "final/wall_s": results["wall_s"],
+        "final/epochs": float(results["epochs"]),
+    }
+    tracker.log_hparams(hparams or {}, final, succeeded=True, global_step=counters.global_step)
     tracker.close()
     log.info(
         "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",
@@ -310,24 +356,96 @@ def train(
     return results
 
 
+# Always in the HPARAMS tab (with the config groups' choices and every overridden key),
+# so that runs of a sweep line up in the same columns.
+KEY_HPARAMS = (
+    "optimizer.lr", "optimizer.weight_decay", "model.width", "model.dropout",
+    "model.head_dropout", "clipping.max_norm", "data.batch_size", "trainer.epochs",
+    "trainer.label_smoothing", "trainer.seed",
+)  # fmt: skip
+HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "experiment")
+# What a diverged job returns to a sweeper: the worst accuracy there is, so that the sweep
+# goes on and Optuna's sampler learns to avoid that region (a failed trial teaches it nothing).
+DIVERGED_VALUE = 0.0
+
+
+def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> Hparams:
+    """This run's hyperparameters for TensorBoard: group choices and plain values."""
+    hparams: Hparams = {group: str(choices.get(group)) for group in HPARAM_GROUPS}
+    overridden = [item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item]
+    for key in (*KEY_HPARAMS, *overridden):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, bool):
+            hparams[key] = str(value).lower()  # TensorBoard would show a bool as 0/1
+        elif isinstance(value, int | float | str):
+            hparams[key] = value
+    return hparams
+
+
+def threads_per_parallel_job(launcher: DictConfig) -> int | None:
+    """Torch threads for each job when the launcher runs jobs side by side (joblib), so
+    that together they use each core once; None when jobs run one at a time."""
+    n_jobs = launcher.get("n_jobs")
+    if "joblib" not in str(launcher.get("_target_", "")) or not isinstance(n_jobs, int):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    side_by_side = n_jobs if n_jobs > 0 else max(1, (cores or 1) + 1 + n_jobs)  # joblib's -1
+    return max(1, (cores or 1) // side_by_side)
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): creates the sweep folder before
+    the first job (an Optuna study file is opened there first) and writes the sweep
+    report (as ``stable-cnn-report <report_root>`` would) when the sweep ends.
+    ``report_root`` defaults to the sweep folder."""
+
+    def __init__(self, report_root: str | None = None) -> None:
+        self.report_root = report_root
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(self.report_root or config.hydra.sweep.dir).resolve()
+        try:
+            written = write_report(root, root)
+        except UserError as err:
+            log.warning("no sweep report: %s", err)
+            return
+        log.info("sweep report: %s", ", ".join(str(path) for path in written))
+
+
 register_schemas()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Compose, train, and return the best validation accuracy (what sweepers maximise)."""
+    hydra_config = HydraConfig.get()
+    in_sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         run = parse_run_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        results = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        threads = threads_per_parallel_job(hydra_config.launcher)
+        if in_sweep and threads is not None and run.trainer.num_threads is None:
+            log.info("jobs run side by side: %d torch thread(s) each", threads)
+            run = replace(run, trainer=replace(run.trainer, num_threads=threads))
+        hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
+        run_dir = Path(hydra_config.runtime.output_dir)
+        results = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), hparams=hparams)
+    except TrainingDiverged as err:
+        log.error("error: %s", err)
+        if in_sweep:
+            log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
+            return DIVERGED_VALUE
+        sys.exit(err.exit_code)
     except UserError as err:
         log.error("error: %s", err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if in_sweep:
             raise  # the sweep records this job as failed and runs the others
         sys.exit(err.exit_code)
     except RunPreempted as stopped:
         log.warning("%s", stopped)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if in_sweep:
             raise
         sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
@@ -359,4 +477,8 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    # Run the copy imported as stable_cnn.train, not this __main__ one: launchers that
+    # pickle the task function (joblib, submitit) find it by its module's name.
+    from stable_cnn.train import cli as package_cli
+
+    package_cli()

@@ -1,0 +1,302 @@
+"""``stable-cnn-report``: one table for a sweep (or any folder of runs).
+
+Finds every run folder below a path (a folder with Hydra's ``.hydra/overrides.yaml``),
+names each run by the overrides that set it apart from the others, groups runs that
+differ only in ``trainer.seed`` (mean ± std over seeds), sorts by the chosen metric,
+and writes report.md, report.csv and a PNG of validation-accuracy curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from stable_cnn.errors import UserError
+from stable_cnn.tracking import read_failure
+
+# Overrides that do not change what a run computes: left out of run names.
+NOT_IN_NAMES = ("hydra.", "trainer.resume", "trainer.progress_bar", "trainer.num_threads",
+                "trainer.device", "data.root", "data.download")  # fmt: skip
+SEED_KEY = "trainer.seed"
+METRICS = ("best_val_acc", "test_acc")
+
+
+@dataclass
+class RunRecord:
+    """One run folder, read back."""
+
+    folder: Path
+    overrides: list[str]
+    status: str  # finished | diverged | interrupted | failed | unfinished
+    reason: str = ""
+    results: dict[str, float] = field(default_factory=dict)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
+
+    @property
+    def seed(self) -> str | None:
+        return next((o.split("=", 1)[1] for o in self.overrides if o.startswith(SEED_KEY + "=")),
+                    None)  # fmt: skip
+
+
+@dataclass
+class ConfigRow:
+    """The runs of one configuration (several seeds, or one run)."""
+
+    name: str
+    runs: list[RunRecord]
+
+    def values(self, metric: str) -> list[float]:
+        return [run.results[metric] for run in self.runs
+                if run.status == "finished" and run.results.get(metric) is not None]  # fmt: skip
+
+    def mean(self, metric: str) -> float | None:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: str) -> float | None:
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    @property
+    def status(self) -> str:
+        counts: dict[str, int] = {}
+        for run in self.runs:
+            counts[run.status] = counts.get(run.status, 0) + 1
+        if len(self.runs) == 1:
+            return self.runs[0].status
+        return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+    @property
+    def reasons(self) -> str:
+        return "; ".join(sorted({run.reason for run in self.runs if run.reason}))
+
+
+def find_runs(root: Path) -> list[RunRecord]:
+    """Every run folder below ``root`` (``root`` itself included), in folder order."""
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: pass a sweep or run folder (e.g. outputs/)")
+    folders = sorted({path.parent.parent for path in root.glob("**/.hydra/overrides.yaml")},
+                     key=_natural_key)  # fmt: skip
+    return [read_run(folder) for folder in folders]
+
+
+def read_run(folder: Path) -> RunRecord:
+    overrides = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+    record = RunRecord(folder=folder, overrides=[str(item) for item in overrides or []], status="")
+    metrics_path = folder / "metrics.jsonl"
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            if line.strip():
+                epoch = json.loads(line)
+                if epoch.get("val_acc") is not None:
+                    record.val_curve.append((epoch["epoch"], epoch["val_acc"]))
+    failure = read_failure(folder)
+    if (folder / "results.json").is_file():
+        record.status = "finished"
+        record.results = json.loads((folder / "results.json").read_text())
+    elif failure is not None:
+        record.status, record.reason = failure["status"], failure["reason"]
+    elif (reason := _logged_error(folder / "train.log")) is not None:
+        record.status, record.reason = "failed", reason
+    else:
+        record.status = "unfinished"  # still running, or killed without a chance to say
+    if record.status != "finished" and record.val_curve:
+        record.results["best_val_acc"] = max(acc for _, acc in record.val_curve)
+    return record
+
+
+def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], list[str]]:
+    """Rows (one per configuration, best first) and the overrides common to every run."""
+    named = [[o for o in run.overrides if not o.startswith(NOT_IN_NAMES)] for run in runs]
+    without_seed = [[o for o in items if not o.startswith(SEED_KEY + "=")] for items in named]
+    first = without_seed[0] if runs else []
+    common = [o for o in first if all(o in items for items in without_seed)]
+    rows: dict[str, ConfigRow] = {}
+    for run, items in zip(runs, without_seed, strict=True):
+        name = " ".join(_short(o) for o in items if o not in common) or "(common settings)"
+        rows.setdefault(name, ConfigRow(name, [])).runs.append(run)
+
+    def rank(row: ConfigRow) -> tuple[bool, float]:
+        mean = row.mean(metric)
+        return (mean is None, -(mean if mean is not None else 0.0))
+
+    return sorted(rows.values(), key=rank), common
+
+
+def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric: str) -> str:
+    out = io.StringIO()
+    total = sum(len(row.runs) for row in rows)
+    out.write(f"# Sweep report: {root}\n\n")
+    out.write(f"{total} runs in {len(rows)} configurations, sorted by {metric}")
+    out.write(" (mean ± std over seeds where a configuration has several).\n")
+    if common:
+        out.write(f"Common to every run: `{' '.join(common)}`\n")
+    out.write("\n| run | runs | best val acc (%) | test acc (%) | epochs | wall (s) | status |\n")
+    out.write("|---|---:|---:|---:|---:|---:|---|\n")
+    for row in rows:
+        count = len(row.runs)
+        epochs = _mean_or_none([r.results.get("epochs") for r in row.runs if r.results])
+        wall = _mean_or_none([r.results.get("wall_s") for r in row.runs if r.results])
+        status = row.status + (f": {row.reasons}" if row.reasons else "")
+        out.write(
+            f"| `{row.name}` | {count} | {_mean_std(row, 'best_val_acc')} | "
+            f"{_mean_std(row, 'test_acc')} | {_number(epochs, 0)} | {_number(wall, 0)} | "
+            f"{status.replace('|', '/')} |\n"
+        )
+    return out.getvalue()
+
+
+def write_csv(rows: list[ConfigRow], path: Path) -> None:
+    columns = ["run", "runs", "finished", "best_val_acc_mean", "best_val_acc_std",
+               "test_acc_mean", "test_acc_std", "epochs", "wall_s", "status", "reason",
+               "folders"]  # fmt: skip
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            finished = [r for r in row.runs if r.status == "finished"]
+            writer.writerow([
+                row.name, len(row.runs), len(finished),
+                row.mean("best_val_acc"), row.std("best_val_acc"),
+                row.mean("test_acc"), row.std("test_acc"),
+                _mean_or_none([r.results.get("epochs") for r in finished]),
+                _mean_or_none([r.results.get("wall_s") for r in finished]),
+                row.status, row.reasons, " ".join(str(r.folder) for r in row.runs),
+            ])  # fmt: skip
+
+
+def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
+    """Validation accuracy per epoch, one colour per configuration; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    for index, row in enumerate(rows):
+        for run_index, run in enumerate(row.runs):
+            if not run.val_curve:
+                continue
+            epochs, accuracies = zip(*run.val_curve, strict=True)
+            axes.plot(
+                epochs, accuracies, marker="o", markersize=3,
+                color=colours(index % colours.N), alpha=0.85,
+                linestyle="-" if run.status == "finished" else ":",
+                label=_legend_label(row.name) if run_index == 0 else None,
+            )  # fmt: skip
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title("validation accuracy per run (dotted: did not finish)")
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(root: Path, out_dir: Path, metric: str = "best_val_acc") -> list[Path]:
+    """report.md, report.csv and val_acc.png (with matplotlib) in ``out_dir``."""
+    runs = find_runs(root)
+    if not runs:
+        raise UserError(f"no runs under {root}: a run folder holds .hydra/overrides.yaml")
+    rows, common = group_runs(runs, metric)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.md", out_dir / "report.csv"]
+    written[0].write_text(render_markdown(rows, common, root, metric))
+    write_csv(rows, written[1])
+    if plot_val_curves(rows, out_dir / "val_acc.png"):
+        written.append(out_dir / "val_acc.png")
+    return written
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="stable-cnn-report",
+        description="Tabulate the runs below a folder (a sweep, or outputs/): markdown and "
+        "CSV tables with seeds aggregated, and a PNG of validation-accuracy curves.",
+    )
+    parser.add_argument("folder", type=Path, help="a sweep folder, a run folder or outputs/")
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="best_val_acc",
+        help="sort by this metric, best first (default: best_val_acc)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where report.md, report.csv, val_acc.png go (default: FOLDER)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.folder, args.out or args.folder, args.metric)
+    except UserError as err:
+        print(f"stable-cnn-report: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    sys.stdout.write(written[0].read_text())
+    if len(written) < 3:
+        print("(no plot: matplotlib is not installed; pip install 'stable-cnn[report]')",
+              file=sys.stderr)  # fmt: skip
+    print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
+
+
+def _logged_error(log_path: Path) -> str | None:
+    """The last ``error:`` line that the run logged, if any."""
+    if not log_path.is_file():
+        return None
+    errors = [line.split("error: ", 1)[1] for line in log_path.read_text().splitlines()
+              if "error: " in line]  # fmt: skip
+    return errors[-1] if errors else None
+
+
+def _short(override: str) -> str:
+    """key=value with long floats (Optuna's) cut to 4 significant digits."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    if "." in value and len(value) > 6 and math.isfinite(number):
+        value = f"{number:.4g}"
+    return f"{key}={value}"
+
+
+def _legend_label(name: str, limit: int = 60) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    numbers = [v for v in values if v is not None]
+    return statistics.fmean(numbers) if numbers else None
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _mean_std(row: ConfigRow, metric: str) -> str:
+    mean, std = row.mean(metric), row.std(metric)
+    if mean is None:
+        best_so_far = [r.results.get(metric) for r in row.runs if r.results.get(metric)]
+        return f"({max(best_so_far):.2f})" if best_so_far else "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _natural_key(path: Path) -> list[tuple[int, int, str]]:
+    """Sort job folders 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]

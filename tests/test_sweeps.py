@@ -1,0 +1,287 @@
+"""Sweeps users can trust: multirun grids with seeds, Optuna studies that continue,
+parallel and submitit launchers, diverging jobs, presets, the sweep report and
+TensorBoard's HPARAMS tab (queried from a real tensorboard server)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, run_cli
+from tests.test_resume import wait_for_epochs
+
+pytestmark = pytest.mark.slow
+
+ONE_EPOCH = [*TINY, "trainer.epochs=1", "trainer.progress_bar=false"]
+
+
+def report_rows(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "report.csv").open() as table:
+        return list(csv.DictReader(table))
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.fixture(scope="module")
+def seeded_sweep(tmp_path_factory) -> Path:
+    """2 learning rates x 2 seeds, run once for the tests that read it."""
+    sweep = tmp_path_factory.mktemp("sweeps") / "grid"
+    done = run_cli(
+        ["-m", *ONE_EPOCH, "trainer.epochs=2", "optimizer.lr=0.01,0.1", "trainer.seed=range(2)",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=sweep.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    return sweep
+
+
+def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Path):
+    assert sorted(p.name for p in seeded_sweep.glob("[0-9]*")) == ["0", "1", "2", "3"]
+    rows = report_rows(seeded_sweep)
+    assert [row["run"] for row in rows] != []
+    assert sorted(row["run"] for row in rows) == ["optimizer.lr=0.01", "optimizer.lr=0.1"]
+    for row in rows:
+        assert row["runs"] == "2" and row["finished"] == "2"
+        folders = row["folders"].split()
+        accuracies = [json.loads((Path(f) / "results.json").read_text())["best_val_acc"]
+                      for f in folders]  # fmt: skip
+        assert float(row["best_val_acc_mean"]) == pytest.approx(sum(accuracies) / 2)
+        assert float(row["best_val_acc_std"]) == pytest.approx(abs(accuracies[0] - accuracies[1])
+                                                               / 2**0.5)  # fmt: skip
+    means = [float(row["best_val_acc_mean"]) for row in rows]
+    assert means == sorted(means, reverse=True), "best first"
+    markdown = (seeded_sweep / "report.md").read_text()
+    assert "| `optimizer.lr=0.1` | 2 |" in markdown and " ± " in markdown
+    assert "Common to every run: `data=synthetic model.width=8" in markdown
+    assert_png(seeded_sweep / "val_acc.png")
+
+
+def test_report_command_sorts_by_the_chosen_metric(seeded_sweep: Path, tmp_path: Path):
+    report = str(Path(sys.executable).parent / "stable-cnn-report")
+    done = subprocess.run([report, str(seeded_sweep), "--metric", "test_acc", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# Sweep report") and "sorted by test_acc" in done.stdout
+    tests = [float(row["test_acc_mean"]) for row in report_rows(tmp_path)]
+    assert tests == sorted(tests, reverse=True)
+    missing = subprocess.run([report, str(tmp_path / "nowhere")], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"stable-cnn-report: error: {tmp_path / 'nowhere'} is not a folder: pass a sweep or "
+        f"run folder (e.g. outputs/)"
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_sweep: Path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(seeded_sweep),
+         "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # until the server answers (and has read the runs)
+            try:
+                with urllib.request.urlopen(base + "/data/runs", timeout=1) as response:
+                    if len(json.loads(response.read())) == 4:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "tensorboard exited"
+            time.sleep(0.1)
+        with urllib.request.urlopen(base + "/data/plugin/scalars/tags", timeout=30) as response:
+            tags = json.loads(response.read())
+        assert sorted(tags) == ["0", "1", "2", "3"]
+        assert {"train/loss", "val/acc", "test/acc", "final/best_val_acc"} <= set(tags["0"])
+
+        experiment = post_json(base + "/data/plugin/hparams/experiment", {"experimentName": ""})
+        columns = {info["name"] for info in experiment["hparamInfos"]}
+        assert {"optimizer.lr", "trainer.seed", "model.width", "optimizer"} <= columns
+        metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
+        assert metrics == {"final/best_val_acc", "final/test_acc", "final/wall_s", "final/epochs"}
+
+        groups = post_json(
+            base + "/data/plugin/hparams/session_groups",
+            {"experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                                 "STATUS_RUNNING"]},
+        )["sessionGroups"]  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert sorted(group["name"] for group in groups) == ["0", "1", "2", "3"]
+    for group in groups:
+        results = json.loads((seeded_sweep / group["name"] / "results.json").read_text())
+        values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert values["final/test_acc"] == pytest.approx(results["test_acc"])
+        assert values["final/best_val_acc"] == pytest.approx(results["best_val_acc"])
+        assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
+    lrs = sorted(group["hparams"]["optimizer.lr"] for group in groups)
+    assert lrs == [0.01, 0.01, 0.1, 0.1]
+
+
+def test_a_diverging_job_is_reported_and_the_sweep_goes_on(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        ["-m", *ONE_EPOCH, "clipping=none", "amp=off", "trainer.on_nonfinite=stop",
+         "optimizer.lr=1e6,0.05", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, "a diverged job is a result, not a broken sweep"
+    assert "returning 0.0 to the sweeper for this diverged job" in done.stderr + done.stdout
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert failure["status"] == "diverged" and failure["reason"].startswith("non-finite loss")
+    assert (sweep / "1" / "results.json").exists(), "the job after the diverged one still ran"
+    rows = {row["run"]: row for row in report_rows(sweep)}
+    assert rows["optimizer.lr=1e+06"]["status"] == "diverged"
+    assert rows["optimizer.lr=1e+06"]["reason"].startswith("non-finite loss at step")
+    assert rows["optimizer.lr=0.05"]["status"] == "finished"
+    assert list(rows) == ["optimizer.lr=0.05", "optimizer.lr=1e+06"], "diverged runs last"
+
+
+def test_a_job_with_a_bad_value_fails_alone_and_the_report_says_why(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", *ONE_EPOCH, "model.dropout=1.5,0.1", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode != 0, "a broken job makes the sweep fail"
+    assert (sweep / "1" / "results.json").exists(), "the other job still ran"
+    report = subprocess.run([str(Path(sys.executable).parent / "stable-cnn-report"), str(sweep)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    rows = {row["run"]: row for row in report_rows(sweep)}
+    assert rows["model.dropout=1.5"]["status"] == "failed"
+    assert rows["model.dropout=1.5"]["reason"].startswith("model.dropout=1.5 is not allowed")
+
+
+def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
+    optuna = pytest.importorskip("optuna")
+    command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *ONE_EPOCH]
+    first = run_cli(command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    time.sleep(1.1)  # each invocation's folder is named by the second it started
+    second = run_cli(command, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr + second.stdout
+
+    study_dir = tmp_path / "outputs" / "optuna" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert len(study.trials) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    learning_rates = {t.params["optimizer.lr"] for t in study.trials}
+    assert len(learning_rates) == 6, "the continued study proposes new trials"
+    assert all(0.005 <= lr <= 0.3 for lr in learning_rates)
+    invocations = sorted(p for p in study_dir.iterdir() if p.is_dir())
+    assert len(invocations) == 2
+    assert all(sorted(p.name for p in i.glob("[0-9]")) == ["0", "1", "2"] for i in invocations)
+    rows = report_rows(study_dir)
+    assert len(rows) == 6 and all(row["status"] == "finished" for row in rows)
+    best = max(float(row["best_val_acc_mean"]) for row in rows)
+    assert study.best_value == pytest.approx(best)
+
+
+def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *ONE_EPOCH,
+         "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    for job in ("0", "1"):
+        assert (sweep / job / "results.json").exists()
+        log = (sweep / job / "train.log").read_text()
+        assert f"jobs run side by side: {threads} torch thread(s) each" in log
+        assert f"device cpu, {threads} threads" in log
+
+
+def test_submitit_local_launcher_really_runs_a_job(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "hydra/launcher=submitit_local", *ONE_EPOCH,
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert json.loads((sweep / "0" / "results.json").read_text())["epochs"] == 1
+    assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran it as its own job"
+
+
+def test_slurm_launcher_config_composes_with_its_defaults(tmp_path: Path):
+    done = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
+                    "-p", "hydra.launcher"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for line in (
+        "gpus_per_node: 1",
+        "partition: gpu",
+        "timeout_min: 240",
+        "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    ):
+        assert line in done.stdout
+
+
+def test_every_preset_composes_and_runs(tmp_path: Path):
+    presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert {"tutorial", "fashion_mnist_fast", "fashion_mnist_best", "cifar10"} <= set(presets)
+    sweep = tmp_path / "sweep"
+    # The presets' own choices first, then the tiny settings on top of each.
+    done = run_cli(["-m", "experiment=glob(*)", *ONE_EPOCH, "data.val_size=64",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    rows = report_rows(sweep)
+    assert sorted(row["run"] for row in rows) == [f"experiment={p}" for p in presets]
+    assert all(row["status"] == "finished" for row in rows)
+
+
+def test_an_interrupted_sweep_resumes_its_unfinished_jobs_only(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "data.num_train=3000", "trainer.epochs=4", "trainer.progress_bar=false",
+            "optimizer.lr=0.01,0.05", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_epochs(sweep / "1", 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    assert (sweep / "0" / "results.json").exists() and not (sweep / "1" / "results.json").exists()
+    assert json.loads((sweep / "1" / "failure.json").read_text())["status"] == "interrupted"
+    finished_at = (sweep / "0" / "results.json").stat().st_mtime_ns
+
+    done = run_cli([*args, "trainer.resume=auto"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished_at, "not retrained"
+    log = done.stdout + done.stderr
+    assert f"run {sweep / '0'} already finished" in log
+    assert f"resuming from {sweep / '1' / 'checkpoints' / 'last.pt'}" in log
+    assert json.loads((sweep / "1" / "results.json").read_text())["epochs"] == 4
+    assert not (sweep / "1" / "failure.json").exists()
+    assert [row["status"] for row in report_rows(sweep)] == ["finished", "finished"]
