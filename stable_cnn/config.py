@@ -309,6 +309,26 @@ class TrainerConfig:
         )
 
 
+@dataclass
+class DiagnosticsConfig:
+    loss_spike_factor: float = 2.0  # a step whose loss exceeds this x the running mean is a spike
+    figures_every_n_epochs: int | None = 5  # histograms, image grid, confusion matrix; null: never
+
+    def __post_init__(self) -> None:
+        _check(
+            self.loss_spike_factor > 1,
+            "diagnostics.loss_spike_factor",
+            self.loss_spike_factor,
+            "must be > 1",
+        )
+        _check(
+            self.figures_every_n_epochs is None or self.figures_every_n_epochs >= 1,
+            "diagnostics.figures_every_n_epochs",
+            self.figures_every_n_epochs,
+            "must be null (never) or >= 1",
+        )
+
+
 SCHEMAS: dict[str, type] = {
     "schema_data": DataConfig,
     "schema_model": ModelConfig,
@@ -322,6 +342,7 @@ SCHEMAS: dict[str, type] = {
     "schema_clipping": ClippingConfig,
     "schema_amp": AmpConfig,
     "schema_trainer": TrainerConfig,
+    "schema_diagnostics": DiagnosticsConfig,
 }
 
 
@@ -336,6 +357,7 @@ class RunConfig:
     clipping: ClippingConfig
     amp: AmpConfig
     trainer: TrainerConfig
+    diagnostics: DiagnosticsConfig
 
 
 def register_schemas() -> None:

@@ -126,6 +126,17 @@ class TensorBatches:
             yield normalize(images, self.mean, self.std), self.labels[index]
         self.order = None  # the epoch is over: the next iteration draws a new order
 
+    def preview(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` images (uint8) augmented as in training, and their labels,
+        drawn with a generator of their own: the training stream is left untouched."""
+        images = self.images[:count]
+        if self.train:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            images = random_crop(images, self.crop_padding, generator)
+            if self.flip:
+                images = random_flip(images, generator)
+        return images, self.labels[:count]
+
     def state_dict(self) -> dict:
         """Where the data stream stands: the RNG, this epoch's order and the next batch."""
         return {

@@ -25,6 +25,11 @@ from stable_cnn.hardware import Precision, Runtime
 from stable_cnn.schedulers import LRSchedule
 
 StepLogger = Callable[[int, dict[str, float]], None]
+# Loss-spike detection: the running mean follows the batch loss with this weight per step
+# (an exponential mean over about 1 / LOSS_MEAN_RATE = 50 steps), and counts spikes only
+# after this many steps of an epoch.
+LOSS_MEAN_RATE = 0.02
+SPIKE_WARMUP_STEPS = 20
 
 
 class TrainingDiverged(UserError):
@@ -38,7 +43,11 @@ class EpochProgress:
 
     loss_sum: torch.Tensor
     correct: torch.Tensor
-    grad_norm_sum: torch.Tensor
+    grad_norm_sum: torch.Tensor  # before clipping
+    grad_norm_clipped_sum: torch.Tensor  # after clipping
+    clipped_steps: torch.Tensor  # steps whose gradients clipping changed
+    loss_spikes: torch.Tensor  # steps whose loss exceeded loss_spike_factor x the running mean
+    loss_mean: torch.Tensor  # running (exponential) mean of the batch loss
     images: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -46,15 +55,16 @@ class EpochProgress:
     amp_skipped_steps: int = 0  # fp16 steps the GradScaler skipped (gradient overflow)
     start_lr: float = 0.0  # the learning rate the epoch started with
 
+    TENSORS = ("loss_sum", "correct", "grad_norm_sum", "grad_norm_clipped_sum", "clipped_steps",
+               "loss_spikes", "loss_mean")  # fmt: skip
+
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+        return cls(*(torch.zeros((), device=device) for _ in cls.TENSORS))
 
     def state_dict(self) -> dict:
         return {
-            "loss_sum": self.loss_sum.cpu(),
-            "correct": self.correct.cpu(),
-            "grad_norm_sum": self.grad_norm_sum.cpu(),
+            **{name: getattr(self, name).cpu() for name in self.TENSORS},
             "images": self.images,
             "steps": self.steps,
             "seconds": self.seconds,
@@ -65,7 +75,7 @@ class EpochProgress:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
-        tensors = [state.pop(key).to(device) for key in ("loss_sum", "correct", "grad_norm_sum")]
+        tensors = [state.pop(key).to(device) for key in cls.TENSORS]
         return cls(*tensors, **state)
 
 
@@ -77,6 +87,9 @@ class EpochStats:
     images: int
     seconds: float
     global_step: int  # optimizer steps taken so far in the run
+    grad_norm_clipped: float = 0.0  # mean gradient L2 norm after clipping
+    clip_fraction: float = 0.0  # fraction of applied steps whose gradients were clipped
+    loss_spikes: int = 0  # steps whose loss exceeded loss_spike_factor x the running mean
     nonfinite_steps: int = 0
     amp_skipped_steps: int = 0
     stop_reason: str = ""  # why the epoch ended early ("" = it completed)
@@ -95,6 +108,7 @@ class EvalStats:
     loss: float
     accuracy: float  # percent
     images: int
+    confusion: torch.Tensor  # (classes, classes) counts on the CPU: rows true, columns predicted
 
 
 def ensure_finite(what: str, value: float, global_step: int) -> None:
@@ -112,21 +126,28 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=precision.dtype)
 
 
-def clip_gradients(parameters: list[nn.Parameter], clipping: ClippingConfig) -> torch.Tensor:
-    """Clip in place as configured; return the total L2 norm from before clipping
-    (a device tensor: reading it would sync)."""
+def clip_gradients(
+    parameters: list[nn.Parameter], clipping: ClippingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip in place as configured; return the total L2 norm before and after clipping
+    (device tensors: reading them would sync)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if clipping.name == "norm":
         torch.nn.utils.clip_grads_with_norm_(parameters, clipping.max_norm, norm)
-    elif clipping.name == "value":
+        # The factor clip_grads_with_norm_ applied, so the new norm costs no second pass.
+        scale = (clipping.max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return norm, norm * scale
+    if clipping.name == "value":
         torch.nn.utils.clip_grad_value_(parameters, clipping.max_value)
-    return norm
+        return norm, torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm, norm
 
 
 @dataclass
 class StepOutcome:
     grad_norm: torch.Tensor  # total L2 norm before clipping, on the device
+    grad_norm_clipped: torch.Tensor  # after clipping
     loss_finite: bool
     grads_finite: bool
 
@@ -146,7 +167,7 @@ def optimizer_step(
     NaN/Inf is skipped (the weights stay as they were)."""
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    grad_norm = clip_gradients(parameters, clipping)
+    grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
     # One host read per step: skipping must be decided before the update. (Under fp16 the
     # GradScaler reads the same flag itself, and skips and lowers its scale on its own.)
     loss_finite, grads_finite = torch.stack([loss.isfinite(), grad_norm.isfinite()]).tolist()
@@ -154,7 +175,7 @@ def optimizer_step(
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(grad_norm, loss_finite, grads_finite)
+    return StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grads_finite)
 
 
 def train_one_epoch(
@@ -175,12 +196,15 @@ def train_one_epoch(
     stop_requested: Callable[[], str] = lambda: "",
     on_nonfinite: str = "skip",
     max_consecutive_nonfinite: int = 10,
+    loss_spike_factor: float = 2.0,
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``batches``; continue ``progress`` when resuming mid-epoch.
 
     Ends the epoch early, after the current step, when ``stop_requested()`` names a reason
     (a signal), or on a NaN/Inf loss or gradient with ``on_nonfinite="stop"``, or after
     ``max_consecutive_nonfinite`` skipped steps in a row with ``on_nonfinite="skip"``.
+    A step whose loss exceeds ``loss_spike_factor`` times the running mean loss (over about
+    the last 1 / LOSS_MEAN_RATE steps) counts as a loss spike.
     """
     model.train()
     device = runtime.device
@@ -217,6 +241,15 @@ def train_one_epoch(
             sums.loss_sum += batch_loss * labels.shape[0]
             sums.correct += (logits.argmax(1) == labels).sum()
             sums.grad_norm_sum += step.grad_norm
+            sums.grad_norm_clipped_sum += step.grad_norm_clipped
+            sums.clipped_steps += step.grad_norm_clipped < step.grad_norm
+            if sums.steps >= SPIKE_WARMUP_STEPS:  # the running mean needs a few steps first
+                sums.loss_spikes += batch_loss > loss_spike_factor * sums.loss_mean
+            sums.loss_mean = (
+                batch_loss
+                if sums.steps == 0
+                else torch.lerp(sums.loss_mean, batch_loss, LOSS_MEAN_RATE)
+            )
             sums.images += labels.shape[0]
             sums.steps += 1
             window_loss += batch_loss
@@ -238,6 +271,7 @@ def train_one_epoch(
                 "train/loss": window_loss.item() / window_steps,
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/grad_norm": step.grad_norm.item(),
+                "train/grad_norm_clipped": step.grad_norm_clipped.item(),
             }
             if scaler.is_enabled():
                 scalars["amp/scale"] = scaler.get_scale()
@@ -250,14 +284,17 @@ def train_one_epoch(
             break
     bar.close()
     sums.seconds += time.perf_counter() - started
-    images = max(sums.images, 1)
+    images, steps = max(sums.images, 1), max(sums.steps, 1)
     stats = EpochStats(
         loss=sums.loss_sum.item() / images,
         accuracy=100.0 * sums.correct.item() / images,
-        grad_norm=sums.grad_norm_sum.item() / max(sums.steps, 1),
+        grad_norm=sums.grad_norm_sum.item() / steps,
         images=sums.images,
         seconds=sums.seconds,
         global_step=global_step,
+        grad_norm_clipped=sums.grad_norm_clipped_sum.item() / steps,
+        clip_fraction=sums.clipped_steps.item() / steps,
+        loss_spikes=int(sums.loss_spikes.item()),
         nonfinite_steps=sums.nonfinite_steps,
         amp_skipped_steps=sums.amp_skipped_steps,
         stop_reason=stop_reason,
@@ -275,7 +312,7 @@ def evaluate(
     device = runtime.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    confusion = torch.zeros((), device=device, dtype=torch.int64)  # sized by the first batch
     count = 0
     with torch.inference_mode():
         for images, labels in batches:
@@ -284,6 +321,10 @@ def evaluate(
             with autocast(device, runtime.precision):
                 logits = model(images)
             loss_sum += criterion(logits.float(), labels)
-            correct += (logits.argmax(1) == labels).sum()
+            classes = logits.shape[1]
+            pairs = labels * classes + logits.argmax(1)  # (true, predicted) as one index
+            confusion = confusion + torch.bincount(pairs, minlength=classes * classes)
             count += labels.shape[0]
-    return EvalStats(loss_sum.item() / count, 100.0 * correct.item() / count, count)
+    confusion = confusion.view(classes, classes).cpu()
+    correct = confusion.diagonal().sum().item()
+    return EvalStats(loss_sum.item() / count, 100.0 * correct / count, count, confusion)

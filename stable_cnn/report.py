@@ -21,11 +21,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stable_cnn.errors import UserError
-from stable_cnn.tracking import read_failure
+from stable_cnn.tracking import read_failure, read_metrics
 
-# Overrides that do not change what a run computes: left out of run names.
-NOT_IN_NAMES = ("hydra.", "trainer.resume", "trainer.progress_bar", "trainer.num_threads",
-                "trainer.device", "data.root", "data.download")  # fmt: skip
+# Overrides that do not change what a run computes, or only choose how the sweep runs:
+# left out of run names (overrides shared by every run are listed once, above the table).
+NOT_IN_NAMES = ("hydra.", "hydra/", "hparams_search=", "trainer.resume=",
+                "trainer.progress_bar=", "trainer.num_threads=")  # fmt: skip
 SEED_KEY = "trainer.seed"
 METRICS = ("best_val_acc", "test_acc")
 
@@ -40,11 +41,6 @@ class RunRecord:
     reason: str = ""
     results: dict[str, float] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
-
-    @property
-    def seed(self) -> str | None:
-        return next((o.split("=", 1)[1] for o in self.overrides if o.startswith(SEED_KEY + "=")),
-                    None)  # fmt: skip
 
 
 @dataclass
@@ -92,13 +88,8 @@ def find_runs(root: Path) -> list[RunRecord]:
 def read_run(folder: Path) -> RunRecord:
     overrides = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
     record = RunRecord(folder=folder, overrides=[str(item) for item in overrides or []], status="")
-    metrics_path = folder / "metrics.jsonl"
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                epoch = json.loads(line)
-                if epoch.get("val_acc") is not None:
-                    record.val_curve.append((epoch["epoch"], epoch["val_acc"]))
+    record.val_curve = [(epoch["epoch"], epoch["val_acc"]) for epoch in read_metrics(folder)
+                        if epoch.get("val_acc") is not None]  # fmt: skip
     failure = read_failure(folder)
     if (folder / "results.json").is_file():
         record.status = "finished"
@@ -114,16 +105,27 @@ def read_run(folder: Path) -> RunRecord:
     return record
 
 
+def _plain(override: str) -> str:
+    """An override without Hydra's +, ++ and ~ prefixes."""
+    return override.lstrip("+~")
+
+
 def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], list[str]]:
-    """Rows (one per configuration, best first) and the overrides common to every run."""
-    named = [[o for o in run.overrides if not o.startswith(NOT_IN_NAMES)] for run in runs]
-    without_seed = [[o for o in items if not o.startswith(SEED_KEY + "=")] for items in named]
-    first = without_seed[0] if runs else []
-    common = [o for o in first if all(o in items for items in without_seed)]
-    rows: dict[str, ConfigRow] = {}
-    for run, items in zip(runs, without_seed, strict=True):
-        name = " ".join(_short(o) for o in items if o not in common) or "(common settings)"
-        rows.setdefault(name, ConfigRow(name, [])).runs.append(run)
+    """Rows (one per configuration, best first) and the overrides common to every run.
+    Runs whose overrides differ only in ``trainer.seed`` form one configuration."""
+    settings = [
+        [o for o in map(_plain, run.overrides)
+         if not o.startswith(NOT_IN_NAMES) and not o.startswith(SEED_KEY + "=")]
+        for run in runs
+    ]  # fmt: skip
+    first = settings[0] if runs else []
+    common = [o for o in first if all(o in items for items in settings)]
+    rows: dict[tuple[str, ...], ConfigRow] = {}
+    for run, items in zip(runs, settings, strict=True):
+        own = [o for o in items if o not in common]
+        key = tuple(sorted(own))  # the same settings in another order are the same config
+        name = " ".join(_short(o) for o in own) or "(common settings)"
+        rows.setdefault(key, ConfigRow(name, [])).runs.append(run)
 
     def rank(row: ConfigRow) -> tuple[bool, float]:
         mean = row.mean(metric)
@@ -136,21 +138,23 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
     out = io.StringIO()
     total = sum(len(row.runs) for row in rows)
     out.write(f"# Sweep report: {root}\n\n")
-    out.write(f"{total} runs in {len(rows)} configurations, sorted by {metric}")
-    out.write(" (mean ± std over seeds where a configuration has several).\n")
+    out.write(f"{total} runs in {len(rows)} configurations, sorted by {metric} of the "
+              "finished runs (mean ± sample std over seeds where a configuration has "
+              "several).\n")  # fmt: skip
     if common:
-        out.write(f"Common to every run: `{' '.join(common)}`\n")
-    out.write("\n| run | runs | best val acc (%) | test acc (%) | epochs | wall (s) | status |\n")
+        out.write(f"Common to every run: `{_cell(' '.join(common))}`\n")
+    out.write("\n| run | finished | best val acc (%) | test acc (%) | epochs | wall (s) "
+              "| status |\n")  # fmt: skip
     out.write("|---|---:|---:|---:|---:|---:|---|\n")
     for row in rows:
-        count = len(row.runs)
+        finished = sum(run.status == "finished" for run in row.runs)
         epochs = _mean_or_none([r.results.get("epochs") for r in row.runs if r.results])
         wall = _mean_or_none([r.results.get("wall_s") for r in row.runs if r.results])
         status = row.status + (f": {row.reasons}" if row.reasons else "")
         out.write(
-            f"| `{row.name}` | {count} | {_mean_std(row, 'best_val_acc')} | "
-            f"{_mean_std(row, 'test_acc')} | {_number(epochs, 0)} | {_number(wall, 0)} | "
-            f"{status.replace('|', '/')} |\n"
+            f"| `{_cell(row.name)}` | {finished}/{len(row.runs)} | "
+            f"{_mean_std(row, 'best_val_acc')} | {_mean_std(row, 'test_acc')} | "
+            f"{_number(epochs, 0)} | {_number(wall, 0)} | {_cell(status)} |\n"
         )
     return out.getvalue()
 
@@ -170,7 +174,7 @@ def write_csv(rows: list[ConfigRow], path: Path) -> None:
                 row.mean("test_acc"), row.std("test_acc"),
                 _mean_or_none([r.results.get("epochs") for r in finished]),
                 _mean_or_none([r.results.get("wall_s") for r in finished]),
-                row.status, row.reasons, " ".join(str(r.folder) for r in row.runs),
+                row.status, row.reasons, ";".join(str(r.folder) for r in row.runs),
             ])  # fmt: skip
 
 
@@ -186,7 +190,8 @@ def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
     figure, axes = plt.subplots(figsize=(9, 5.5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for index, row in enumerate(rows):
-        for run_index, run in enumerate(row.runs):
+        labelled = False
+        for run in row.runs:
             if not run.val_curve:
                 continue
             epochs, accuracies = zip(*run.val_curve, strict=True)
@@ -194,8 +199,9 @@ def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
                 epochs, accuracies, marker="o", markersize=3,
                 color=colours(index % colours.N), alpha=0.85,
                 linestyle="-" if run.status == "finished" else ":",
-                label=_legend_label(row.name) if run_index == 0 else None,
+                label=None if labelled else _legend_label(row.name),
             )  # fmt: skip
+            labelled = True
     axes.set_xlabel("epoch")
     axes.set_ylabel("validation accuracy (%)")
     axes.set_title("validation accuracy per run (dotted: did not finish)")
@@ -292,9 +298,14 @@ def _number(value: float | None, digits: int = 2) -> str:
 def _mean_std(row: ConfigRow, metric: str) -> str:
     mean, std = row.mean(metric), row.std(metric)
     if mean is None:
-        best_so_far = [r.results.get(metric) for r in row.runs if r.results.get(metric)]
+        best_so_far = [r.results[metric] for r in row.runs if r.results.get(metric) is not None]
         return f"({max(best_so_far):.2f})" if best_so_far else "-"
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _cell(text: str) -> str:
+    """Text that cannot break a markdown table row."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _natural_key(path: Path) -> list[tuple[int, int, str]]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from stable_cnn.checkpoint import CheckpointError, load_checkpoint
+from stable_cnn.tracking import read_failure
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ IGNORED_KEYS = {
 
 def is_finished(run_dir: Path) -> bool:
     return (run_dir / "results.json").is_file()
+
+
+def has_diverged(run_dir: Path) -> bool:
+    """failure.json says the run diverged: the same config would diverge again."""
+    failure = read_failure(run_dir)
+    return failure is not None and failure["status"] == "diverged"
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -74,7 +81,7 @@ def find_checkpoint(
         outputs.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for candidate in candidates:
-        if is_finished(candidate.parent.parent):
+        if is_finished(candidate.parent.parent) or has_diverged(candidate.parent.parent):
             continue
         try:
             saved = load_checkpoint(candidate).get("config", {})

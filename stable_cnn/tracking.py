@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.metadata import (
@@ -22,6 +23,7 @@ from tensorboard.plugins.hparams.metadata import (
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
+from torchvision.utils import make_grid
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.engine import EpochStats, EvalStats
@@ -59,9 +61,17 @@ class RunTracker:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, global_step)
 
-    def log_epoch(self, epoch: int, lr: float, train: EpochStats, val: EvalStats) -> None:
+    def log_epoch(
+        self,
+        epoch: int,
+        lr: float,
+        train: EpochStats,
+        val: EvalStats,
+        health: dict[str, float] | None = None,
+    ) -> None:
         """One line of metrics.jsonl, and the epoch's scalars in TensorBoard.
-        ``lr`` is the learning rate the epoch started with."""
+        ``lr`` is the learning rate the epoch started with; ``health`` holds the model's
+        per-stage weight norms and BatchNorm ranges (diagnostics.model_health)."""
         record = {
             "epoch": epoch,
             "global_step": train.global_step,
@@ -71,6 +81,9 @@ class RunTracker:
             "val_acc": val.accuracy,
             "lr": lr,
             "grad_norm": train.grad_norm,
+            "grad_norm_clipped": train.grad_norm_clipped,
+            "clip_fraction": train.clip_fraction,
+            "loss_spikes": train.loss_spikes,
             "train_img_s": train.images_per_second,
             "epoch_s": train.seconds,
             "nonfinite_steps": train.nonfinite_steps,
@@ -86,8 +99,35 @@ class RunTracker:
             "train/img_per_s": train.images_per_second,
             "train/nonfinite_steps": train.nonfinite_steps,
             "amp/skipped_steps": train.amp_skipped_steps,
+            "train/epoch_lr": lr,
+            "clipping/fraction_clipped": train.clip_fraction,
+            "clipping/grad_norm_before": train.grad_norm,
+            "clipping/grad_norm_after": train.grad_norm_clipped,
+            "train/loss_spikes": train.loss_spikes,
+            **(health or {}),
         }
         self.log_step(train.global_step, scalars)
+        self.writer.flush()
+
+    def log_figures(
+        self,
+        global_step: int,
+        weights: dict[str, torch.Tensor],
+        gradients: dict[str, torch.Tensor],
+        images: torch.Tensor | None,
+        confusion: Any | None,
+    ) -> None:
+        """The every-N-epochs diagnostics: histograms per stage, a grid of augmented
+        training images (uint8, N x C x H x W) and a confusion-matrix figure."""
+        for stage, values in weights.items():
+            self.writer.add_histogram(f"weights/{stage}", values, global_step)
+        for stage, values in gradients.items():
+            self.writer.add_histogram(f"gradients/{stage}", values, global_step)
+        if images is not None:
+            grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
+            self.writer.add_image("data/augmented_train_images", grid, global_step)
+        if confusion is not None:
+            self.writer.add_figure("val/confusion_matrix", confusion, global_step, close=True)
         self.writer.flush()
 
     def log_results(self, results: dict[str, Any], global_step: int) -> None:
@@ -103,7 +143,7 @@ class RunTracker:
     def log_hparams(
         self, hparams: Hparams, final: dict[str, float], succeeded: bool, global_step: int
     ) -> None:
-        """One HPARAMS record for this run, in its own event file, so that
+        """One HPARAMS record for this run, in the run's own folder, so that
         ``tensorboard --logdir <sweep>`` lists every run of a sweep side by side.
 
         ``final`` maps the FINAL_METRICS tags that this run reached to their values;
@@ -122,6 +162,20 @@ class RunTracker:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of per-epoch records ([] when the run logged no epoch)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or cut short by a kill while appending
+            continue
+    return records
 
 
 def record_failure(run_dir: Path, status: str, reason: str, message: str) -> None:

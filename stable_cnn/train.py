@@ -26,9 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
+from stable_cnn.augment import normalize
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig, register_schemas
-from stable_cnn.data import DatasetInfo, build_splits
+from stable_cnn.data import DatasetInfo, DataSplits, build_splits
+from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.engine import (
     EpochProgress,
     EpochStats,
@@ -61,7 +63,13 @@ from stable_cnn.resume import (
     rng_state,
 )
 from stable_cnn.schedulers import build_schedule
-from stable_cnn.tracking import Hparams, RunTracker, read_failure, record_failure
+from stable_cnn.tracking import (
+    FAILURE_FILE,
+    Hparams,
+    RunTracker,
+    read_failure,
+    record_failure,
+)
 
 log = logging.getLogger("stable_cnn")
 
@@ -123,11 +131,48 @@ def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
 
 
 def epoch_summary(epoch: int, epochs: int, train: EpochStats, val: EvalStats, lr: float) -> str:
+    """The console line; clip rate, skipped steps and loss spikes appear when not zero."""
+    extras = [
+        f"clipped {100 * train.clip_fraction:.0f}%" if train.clip_fraction > 0 else "",
+        f"skipped {train.nonfinite_steps}" if train.nonfinite_steps else "",
+        f"amp_skipped {train.amp_skipped_steps}" if train.amp_skipped_steps else "",
+        f"spikes {train.loss_spikes}" if train.loss_spikes else "",
+    ]
     return (
         f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  val_loss {val.loss:.4f}  "
         f"val_acc {val.accuracy:.2f}%  lr {lr:.3g}  {train.images_per_second:,.0f} img/s  "
-        f"{train.seconds:.1f}s"
+        f"{train.seconds:.1f}s" + "".join(f"  {extra}" for extra in extras if extra)
     )
+
+
+def log_figures(
+    tracker: RunTracker,
+    model: SmallCNN,
+    data: DataSplits,
+    criterion: nn.Module,
+    runtime: Runtime,
+    val_stats: EvalStats,
+    epoch: int,
+    global_step: int,
+) -> None:
+    """Histograms, augmented images and the validation confusion matrix (every N epochs)."""
+    images, labels = data.train.preview(64, seed=epoch) if hasattr(data.train, "preview") else (
+        None, None)  # fmt: skip
+    gradients = {}
+    if images is not None:
+        batch = normalize(images, data.train.mean, data.train.std).contiguous(
+            memory_format=runtime.memory_format
+        )
+        gradients = gradient_snapshot(model, batch, labels, criterion, runtime)
+    weights = {name: torch.cat([p.detach().float().flatten().cpu() for p in
+                                getattr(model, name).parameters() if p.dim() > 1])
+               for name in STAGES}  # fmt: skip
+    figure = confusion_figure(
+        val_stats.confusion, data.info.class_names, f"validation, epoch {epoch}"
+    )
+    if figure is None:
+        log.warning("no confusion-matrix figure: matplotlib is missing (pip install matplotlib)")
+    tracker.log_figures(global_step, weights, gradients, images, figure)
 
 
 def choose_runtime(run: RunConfig) -> Runtime:
@@ -204,8 +249,9 @@ def train(
     run_dir, resume_from, resume_state = locate_run(
         trainer.resume, run_dir, outputs, composed_config
     )
-    if resume_from is not None and (outcome := earlier_outcome(run_dir)) is not None:
+    if trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
         return outcome
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its own outcome
     log.info("run folder: %s", run_dir)
     seed_everything(trainer.seed, trainer.deterministic)
     runtime = choose_runtime(run)
@@ -273,6 +319,7 @@ def train(
                     stop_requested=lambda: stop.signal_name or "",
                     on_nonfinite=trainer.on_nonfinite,
                     max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
+                    loss_spike_factor=run.diagnostics.loss_spike_factor,
                 )  # fmt: skip
                 counters.global_step = train_stats.global_step
                 if not train_stats.completed:
@@ -294,7 +341,11 @@ def train(
                 schedule.after_epoch(val_stats.accuracy)
                 counters.epoch = epoch
 
-                tracker.log_epoch(epoch, lr, train_stats, val_stats)
+                tracker.log_epoch(epoch, lr, train_stats, val_stats, model_health(model))
+                every = run.diagnostics.figures_every_n_epochs
+                if every is not None and (epoch % every == 0 or epoch == trainer.epochs):
+                    log_figures(tracker, model, data, criterion, runtime, val_stats, epoch,
+                                counters.global_step)  # fmt: skip
                 improved = val_stats.accuracy > counters.best_val_acc
                 summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
                 log.info("%s%s", summary, "  (best)" if improved else "")
@@ -375,8 +426,10 @@ def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -
     overridden = [item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item]
     for key in (*KEY_HPARAMS, *overridden):
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, bool):
-            hparams[key] = str(value).lower()  # TensorBoard would show a bool as 0/1
+        if isinstance(value, bool) or value is None:
+            # TensorBoard shows a bool as 0/1; and every run needs every key, or the
+            # HPARAMS tab (which takes its columns from one run) drops the column.
+            hparams[key] = str(value).lower() if value is not None else "null"
         elif isinstance(value, int | float | str):
             hparams[key] = value
     return hparams
@@ -403,14 +456,16 @@ class SweepCallback(Callback):
         self.report_root = report_root
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        for folder in (config.hydra.sweep.dir, self.report_root):
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(self.report_root or config.hydra.sweep.dir).resolve()
         try:
             written = write_report(root, root)
-        except UserError as err:
-            log.warning("no sweep report: %s", err)
+        except Exception as err:  # a report must never turn a finished sweep into a failure
+            log.warning("no sweep report (%s); try stable-cnn-report %s", err, root)
             return
         log.info("sweep report: %s", ", ".join(str(path) for path in written))
 
@@ -445,8 +500,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(err.exit_code)
     except RunPreempted as stopped:
         log.warning("%s", stopped)
-        if in_sweep:
-            raise
+        # SystemExit, not the exception: Hydra would record a failed job and start the next
+        # one, but a signal (Ctrl-C, SLURM preemption) is meant for the whole sweep.
         sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
 

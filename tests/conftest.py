@@ -25,6 +25,7 @@ TINY = [
     "trainer.epochs=2",
     "trainer.device=cpu",
     "trainer.log_every_n_steps=2",
+    "diagnostics.figures_every_n_epochs=null",  # figures have tests of their own
 ]
 
 

@@ -48,28 +48,37 @@ def test_step_clips_unscaled_gradients_then_steps_once():
     assert all(p.grad is None for p in model.parameters()), "gradients are cleared after the step"
 
 
-def test_norm_clipping_caps_the_norm_and_reports_the_original():
+def test_norm_clipping_caps_the_norm_and_reports_both_norms():
     model, loss = tiny_model_and_loss()
     loss.backward()
     before = total_grad_norm(model)
-    reported = clip_gradients(list(model.parameters()), ClippingConfig("norm", max_norm=0.25))
+    reported, after = clip_gradients(
+        list(model.parameters()), ClippingConfig("norm", max_norm=0.25)
+    )
     assert reported.item() == pytest.approx(before, rel=1e-5)
     assert total_grad_norm(model) <= 0.25 * (1 + 1e-5)
+    assert after.item() == pytest.approx(total_grad_norm(model), rel=1e-5)
+    assert after.item() <= 0.25
 
 
 def test_value_clipping_bounds_every_element():
     model, loss = tiny_model_and_loss()
     loss.backward()
-    clip_gradients(list(model.parameters()), ClippingConfig("value", max_value=0.01))
+    before, after = clip_gradients(
+        list(model.parameters()), ClippingConfig("value", max_value=0.01)
+    )
     assert max(p.grad.abs().max().item() for p in model.parameters()) <= 0.01
+    assert after.item() == pytest.approx(total_grad_norm(model), rel=1e-5)
+    assert after < before
 
 
 def test_no_clipping_leaves_gradients_and_reports_their_norm():
     model, loss = tiny_model_and_loss()
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    reported = clip_gradients(list(model.parameters()), ClippingConfig("none"))
+    reported, after = clip_gradients(list(model.parameters()), ClippingConfig("none"))
     assert reported.item() == pytest.approx(total_grad_norm(model), rel=1e-5)
+    assert torch.equal(after, reported)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 

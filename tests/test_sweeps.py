@@ -57,7 +57,7 @@ def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Pat
     assert sorted(row["run"] for row in rows) == ["optimizer.lr=0.01", "optimizer.lr=0.1"]
     for row in rows:
         assert row["runs"] == "2" and row["finished"] == "2"
-        folders = row["folders"].split()
+        folders = row["folders"].split(";")
         accuracies = [json.loads((Path(f) / "results.json").read_text())["best_val_acc"]
                       for f in folders]  # fmt: skip
         assert float(row["best_val_acc_mean"]) == pytest.approx(sum(accuracies) / 2)
@@ -66,7 +66,7 @@ def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Pat
     means = [float(row["best_val_acc_mean"]) for row in rows]
     assert means == sorted(means, reverse=True), "best first"
     markdown = (seeded_sweep / "report.md").read_text()
-    assert "| `optimizer.lr=0.1` | 2 |" in markdown and " ± " in markdown
+    assert "| `optimizer.lr=0.1` | 2/2 |" in markdown and " ± " in markdown
     assert "Common to every run: `data=synthetic model.width=8" in markdown
     assert_png(seeded_sweep / "val_acc.png")
 

@@ -1,0 +1,261 @@
+"""``stable-cnn-ablate``: what each stabilising technique contributes.
+
+Trains the full recipe and one variant per removed technique (BatchNorm, dropout,
+gradient clipping, the learning-rate schedule, mixed precision), several seeds each,
+at a normal learning rate and at a stress learning rate several times too high; then
+writes a markdown report (test accuracy mean ± std, overfitting gap, diverged runs, clip
+rate, one sentence of evidence per row) and a PNG of validation curves per variant.
+
+The variants are the ``ablation`` config group (conf/ablation/), and the whole study is
+one ``stable-cnn-train -m 'ablation=glob(*)' optimizer.lr=NORMAL,STRESS
+'trainer.seed=range(N)'`` sweep with ``trainer.resume=auto``: rerunning the same command
+skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stable_cnn.evaluation import training_accuracy
+from stable_cnn.hardware import describe_cpu, resolve_device
+from stable_cnn.report import RunRecord, find_runs
+from stable_cnn.tracking import read_metrics
+
+# conf/ablation/<name>.yaml: each variant removes one technique from the full recipe.
+VARIANTS: dict[str, str] = {
+    "full": "the full recipe: BatchNorm, dropout, clipping, cosine schedule, AMP",
+    "no_batchnorm": "no BatchNorm (conv bias back on)",
+    "no_dropout": "no Dropout2d, no head dropout",
+    "no_clipping": "no gradient clipping",
+    "constant_lr": "constant learning rate instead of cosine decay",
+    "no_amp": "fp32 instead of mixed precision",
+}
+# The default study: about 30 minutes on a 2-core CPU; --full is the tutorial's size (GPU).
+SMALL = ["model.width=16", "trainer.epochs=4", "data.limit_train=20000"]
+FULL = ["model.width=64", "trainer.epochs=30"]
+GAP_IMAGES = 5000  # training images used to measure train accuracy (eval mode)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    setting: str  # "normal" or "stress"
+    description: str
+    runs: list[RunRecord] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # train acc (eval mode) - val acc, points
+    clip_rates: list[float] = field(default_factory=list)
+
+    def accuracies(self) -> list[float]:
+        return [r.results["test_acc"] for r in self.runs if r.status == "finished"]
+
+    @property
+    def diverged(self) -> int:
+        return sum(r.status == "diverged" for r in self.runs)
+
+
+def run_study(out: Path, base: list[str], lrs: dict[str, float], seeds: int) -> int:
+    """The whole study as one sweep; returns its exit status (a diverged run is not an
+    error, a failed one is: its row then shows fewer runs)."""
+    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base, "ablation=glob(*)",
+               "optimizer.lr=" + ",".join(str(lr) for lr in lrs.values()),
+               f"trainer.seed=range({seeds})", "trainer.resume=auto",
+               "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "ablation.log").open("w") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def collect(out: Path, lrs: dict[str, float], device: str) -> list[VariantResult]:
+    """One row per (variant, setting), in VARIANTS order, normal setting first."""
+    rows = {(name, setting): VariantResult(name, setting, description)
+            for setting in lrs for name, description in VARIANTS.items()}  # fmt: skip
+    settings = {lr: setting for setting, lr in lrs.items()}
+    for run in find_runs(out):
+        chosen = dict(o.lstrip("+").split("=", 1) for o in run.overrides if "=" in o)
+        setting = settings.get(float(chosen.get("optimizer.lr", "nan")))
+        row = rows.get((chosen.get("ablation", ""), setting or ""))
+        if row is None:
+            continue  # not part of this study (another learning rate, say)
+        row.runs.append(run)
+        epochs = read_metrics(run.folder)
+        row.clip_rates += [e["clip_fraction"] for e in epochs if "clip_fraction" in e]
+        last = run.folder / "checkpoints" / "last.pt"
+        if run.status == "finished" and epochs and last.exists():
+            row.gaps.append(training_accuracy(last, GAP_IMAGES, device) - epochs[-1]["val_acc"])
+    return list(rows.values())
+
+
+def evidence(row: VariantResult, full: VariantResult) -> str:
+    """One sentence: what this row shows against the full recipe in the same setting."""
+    total = len(row.runs)
+    if row.diverged == total and total:
+        return f"Diverged in every seed ({total}/{total})" + (
+            "." if full.diverged < len(full.runs) else ", as did the full recipe."
+        )
+    accuracies, baseline = row.accuracies(), full.accuracies()
+    if row is full:
+        return ("The reference." if not row.diverged else
+                f"The reference; diverged in {row.diverged}/{total} seeds.")  # fmt: skip
+    if not accuracies or not baseline:
+        return "Too few finished runs to compare."
+    delta = statistics.fmean(accuracies) - statistics.fmean(baseline)
+    diverged = f"; diverged in {row.diverged}/{total} seeds" if row.diverged else ""
+    gap = ""
+    if row.gaps and full.gaps:
+        gap_delta = statistics.fmean(row.gaps) - statistics.fmean(full.gaps)
+        if abs(gap_delta) >= 1.0:
+            gap = f", overfitting gap {'+' if gap_delta > 0 else ''}{gap_delta:.1f} points"
+    if min(len(accuracies), len(baseline)) < 2:
+        verdict = f"{delta:+.2f} points against the full recipe (one seed: no spread measured)"
+    elif abs(delta) <= 2 * max(_std(accuracies), _std(baseline), 0.1):
+        verdict = f"Within the seed-to-seed spread of the full recipe ({delta:+.2f} points)"
+    elif delta < 0:
+        verdict = f"Removing it costs {-delta:.2f} points of test accuracy"
+    else:
+        verdict = f"Removing it gains {delta:.2f} points at this size"
+    return f"{verdict}{gap}{diverged}."
+
+
+def render(rows: list[VariantResult], command: str, machine: str) -> str:
+    fulls = {row.setting: row for row in rows if row.name == "full"}
+    lines = [
+        "# Ablation: what each technique contributes",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}",
+        "",
+        "Test accuracy is the best-validation checkpoint's, mean ± std over seeds; the gap is",
+        f"training accuracy (first {GAP_IMAGES:,} training images, eval mode, no augmentation)",
+        "minus validation accuracy after the last epoch; clip rate is the fraction of steps",
+        "whose gradient norm clipping reduced; diverged counts runs stopped by NaN/Inf.",
+        "",
+        "| variant | setting | test acc (%) | train-val gap | diverged | clip rate | evidence |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        accuracies = row.accuracies()
+        accuracy = (f"{statistics.fmean(accuracies):.2f} ± {_std(accuracies):.2f}"
+                    if accuracies else "-")  # fmt: skip
+        gap = f"{statistics.fmean(row.gaps):+.2f}" if row.gaps else "-"
+        clip = f"{100 * statistics.fmean(row.clip_rates):.0f}%" if row.clip_rates else "-"
+        lines.append(
+            f"| {row.name} | {row.setting} | {accuracy} | {gap} | {row.diverged}/{len(row.runs)} "
+            f"| {clip} | {evidence(row, fulls[row.setting])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[VariantResult], path: Path) -> bool:
+    """Mean validation accuracy per epoch, one line per variant, one panel per setting."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({row.setting for row in rows})
+    figure, panels = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for panel, setting in zip(panels[0], settings, strict=True):
+        for row in (r for r in rows if r.setting == setting):
+            curves = [dict(run.val_curve) for run in row.runs if run.val_curve]
+            epochs = sorted({epoch for curve in curves for epoch in curve})
+            means = [statistics.fmean(c[e] for c in curves if e in c) for e in epochs]
+            if epochs:
+                panel.plot(epochs, means, marker="o", markersize=3, label=row.name)
+        panel.set_title(f"{setting} learning rate")
+        panel.set_xlabel("epoch")
+        panel.set_ylabel("validation accuracy (%), mean over seeds")
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="stable-cnn-ablate",
+        description="Train the full recipe and one variant per removed technique, at a normal "
+        "and a stress learning rate, and write a markdown report with a PNG of validation "
+        "curves. The default study takes about 30 minutes on a 2-core CPU.",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="runs per variant (default 3)")
+    parser.add_argument("--lr", type=float, default=0.05, help="normal learning rate (0.05)")
+    parser.add_argument(
+        "--stress-lr",
+        type=float,
+        default=0.5,
+        help="the too-high learning rate of the stress setting (0.5)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the tutorial's size: width 64, 30 epochs, all data (for a GPU)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/ablation"),
+        help="where the runs go (default outputs/ablation)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("docs/ablation.md"),
+        help="the markdown report; the PNG goes beside it (docs/ablation.md)",
+    )
+    parser.add_argument("--device", default="auto", help="trainer.device for every run")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra stable-cnn-train overrides for every run, e.g. data=mnist",
+    )
+    args = parser.parse_args(argv)
+
+    base = [*(FULL if args.full else SMALL), f"trainer.device={args.device}", *args.overrides]
+    lrs = {"normal": args.lr, "stress": args.stress_lr}
+    print(f"training {len(VARIANTS) * len(lrs) * args.seeds} runs into {args.out} "
+          f"(log: {args.out / 'ablation.log'})", flush=True)  # fmt: skip
+    status = run_study(args.out, base, lrs, args.seeds)
+    if status != 0:
+        print(f"some runs failed (sweep exit {status}): see {args.out / 'ablation.log'}")
+    rows = collect(args.out, lrs, args.device)
+    for row in rows:
+        accuracies = row.accuracies()
+        summary = f"{statistics.fmean(accuracies):.2f}%" if accuracies else "no finished run"
+        print(f"{row.setting:>6} {row.name:<13} {summary}  diverged {row.diverged}/{len(row.runs)}")
+    command = "stable-cnn-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(render(rows, command.strip(), describe_machine(args.device)))
+    png = args.report.with_suffix(".png")
+    if plot(rows, png):
+        with args.report.open("a") as out:
+            out.write(f"\n![validation accuracy per variant]({png.name})\n")
+    print(f"wrote {args.report}" + (f" and {png}" if png.exists() else ""))
+
+
+def describe_machine(device: str) -> str:
+    where = resolve_device(device)
+    if where.type == "cuda":
+        return f"{torch.cuda.get_device_name(where)}, torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]  # fmt: skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = names[0] if names else "CPU"
+    return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0

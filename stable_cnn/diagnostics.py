@@ -1,0 +1,112 @@
+"""A look inside the network while it trains: per epoch, weight norms and BatchNorm
+statistics per stage; every N epochs, weight and gradient histograms, a grid of augmented
+training images and a confusion-matrix figure.
+
+Everything here runs between epochs, on values the training step does not depend on:
+the gradient snapshot uses a forked RNG and puts BatchNorm's running statistics back,
+so turning figures on or off does not change the run's numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from stable_cnn.engine import autocast
+from stable_cnn.hardware import Runtime
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2", "stage3", "classifier")  # SmallCNN's parts, input to output
+
+
+def model_health(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each stage's conv/linear weights, and the range of its BatchNorm running
+    means and variances (a stage whose variance collapses or explodes shows here first)."""
+    names, values = [], []
+    for stage_name in STAGES:
+        stage = getattr(model, stage_name)
+        weights = [p.detach().float() for p in stage.parameters() if p.dim() > 1]
+        names.append(f"weights/norm_{stage_name}")
+        values.append(torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights])))
+        norms = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not norms:  # the head, or an ablation without BatchNorm
+            continue
+        for statistic in ("running_mean", "running_var"):
+            stacked = torch.cat([getattr(m, statistic).float() for m in norms])
+            names += [f"batchnorm/{stage_name}_{statistic}_min",
+                      f"batchnorm/{stage_name}_{statistic}_max"]  # fmt: skip
+            values += [stacked.min(), stacked.max()]
+    return dict(zip(names, torch.stack(values).tolist(), strict=True))  # one host read
+
+
+def gradient_snapshot(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: nn.Module,
+    runtime: Runtime,
+) -> dict[str, torch.Tensor]:
+    """Each stage's gradient on one batch, without changing the model, its BatchNorm
+    statistics, the optimizer or any random stream."""
+    norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for b in m.buffers()]  # fmt: skip
+    saved = [b.clone() for b in norm_buffers]
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast(runtime.device, runtime.precision):
+            loss = criterion(model(images), labels)
+        loss.float().backward()
+    grads = {
+        name: torch.cat([p.grad.detach().float().flatten() for p in getattr(model, name)
+                         .parameters() if p.grad is not None and p.dim() > 1]).cpu()
+        for name in STAGES
+    }  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    for buffer, value in zip(norm_buffers, saved, strict=True):
+        buffer.copy_(value)
+    return grads
+
+
+def confusion_figure(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> Any:
+    """A matplotlib figure of the confusion matrix, rows normalised to 1; None without
+    matplotlib (the optional ``report`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion.double()
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.55 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    shown = axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=60, ha="right", fontsize=8)
+    axes.set_yticks(ticks, class_names, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    if len(class_names) <= 20:
+        for row in ticks:
+            for column in ticks:
+                value = rates[row, column].item()
+                if value >= 0.005:
+                    axes.text(column, row, f"{100 * value:.0f}", ha="center", va="center",
+                              fontsize=7, color="white" if value > 0.5 else "black")  # fmt: skip
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    figure.tight_layout()
+    return figure
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    """Percent correct per true class (rows of the confusion matrix)."""
+    totals = confusion.sum(dim=1).clamp(min=1).double()
+    return (100.0 * confusion.diagonal().double() / totals).tolist()

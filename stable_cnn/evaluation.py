@@ -1,0 +1,148 @@
+"""``stable-cnn-eval``: test a checkpoint on a dataset's test split.
+
+    stable-cnn-eval checkpoint=outputs/<date>/<time>/checkpoints/best.pt
+    stable-cnn-eval checkpoint=... data=mnist            # another dataset of the same shape
+
+The model is rebuilt from the checkpoint's own model config; the data, precision and
+memory layout default to the checkpoint's run, so the test accuracy is the run's own.
+Writes eval.json and confusion.png into outputs/eval/<date>/<time>/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from stable_cnn.atomic import atomic_write
+from stable_cnn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from stable_cnn.config import DataConfig, register_schemas
+from stable_cnn.data import DataSplits, TensorBatches, build_splits
+from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
+from stable_cnn.engine import evaluate
+from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.hardware import Runtime, choose_memory_format, choose_precision, resolve_device
+from stable_cnn.models import SmallCNN
+from stable_cnn.train import config_dir
+
+log = logging.getLogger("stable_cnn")
+
+
+def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) -> None:
+    """One line, before any data is read, when the images or classes do not fit the model."""
+    trained = (model_config["in_channels"], model_config["num_classes"])
+    given = (data.in_channels, data.num_classes)
+    if given[0] != trained[0] or (given[1] is not None and given[1] != trained[1]):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {trained[0]}-channel images with {trained[1]} "
+            f"classes; data={data.name} has {given[0]} channels and {given[1]} classes: "
+            f"evaluate it on data of the same kind"
+        )
+
+
+def load_for_evaluation(
+    path: Path, data: DataConfig | None, device_name: str
+) -> tuple[SmallCNN, Runtime, DataSplits]:
+    """The checkpoint's model (weights loaded, on the device), the runtime its run used
+    (precision and layout), and the data: ``data``, else the run's own."""
+    state = load_checkpoint(path)
+    saved = state.get("config") or {}
+    model_config = state.get("model_config")
+    if model_config is None or "data" not in saved:
+        raise CheckpointError(f"{path} holds no model config: it was not written by stable-cnn")
+    data = data or DataConfig(**saved["data"])
+    check_data_fits(model_config, data, path)
+
+    device = resolve_device(device_name)
+    precision = choose_precision(saved.get("amp", {}).get("name", "auto"), device)
+    memory_format = choose_memory_format(device, saved.get("trainer", {}).get("channels_last"))
+    splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
+    model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
+    load_model_weights(model, state, path)
+    model.to(device, memory_format=memory_format)
+    return model, Runtime(device, precision, memory_format), splits
+
+
+def evaluate_checkpoint(
+    path: Path, data: DataConfig | None, device_name: str, out_dir: Path
+) -> dict[str, Any]:
+    """Test the checkpoint at ``path``; returns (and writes) eval.json's content."""
+    model, runtime, splits = load_for_evaluation(path, data, device_name)
+    stats = evaluate(model, splits.test, runtime)
+    classes = splits.info.class_names
+    per_class = per_class_accuracy(stats.confusion)
+    result = {
+        "checkpoint": str(path),
+        "data": splits.info.name,
+        "test_acc": stats.accuracy,
+        "test_loss": stats.loss,
+        "images": stats.images,
+        "precision": runtime.precision.name,
+        "per_class_acc": dict(zip(classes, per_class, strict=True)),
+        "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / "eval.json") as out:
+        out.write((json.dumps(result, indent=2) + "\n").encode())
+    figure = confusion_figure(stats.confusion, classes, f"{splits.info.name} test, {path.name}")
+    if figure is not None:
+        figure.savefig(out_dir / "confusion.png", dpi=110)
+    return result
+
+
+def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") -> float:
+    """Accuracy on the first ``count`` training images as a test sees them: no
+    augmentation, dropout off. Minus validation accuracy, it measures overfitting."""
+    model, runtime, splits = load_for_evaluation(path, None, device_name)
+    train = splits.train
+    if not isinstance(train, TensorBatches):
+        raise ConfigError(f"training accuracy needs in-memory data, not data={splits.info.name}")
+    seen = TensorBatches(train.images[:count], train.labels[:count], 1024, train.mean,
+                         train.std, train=False)  # fmt: skip
+    return evaluate(model, seen, runtime).accuracy
+
+
+def describe(result: dict[str, Any]) -> str:
+    lines = [f"{result['data']} test: {result['test_acc']:.2f}% of {result['images']} images "
+             f"(loss {result['test_loss']:.4f}, {result['precision']})", "per class:"]  # fmt: skip
+    width = max(len(name) for name in result["per_class_acc"])
+    lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in result["per_class_acc"].items()]
+    return "\n".join(lines)
+
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> float:
+    try:
+        if cfg.checkpoint is None:
+            raise ConfigError("checkpoint=... is required: the path of a .pt file or run folder")
+        path = Path(cfg.checkpoint).expanduser()
+        if path.is_dir():
+            path = path / "checkpoints" / "best.pt"
+        data = OmegaConf.to_object(cfg.data) if cfg.get("data") is not None else None
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        result = evaluate_checkpoint(path, data, cfg.device, out_dir)
+    except UserError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+    log.info("%s", describe(result))
+    log.info("wrote %s", out_dir / "eval.json")
+    return result["test_acc"]
+
+
+def cli() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    from stable_cnn.evaluation import cli as package_cli
+
+    package_cli()
