@@ -186,6 +186,7 @@ def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
         return False
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(9, 5.5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
@@ -203,6 +204,7 @@ def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
             )  # fmt: skip
             labelled = True
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("validation accuracy (%)")
     axes.set_title("validation accuracy per run (dotted: did not finish)")
     axes.grid(alpha=0.3)
