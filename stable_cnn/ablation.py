@@ -43,6 +43,7 @@ VARIANTS: dict[str, str] = {
 SMALL = ["model.width=16", "trainer.epochs=12", "data.limit_train=5000"]
 FULL = ["model.width=64", "trainer.epochs=30"]
 GAP_IMAGES = 5000  # training images used to measure train accuracy (eval mode)
+COLLAPSED_BELOW = 20.0  # test accuracy (%) under twice chance for 10 classes: it learned nothing
 
 
 @dataclass
@@ -60,6 +61,11 @@ class VariantResult:
     @property
     def diverged(self) -> int:
         return sum(r.status == "diverged" for r in self.runs)
+
+    @property
+    def collapsed(self) -> int:
+        """Finished runs that learned next to nothing: test accuracy under twice chance."""
+        return sum(accuracy < COLLAPSED_BELOW for accuracy in self.accuracies())
 
 
 def run_study(out: Path, base: list[str], lrs: dict[str, float], seeds: int) -> int:
@@ -108,7 +114,9 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
     if not accuracies or not baseline:
         return "Too few finished runs to compare."
     delta = statistics.fmean(accuracies) - statistics.fmean(baseline)
-    diverged = f"; diverged in {row.diverged}/{total} seeds" if row.diverged else ""
+    failures = [f"diverged in {row.diverged}/{total} seeds" if row.diverged else "",
+                f"collapsed in {row.collapsed}/{total}" if row.collapsed else ""]  # fmt: skip
+    diverged = "".join(f"; {failure}" for failure in failures if failure)
     gap = ""
     if row.gaps and full.gaps:
         gap_delta = statistics.fmean(row.gaps) - statistics.fmean(full.gaps)
@@ -120,8 +128,8 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
         low, high = min(accuracies), max(accuracies)
         verdict = (f"Unstable: test accuracy ranges from {low:.1f}% to {high:.1f}% across "
                    f"seeds ({delta:+.2f} points on average)")  # fmt: skip
-    elif abs(delta) <= 2 * max(_std(accuracies), _std(baseline), 0.1):
-        verdict = f"Within the seed-to-seed spread of the full recipe ({delta:+.2f} points)"
+    elif abs(delta) <= 2 * _standard_error(accuracies, baseline):
+        verdict = f"Within two standard errors of the full recipe ({delta:+.2f} points)"
     elif delta < 0:
         verdict = f"Removing it costs {-delta:.2f} points of test accuracy"
     else:
@@ -141,10 +149,13 @@ def render(rows: list[VariantResult], command: str, machine: str, settings: str)
         "Test accuracy is the best-validation checkpoint's, mean ± std over seeds; the gap is",
         f"training accuracy (first {GAP_IMAGES:,} training images, eval mode, no augmentation)",
         "minus validation accuracy after the last epoch; clip rate is the fraction of steps",
-        "whose gradient norm clipping reduced; diverged counts runs stopped by NaN/Inf.",
+        "whose gradient norm clipping reduced; diverged counts runs stopped by NaN/Inf,",
+        f"collapsed the finished runs whose test accuracy stayed under {COLLAPSED_BELOW:.0f}%",
+        "(twice chance). A difference counts when it exceeds two standard errors.",
         "",
-        "| variant | setting | test acc (%) | train-val gap | diverged | clip rate | evidence |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| variant | setting | test acc (%) | train-val gap | diverged | collapsed | clip rate "
+        "| evidence |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         accuracies = row.accuracies()
@@ -154,6 +165,7 @@ def render(rows: list[VariantResult], command: str, machine: str, settings: str)
         clip = f"{100 * statistics.fmean(row.clip_rates):.0f}%" if row.clip_rates else "-"
         lines.append(
             f"| {row.name} | {row.setting} | {accuracy} | {gap} | {row.diverged}/{len(row.runs)} "
+            f"| {row.collapsed}/{len(row.runs)} "
             f"| {clip} | {evidence(row, fulls[row.setting])} |"
         )
     return "\n".join(lines) + "\n"
@@ -267,6 +279,11 @@ def describe_machine(device: str) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     model = names[0] if names else "CPU"
     return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"
+
+
+def _standard_error(a: list[float], b: list[float]) -> float:
+    """Standard error of the difference of two means (Welch), at least 0.05 points."""
+    return max((_std(a) ** 2 / len(a) + _std(b) ** 2 / len(b)) ** 0.5, 0.05)
 
 
 def _std(values: list[float]) -> float:

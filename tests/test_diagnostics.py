@@ -162,8 +162,9 @@ def test_ablation_driver_writes_a_row_per_variant_and_setting(tmp_path: Path):
     assert [(c[0], c[1]) for c in cells] == [
         (name, setting) for setting in ("normal", "stress") for name in VARIANTS
     ]
-    for variant, _, accuracy, gap, diverged, clip, evidence in cells:
-        assert accuracy != "-" and diverged.endswith("/1") and evidence
+    for variant, _, accuracy, gap, diverged, collapsed, clip, evidence in cells:
+        assert accuracy != "-" and diverged.endswith("/1") and collapsed.endswith("/1")
+        assert evidence
         assert gap[0] in "+-", "train accuracy (eval mode) minus validation accuracy"
         assert clip == "0%" if variant == "no_clipping" else clip.endswith("%")
     assert "stable-cnn-ablate --seeds 1" in report.read_text()
