@@ -108,15 +108,14 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
             "." if full.diverged < len(full.runs) else ", as did the full recipe."
         )
     accuracies, baseline = row.accuracies(), full.accuracies()
-    if row is full:
-        return ("The reference." if not row.diverged else
-                f"The reference; diverged in {row.diverged}/{total} seeds.")  # fmt: skip
-    if not accuracies or not baseline:
-        return "Too few finished runs to compare."
-    delta = statistics.fmean(accuracies) - statistics.fmean(baseline)
     failures = [f"diverged in {row.diverged}/{total} seeds" if row.diverged else "",
                 f"collapsed in {row.collapsed}/{total}" if row.collapsed else ""]  # fmt: skip
     diverged = "".join(f"; {failure}" for failure in failures if failure)
+    if row is full:
+        return f"The reference{diverged}."
+    if not accuracies or not baseline:
+        return "Too few finished runs to compare."
+    delta = statistics.fmean(accuracies) - statistics.fmean(baseline)
     gap = ""
     if row.gaps and full.gaps:
         gap_delta = statistics.fmean(row.gaps) - statistics.fmean(full.gaps)
