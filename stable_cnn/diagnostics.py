@@ -74,8 +74,8 @@ def gradient_snapshot(
 
 
 def confusion_figure(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> Any:
-    """A matplotlib figure of the confusion matrix, rows normalised to 1; None without
-    matplotlib (the optional ``report`` extra)."""
+    """A matplotlib figure of the confusion matrix, rows normalised to 1; None where
+    matplotlib cannot be imported."""
     try:
         import matplotlib
     except ImportError:
