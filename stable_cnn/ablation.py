@@ -15,7 +15,6 @@ skips finished runs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from stable_cnn.evaluation import training_accuracy
-from stable_cnn.hardware import describe_cpu, resolve_device
+from stable_cnn.hardware import describe_cpu, resolve_device, usable_cores
 from stable_cnn.report import RunRecord, find_runs
 from stable_cnn.tracking import read_metrics
 
@@ -275,7 +274,7 @@ def describe_machine(device: str) -> str:
     names = [line.split(":", 1)[1].strip() for line in
              (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]  # fmt: skip
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     model = names[0] if names else "CPU"
     return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"
 

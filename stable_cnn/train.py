@@ -29,7 +29,7 @@ from torch import nn
 from stable_cnn.augment import normalize
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig, register_schemas
-from stable_cnn.data import DatasetInfo, DataSplits, build_splits
+from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.engine import (
     EpochProgress,
@@ -48,6 +48,7 @@ from stable_cnn.hardware import (
     compile_model,
     describe_cpu,
     resolve_device,
+    usable_cores,
 )
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
@@ -156,10 +157,9 @@ def log_figures(
     global_step: int,
 ) -> None:
     """Histograms, augmented images and the validation confusion matrix (every N epochs)."""
-    images, labels = data.train.preview(64, seed=epoch) if hasattr(data.train, "preview") else (
-        None, None)  # fmt: skip
-    gradients = {}
-    if images is not None:
+    images, labels, gradients = None, None, {}
+    if isinstance(data.train, TensorBatches):  # an image folder's loader has no preview
+        images, labels = data.train.preview(64, seed=epoch)
         batch = normalize(images, data.train.mean, data.train.std).contiguous(
             memory_format=runtime.memory_format
         )
@@ -441,9 +441,9 @@ def threads_per_parallel_job(launcher: DictConfig) -> int | None:
     n_jobs = launcher.get("n_jobs")
     if "joblib" not in str(launcher.get("_target_", "")) or not isinstance(n_jobs, int):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    side_by_side = n_jobs if n_jobs > 0 else max(1, (cores or 1) + 1 + n_jobs)  # joblib's -1
-    return max(1, (cores or 1) // side_by_side)
+    cores = usable_cores()
+    side_by_side = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1 = all
+    return max(1, cores // side_by_side)
 
 
 class SweepCallback(Callback):
