@@ -31,7 +31,7 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
 from stable_cnn.data import build_splits
-from stable_cnn.engine import autocast, optimizer_step, train_one_epoch
+from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import (
     FP32,
     Precision,
@@ -46,6 +46,7 @@ from stable_cnn.hardware import (
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import autocast, optimizer_step
 from stable_cnn.tracking import RunTracker
 
 CLIP = ClippingConfig("norm", max_norm=1.0)

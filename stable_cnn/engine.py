@@ -1,15 +1,12 @@
-"""One epoch of training, one pass of evaluation, and the optimizer step between them.
+"""One epoch of training and one pass of evaluation (the step itself is in step.py).
 
-The step order is fixed (nanoGPT's): scale -> backward -> unscale -> clip -> step ->
-update -> zero_grad. Clipping therefore sees real gradient units, and a single
-GradScaler lives for the whole run (the tutorial made a new one every epoch, which
-threw away its calibrated scale). Loss and accuracy accumulate on the device; the
-host reads them only at log intervals and at the end of the epoch.
+Loss, accuracy, norms and the counts of skipped steps accumulate on the device; the
+host reads them only at log intervals and at the end of the epoch, so a GPU never waits
+for Python between steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -21,8 +18,15 @@ from tqdm import tqdm
 
 from stable_cnn.config import ClippingConfig
 from stable_cnn.errors import UserError
-from stable_cnn.hardware import Precision, Runtime
+from stable_cnn.hardware import Runtime
 from stable_cnn.schedulers import LRSchedule
+from stable_cnn.step import (
+    BatchNormGuard,
+    StepOutcome,
+    autocast,
+    optimizer_step,
+    skips_on_device,
+)
 
 StepLogger = Callable[[int, dict[str, float]], None]
 # Loss-spike detection: the running mean follows the batch loss with this weight per step
@@ -36,47 +40,83 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+# The epoch's running values, one slot each in EpochProgress.values.
+SLOTS = (
+    "loss_sum", "correct", "images", "steps", "grad_norm_sum", "grad_norm_clipped_sum",
+    "clipped_steps", "loss_spikes",  # the sums above count applied steps only
+    "nonfinite_steps",  # skipped for a NaN/Inf loss or gradient
+    "amp_skipped_steps",  # fp16 steps the GradScaler skipped (gradient overflow: normal)
+    "window_loss", "window_steps",  # since the last log interval
+    "loss_mean",  # running (exponential) mean of the batch loss, for spikes
+    "consecutive_nonfinite", "longest_nonfinite_run",
+)  # fmt: skip
+SLOT = {name: index for index, name in enumerate(SLOTS)}
+APPLIED_SUMS = slice(0, SLOT["loss_spikes"] + 1)  # added to only when the step applied
+
+
 @dataclass
 class EpochProgress:
-    """Running sums of one epoch, on the device; saved in mid-epoch checkpoints so that a
-    resumed epoch reports the same numbers as an uninterrupted one."""
+    """The running values of one epoch, in one tensor on the device: a step updates them
+    without the host reading anything. Saved in mid-epoch checkpoints, so that a resumed
+    epoch reports the same numbers as an uninterrupted one."""
 
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    grad_norm_sum: torch.Tensor  # before clipping
-    grad_norm_clipped_sum: torch.Tensor  # after clipping
-    clipped_steps: torch.Tensor  # steps whose gradients clipping changed
-    loss_spikes: torch.Tensor  # steps whose loss exceeded loss_spike_factor x the running mean
-    loss_mean: torch.Tensor  # running (exponential) mean of the batch loss
-    images: int = 0
-    steps: int = 0
+    values: torch.Tensor  # float32 (len(SLOTS),), see SLOTS
     seconds: float = 0.0
-    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (fp32/bf16)
-    amp_skipped_steps: int = 0  # fp16 steps the GradScaler skipped (gradient overflow)
     start_lr: float = 0.0  # the learning rate the epoch started with
-
-    TENSORS = ("loss_sum", "correct", "grad_norm_sum", "grad_norm_clipped_sum", "clipped_steps",
-               "loss_spikes", "loss_mean")  # fmt: skip
 
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
-        return cls(*(torch.zeros((), device=device) for _ in cls.TENSORS))
+        return cls(torch.zeros(len(SLOTS), device=device))
+
+    def record(
+        self,
+        step: StepOutcome,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        loss_spike_factor: float,
+        fp16_overflow_is_normal: bool,
+    ) -> None:
+        """Add one step; every operation stays on the device."""
+        values, applied = self.values, step.applied
+        batch_loss = loss.detach().float()
+        steps, loss_mean = values[SLOT["steps"]], values[SLOT["loss_mean"]]
+        spike = (steps >= SPIKE_WARMUP_STEPS) & (batch_loss > loss_spike_factor * loss_mean)
+        correct = (logits.argmax(1) == labels).sum()
+        count = torch.full_like(batch_loss, labels.shape[0])
+        increments = torch.stack([
+            batch_loss * count, correct.float(), count, torch.ones_like(batch_loss),
+            step.grad_norm.float(), step.grad_norm_clipped.float(),
+            (step.grad_norm_clipped < step.grad_norm).float(), spike.float(),
+        ])  # fmt: skip
+        moved = torch.lerp(loss_mean, batch_loss, LOSS_MEAN_RATE)
+        new_mean = torch.where(steps == 0, batch_loss, moved)
+        values[APPLIED_SUMS] += torch.where(applied, increments, 0.0)
+        values[SLOT["window_loss"]] += torch.where(applied, batch_loss, 0.0)
+        values[SLOT["window_steps"]] += applied.float()
+        values[SLOT["loss_mean"]] = torch.where(applied, new_mean, loss_mean)
+        overflow = ~applied & step.loss_finite
+        if not fp16_overflow_is_normal:
+            overflow = torch.zeros_like(applied)
+        nonfinite = (~applied & ~overflow).float()
+        values[SLOT["nonfinite_steps"]] += nonfinite
+        values[SLOT["amp_skipped_steps"]] += overflow.float()
+        consecutive = torch.where(applied, 0.0, values[SLOT["consecutive_nonfinite"]] + nonfinite)
+        values[SLOT["consecutive_nonfinite"]] = consecutive
+        values[SLOT["longest_nonfinite_run"]] = torch.maximum(
+            values[SLOT["longest_nonfinite_run"]], consecutive
+        )
+
+    def read(self) -> dict[str, float]:
+        """Every value, in one host read."""
+        return dict(zip(SLOTS, self.values.tolist(), strict=True))
 
     def state_dict(self) -> dict:
-        return {
-            **{name: getattr(self, name).cpu() for name in self.TENSORS},
-            "images": self.images,
-            "steps": self.steps,
-            "seconds": self.seconds,
-            "nonfinite_steps": self.nonfinite_steps,
-            "amp_skipped_steps": self.amp_skipped_steps,
-            "start_lr": self.start_lr,
-        }
+        return {"values": self.values.cpu(), "seconds": self.seconds, "start_lr": self.start_lr}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
-        tensors = [state.pop(key).to(device) for key in cls.TENSORS]
-        return cls(*tensors, **state)
+        return cls(state["values"].to(device), state["seconds"], state["start_lr"])
 
 
 @dataclass
@@ -120,64 +160,6 @@ def ensure_finite(what: str, value: float, global_step: int) -> None:
         )
 
 
-def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
-
-
-def clip_gradients(
-    parameters: list[nn.Parameter], clipping: ClippingConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip in place as configured; return the total L2 norm before and after clipping
-    (device tensors: reading them would sync)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if clipping.name == "norm":
-        torch.nn.utils.clip_grads_with_norm_(parameters, clipping.max_norm, norm)
-        # The factor clip_grads_with_norm_ applied, so the new norm costs no second pass.
-        scale = (clipping.max_norm / (norm + 1e-6)).clamp(max=1.0)
-        return norm, norm * scale
-    if clipping.name == "value":
-        torch.nn.utils.clip_grad_value_(parameters, clipping.max_value)
-        return norm, torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    return norm, norm
-
-
-@dataclass
-class StepOutcome:
-    grad_norm: torch.Tensor  # total L2 norm before clipping, on the device
-    grad_norm_clipped: torch.Tensor  # after clipping
-    loss_finite: bool
-    grads_finite: bool
-
-    @property
-    def applied(self) -> bool:
-        return self.loss_finite and self.grads_finite
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    parameters: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    clipping: ClippingConfig,
-) -> StepOutcome:
-    """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
-    NaN/Inf is skipped (the weights stay as they were)."""
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
-    # One host read per step: skipping must be decided before the update. (Under fp16 the
-    # GradScaler reads the same flag itself, and skips and lowers its scale on its own.)
-    loss_finite, grads_finite = torch.stack([loss.isfinite(), grad_norm.isfinite()]).tolist()
-    if (loss_finite and grads_finite) or scaler.is_enabled():
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grads_finite)
-
-
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -200,106 +182,127 @@ def train_one_epoch(
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``batches``; continue ``progress`` when resuming mid-epoch.
 
-    Ends the epoch early, after the current step, when ``stop_requested()`` names a reason
-    (a signal), or on a NaN/Inf loss or gradient with ``on_nonfinite="stop"``, or after
-    ``max_consecutive_nonfinite`` skipped steps in a row with ``on_nonfinite="skip"``.
-    A step whose loss exceeds ``loss_spike_factor`` times the running mean loss (over about
-    the last 1 / LOSS_MEAN_RATE steps) counts as a loss spike.
+    The host reads the device only every ``log_every_n_steps`` steps and at the end of the
+    epoch. The epoch ends early, after the current step, when ``stop_requested()`` names a
+    reason (a signal); with ``on_nonfinite="stop"`` at the first NaN/Inf loss or gradient
+    (which costs one host read per step); with ``on_nonfinite="skip"`` once a check (at
+    each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
+    steps in a row. A step whose loss exceeds ``loss_spike_factor`` times the running
+    mean loss (over about the last 1 / LOSS_MEAN_RATE steps) counts as a loss spike.
     """
     model.train()
     device = runtime.device
     parameters = [p for p in model.parameters() if p.requires_grad]
     if progress is None:
         progress = EpochProgress.start(device)
-        progress.start_lr = optimizer.param_groups[0]["lr"]
-    sums = progress
-    # BatchNorm updates its running statistics in the forward pass, before a step can be
-    # judged; a skipped step puts them back, so one NaN batch cannot poison them.
-    norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    for b in m.buffers()]  # fmt: skip
-    window_loss, window_steps, consecutive_nonfinite = torch.zeros((), device=device), 0, 0
+        progress.start_lr = current_lr(optimizer)
+    norm_guard = BatchNormGuard.of(model)
+    sync_free = skips_on_device(optimizer)
     stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for images, labels in bar:
         images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
         labels = labels.to(device, non_blocking=True)
-        saved_buffers = [b.clone() for b in norm_buffers]
+        norm_guard.snapshot()
         with autocast(device, runtime.precision):
             logits = model(images)
             loss = criterion(logits, labels)
-        step = optimizer_step(loss, parameters, optimizer, scaler, clipping)
-        if not step.applied:
-            for buffer, saved in zip(norm_buffers, saved_buffers, strict=True):
-                buffer.copy_(saved)
+        step = optimizer_step(loss, parameters, optimizer, scaler, clipping, sync_free)
+        norm_guard.keep_if(step.applied)
+        progress.record(step, loss, logits, labels, loss_spike_factor, scaler.is_enabled())
         schedule.after_optimizer_step()
         global_step += 1
 
-        if step.applied:
-            consecutive_nonfinite = 0
-            batch_loss = loss.detach().float()
-            sums.loss_sum += batch_loss * labels.shape[0]
-            sums.correct += (logits.argmax(1) == labels).sum()
-            sums.grad_norm_sum += step.grad_norm
-            sums.grad_norm_clipped_sum += step.grad_norm_clipped
-            sums.clipped_steps += step.grad_norm_clipped < step.grad_norm
-            if sums.steps >= SPIKE_WARMUP_STEPS:  # the running mean needs a few steps first
-                sums.loss_spikes += batch_loss > loss_spike_factor * sums.loss_mean
-            sums.loss_mean = (
-                batch_loss
-                if sums.steps == 0
-                else torch.lerp(sums.loss_mean, batch_loss, LOSS_MEAN_RATE)
-            )
-            sums.images += labels.shape[0]
-            sums.steps += 1
-            window_loss += batch_loss
-            window_steps += 1
-        elif scaler.is_enabled() and step.loss_finite:
-            sums.amp_skipped_steps += 1  # fp16 overflow: the scaler lowers its scale, normal
-        else:
-            sums.nonfinite_steps += 1
-            consecutive_nonfinite += 1
-            what = "loss" if not step.loss_finite else "gradient"
-            if on_nonfinite == "stop":
-                stop_reason = f"non-finite {what} at step {global_step}"
-            elif consecutive_nonfinite >= max_consecutive_nonfinite:
-                stop_reason = (
-                    f"{consecutive_nonfinite} non-finite steps in a row (step {global_step})"
-                )
-        if global_step % log_every_n_steps == 0 and window_steps:
-            scalars = {
-                "train/loss": window_loss.item() / window_steps,
-                "train/lr": optimizer.param_groups[0]["lr"],
-                "train/grad_norm": step.grad_norm.item(),
-                "train/grad_norm_clipped": step.grad_norm_clipped.item(),
-            }
-            if scaler.is_enabled():
-                scalars["amp/scale"] = scaler.get_scale()
-            log_step(global_step, scalars)
-            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-            window_loss.zero_()
-            window_steps = 0
+        if on_nonfinite == "stop":  # the one policy that reads the device every step
+            stop_reason = first_nonfinite(step, scaler.is_enabled(), global_step)
+        if global_step % log_every_n_steps == 0:
+            stop_reason = stop_reason or log_interval(
+                progress, step, optimizer, scaler, global_step, log_step, bar,
+                max_consecutive_nonfinite,
+            )  # fmt: skip
         stop_reason = stop_reason or stop_requested()
         if stop_reason:
             break
     bar.close()
-    sums.seconds += time.perf_counter() - started
-    images, steps = max(sums.images, 1), max(sums.steps, 1)
-    stats = EpochStats(
-        loss=sums.loss_sum.item() / images,
-        accuracy=100.0 * sums.correct.item() / images,
-        grad_norm=sums.grad_norm_sum.item() / steps,
-        images=sums.images,
-        seconds=sums.seconds,
+    values = progress.read()  # also waits for the device, so the time below is the GPU's
+    progress.seconds += time.perf_counter() - started
+    if not stop_reason and values["longest_nonfinite_run"] >= max_consecutive_nonfinite:
+        stop_reason = too_many_nonfinite(values, global_step)
+    return epoch_stats(values, progress.seconds, global_step, stop_reason), progress
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The first parameter group's learning rate as a float (it may be a tensor)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def first_nonfinite(step: StepOutcome, fp16: bool, global_step: int) -> str:
+    """With on_nonfinite=stop: the reason to stop at this step, or ''. One host read."""
+    loss_finite, grads_finite = torch.stack([step.loss_finite, step.grads_finite]).tolist()
+    if loss_finite and (grads_finite or fp16):  # an fp16 overflow is the scaler's business
+        return ""
+    return f"non-finite {'gradient' if loss_finite else 'loss'} at step {global_step}"
+
+
+def too_many_nonfinite(values: dict[str, float], global_step: int) -> str:
+    longest = values["longest_nonfinite_run"]
+    return f"{longest:.0f} non-finite steps in a row (by step {global_step})"
+
+
+def log_interval(
+    progress: EpochProgress,
+    step: StepOutcome,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    global_step: int,
+    log_step: StepLogger,
+    bar: tqdm,
+    max_consecutive_nonfinite: int,
+) -> str:
+    """Log the window's mean loss and this step's norms (one host read, two under fp16);
+    return a reason to stop if the skip limit was reached, else ''."""
+    values = progress.values
+    window_loss, window_steps, grad_norm, grad_norm_clipped, longest = torch.stack([
+        values[SLOT["window_loss"]], values[SLOT["window_steps"]], step.grad_norm.float(),
+        step.grad_norm_clipped.float(), values[SLOT["longest_nonfinite_run"]],
+    ]).tolist()  # fmt: skip
+    values[SLOT["window_loss"]] = 0.0
+    values[SLOT["window_steps"]] = 0.0
+    if window_steps:
+        scalars = {
+            "train/loss": window_loss / window_steps,
+            "train/lr": current_lr(optimizer),
+            "train/grad_norm": grad_norm,
+            "train/grad_norm_clipped": grad_norm_clipped,
+        }
+        if scaler.is_enabled():
+            scalars["amp/scale"] = scaler.get_scale()
+        log_step(global_step, scalars)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+    if longest >= max_consecutive_nonfinite:
+        return too_many_nonfinite({"longest_nonfinite_run": longest}, global_step)
+    return ""
+
+
+def epoch_stats(
+    values: dict[str, float], seconds: float, global_step: int, stop_reason: str
+) -> EpochStats:
+    images, steps = max(values["images"], 1), max(values["steps"], 1)
+    return EpochStats(
+        loss=values["loss_sum"] / images,
+        accuracy=100.0 * values["correct"] / images,
+        grad_norm=values["grad_norm_sum"] / steps,
+        images=int(values["images"]),
+        seconds=seconds,
         global_step=global_step,
-        grad_norm_clipped=sums.grad_norm_clipped_sum.item() / steps,
-        clip_fraction=sums.clipped_steps.item() / steps,
-        loss_spikes=int(sums.loss_spikes.item()),
-        nonfinite_steps=sums.nonfinite_steps,
-        amp_skipped_steps=sums.amp_skipped_steps,
+        grad_norm_clipped=values["grad_norm_clipped_sum"] / steps,
+        clip_fraction=values["clipped_steps"] / steps,
+        loss_spikes=int(values["loss_spikes"]),
+        nonfinite_steps=int(values["nonfinite_steps"]),
+        amp_skipped_steps=int(values["amp_skipped_steps"]),
         stop_reason=stop_reason,
     )
-    return stats, sums
 
 
 def evaluate(
@@ -307,12 +310,13 @@ def evaluate(
     batches: Iterable,
     runtime: Runtime,
 ) -> EvalStats:
-    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent."""
+    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent.
+    Sums stay on the device until the end: no host read per batch."""
     model.eval()
     device = runtime.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
-    confusion = torch.zeros((), device=device, dtype=torch.int64)  # sized by the first batch
+    confusion = None  # (true, predicted) counts, flattened; sized by the first batch
     count = 0
     with torch.inference_mode():
         for images, labels in batches:
@@ -322,8 +326,11 @@ def evaluate(
                 logits = model(images)
             loss_sum += criterion(logits.float(), labels)
             classes = logits.shape[1]
-            pairs = labels * classes + logits.argmax(1)  # (true, predicted) as one index
-            confusion = confusion + torch.bincount(pairs, minlength=classes * classes)
+            if confusion is None:
+                confusion = torch.zeros(classes * classes, device=device, dtype=torch.int64)
+            # index_add_ rather than bincount: bincount reads the device to size its output.
+            pairs = labels * classes + logits.argmax(1)
+            confusion.index_add_(0, pairs, torch.ones_like(pairs))
             count += labels.shape[0]
     confusion = confusion.view(classes, classes).cpu()
     correct = confusion.diagonal().sum().item()

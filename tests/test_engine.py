@@ -8,7 +8,7 @@ from torch import nn
 
 from stable_cnn import train as train_module
 from stable_cnn.config import ClippingConfig
-from stable_cnn.engine import clip_gradients, optimizer_step
+from stable_cnn.step import clip_gradients, optimizer_step
 from tests.conftest import TINY, compose_run
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn.config import ClippingConfig, SchedulerConfig
-from stable_cnn.engine import train_one_epoch
+from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
+from stable_cnn.engine import SLOT, train_one_epoch
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
+from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from tests.conftest import TINY, run_cli
 
@@ -29,15 +30,17 @@ def batches_with_a_nan_image(count: int, poisoned: set[int]) -> list:
     return batches
 
 
-def run_epoch(batches: list, policy: str, limit: int = 10):
+def run_epoch(
+    batches: list, policy: str, limit: int = 10, log_every: int = 100, dropout: float = 0.3
+):
     torch.manual_seed(0)
-    model = SmallCNN(in_channels=1, width=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model = SmallCNN(in_channels=1, width=8, dropout=dropout, head_dropout=dropout)
+    optimizer = build_optimizer(model, SGDConfig(lr=0.01))
     schedule = build_schedule(optimizer, SchedulerConfig("none"), 1, len(batches))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stats, _ = train_one_epoch(
         model, batches, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
-        ClippingConfig("norm", max_norm=1.0), CPU, 0, 100, lambda step, scalars: None,
+        ClippingConfig("norm", max_norm=1.0), CPU, 0, log_every, lambda step, scalars: None,
         progress_bar=False, on_nonfinite=policy, max_consecutive_nonfinite=limit,
     )  # fmt: skip
     return model, stats
@@ -58,8 +61,34 @@ def test_stop_ends_the_epoch_at_the_bad_step():
 
 
 def test_skip_gives_up_after_too_many_in_a_row():
-    _, stats = run_epoch(batches_with_a_nan_image(8, poisoned={1, 2, 3, 4}), "skip", limit=3)
-    assert stats.stop_reason.startswith("3 non-finite steps in a row")
+    """The limit is checked on the host at each log interval and at the epoch's end (no
+    read per step): with a check every 2 steps it is seen at step 4, after 3 in a row."""
+    batches = batches_with_a_nan_image(8, poisoned={1, 2, 3, 4})
+    _, stats = run_epoch(batches, "skip", limit=3, log_every=2)
+    assert stats.stop_reason == "3 non-finite steps in a row (by step 4)"
+    _, stats = run_epoch(batches, "skip", limit=3, log_every=100)
+    assert stats.stop_reason == "4 non-finite steps in a row (by step 8)"
+    assert stats.nonfinite_steps == 4 and stats.images == 4 * 8
+
+
+def test_a_skipped_step_changes_nothing_even_the_first():
+    """Skipping happens inside the fused optimizer (found_inf) and by a device-side select
+    for BatchNorm: weights, momentum and running statistics stay exactly as they were.
+    A skipped first step must not leave the fused SGD's momentum uninitialised."""
+    batches = batches_with_a_nan_image(3, poisoned={0})
+    torch.manual_seed(0)
+    reference = SmallCNN(in_channels=1, width=8)
+    # no dropout: the skipped forward pass would draw masks and shift the random stream
+    skipped_model, stats = run_epoch(batches, "skip", dropout=0.0)
+    clean_model, _ = run_epoch(batches[1:], "skip", dropout=0.0)
+    assert stats.nonfinite_steps == 1
+    for name, value in clean_model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(skipped_model.state_dict()[name], value, msg=name)
+    # and the skipped step really was skipped: the BN counters count 2 batches, not 3
+    counters = [b for n, b in skipped_model.named_buffers() if n.endswith("num_batches_tracked")]
+    assert all(int(b) == 2 for b in counters)
+    assert not torch.equal(reference.stage1[0][0].weight, skipped_model.stage1[0][0].weight)
 
 
 @pytest.mark.slow
@@ -77,12 +106,13 @@ def test_cli_stop_policy_saves_and_names_epoch_and_step(tmp_path):
 @pytest.mark.slow
 def test_cli_skips_counts_and_then_gives_up(tmp_path):
     # A nearly-zero std turns every image into +-inf: every step is skipped, counted,
-    # and after max_consecutive_nonfinite the run stops with one line.
+    # and the first check after max_consecutive_nonfinite (every log interval, here 2
+    # steps) stops the run with one line.
     args = [*TINY, "data.std=[1e-40]", "amp=off", "trainer.max_consecutive_nonfinite=3",
             "hydra.run.dir=run"]  # fmt: skip
     done = run_cli(args, tmp_path)
     assert done.returncode == 2
-    assert "3 non-finite steps in a row" in done.stdout
+    assert "4 non-finite steps in a row (by step 4)" in done.stdout
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"]["nonfinite_steps"] == 3
+    assert state["progress"]["values"][SLOT["nonfinite_steps"]] >= 3
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "no epoch completed"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stable_cnn.engine import SLOT
 from stable_cnn.preemption import EXIT_PREEMPTED
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
@@ -107,7 +108,8 @@ def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path,
     assert process.returncode == EXIT_PREEMPTED, output
     assert "SIGTERM: stopped in epoch" in output and "trainer.resume=" in output
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"] is not None and state["progress"]["steps"] > 0, "mid-epoch"
+    assert state["progress"] is not None, "mid-epoch"
+    assert state["progress"]["values"][SLOT["steps"]] > 0
 
     resumed = start(run_dir, f"trainer.resume={run_dir}")
     output = resumed.communicate(timeout=300)[0]

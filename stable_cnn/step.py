@@ -1,0 +1,187 @@
+"""The optimizer step, decided on the device: backward, unscale, clip, step, with NaN/Inf
+steps skipped without the host ever reading a flag.
+
+The order is nanoGPT's: scale -> backward -> unscale -> clip -> step -> update ->
+zero_grad, so clipping sees real gradient units, and one GradScaler lives for the whole
+run. Whether a step is applied is a boolean tensor: a fused optimizer (SGD, AdamW on CUDA
+and CPU) takes it as ``found_inf`` and skips its own update, and BatchNorm's running
+statistics are put back by a device-side select. On a GPU nothing here waits for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stable_cnn.config import ClippingConfig
+from stable_cnn.hardware import Precision
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+def clip_gradients(
+    parameters: list[nn.Parameter], clipping: ClippingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip in place as configured; return the total L2 norm before and after clipping
+    (device tensors: reading them would sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if clipping.name == "norm":
+        torch.nn.utils.clip_grads_with_norm_(parameters, clipping.max_norm, norm)
+        # The factor clip_grads_with_norm_ applied, so the new norm costs no second pass.
+        scale = (clipping.max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return norm, norm * scale
+    if clipping.name == "value":
+        torch.nn.utils.clip_grad_value_(parameters, clipping.max_value)
+        return norm, torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm, norm
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused optimizers skip their update when ``found_inf`` is set, inside the kernel."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+
+
+@dataclass
+class StepOutcome:
+    """What one step did; every field is a device tensor (reading one syncs a GPU)."""
+
+    grad_norm: torch.Tensor  # total L2 norm before clipping
+    grad_norm_clipped: torch.Tensor  # after clipping
+    loss_finite: torch.Tensor  # bool
+    grads_finite: torch.Tensor  # bool
+
+    @property
+    def applied(self) -> torch.Tensor:
+        """The weights moved: loss and gradients were finite."""
+        return self.loss_finite & self.grads_finite
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    parameters: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clipping: ClippingConfig,
+    sync_free: bool | None = None,
+) -> StepOutcome:
+    """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
+    NaN/Inf is skipped (the weights and the optimizer state stay as they were).
+
+    ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
+    optimizer that cannot skip by itself costs one host read of the flag per step."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
+    outcome = StepOutcome(
+        grad_norm, grad_norm_clipped, loss.detach().isfinite(), grad_norm.isfinite()
+    )
+    if sync_free is None:
+        sync_free = skips_on_device(optimizer)
+    if scaler.is_enabled():
+        # fp16: the GradScaler found the same NaN/Inf while unscaling and skips the step
+        # itself (through found_inf into a fused optimizer: no sync), lowering its scale.
+        scaler.step(optimizer)
+    elif sync_free:
+        # The contract GradScaler itself uses with fused optimizers (torch.amp.GradScaler.
+        # step): a float tensor attribute `found_inf`, non-zero = skip this update.
+        optimizer.found_inf = (~outcome.applied).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif outcome.applied:  # host read: this optimizer cannot skip on the device
+        optimizer.step()
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return outcome
+
+
+def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
+    """Give SGD's momentum buffers their first value (zeros) before the first step.
+
+    A fused SGD allocates them uninitialised on its first step and fills them in the
+    kernel; a skipped first step (NaN at step 1, or fp16's first overflow) would leave
+    garbage there. Starting from zeros gives the same first update (dampening 0)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param)
+
+
+class BatchNormGuard:
+    """Puts BatchNorm's running statistics back after a skipped step, on the device.
+
+    BatchNorm updates its statistics in the forward pass, before the step can be judged,
+    so one NaN batch would poison them. The guard makes every running mean and variance a
+    view of one flat tensor (and every batch counter a view of another), so a snapshot is
+    one copy and the restore one select, instead of a clone and a copy per buffer.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        self.statistics = _flatten_buffers(norms, ("running_mean", "running_var"))
+        self.counters = _flatten_buffers(norms, ("num_batches_tracked",))
+        self.saved = None if self.statistics is None else torch.empty_like(self.statistics)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BatchNormGuard:
+        """The model's guard, made once: the same buffers every epoch (a compiled model
+        would recompile if they were replaced). Remade if ``model.to()`` replaced them."""
+        guard = _GUARDS.get(model)
+        if guard is None or not guard.still_backs(model):
+            guard = _GUARDS[model] = cls(model)
+        return guard
+
+    def still_backs(self, model: nn.Module) -> bool:
+        first = next((m.running_mean for m in model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and m.running_mean is not None), None)  # fmt: skip
+        if first is None or self.statistics is None:
+            return first is None and self.statistics is None
+        return first.data_ptr() == self.statistics.data_ptr()
+
+    def snapshot(self) -> None:
+        if self.saved is not None:
+            self.saved.copy_(self.statistics)
+
+    def keep_if(self, applied: torch.Tensor) -> None:
+        """Keep this step's statistics if ``applied``, else restore the snapshot."""
+        if self.saved is None:
+            return
+        self.statistics.copy_(torch.where(applied, self.statistics, self.saved))
+        self.counters.sub_((~applied).to(self.counters.dtype))
+
+
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, BatchNormGuard] = weakref.WeakKeyDictionary()
+
+
+def _flatten_buffers(modules: list[nn.Module], names: tuple[str, ...]) -> torch.Tensor | None:
+    """One flat tensor holding the named buffers of ``modules``, which become views of it."""
+    buffers = [(m, name) for m in modules for name in names if getattr(m, name) is not None]
+    if not buffers:
+        return None
+    flat = torch.cat([getattr(m, name).detach().reshape(-1) for m, name in buffers])
+    offset = 0
+    for module, name in buffers:
+        old = getattr(module, name)
+        setattr(module, name, flat[offset : offset + old.numel()].view_as(old))
+        offset += old.numel()
+    return flat
