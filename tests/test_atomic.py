@@ -33,7 +33,7 @@ def test_concurrent_writers_all_succeed_and_readers_see_whole_versions(tmp_path:
     writers = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path), str(k)], stderr=subprocess.PIPE, text=True
-        )  # fmt: skip
+        )
         for k in range(4)
     ]
     reads = 0
