@@ -261,6 +261,7 @@ class TrainerConfig:
     early_stopping_patience: int | None = None  # stop after N epochs without a better val acc
     label_smoothing: float = 0.0
     channels_last: bool | None = None  # null = where it is faster (CUDA, AVX-512 CPUs)
+    tf32: bool = True  # CUDA (Ampere+): fp32 matmuls and convolutions on TF32 tensor cores
     progress_bar: bool = True  # shown only on a terminal
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)

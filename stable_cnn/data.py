@@ -23,6 +23,7 @@ from stable_cnn.atomic import atomic_write
 from stable_cnn.augment import normalize, random_crop, random_flip
 from stable_cnn.config import DataConfig
 from stable_cnn.errors import DataError
+from stable_cnn.seeding import stream_seed
 
 # The validation split is drawn with this fixed seed, so every run (any trainer.seed)
 # validates on the same images and their val accuracies compare.
@@ -153,7 +154,9 @@ class TensorBatches:
 
 
 def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSplits:
-    """Load the dataset named by ``config.name`` and cut it into train, val and test batches."""
+    """Load the dataset named by ``config.name`` and cut it into train, val and test batches.
+    ``seed`` is the run's seed: the data's random stream derives its own from it."""
+    seed = stream_seed(seed, "data")
     if config.name == "image_folder":
         return _image_folder_splits(config, seed)
     train_images, train_labels, class_names = load_tensors(config, train=True)

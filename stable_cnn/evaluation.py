@@ -60,8 +60,15 @@ def load_for_evaluation(
     check_data_fits(model_config, data, path)
 
     device = resolve_device(device_name)
-    precision = choose_precision(saved.get("amp", {}).get("name", "auto"), device)
-    memory_format = choose_memory_format(device, saved.get("trainer", {}).get("channels_last"))
+    amp = saved.get("amp", {}).get("name", "auto")
+    channels_last = saved.get("trainer", {}).get("channels_last")
+    trained = state.get("runtime")
+    if trained is not None and state.get("device_type") == device.type:
+        # the precision and layout the run resolved (on this kind of device), not auto's
+        amp = {"fp32": "off"}.get(trained["precision"], trained["precision"])
+        channels_last = trained["channels_last"]
+    precision = choose_precision(amp, device)
+    memory_format = choose_memory_format(device, channels_last)
     splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
     model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
     load_model_weights(model, state, path)

@@ -43,6 +43,14 @@ class Runtime:
     precision: Precision
     memory_format: torch.memory_format  # channels_last where faster, else contiguous
 
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == torch.channels_last
+
+    def record(self) -> dict[str, object]:
+        """What a checkpoint keeps, so a resume continues at the same precision and layout."""
+        return {"precision": self.precision.name, "channels_last": self.channels_last}
+
 
 def resolve_device(requested: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a ConfigError."""
@@ -100,8 +108,12 @@ def describe_cpu() -> str:
     return " ".join(present) or "no AVX2/AVX-512"
 
 
-def choose_precision(amp: str, device: torch.device) -> Precision:
-    """Resolve ``amp`` (auto | fp16 | bf16 | off) for ``device``."""
+def choose_precision(
+    amp: str, device: torch.device, cuda_capability: tuple[int, int] | None = None
+) -> Precision:
+    """Resolve ``amp`` (auto | fp16 | bf16 | off) for ``device``. On CUDA, ``auto`` is
+    bf16 from compute capability 8.0 (Ampere) on: as fast as fp16 there, with fp32's
+    range, so no GradScaler, no skipped steps and no sync; fp16 + GradScaler before."""
     native_bf16 = cpu_has_native_bf16()
     if amp == "off":
         return FP32
@@ -113,7 +125,12 @@ def choose_precision(amp: str, device: torch.device) -> Precision:
         note = "amp=bf16 (emulated on this CPU: expect it 7-10x slower)" if slow else "amp=bf16"
         return Precision("bf16", torch.bfloat16, False, note)
     if device.type == "cuda":
-        return Precision("fp16", torch.float16, True, "amp=auto on CUDA")
+        major, minor = cuda_capability or torch.cuda.get_device_capability(device)
+        if major >= 8:
+            why = f"amp=auto, GPU compute capability {major}.{minor} has native bf16"
+            return Precision("bf16", torch.bfloat16, False, why)
+        why = f"amp=auto, GPU compute capability {major}.{minor} lacks fast bf16"
+        return Precision("fp16", torch.float16, True, why)
     if device.type == "cpu" and native_bf16:
         return Precision("bf16", torch.bfloat16, False, "amp=auto, CPU has native bf16")
     why = "CPU lacks native bf16 (emulated bf16 is 7-10x slower)" if device.type == "cpu" else ""
@@ -129,19 +146,60 @@ def choose_memory_format(device: torch.device, channels_last: bool | None) -> to
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def use_tf32(device: torch.device, allowed: bool) -> bool:
+    """TF32 tensor cores for fp32 matmuls and convolutions (CUDA, compute capability 8.0+):
+    about 8x the fp32 rate at fp16-like mantissa, the same range. Set (or reset, for a
+    multirun's next job) on every run; returns whether it is in use."""
+    active = allowed and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = active
+        torch.backends.cudnn.allow_tf32 = active
+    return active
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock, not per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``torch.compile(model)``, or ``model`` itself with a one-line warning where the
-    compiler cannot run. Keep using ``model`` for state_dict: the compiled wrapper's keys
-    carry an ``_orig_mod.`` prefix."""
+    """``torch.compile(model)`` behind an eager fallback, or ``model`` itself with a
+    one-line warning where the compiler cannot run. Keep using ``model`` for state_dict:
+    the compiled wrapper's keys carry an ``_orig_mod.`` prefix."""
     missing = compiler_missing(device)
     if missing:
         log.warning("trainer.compile=true ignored: %s; training without torch.compile", missing)
         return model
     try:
-        return torch.compile(model)
+        return CompiledWithFallback(model, torch.compile(model))
     except Exception as err:  # torch raises many kinds on unsupported platforms
         log.warning("trainer.compile=true ignored: torch.compile failed (%s)", err)
         return model
+
+
+class CompiledWithFallback(torch.nn.Module):
+    """Runs the compiled model; if the compiler fails (it compiles at the first forward
+    pass, and again for a new input shape), says so in one line and runs eagerly from
+    then on. Errors of the model itself are raised again by the eager run."""
+
+    def __init__(self, model: torch.nn.Module, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # Kept outside the module tree: it wraps `model`, whose parameters are listed once.
+        self.__dict__["compiled"] = compiled
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.compiled is not None:
+            import torch._dynamo.exc
+
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                reason = str(err).strip().splitlines()[0][:200]
+                log.warning("trainer.compile=true: compiling failed (%s); training eagerly", reason)
+                self.__dict__["compiled"] = None
+        return self.model(*args, **kwargs)
 
 
 def compiler_missing(device: torch.device) -> str:

@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 # change neither the numbers nor the shape of the run.
 IGNORED_KEYS = {
     ("trainer", "resume"),
+    # Resolved per machine; the resolved precision and layout are compared instead
+    # (check_same_runtime), so these may be set to force what the run started with.
+    ("amp", "name"),
+    ("trainer", "channels_last"),
     ("trainer", "progress_bar"),
     ("trainer", "num_threads"),
     ("data", "root"),
@@ -54,12 +58,17 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_checkpoint(
-    resume: str | None, run_dir: Path, outputs: Path, config: dict[str, Any]
+    resume: str | None,
+    run_dir: Path,
+    outputs: Path,
+    config: dict[str, Any],
+    runtime: dict[str, Any] | None = None,
 ) -> Path | None:
     """The checkpoint to continue, or None for a fresh run.
 
     ``resume`` is None (fresh), ``auto`` (this run folder's own checkpoint, else the newest
-    unfinished run under ``outputs`` with the same config) or a checkpoint / run folder path.
+    unfinished run under ``outputs`` with the same config and, where given, the same
+    resolved ``runtime``) or a checkpoint / run folder path.
     """
     if resume is None:
         return None
@@ -84,11 +93,12 @@ def find_checkpoint(
         if is_finished(candidate.parent.parent) or has_diverged(candidate.parent.parent):
             continue
         try:
-            saved = load_checkpoint(candidate).get("config", {})
+            state = load_checkpoint(candidate)
         except CheckpointError as err:
             log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
             continue
-        if comparable(saved) == wanted:
+        same_runtime = runtime is None or state.get("runtime", runtime) == runtime
+        if comparable(state.get("config", {})) == wanted and same_runtime:
             return candidate
     return None
 
@@ -120,15 +130,50 @@ def check_same_device(state: dict[str, Any], device: torch.device, path: Path) -
         )
 
 
-def rng_state() -> dict[str, Any]:
+def check_same_runtime(
+    state: dict[str, Any], runtime: dict[str, Any], path: Path, reason: str
+) -> None:
+    """Refuse to continue at another precision or memory layout than the run started with.
+    ``amp=auto`` and ``trainer.channels_last=null`` are resolved per machine, so the same
+    config can mean fp32 on one machine and bf16 on the next (a requeue onto another node)."""
+    saved = state.get("runtime")
+    if saved is None or saved == runtime:
+        return
+    amp = {"fp32": "off"}.get(saved["precision"], saved["precision"])
+    layout = {True: "channels_last", False: "contiguous"}
+    raise CheckpointError(
+        f"checkpoint {path} trained in {saved['precision']} with the "
+        f"{layout[saved['channels_last']]} layout, but here it would continue in "
+        f"{runtime['precision']} with the {layout[runtime['channels_last']]} layout "
+        f"({reason}): resume with amp={amp} trainer.channels_last="
+        f"{str(saved['channels_last']).lower()} to continue as it started"
+    )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python's and torch's random states, and the run's own GPU's (not every GPU's: a
+    requeued job may see another number of them)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = cuda_state_for(state.get("cuda"), device)
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
+
+
+def cuda_state_for(saved: Any, device: torch.device) -> torch.Tensor | None:
+    """The saved CUDA random state to give ``device``, or None. Checkpoints of stable-cnn
+    0.1 saved a list with every visible GPU's state: take the run's device's entry, or
+    the first where that device did not exist then."""
+    if saved is None or device.type != "cuda":
+        return None
+    if isinstance(saved, list | tuple):
+        index = device.index or 0
+        return saved[index] if index < len(saved) else saved[0]
+    return saved

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -49,6 +48,7 @@ from stable_cnn.hardware import (
     describe_cpu,
     resolve_device,
     usable_cores,
+    use_tf32,
 )
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
@@ -57,6 +57,7 @@ from stable_cnn.report import write_report
 from stable_cnn.resume import (
     check_same_config,
     check_same_device,
+    check_same_runtime,
     find_checkpoint,
     holds_a_run,
     is_finished,
@@ -64,6 +65,7 @@ from stable_cnn.resume import (
     rng_state,
 )
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.seeding import seed_everything
 from stable_cnn.tracking import (
     FAILURE_FILE,
     Hparams,
@@ -98,20 +100,6 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     return RunConfig(**groups)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; set before CUDA starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: the few CUDA kernels without a deterministic version warn, not crash.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.use_deterministic_algorithms(False)  # a multirun's jobs share the process
-    # cuDNN autotuning picks kernels by timing, so it is off when runs must repeat exactly.
-    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
 
 
 def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
@@ -188,6 +176,8 @@ def choose_runtime(run: RunConfig) -> Runtime:
         log.info("device %s", device)
     layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
     log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
+    if use_tf32(device, run.trainer.tf32) and precision.name == "fp32":
+        log.info("fp32 matmuls and convolutions in TF32 (trainer.tf32=false for full fp32)")
     return Runtime(device, precision, memory_format)
 
 
@@ -206,13 +196,19 @@ class Counters:
 
 
 def locate_run(
-    resume: str | None, run_dir: Path, outputs: Path, composed_config: dict[str, Any]
+    resume: str | None,
+    run_dir: Path,
+    outputs: Path,
+    composed_config: dict[str, Any],
+    runtime: Runtime,
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
-    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config)
+    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_same_config(resume_state, composed_config, resume_from)
+        check_same_device(resume_state, runtime.device, resume_from)
+        check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)
     if resume_from is not None and resume_from.parent.name == "checkpoints":
         run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
     elif holds_a_run(run_dir):
@@ -246,15 +242,15 @@ def train(
     ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics."""
     started = time.perf_counter()
     trainer = run.trainer
+    runtime = choose_runtime(run)
     run_dir, resume_from, resume_state = locate_run(
-        trainer.resume, run_dir, outputs, composed_config
+        trainer.resume, run_dir, outputs, composed_config, runtime
     )
     if trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
         return outcome
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its own outcome
     log.info("run folder: %s", run_dir)
     seed_everything(trainer.seed, trainer.deterministic)
-    runtime = choose_runtime(run)
 
     data = build_splits(run.data, runtime.device, trainer.seed)
     log.info(
@@ -279,12 +275,11 @@ def train(
 
     counters, progress = Counters(), None
     if resume_state is not None:
-        check_same_device(resume_state, runtime.device, resume_from)
         load_model_weights(model, resume_state, resume_from)
         for part, key in ((optimizer, "optimizer"), (schedule, "scheduler"), (scaler, "scaler"),
                           (data.train, "data")):  # fmt: skip
             part.load_state_dict(resume_state[key])
-        restore_rng(resume_state["rng"])
+        restore_rng(resume_state["rng"], runtime.device)
         counters = Counters(**resume_state["counters"])
         if resume_state["progress"] is not None:
             progress = EpochProgress.from_state(resume_state["progress"], runtime.device)
@@ -300,10 +295,11 @@ def train(
             "counters": asdict(counters),
             "progress": None if progress is None else progress.state_dict(),
             "data": data.train.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(runtime.device),
             "model_config": model_config(run, data.info),
             "config": composed_config,
             "device_type": runtime.device.type,
+            "runtime": runtime.record(),
         }
 
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)

@@ -230,3 +230,33 @@ def test_an_output_folder_inside_a_file_is_one_line(tmp_path: Path):
     assert done.returncode == 2
     assert "cannot create the run folder" in done.stderr and "is a file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_resume_at_another_precision_is_refused_and_can_be_forced(
+    uninterrupted: Path, tmp_path: Path
+):
+    """amp=auto resolves per machine: a checkpoint from a machine that trained in another
+    precision (bf16 there, fp32 here, or the other way round) is refused in one line
+    that names both and the override that continues as the run started."""
+    from stable_cnn.hardware import choose_precision
+
+    here = choose_precision("auto", torch.device("cpu")).name
+    there = "fp32" if here == "bf16" else "bf16"
+    state = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
+    assert state["runtime"]["precision"] == here, "the checkpoint records what was resolved"
+    state["runtime"]["precision"] = there  # as if written on the other kind of CPU
+    checkpoints = tmp_path / "moved" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("last.pt", "best.pt"):
+        torch.save(state, checkpoints / name)
+
+    done = run_cli([*RESUMABLE, f"trainer.resume={checkpoints / 'last.pt'}"], tmp_path)
+    errors = [line for line in done.stdout.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stdout + done.stderr
+    forced = "amp=off" if there == "fp32" else "amp=bf16"
+    assert f"trained in {there}" in errors[0] and f"continue in {here}" in errors[0]
+    assert f"{forced} trainer.channels_last=" in errors[0]
+
+    done = run_cli([*RESUMABLE, forced, f"trainer.resume={checkpoints / 'last.pt'}"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "moved" / "results.json").read_text())["precision"] == there

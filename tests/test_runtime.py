@@ -1,0 +1,72 @@
+"""What a run resolves from the machine (precision, RNG streams, compiler) and what a
+resume must find again: the fixes that make the CUDA and resume paths trustworthy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stable_cnn.data import build_splits
+from stable_cnn.hardware import choose_precision
+from stable_cnn.resume import cuda_state_for, rng_state
+from stable_cnn.seeding import seed_everything, stream_seed
+from tests.conftest import TINY, compose_run, run_cli
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected", "scaler"),
+    [((7, 0), "fp16", True), ((7, 5), "fp16", True), ((8, 0), "bf16", False),
+     ((9, 0), "bf16", False)],
+)  # fmt: skip
+def test_amp_auto_on_cuda_is_bf16_from_ampere_on(capability, expected, scaler):
+    precision = choose_precision("auto", CUDA, cuda_capability=capability)
+    assert (precision.name, precision.use_grad_scaler) == (expected, scaler)
+    assert f"{capability[0]}.{capability[1]}" in precision.reason, "the log says why"
+
+
+def test_explicit_amp_is_kept_on_any_gpu():
+    assert choose_precision("fp16", CUDA, cuda_capability=(9, 0)).name == "fp16"
+    assert choose_precision("off", CUDA, cuda_capability=(9, 0)).name == "fp32"
+
+
+def test_a_checkpoint_keeps_only_its_own_gpus_random_state():
+    """A requeued job may see fewer GPUs than the one that saved: 0.1 checkpoints held
+    every visible GPU's state, and restoring them all raised IndexError."""
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    saved_on_four = [torch.full((8,), k, dtype=torch.uint8) for k in range(4)]
+    assert torch.equal(cuda_state_for(saved_on_four, torch.device("cuda:2")), saved_on_four[2])
+    assert torch.equal(cuda_state_for(saved_on_four, torch.device("cuda")), saved_on_four[0])
+    assert torch.equal(cuda_state_for(saved_on_four[:1], torch.device("cuda:3")), saved_on_four[0])
+    assert cuda_state_for(saved_on_four, torch.device("cpu")) is None
+
+
+def test_dropout_and_augmentation_draw_from_different_streams():
+    """One trainer.seed, two streams: the model's (init, dropout) and the data's (order,
+    crops, flips). Seeded with the same integer they drew the very same bits."""
+    run = compose_run(TINY)
+    seed_everything(run.trainer.seed, deterministic=False)
+    data = build_splits(run.data, torch.device("cpu"), run.trainer.seed)
+    model_bits = torch.rand(1000)
+    data_bits = torch.rand(1000, generator=data.train.generator)
+    assert not torch.equal(model_bits, data_bits)
+    assert stream_seed(0, "data") == stream_seed(0, "data") != stream_seed(1, "data")
+    seed_everything(run.trainer.seed, deterministic=False)
+    assert torch.equal(torch.rand(1000), model_bits), "still reproducible from the seed"
+
+
+@pytest.mark.slow
+def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Path):
+    """torch.compile() returns at once; the compiler runs at the first forward pass. A
+    broken C++ compiler there (CXX=/bin/false) must cost a warning, not the run."""
+    done = run_cli([*TINY, "trainer.compile=true", "trainer.epochs=1", "hydra.run.dir=run"],
+                   tmp_path, env={"CXX": "/bin/false"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    warnings = [line for line in done.stdout.splitlines() if "compiling failed" in line]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 0
