@@ -4,7 +4,8 @@ wall time to its test accuracy.
 
     python scripts/benchmark.py --quick                  # about a minute
     python scripts/benchmark.py --width 32 --steps 200   # the figures in docs/benchmarks.md
-    python scripts/benchmark.py --dataset cifar10-synthetic --width 64 --device cuda --compile
+    python scripts/benchmark.py --dataset cifar10-synthetic --width 64 --device cuda --compile \
+        --precisions fp16,bf16 --batch-size 512            # a GPU (scripts/gpu_check.sh)
 
 The ceiling is forward + backward + clipped SGD step on batches already in memory, in
 the model's fastest form on this machine. The stable-cnn loop is ``train_one_epoch`` on
@@ -202,8 +203,12 @@ def tutorial_loop(args, config: DataConfig, device: torch.device) -> float:
 
 def variants(args, device: torch.device) -> list[tuple[Precision, bool, bool]]:
     """(precision, channels_last, compile) combinations worth measuring here."""
-    auto = choose_precision("auto", device)
-    precisions = [FP32] if auto.name == "fp32" else [FP32, auto]
+    if args.precisions:
+        amp = {"fp32": "off"}
+        precisions = [choose_precision(amp.get(p, p), device) for p in args.precisions.split(",")]
+    else:
+        auto = choose_precision("auto", device)
+        precisions = [FP32] if auto.name == "fp32" else [FP32, auto]
     # --quick measures only the layout that amp=auto's machine would train with.
     auto_layout = choose_memory_format(device, None) == torch.channels_last
     layouts = [auto_layout] if args.quick else [False, True]
@@ -255,6 +260,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--precisions",
+        metavar="LIST",
+        help="comma-separated fp32,fp16,bf16,auto (default: fp32 and auto)",
+    )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--quick", action="store_true", help="fewer rows and steps (~1 min)")
     parser.add_argument("--time-to-accuracy", metavar="PRESET", nargs="?",

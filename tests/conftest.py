@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from stable_cnn.config import RunConfig
@@ -27,6 +29,25 @@ TINY = [
     "trainer.log_every_n_steps=2",
     "diagnostics.figures_every_n_epochs=null",  # figures have tests of their own
 ]
+
+
+# Every way Python reads a tensor value; on a GPU each one waits for the device.
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts every read of a tensor value by the host, by method."""
+    counts: Counter = Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, __original=original, __name=name, **kwargs):
+            counts[__name] += 1
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
 
 
 def compose_config(overrides: list[str]):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -22,23 +21,6 @@ from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from tests.conftest import compose_run
-
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts every read of a tensor value by the host, by method."""
-    counts: Counter = Counter()
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, __original=original, __name=name, **kwargs):
-            counts[__name] += 1
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
 
 
 def epoch_reads(host_reads: Counter, batches: int, log_every: int, policy: str = "skip") -> int:

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The GPU check: proves stable-cnn's CUDA path on a machine with one NVIDIA GPU, in at
+# most 8 minutes, and writes OUTDIR/summary.md (plus the logs it is made from).
+#
+#   1. the `cuda` tests (tests/test_cuda.py: real runs in fp16/bf16, exact resume with
+#      deterministic kernels, channels_last + compile, no host read or sync per step)
+#   2. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
+#      128 and 512, fp16 and bf16, torch.compile off and on (512), bare ceiling beside each
+#   3. time to accuracy on real Fashion-MNIST: experiment=fashion_mnist_best
+#
+# Usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]
+#   --dry-run: everything but the CUDA parts, tiny and on the CPU (CI runs it this way).
+#
+# On this project's lent GPU machine (torch there, but no hydra-core/omegaconf and no
+# network), through the `device` tool:
+#   here, once:   bash scripts/gpu_bundle.sh          # wheels + Fashion-MNIST into .gpu/
+#   device run:   command "bash scripts/gpu_check.sh $OUT"  carry [".gpu"]  timeout_s 540
+# then copy the figures from summary.md into docs/benchmarks.md with the GPU's name.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]}
+dry=false
+[ "${2:-}" = "--dry-run" ] && dry=true
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log="$out/gpu_check.log"
+summary="$out/summary.md"
+: >"$log"
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
+export PYTHONUNBUFFERED=1
+
+# Hydra and OmegaConf from the carried wheels where they are missing; stable_cnn from
+# this checkout (no install step: the machine has no network to build with).
+if ! "$py" -c "import hydra, omegaconf" 2>/dev/null; then
+    if [ -d .gpu/wheels ]; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/stable-cnn-site \
+            .gpu/wheels/*.whl >>"$log" 2>&1
+        export PYTHONPATH=/tmp/stable-cnn-site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "gpu_check: hydra-core is missing and there is no .gpu/wheels: run scripts/gpu_bundle.sh" >&2
+        exit 2
+    fi
+fi
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+system_dir=/usr/share/datasets/fashion-mnist
+[ -d .gpu/fashion-mnist ] && system_dir=$repo/.gpu/fashion-mnist
+data_root=$(mktemp -d /tmp/stable-cnn-data.XXXXXX)
+runs=$(mktemp -d /tmp/stable-cnn-runs.XXXXXX)
+
+failed=0
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log, and record its status and time
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    echo "== $name: $*" >>"$log"
+    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+    local status=$?
+    [ $status -ne 0 ] && failed=1
+    echo "| $name | $([ $status -eq 0 ] && echo ok || echo "exit $status") | $((SECONDS - started)) s |" >>"$out/steps.md"
+    return 0
+}
+: >"$out/steps.md"
+
+if $dry; then
+    device=cpu
+    bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
+    sizes=(32 64)
+    preset=(experiment=smoke trainer.device=cpu data.limit_train=1024 data.limit_test=512 trainer.epochs=1)
+else
+    device=cuda
+    bench=(--device cuda --width 64 --steps 200 --warmup 10 --quick)
+    sizes=(128 512)
+    preset=(experiment=fashion_mnist_best)
+fi
+
+step facts 60 "$py" -c "
+import platform, torch
+print('python', platform.python_version(), '| torch', torch.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('GPU', p.name, f'| compute capability {p.major}.{p.minor} | {p.total_memory / 2**30:.0f} GiB | {p.multi_processor_count} SMs')
+else:
+    print('no CUDA GPU: dry run on the CPU')
+"
+step cuda_tests 270 "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
+for size in "${sizes[@]}"; do
+    extra=()  # torch.compile at the larger batch (not in a dry run: minutes on a CPU)
+    [ "$size" = "${sizes[1]}" ] && ! $dry && extra=(--compile)
+    step "benchmark_b$size" 150 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
+        --precisions fp16,bf16 --batch-size "$size" "${bench[@]}" "${extra[@]}"
+done
+step time_to_accuracy 150 "$py" -m stable_cnn.train "${preset[@]}" "data.root=$data_root" \
+    "data.system_dir=$system_dir" trainer.progress_bar=false "hydra.run.dir=$runs/preset"
+cp "$runs/preset/results.json" "$out/time_to_accuracy.json" 2>/dev/null
+
+{
+    echo "# stable-cnn GPU check ($(date -u +%Y-%m-%d), $($dry && echo dry run on the CPU || echo "$device"))"
+    echo
+    echo '```'
+    cat "$out/facts.log"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    echo '```'
+    echo
+    echo "| step | status | time |"
+    echo "|---|---|---:|"
+    cat "$out/steps.md"
+    echo
+    echo "## cuda tests"
+    echo
+    echo '```'
+    tail -n 12 "$out/cuda_tests.log"
+    echo '```'
+    for size in "${sizes[@]}"; do
+        echo
+        echo "## benchmark, batch $size"
+        echo
+        grep -E '^(\||CPU|SmallCNN)' "$out/benchmark_b$size.log"
+    done
+    echo
+    echo "## time to accuracy: ${preset[*]}"
+    echo
+    "$py" -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f\"test accuracy {r['test_acc']:.2f}% (best val {r['best_val_acc']:.2f}%, epoch {r['best_epoch']}), \"
+      f\"{r['epochs']} epochs, {r['wall_s']:.1f} s in train() on {r['device']}, {r['precision']}\")
+" "$out/time_to_accuracy.json" 2>/dev/null || echo "no result: see time_to_accuracy.log"
+} >"$summary"
+rm -rf "$data_root" "$runs" "$out/steps.md" "$out/facts.log"  # both are in summary.md
+cat "$summary"
+exit $failed
