@@ -5,7 +5,7 @@ wall time to its test accuracy.
     python scripts/benchmark.py --quick                  # about a minute
     python scripts/benchmark.py --width 32 --steps 200   # the figures in docs/benchmarks.md
     python scripts/benchmark.py --dataset cifar10-synthetic --width 64 --device cuda --compile \
-        --precisions fp16,bf16 --batch-size 512            # a GPU (scripts/gpu_check.sh)
+        --cuda-graph --precisions fp16,bf16 --batch-size 512  # a GPU (scripts/gpu_check.sh)
 
 The ceiling is forward + backward + clipped SGD step on batches already in memory, in
 the model's fastest form on this machine. The stable-cnn loop is ``train_one_epoch`` on
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
 from stable_cnn.data import build_splits
 from stable_cnn.engine import train_one_epoch
@@ -123,8 +124,11 @@ def bare_compute(args, config: DataConfig, runtime: Runtime, compiled: bool) -> 
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
 
-def stable_cnn_loop(args, config: DataConfig, runtime: Runtime, compiled: bool) -> float:
-    """Images/s of a whole ``train_one_epoch`` (data, augmentation, step, logging)."""
+def stable_cnn_loop(
+    args, config: DataConfig, runtime: Runtime, compiled: bool, cuda_graph: bool = False
+) -> float:
+    """Images/s of a whole ``train_one_epoch`` (data, augmentation, step, logging); with
+    ``cuda_graph`` the step is captured in a CUDA graph (trainer.cuda_graph=true)."""
     torch.manual_seed(0)
     data = build_splits(config, runtime.device, seed=0)
     model = new_model(config, args.width, runtime)
@@ -132,14 +136,21 @@ def stable_cnn_loop(args, config: DataConfig, runtime: Runtime, compiled: bool) 
     optimizer = build_optimizer(model, SGDConfig())
     schedule = build_schedule(optimizer, CosineConfig(), 3, len(data.train))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
+    train_step = build_train_step(network, nn.CrossEntropyLoss(), optimizer, scaler, CLIP,
+                                  runtime, 2.0, cuda_graph, cycles_momentum=False)  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         tracker = RunTracker(Path(run_dir))
         rates = []
         for epoch in range(2):  # the first epoch pays one-time costs (compile, allocator)
             stats, _ = train_one_epoch(
-                network, data.train, nn.CrossEntropyLoss(), optimizer, scaler, schedule, CLIP,
-                runtime, epoch * len(data.train), 50, tracker.log_step, progress_bar=False,
-            )  # fmt: skip
+                train_step,
+                data.train,
+                schedule,
+                epoch * len(data.train),
+                50,
+                tracker.log_step,
+                progress_bar=False,
+            )
             rates.append(stats.images_per_second)
         tracker.close()
     return rates[-1]
@@ -266,6 +277,11 @@ def main() -> None:
         help="comma-separated fp32,fp16,bf16,auto (default: fp32 and auto)",
     )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also measure the loop with the step in a CUDA graph (CUDA only)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rows and steps (~1 min)")
     parser.add_argument("--time-to-accuracy", metavar="PRESET", nargs="?",
                         const="fashion_mnist_fast", help="also run this preset")  # fmt: skip
@@ -284,6 +300,11 @@ def main() -> None:
             rows.append(Row(path, precision.name, channels_last, compiled, rate))
             print(f"  {path:16s} {precision.name} cl={channels_last} compile={compiled}: "
                   f"{rate:,.0f} img/s", file=sys.stderr)  # fmt: skip
+        if args.cuda_graph and not compiled and not precision.use_grad_scaler:
+            rate = stable_cnn_loop(args, config, runtime, False, cuda_graph=True)
+            rows.append(Row("stable-cnn loop, CUDA graph", precision.name, channels_last, False,
+                            rate))  # fmt: skip
+            print(f"  loop, CUDA graph {precision.name}: {rate:,.0f} img/s", file=sys.stderr)
     rows.append(
         Row("tutorial-style loop", "fp32", False, False, tutorial_loop(args, config, device))
     )

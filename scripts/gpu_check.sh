@@ -5,7 +5,8 @@
 #   1. the `cuda` tests (tests/test_cuda.py: real runs in fp16/bf16, exact resume with
 #      deterministic kernels, channels_last + compile, no host read or sync per step)
 #   2. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
-#      128 and 512, fp16 and bf16, torch.compile off and on (512), bare ceiling beside each
+#      128 and 512, fp16 and bf16, torch.compile off and on (512), the step in a CUDA
+#      graph (bf16; fp16 needs the host and falls back), bare ceiling beside each
 #   3. time to accuracy on real Fashion-MNIST: experiment=fashion_mnist_best
 #
 # Usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]
@@ -87,7 +88,8 @@ else:
 step cuda_tests 270 "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
 for size in "${sizes[@]}"; do
     extra=()  # torch.compile at the larger batch (not in a dry run: minutes on a CPU)
-    [ "$size" = "${sizes[1]}" ] && ! $dry && extra=(--compile)
+    $dry || extra=(--cuda-graph)
+    [ "$size" = "${sizes[1]}" ] && ! $dry && extra+=(--compile)
     step "benchmark_b$size" 150 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
         --precisions fp16,bf16 --batch-size "$size" "${bench[@]}" "${extra[@]}"
 done

@@ -264,6 +264,7 @@ class TrainerConfig:
     tf32: bool = True  # CUDA (Ampere+): fp32 matmuls and convolutions on TF32 tensor cores
     progress_bar: bool = True  # shown only on a terminal
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    cuda_graph: bool = False  # capture the whole step in a CUDA graph (CUDA, bf16/fp32)
     num_threads: int | None = None  # CPU threads for torch; null = torch's default (one per core)
     resume: str | None = None  # null = fresh; auto; or a checkpoint file / run folder to continue
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: skip the step, or stop (and save)

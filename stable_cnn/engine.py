@@ -16,107 +16,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stable_cnn.config import ClippingConfig
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
 from stable_cnn.schedulers import LRSchedule
-from stable_cnn.step import (
-    BatchNormGuard,
-    StepOutcome,
-    autocast,
-    optimizer_step,
-    skips_on_device,
-)
+from stable_cnn.step import SLOT, EpochProgress, StepOutcome, TrainStep, autocast
 
 StepLogger = Callable[[int, dict[str, float]], None]
-# Loss-spike detection: the running mean follows the batch loss with this weight per step
-# (an exponential mean over about 1 / LOSS_MEAN_RATE = 50 steps), and counts spikes only
-# after this many steps of an epoch.
-LOSS_MEAN_RATE = 0.02
-SPIKE_WARMUP_STEPS = 20
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-# The epoch's running values, one slot each in EpochProgress.values.
-SLOTS = (
-    "loss_sum", "correct", "images", "steps", "grad_norm_sum", "grad_norm_clipped_sum",
-    "clipped_steps", "loss_spikes",  # the sums above count applied steps only
-    "nonfinite_steps",  # skipped for a NaN/Inf loss or gradient
-    "amp_skipped_steps",  # fp16 steps the GradScaler skipped (gradient overflow: normal)
-    "window_loss", "window_steps",  # since the last log interval
-    "loss_mean",  # running (exponential) mean of the batch loss, for spikes
-    "consecutive_nonfinite", "longest_nonfinite_run",
-)  # fmt: skip
-SLOT = {name: index for index, name in enumerate(SLOTS)}
-APPLIED_SUMS = slice(0, SLOT["loss_spikes"] + 1)  # added to only when the step applied
-
-
-@dataclass
-class EpochProgress:
-    """The running values of one epoch, in one tensor on the device: a step updates them
-    without the host reading anything. Saved in mid-epoch checkpoints, so that a resumed
-    epoch reports the same numbers as an uninterrupted one."""
-
-    values: torch.Tensor  # float32 (len(SLOTS),), see SLOTS
-    seconds: float = 0.0
-    start_lr: float = 0.0  # the learning rate the epoch started with
-
-    @classmethod
-    def start(cls, device: torch.device) -> EpochProgress:
-        return cls(torch.zeros(len(SLOTS), device=device))
-
-    def record(
-        self,
-        step: StepOutcome,
-        loss: torch.Tensor,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        loss_spike_factor: float,
-        fp16_overflow_is_normal: bool,
-    ) -> None:
-        """Add one step; every operation stays on the device."""
-        values, applied = self.values, step.applied
-        batch_loss = loss.detach().float()
-        steps, loss_mean = values[SLOT["steps"]], values[SLOT["loss_mean"]]
-        spike = (steps >= SPIKE_WARMUP_STEPS) & (batch_loss > loss_spike_factor * loss_mean)
-        correct = (logits.argmax(1) == labels).sum()
-        count = torch.full_like(batch_loss, labels.shape[0])
-        increments = torch.stack([
-            batch_loss * count, correct.float(), count, torch.ones_like(batch_loss),
-            step.grad_norm.float(), step.grad_norm_clipped.float(),
-            (step.grad_norm_clipped < step.grad_norm).float(), spike.float(),
-        ])  # fmt: skip
-        moved = torch.lerp(loss_mean, batch_loss, LOSS_MEAN_RATE)
-        new_mean = torch.where(steps == 0, batch_loss, moved)
-        values[APPLIED_SUMS] += torch.where(applied, increments, 0.0)
-        values[SLOT["window_loss"]] += torch.where(applied, batch_loss, 0.0)
-        values[SLOT["window_steps"]] += applied.float()
-        values[SLOT["loss_mean"]] = torch.where(applied, new_mean, loss_mean)
-        overflow = ~applied & step.loss_finite
-        if not fp16_overflow_is_normal:
-            overflow = torch.zeros_like(applied)
-        nonfinite = (~applied & ~overflow).float()
-        values[SLOT["nonfinite_steps"]] += nonfinite
-        values[SLOT["amp_skipped_steps"]] += overflow.float()
-        consecutive = torch.where(applied, 0.0, values[SLOT["consecutive_nonfinite"]] + nonfinite)
-        values[SLOT["consecutive_nonfinite"]] = consecutive
-        values[SLOT["longest_nonfinite_run"]] = torch.maximum(
-            values[SLOT["longest_nonfinite_run"]], consecutive
-        )
-
-    def read(self) -> dict[str, float]:
-        """Every value, in one host read."""
-        return dict(zip(SLOTS, self.values.tolist(), strict=True))
-
-    def state_dict(self) -> dict:
-        return {"values": self.values.cpu(), "seconds": self.seconds, "start_lr": self.start_lr}
-
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
-        return cls(state["values"].to(device), state["seconds"], state["start_lr"])
 
 
 @dataclass
@@ -161,14 +70,9 @@ def ensure_finite(what: str, value: float, global_step: int) -> None:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    train_step: TrainStep,
     batches: Iterable,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
     schedule: LRSchedule,
-    clipping: ClippingConfig,
-    runtime: Runtime,
     global_step: int,
     log_every_n_steps: int,
     log_step: StepLogger,
@@ -178,39 +82,29 @@ def train_one_epoch(
     stop_requested: Callable[[], str] = lambda: "",
     on_nonfinite: str = "skip",
     max_consecutive_nonfinite: int = 10,
-    loss_spike_factor: float = 2.0,
 ) -> tuple[EpochStats, EpochProgress]:
-    """Train over ``batches``; continue ``progress`` when resuming mid-epoch.
+    """Train over ``batches`` with ``train_step``; continue ``progress`` when resuming
+    mid-epoch.
 
     The host reads the device only every ``log_every_n_steps`` steps and at the end of the
     epoch. The epoch ends early, after the current step, when ``stop_requested()`` names a
     reason (a signal); with ``on_nonfinite="stop"`` at the first NaN/Inf loss or gradient
     (which costs one host read per step); with ``on_nonfinite="skip"`` once a check (at
     each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
-    steps in a row. A step whose loss exceeds ``loss_spike_factor`` times the running
-    mean loss (over about the last 1 / LOSS_MEAN_RATE steps) counts as a loss spike.
+    steps in a row.
     """
-    model.train()
-    device = runtime.device
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    train_step.model.train()
+    runtime, optimizer, scaler = train_step.runtime, train_step.optimizer, train_step.scaler
     if progress is None:
-        progress = EpochProgress.start(device)
+        progress = EpochProgress.start(runtime.device)
         progress.start_lr = current_lr(optimizer)
-    norm_guard = BatchNormGuard.of(model)
-    sync_free = skips_on_device(optimizer)
     stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for images, labels in bar:
-        images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
-        labels = labels.to(device, non_blocking=True)
-        norm_guard.snapshot()
-        with autocast(device, runtime.precision):
-            logits = model(images)
-            loss = criterion(logits, labels)
-        step = optimizer_step(loss, parameters, optimizer, scaler, clipping, sync_free)
-        norm_guard.keep_if(step.applied)
-        progress.record(step, loss, logits, labels, loss_spike_factor, scaler.is_enabled())
+        images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+        labels = labels.to(runtime.device, non_blocking=True)
+        step = train_step(images, labels, progress)
         schedule.after_optimizer_step()
         global_step += 1
 

@@ -1,5 +1,5 @@
-"""The optimizer step, decided on the device: backward, unscale, clip, step, with NaN/Inf
-steps skipped without the host ever reading a flag.
+"""One training step, decided on the device: forward, backward, unscale, clip, step, and
+its share of the epoch's sums, with NaN/Inf steps skipped without the host reading a flag.
 
 The order is nanoGPT's: scale -> backward -> unscale -> clip -> step -> update ->
 zero_grad, so clipping sees real gradient units, and one GradScaler lives for the whole
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.hardware import Precision
+from stable_cnn.hardware import Precision, Runtime
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
@@ -74,12 +74,14 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     clipping: ClippingConfig,
     sync_free: bool | None = None,
+    veto: bool = False,
 ) -> StepOutcome:
     """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
     NaN/Inf is skipped (the weights and the optimizer state stay as they were).
 
     ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
-    optimizer that cannot skip by itself costs one host read of the flag per step."""
+    optimizer that cannot skip by itself costs one host read of the flag per step.
+    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps)."""
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
@@ -95,12 +97,13 @@ def optimizer_step(
     elif sync_free:
         # The contract GradScaler itself uses with fused optimizers (torch.amp.GradScaler.
         # step): a float tensor attribute `found_inf`, non-zero = skip this update.
-        optimizer.found_inf = (~outcome.applied).float()
+        skip = torch.ones_like(outcome.applied) if veto else ~outcome.applied
+        optimizer.found_inf = skip.float()  # exactly 0 or 1: the kernels test for 1
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
-    elif outcome.applied:  # host read: this optimizer cannot skip on the device
+    elif outcome.applied and not veto:  # host read: this optimizer cannot skip on the device
         optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -185,3 +188,135 @@ def _flatten_buffers(modules: list[nn.Module], names: tuple[str, ...]) -> torch.
         setattr(module, name, flat[offset : offset + old.numel()].view_as(old))
         offset += old.numel()
     return flat
+
+
+# Loss-spike detection: the running mean follows the batch loss with this weight per step
+# (an exponential mean over about 1 / LOSS_MEAN_RATE = 50 steps), and counts spikes only
+# after this many steps of an epoch.
+LOSS_MEAN_RATE = 0.02
+SPIKE_WARMUP_STEPS = 20
+
+# The epoch's running values, one slot each in EpochProgress.values.
+SLOTS = (
+    "loss_sum", "correct", "images", "steps", "grad_norm_sum", "grad_norm_clipped_sum",
+    "clipped_steps", "loss_spikes",  # the sums above count applied steps only
+    "nonfinite_steps",  # skipped for a NaN/Inf loss or gradient
+    "amp_skipped_steps",  # fp16 steps the GradScaler skipped (gradient overflow: normal)
+    "window_loss", "window_steps",  # since the last log interval
+    "loss_mean",  # running (exponential) mean of the batch loss, for spikes
+    "consecutive_nonfinite", "longest_nonfinite_run",
+)  # fmt: skip
+SLOT = {name: index for index, name in enumerate(SLOTS)}
+APPLIED_SUMS = slice(0, SLOT["loss_spikes"] + 1)  # added to only when the step applied
+
+
+@dataclass
+class EpochProgress:
+    """The running values of one epoch, in one tensor on the device: a step updates them
+    without the host reading anything. Saved in mid-epoch checkpoints, so that a resumed
+    epoch reports the same numbers as an uninterrupted one."""
+
+    values: torch.Tensor  # float32 (len(SLOTS),), see SLOTS
+    seconds: float = 0.0
+    start_lr: float = 0.0  # the learning rate the epoch started with
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        return cls(torch.zeros(len(SLOTS), device=device))
+
+    def record(
+        self,
+        step: StepOutcome,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        loss_spike_factor: float,
+        fp16_overflow_is_normal: bool,
+    ) -> None:
+        """Add one step; every operation stays on the device."""
+        values, applied = self.values, step.applied
+        batch_loss = loss.detach().float()
+        steps, loss_mean = values[SLOT["steps"]], values[SLOT["loss_mean"]]
+        spike = (steps >= SPIKE_WARMUP_STEPS) & (batch_loss > loss_spike_factor * loss_mean)
+        correct = (logits.argmax(1) == labels).sum()
+        count = torch.full_like(batch_loss, labels.shape[0])
+        increments = torch.stack([
+            batch_loss * count, correct.float(), count, torch.ones_like(batch_loss),
+            step.grad_norm.float(), step.grad_norm_clipped.float(),
+            (step.grad_norm_clipped < step.grad_norm).float(), spike.float(),
+        ])  # fmt: skip
+        moved = torch.lerp(loss_mean, batch_loss, LOSS_MEAN_RATE)
+        new_mean = torch.where(steps == 0, batch_loss, moved)
+        values[APPLIED_SUMS] += torch.where(applied, increments, 0.0)
+        values[SLOT["window_loss"]] += torch.where(applied, batch_loss, 0.0)
+        values[SLOT["window_steps"]] += applied.float()
+        values[SLOT["loss_mean"]] = torch.where(applied, new_mean, loss_mean)
+        overflow = ~applied & step.loss_finite
+        if not fp16_overflow_is_normal:
+            overflow = torch.zeros_like(applied)
+        nonfinite = (~applied & ~overflow).float()
+        values[SLOT["nonfinite_steps"]] += nonfinite
+        values[SLOT["amp_skipped_steps"]] += overflow.float()
+        consecutive = torch.where(applied, 0.0, values[SLOT["consecutive_nonfinite"]] + nonfinite)
+        values[SLOT["consecutive_nonfinite"]] = consecutive
+        values[SLOT["longest_nonfinite_run"]] = torch.maximum(
+            values[SLOT["longest_nonfinite_run"]], consecutive
+        )
+
+    def read(self) -> dict[str, float]:
+        """Every value, in one host read."""
+        return dict(zip(SLOTS, self.values.tolist(), strict=True))
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.cpu(), "seconds": self.seconds, "start_lr": self.start_lr}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
+        return cls(state["values"].to(device), state["seconds"], state["start_lr"])
+
+
+class TrainStep:
+    """Everything one training batch does, built once per run: forward and loss under
+    autocast, the optimizer step, the BatchNorm guard, and the step's share of the
+    epoch's sums. Nothing in it reads the device (see ``optimizer_step``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        clipping: ClippingConfig,
+        runtime: Runtime,
+        loss_spike_factor: float = 2.0,
+    ) -> None:
+        self.model = model  # compiled or not
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.clipping = clipping
+        self.runtime = runtime
+        self.loss_spike_factor = loss_spike_factor
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.norm_guard = BatchNormGuard.of(model)
+        self.sync_free = skips_on_device(optimizer)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        progress: EpochProgress,
+        veto: bool = False,
+    ) -> StepOutcome:
+        """Train on one batch (already on the device) and add it to ``progress``."""
+        self.norm_guard.snapshot()
+        with autocast(self.runtime.device, self.runtime.precision):
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        step = optimizer_step(loss, self.parameters, self.optimizer, self.scaler, self.clipping,
+                              self.sync_free, veto)  # fmt: skip
+        self.norm_guard.keep_if(step.applied & (not veto))
+        progress.record(
+            step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()
+        )
+        return step

@@ -24,8 +24,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
+from torch.optim.lr_scheduler import OneCycleLR
 
 from stable_cnn.augment import normalize
+from stable_cnn.capture import build_train_step
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
@@ -302,20 +304,24 @@ def train(
             "runtime": runtime.record(),
         }
 
+    train_step = build_train_step(
+        network, criterion, optimizer, scaler, run.clipping, runtime,
+        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
+        cycles_momentum=isinstance(schedule.scheduler, OneCycleLR),
+    )  # fmt: skip
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
     checkpoints = run_dir / "checkpoints"
     try:
         with GracefulStop() as stop:
             for epoch in range(counters.epoch + 1, trainer.epochs + 1):
                 train_stats, progress = train_one_epoch(
-                    network, data.train, criterion, optimizer, scaler, schedule, run.clipping,
-                    runtime, counters.global_step, trainer.log_every_n_steps, tracker.log_step,
+                    train_step, data.train, schedule, counters.global_step,
+                    trainer.log_every_n_steps, tracker.log_step,
                     progress_label=f"epoch {epoch}/{trainer.epochs}",
                     progress_bar=trainer.progress_bar, progress=progress,
                     stop_requested=lambda: stop.signal_name or "",
                     on_nonfinite=trainer.on_nonfinite,
                     max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
-                    loss_spike_factor=run.diagnostics.loss_spike_factor,
                 )  # fmt: skip
                 counters.global_step = train_stats.global_step
                 if not train_stats.completed:

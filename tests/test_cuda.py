@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from stable_cnn.capture import GraphedTrainStep
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import Runtime, choose_precision
@@ -21,6 +22,7 @@ from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import EXIT_PREEMPTED
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import TrainStep
 from tests.conftest import TINY, run_cli
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 
@@ -91,16 +93,22 @@ def sync_warnings(batches: int, amp: str) -> int:
     precision = choose_precision(amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.use_grad_scaler)
     runtime = Runtime(device, precision, torch.channels_last)
+    clipping = ClippingConfig("norm", max_norm=1.0)
+    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler, clipping, runtime)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train_one_epoch(
-                model, data, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
-                ClippingConfig("norm", max_norm=1.0), runtime, 0, 10_000,
-                lambda step, scalars: None, progress_bar=False,
-            )  # fmt: skip
+                train_step,
+                data,
+                schedule,
+                0,
+                10_000,
+                lambda step, scalars: None,
+                progress_bar=False,
+            )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -117,3 +125,41 @@ def test_no_host_read_or_sync_per_step_on_cuda(amp: str, host_reads: Counter):
     syncs_40 = sync_warnings(40, amp)
     assert sum(host_reads.values()) == reads_10
     assert syncs_40 == syncs_10
+
+
+def test_the_captured_step_trains_like_the_eager_one():
+    """trainer.cuda_graph=true replays one captured step: same weights as eager steps
+    (no dropout, so no random draws), a per-step schedule still takes effect, and a NaN
+    batch is still skipped inside the graph."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.randn(32, 3, 32, 32, device=device, generator=generator),
+                torch.randint(0, 10, (32,), device=device, generator=generator))
+               for _ in range(8)]  # fmt: skip
+    batches[4][0][0, 0, 0, 0] = float("nan")
+    runtime = Runtime(device, choose_precision("off", device), torch.channels_last)
+    trained = {}
+    for kind in (TrainStep, GraphedTrainStep):
+        torch.manual_seed(0)
+        model = SmallCNN(in_channels=3, width=8, dropout=0.0, head_dropout=0.0)
+        model.to(device, memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, SGDConfig(lr=0.1))
+        schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, len(batches))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        step = kind(model, nn.CrossEntropyLoss(), optimizer, scaler,
+                    ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
+        stats, _ = train_one_epoch(step, batches, schedule, 0, 100, lambda s, v: None,
+                                   progress_bar=False)  # fmt: skip
+        assert stats.nonfinite_steps == 1 and stats.images == 7 * 32
+        trained[kind] = model.state_dict()
+    assert trained[GraphedTrainStep].keys() == trained[TrainStep].keys()
+    for name, value in trained[TrainStep].items():
+        torch.testing.assert_close(trained[GraphedTrainStep][name], value, msg=name)
+
+
+def test_cuda_graph_run_from_the_command_line(tmp_path: Path):
+    done = run_cli([*ON_CUDA, "amp=bf16", "trainer.cuda_graph=true", "hydra.run.dir=run"],
+                   tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "captured in a CUDA graph" in done.stdout and "training eagerly" not in done.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 20

@@ -15,6 +15,7 @@ from stable_cnn.config import ClippingConfig
 from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import TrainStep
 from tests.conftest import TINY, compose_run, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 from tests.test_resume import TIMING
@@ -102,11 +103,11 @@ def test_a_loss_spike_is_counted():
     schedule = build_schedule(optimizer, compose_run(TINY).scheduler, 1, len(batches))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
+    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
+                           ClippingConfig("none"), runtime, loss_spike_factor=2.0)  # fmt: skip
     stats, _ = train_one_epoch(
-        model, batches, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
-        ClippingConfig("none"), runtime, 0, 100, lambda step, scalars: None,
-        progress_bar=False, loss_spike_factor=2.0,
-    )  # fmt: skip
+        train_step, batches, schedule, 0, 100, lambda step, scalars: None, progress_bar=False
+    )
     assert stats.loss_spikes == 1
     assert stats.clip_fraction == 0.0
 

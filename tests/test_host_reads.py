@@ -20,6 +20,7 @@ from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import TrainStep
 from tests.conftest import compose_run
 
 
@@ -34,9 +35,10 @@ def epoch_reads(host_reads: Counter, batches: int, log_every: int, policy: str =
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     host_reads.clear()
+    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
+                           ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
     train_one_epoch(
-        model, data, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
-        ClippingConfig("norm", max_norm=1.0), runtime, 0, log_every, lambda step, scalars: None,
+        train_step, data, schedule, 0, log_every, lambda step, scalars: None,
         progress_bar=False, on_nonfinite=policy,
     )  # fmt: skip
     return sum(host_reads.values())

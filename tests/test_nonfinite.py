@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
-from stable_cnn.engine import SLOT, train_one_epoch
+from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import SLOT, TrainStep
 from tests.conftest import TINY, run_cli
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
@@ -38,9 +39,10 @@ def run_epoch(
     optimizer = build_optimizer(model, SGDConfig(lr=0.01))
     schedule = build_schedule(optimizer, SchedulerConfig("none"), 1, len(batches))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
+                           ClippingConfig("norm", max_norm=1.0), CPU)  # fmt: skip
     stats, _ = train_one_epoch(
-        model, batches, nn.CrossEntropyLoss(), optimizer, scaler, schedule,
-        ClippingConfig("norm", max_norm=1.0), CPU, 0, log_every, lambda step, scalars: None,
+        train_step, batches, schedule, 0, log_every, lambda step, scalars: None,
         progress_bar=False, on_nonfinite=policy, max_consecutive_nonfinite=limit,
     )  # fmt: skip
     return model, stats

@@ -70,3 +70,24 @@ def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Pat
     assert len(warnings) == 1 and "training eagerly" in warnings[0]
     assert "Traceback" not in done.stdout + done.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 0
+
+
+def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
+    from stable_cnn.capture import GraphedTrainStep, build_train_step
+    from stable_cnn.config import ClippingConfig, SGDConfig
+    from stable_cnn.hardware import FP32, Runtime
+    from stable_cnn.models import SmallCNN
+    from stable_cnn.optimizers import build_optimizer
+
+    model = SmallCNN(in_channels=1, width=4)
+    optimizer = build_optimizer(model, SGDConfig())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
+    step = build_train_step(model, torch.nn.CrossEntropyLoss(), optimizer, scaler,
+                            ClippingConfig("none"), runtime, 2.0, cuda_graph=True,
+                            cycles_momentum=False)  # fmt: skip
+    assert not isinstance(step, GraphedTrainStep)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "trainer.cuda_graph=true ignored: CUDA graphs need a CUDA device, not cpu; training eagerly"
+    ]

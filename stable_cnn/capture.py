@@ -1,0 +1,148 @@
+"""The whole training step in one CUDA graph (``trainer.cuda_graph=true``).
+
+A SmallCNN step at batch 128 launches a few hundred small kernels; on a GPU as fast as
+an H100 the host cannot launch them as fast as the device runs them. Captured once in
+a CUDA graph (forward, backward, clipping, the fused optimizer, the BatchNorm guard and
+the epoch's sums) and replayed per batch, the step is one launch. Shapes are static
+(training batches are all full: the last partial one is dropped), as graphs require.
+
+What it needs, and falls back to eager (with one warning) without: a CUDA device; no
+GradScaler (bf16 or fp32: fp16's scaler decides on the host); a fused optimizer; and a
+schedule that changes only the learning rate (OneCycle also cycles the momentum, which
+a graph would freeze). The learning rate goes in as a tensor the host refills before
+each replay, so every schedule step still takes effect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from stable_cnn.config import ClippingConfig
+from stable_cnn.hardware import Runtime
+from stable_cnn.step import EpochProgress, StepOutcome, TrainStep, skips_on_device
+
+log = logging.getLogger(__name__)
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN, allocator)
+
+
+def capture_problem(
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    cycles_momentum: bool,
+) -> str:
+    """Why this run's step cannot be captured, or ''."""
+    if runtime.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {runtime.device.type}"
+    if scaler.is_enabled():
+        return "fp16's GradScaler decides on the host: use amp=bf16 (or off)"
+    if not skips_on_device(optimizer):
+        return "the optimizer is not fused"
+    if cycles_momentum:
+        return "scheduler=onecycle changes the momentum every step"
+    return ""
+
+
+class GraphedTrainStep(TrainStep):
+    """A TrainStep that captures itself in a CUDA graph at its first batch and replays the
+    graph from then on; if capturing fails, it says so in one line and stays eager."""
+
+    graph: torch.cuda.CUDAGraph | None = None
+    failed = False
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        progress: EpochProgress,
+        veto: bool = False,
+    ) -> StepOutcome:
+        if veto or self.failed:
+            return super().__call__(images, labels, progress, veto)
+        if self.graph is None:
+            try:
+                self.capture(images, labels)
+            except Exception as err:  # torch raises many kinds; the run must go on
+                reason = str(err).strip().splitlines()[0][:200] if str(err) else type(err).__name__
+                log.warning(
+                    "trainer.cuda_graph=true: capture failed (%s); training eagerly", reason
+                )
+                self.failed, self.graph = True, None
+                torch.cuda.synchronize(self.runtime.device)
+                return super().__call__(images, labels, progress)
+        return self.replay(images, labels, progress)
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Warm up on a side stream (every update vetoed: nothing changes), then capture
+        one step on static tensors. The random state is put back afterwards, so the
+        warm-up's draws never happened."""
+        device = self.runtime.device
+        self.images, self.labels = images.clone(), labels.clone()
+        self.progress = EpochProgress.start(device)
+        groups = self.optimizer.param_groups
+        self.learning_rates = [torch.tensor(float(g["lr"]), device=device) for g in groups]
+        random_state = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            scratch = EpochProgress.start(device)
+            for _ in range(WARMUP_STEPS):
+                super().__call__(self.images, self.labels, scratch, veto=True)
+        torch.cuda.current_stream(device).wait_stream(side)
+
+        graph = torch.cuda.CUDAGraph()
+        floats = [g["lr"] for g in groups]
+        capturable = [g.get("capturable") for g in groups]
+        try:
+            for group, rate in zip(groups, self.learning_rates, strict=True):
+                group["lr"] = rate  # read from device memory at every replay
+                if "capturable" in group:
+                    group["capturable"] = True  # AdamW's capture check; fused is capturable
+            with torch.cuda.graph(graph):
+                self.outcome = super().__call__(self.images, self.labels, self.progress)
+        finally:
+            for group, rate, flag in zip(groups, floats, capturable, strict=True):
+                group["lr"] = rate
+                if flag is not None:
+                    group["capturable"] = flag
+            torch.cuda.set_rng_state(random_state, device)
+        self.graph = graph
+        log.info("training step captured in a CUDA graph (trainer.cuda_graph=true)")
+
+    def replay(
+        self, images: torch.Tensor, labels: torch.Tensor, progress: EpochProgress
+    ) -> StepOutcome:
+        """One replay on this batch; ``progress`` is made to hold the graph's sums."""
+        if progress.values is not self.progress.values:
+            self.progress.values.copy_(progress.values)
+            progress.values = self.progress.values
+        for group, rate in zip(self.optimizer.param_groups, self.learning_rates, strict=True):
+            rate.fill_(float(group["lr"]))  # the schedule's latest value, no host read
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.outcome
+
+
+def build_train_step(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clipping: ClippingConfig,
+    runtime: Runtime,
+    loss_spike_factor: float,
+    cuda_graph: bool,
+    cycles_momentum: bool,
+) -> TrainStep:
+    """The run's TrainStep: captured in a CUDA graph where asked for and possible."""
+    kind = TrainStep
+    if cuda_graph:
+        problem = capture_problem(runtime, scaler, optimizer, cycles_momentum)
+        if problem:
+            log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
+        else:
+            kind = GraphedTrainStep
+    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor)
