@@ -51,32 +51,90 @@ data_root=$(mktemp -d /tmp/stable-cnn-data.XXXXXX)
 runs=$(mktemp -d /tmp/stable-cnn-runs.XXXXXX)
 
 failed=0
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log, and record its status and time
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))  # the whole check: 7.5 minutes at most
+step() {  # step NAME TIMEOUT_S COMMAND...: run within the deadline, log, record status and time
     local name=$1 limit=$2
     shift 2
+    local left=$((deadline - SECONDS))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -le 5 ]; then
+        echo "| $name | skipped: out of time | 0 s |" >>"$out/steps.md"
+        failed=1
+        return 0
+    fi
     local started=$SECONDS
-    echo "== $name: $*" >>"$log"
+    echo "== $name (limit ${limit} s): $*" >>"$log"
     timeout "$limit" "$@" >>"$out/$name.log" 2>&1
     local status=$?
     [ $status -ne 0 ] && failed=1
-    echo "| $name | $([ $status -eq 0 ] && echo ok || echo "exit $status") | $((SECONDS - started)) s |" >>"$out/steps.md"
+    local shown="exit $status"
+    [ $status -eq 0 ] && shown=ok
+    [ $status -eq 124 ] && shown="timed out after ${limit} s"
+    echo "| $name | $shown | $((SECONDS - started)) s |" >>"$out/steps.md"
     return 0
 }
 : >"$out/steps.md"
+
+write_summary() {  # also on an early exit: whatever ran is in summary.md
+    {
+        echo "# stable-cnn GPU check ($(date -u +%Y-%m-%d), $($dry && echo dry run on the CPU || echo "$device"))"
+        echo
+        echo '```'
+        cat "$out/facts.log" 2>/dev/null
+        command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+        echo '```'
+        echo
+        echo "| step | status | time |"
+        echo "|---|---|---:|"
+        cat "$out/steps.md"
+        echo
+        echo "## cuda tests"
+        echo
+        echo '```'
+        tail -n 14 "$out/cuda_tests.log" 2>/dev/null
+        echo '```'
+        for name in "${benchmarks[@]}"; do
+            echo
+            echo "## $name"
+            echo
+            if grep -q '^| path' "$out/$name.log" 2>/dev/null; then
+                grep -E '^(\||CPU|SmallCNN)' "$out/$name.log"
+            else  # cut short: the rows it finished, as it printed them
+                echo '```'
+                grep -E '^  ' "$out/$name.log" 2>/dev/null
+                echo '```'
+            fi
+        done
+        echo
+        echo "## time to accuracy: ${preset[*]}"
+        echo
+        "$py" -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f\"test accuracy {r['test_acc']:.2f}% (best val {r['best_val_acc']:.2f}%, epoch {r['best_epoch']}), \"
+      f\"{r['epochs']} epochs, {r['wall_s']:.1f} s in train() on {r['device']}, {r['precision']}\")
+" "$out/time_to_accuracy.json" 2>/dev/null || echo "no result: see time_to_accuracy.log"
+    } >"$summary"
+    rm -rf "$data_root" "$runs" "$out/steps.md" "$out/facts.log"  # both are in summary.md
+}
+benchmarks=()
+trap write_summary EXIT
 
 if $dry; then
     device=cpu
     bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
     sizes=(32 64)
     preset=(experiment=smoke trainer.device=cpu data.limit_train=1024 data.limit_test=512 trainer.epochs=1)
+    graph=()
 else
     device=cuda
     bench=(--device cuda --width 64 --steps 200 --warmup 10 --quick)
     sizes=(128 512)
     preset=(experiment=fashion_mnist_best)
+    graph=(--cuda-graph)
 fi
 
-step facts 60 "$py" -c "
+step facts 30 "$py" -c "
 import platform, torch
 print('python', platform.python_version(), '| torch', torch.__version__)
 if torch.cuda.is_available():
@@ -85,51 +143,22 @@ if torch.cuda.is_available():
 else:
     print('no CUDA GPU: dry run on the CPU')
 "
-step cuda_tests 270 "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
+step cuda_tests 200 "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
 for size in "${sizes[@]}"; do
-    extra=()  # torch.compile at the larger batch (not in a dry run: minutes on a CPU)
-    $dry || extra=(--cuda-graph)
-    [ "$size" = "${sizes[1]}" ] && ! $dry && extra+=(--compile)
-    step "benchmark_b$size" 150 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
-        --precisions fp16,bf16 --batch-size "$size" "${bench[@]}" "${extra[@]}"
+    benchmarks+=("benchmark_b$size")
+    step "benchmark_b$size" 90 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
+        --precisions fp16,bf16 --batch-size "$size" "${bench[@]}" ${graph[@]+"${graph[@]}"}
 done
-step time_to_accuracy 150 "$py" -m stable_cnn.train "${preset[@]}" "data.root=$data_root" \
+step time_to_accuracy 120 "$py" -m stable_cnn.train "${preset[@]}" "data.root=$data_root" \
     "data.system_dir=$system_dir" trainer.progress_bar=false "hydra.run.dir=$runs/preset"
 cp "$runs/preset/results.json" "$out/time_to_accuracy.json" 2>/dev/null
+if ! $dry; then  # torch.compile: minutes of compiling on a CPU, so only on the GPU
+    benchmarks+=("benchmark_b512_compile")
+    step benchmark_b512_compile 120 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
+        --precisions bf16 --batch-size 512 --compile "${bench[@]}"
+fi
 
-{
-    echo "# stable-cnn GPU check ($(date -u +%Y-%m-%d), $($dry && echo dry run on the CPU || echo "$device"))"
-    echo
-    echo '```'
-    cat "$out/facts.log"
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    echo '```'
-    echo
-    echo "| step | status | time |"
-    echo "|---|---|---:|"
-    cat "$out/steps.md"
-    echo
-    echo "## cuda tests"
-    echo
-    echo '```'
-    tail -n 12 "$out/cuda_tests.log"
-    echo '```'
-    for size in "${sizes[@]}"; do
-        echo
-        echo "## benchmark, batch $size"
-        echo
-        grep -E '^(\||CPU|SmallCNN)' "$out/benchmark_b$size.log"
-    done
-    echo
-    echo "## time to accuracy: ${preset[*]}"
-    echo
-    "$py" -c "
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(f\"test accuracy {r['test_acc']:.2f}% (best val {r['best_val_acc']:.2f}%, epoch {r['best_epoch']}), \"
-      f\"{r['epochs']} epochs, {r['wall_s']:.1f} s in train() on {r['device']}, {r['precision']}\")
-" "$out/time_to_accuracy.json" 2>/dev/null || echo "no result: see time_to_accuracy.log"
-} >"$summary"
-rm -rf "$data_root" "$runs" "$out/steps.md" "$out/facts.log"  # both are in summary.md
+trap - EXIT
+write_summary
 cat "$summary"
 exit $failed

@@ -71,6 +71,8 @@ class GraphedTrainStep(TrainStep):
                 )
                 self.failed, self.graph = True, None
                 torch.cuda.synchronize(self.runtime.device)
+                # gradients made during the failed capture point at memory no kernel wrote
+                self.optimizer.zero_grad(set_to_none=True)
                 return super().__call__(images, labels, progress)
         return self.replay(images, labels, progress)
 
@@ -84,6 +86,7 @@ class GraphedTrainStep(TrainStep):
         groups = self.optimizer.param_groups
         self.learning_rates = [torch.tensor(float(g["lr"]), device=device) for g in groups]
         random_state = torch.cuda.get_rng_state(device)
+        self.optimizer.zero_grad(set_to_none=True)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -93,6 +96,12 @@ class GraphedTrainStep(TrainStep):
         torch.cuda.current_stream(device).wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()
+        # Its own stream on the run's device (the default capture stream belongs to the
+        # device current when it was first made); thread_local: a DataLoader's
+        # pin-memory thread allocating meanwhile does not invalidate the capture.
+        capture = torch.cuda.graph(
+            graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"
+        )
         floats = [g["lr"] for g in groups]
         capturable = [g.get("capturable") for g in groups]
         try:
@@ -100,7 +109,7 @@ class GraphedTrainStep(TrainStep):
                 group["lr"] = rate  # read from device memory at every replay
                 if "capturable" in group:
                     group["capturable"] = True  # AdamW's capture check; fused is capturable
-            with torch.cuda.graph(graph):
+            with capture:
                 self.outcome = super().__call__(self.images, self.labels, self.progress)
         finally:
             for group, rate, flag in zip(groups, floats, capturable, strict=True):

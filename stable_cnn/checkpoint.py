@@ -18,7 +18,8 @@ from torch import nn
 from stable_cnn.atomic import atomic_write
 from stable_cnn.errors import UserError
 
-FORMAT = "stable-cnn/1"
+FORMAT = "stable-cnn/2"  # 2: the epoch's sums in one tensor, the resolved runtime recorded
+READABLE_FORMATS = ("stable-cnn/1", FORMAT)  # what eval and export can still load
 
 
 class CheckpointError(UserError):
@@ -51,12 +52,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:200]}): "
             f"use another checkpoint (best.pt or last.pt of the run)"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} is not a stable-cnn checkpoint (no {FORMAT!r} format tag): "
             f"pass a checkpoints/last.pt or best.pt written by stable-cnn-train"
         )
     return state
+
+
+def check_resumable(state: dict[str, Any], path: Path) -> None:
+    """A run continues only from a checkpoint of this version's format: older ones lack
+    what exact resume needs now (the resolved precision, the epoch's sums as one tensor)."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an older stable-cnn ({state.get('format')}): "
+            f"its weights still load in stable-cnn-eval, but a run continues only from a "
+            f"{FORMAT} checkpoint: start a new run"
+        )
 
 
 def load_model_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:

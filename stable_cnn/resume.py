@@ -97,7 +97,7 @@ def find_checkpoint(
         except CheckpointError as err:
             log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
             continue
-        same_runtime = runtime is None or state.get("runtime", runtime) == runtime
+        same_runtime = runtime is None or state.get("runtime") == runtime
         if comparable(state.get("config", {})) == wanted and same_runtime:
             return candidate
     return None

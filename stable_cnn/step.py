@@ -90,6 +90,8 @@ def optimizer_step(
     )
     if sync_free is None:
         sync_free = skips_on_device(optimizer)
+    if veto and scaler.is_enabled():
+        raise ValueError("veto needs amp without a GradScaler (bf16 or fp32)")
     if scaler.is_enabled():
         # fp16: the GradScaler found the same NaN/Inf while unscaling and skips the step
         # itself (through found_inf into a fused optimizer: no sync), lowering its scale.

@@ -28,7 +28,12 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from stable_cnn.augment import normalize
 from stable_cnn.capture import build_train_step
-from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from stable_cnn.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
@@ -170,6 +175,8 @@ def choose_runtime(run: RunConfig) -> Runtime:
     if run.trainer.num_threads is not None:
         torch.set_num_threads(run.trainer.num_threads)
     device = resolve_device(run.trainer.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N is the current device for every kernel
     precision = choose_precision(run.amp.name, device)
     memory_format = choose_memory_format(device, run.trainer.channels_last)
     if device.type == "cpu":
@@ -208,6 +215,7 @@ def locate_run(
     resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
+        check_resumable(resume_state, resume_from)
         check_same_config(resume_state, composed_config, resume_from)
         check_same_device(resume_state, runtime.device, resume_from)
         check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)
@@ -244,6 +252,7 @@ def train(
     ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics."""
     started = time.perf_counter()
     trainer = run.trainer
+    seed_everything(trainer.seed, trainer.deterministic)  # before CUDA starts (cuBLAS)
     runtime = choose_runtime(run)
     run_dir, resume_from, resume_state = locate_run(
         trainer.resume, run_dir, outputs, composed_config, runtime
@@ -252,7 +261,6 @@ def train(
         return outcome
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its own outcome
     log.info("run folder: %s", run_dir)
-    seed_everything(trainer.seed, trainer.deterministic)
 
     data = build_splits(run.data, runtime.device, trainer.seed)
     log.info(

@@ -30,7 +30,10 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-ON_CUDA = [arg for arg in TINY if arg != "trainer.device=cpu"] + ["trainer.device=cuda"]
+# TINY on the GPU, with enough data and no dropout to learn in two epochs (55% on a CPU)
+ON_CUDA = [arg for arg in TINY if arg != "trainer.device=cpu"] + [
+    "trainer.device=cuda", "data.num_train=3000", "model.dropout=0", "model.head_dropout=0",
+]  # fmt: skip
 RESUMABLE_ON_CUDA = [arg for arg in RESUMABLE if arg != "trainer.device=cpu"]
 
 
@@ -41,7 +44,7 @@ def test_a_short_real_run_on_cuda(amp: str, tmp_path: Path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     expected = choose_precision(amp, torch.device("cuda")).name
     assert results["device"].startswith("cuda") and results["precision"] == expected
-    assert results["test_acc"] > 20  # synthetic data: learnable in two epochs
+    assert results["test_acc"] > 30  # chance is 10%
 
 
 def test_channels_last_and_compile_on_cuda(tmp_path: Path):
@@ -49,7 +52,7 @@ def test_channels_last_and_compile_on_cuda(tmp_path: Path):
                     "hydra.run.dir=run"], tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "compiling failed" not in done.stdout and "ignored" not in done.stdout
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 20
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 30
 
 
 def test_exact_resume_on_cuda_with_deterministic_kernels(tmp_path: Path):
@@ -162,4 +165,4 @@ def test_cuda_graph_run_from_the_command_line(tmp_path: Path):
                    tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "captured in a CUDA graph" in done.stdout and "training eagerly" not in done.stdout
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 20
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_acc"] > 30

@@ -140,7 +140,9 @@ def test_resuming_with_other_settings_is_refused(uninterrupted: Path, tmp_path: 
     assert "trainer.epochs differ" in done.stdout and str(checkpoint) in done.stdout
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "missing", "other width"])
+@pytest.mark.parametrize(
+    "damage", ["garbage", "truncated", "foreign", "missing", "other width", "older version"]
+)
 def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Path, tmp_path):
     path = tmp_path / "bad.pt"
     good = (uninterrupted / "checkpoints" / "last.pt").read_bytes()
@@ -154,9 +156,13 @@ def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Pa
     elif damage == "other width":
         path.write_bytes(good)
         overrides = ["model.width=16"]
+    elif damage == "older version":
+        state = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
+        torch.save({**state, "format": "stable-cnn/1"}, path)
     expected = {
         "garbage": "is corrupt", "truncated": "is corrupt", "foreign": "not a stable-cnn",
         "missing": "no checkpoint at", "other width": "model.width differ",
+        "older version": "written by an older stable-cnn",
     }[damage]  # fmt: skip
     done = run_cli(
         [*RESUMABLE, *overrides, f"trainer.resume={path}", "hydra.run.dir=run"], tmp_path
