@@ -65,7 +65,7 @@ class GraphedTrainStep(TrainStep):
             try:
                 self.capture(images, labels)
             except Exception as err:  # torch raises many kinds; the run must go on
-                reason = str(err).strip().splitlines()[0][:200] if str(err) else type(err).__name__
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 log.warning(
                     "trainer.cuda_graph=true: capture failed (%s); training eagerly", reason
                 )

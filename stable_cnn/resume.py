@@ -1,7 +1,9 @@
-"""Which checkpoint a run continues from, and the random state that makes it exact."""
+"""Where a run writes, which checkpoint it continues from and whether that is allowed, and
+the random state that makes the continuation exact."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -9,7 +11,10 @@ from typing import Any
 
 import torch
 
-from stable_cnn.checkpoint import CheckpointError, load_checkpoint
+from stable_cnn.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from stable_cnn.engine import TrainingDiverged
+from stable_cnn.errors import UserError
+from stable_cnn.hardware import Runtime
 from stable_cnn.tracking import read_failure
 
 log = logging.getLogger(__name__)
@@ -177,3 +182,40 @@ def cuda_state_for(saved: Any, device: torch.device) -> torch.Tensor | None:
         index = device.index or 0
         return saved[index] if index < len(saved) else saved[0]
     return saved
+
+
+def locate_run(
+    resume: str | None,
+    run_dir: Path,
+    outputs: Path,
+    composed_config: dict[str, Any],
+    runtime: Runtime,
+) -> tuple[Path, Path | None, dict[str, Any] | None]:
+    """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
+    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
+    resume_state = None if resume_from is None else load_checkpoint(resume_from)
+    if resume_state is not None:
+        check_resumable(resume_state, resume_from)
+        check_same_config(resume_state, composed_config, resume_from)
+        check_same_device(resume_state, runtime.device, resume_from)
+        check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)
+    if resume_from is not None and resume_from.parent.name == "checkpoints":
+        run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
+    elif holds_a_run(run_dir):
+        raise UserError(
+            f"run folder {run_dir} already holds a run: continue it with trainer.resume=auto, "
+            f"or choose another hydra.run.dir"
+        )
+    return run_dir, resume_from, resume_state
+
+
+def earlier_outcome(run_dir: Path) -> dict[str, Any] | None:
+    """results.json of a run that already finished; a run that diverged with this very
+    config would diverge again, so it raises its recorded reason."""
+    if is_finished(run_dir):
+        log.info("run %s already finished: nothing to resume", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    failure = read_failure(run_dir)
+    if failure is not None and failure["status"] == "diverged":
+        raise TrainingDiverged(f"{failure['message']} (recorded earlier: not rerun)")
+    return None

@@ -7,12 +7,11 @@ test the best checkpoint -> return the best validation accuracy (for sweepers).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from torch.optim.lr_scheduler import OneCycleLR
 from stable_cnn.augment import normalize
 from stable_cnn.capture import build_train_step
 from stable_cnn.checkpoint import (
-    check_resumable,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
@@ -38,7 +36,6 @@ from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.engine import (
-    EpochProgress,
     EpochStats,
     EvalStats,
     TrainingDiverged,
@@ -61,23 +58,14 @@ from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import EXIT_PREEMPTED, GracefulStop
 from stable_cnn.report import write_report
-from stable_cnn.resume import (
-    check_same_config,
-    check_same_device,
-    check_same_runtime,
-    find_checkpoint,
-    holds_a_run,
-    is_finished,
-    restore_rng,
-    rng_state,
-)
+from stable_cnn.resume import earlier_outcome, locate_run
+from stable_cnn.run_state import RunState
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.seeding import seed_everything
 from stable_cnn.tracking import (
     FAILURE_FILE,
     Hparams,
     RunTracker,
-    read_failure,
     record_failure,
 )
 
@@ -194,53 +182,6 @@ class RunPreempted(Exception):
     """A signal stopped the run after it saved a resumable checkpoint."""
 
 
-@dataclass
-class Counters:
-    """Where the run stands; saved in every checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    global_step: int = 0
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-
-
-def locate_run(
-    resume: str | None,
-    run_dir: Path,
-    outputs: Path,
-    composed_config: dict[str, Any],
-    runtime: Runtime,
-) -> tuple[Path, Path | None, dict[str, Any] | None]:
-    """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
-    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
-    resume_state = None if resume_from is None else load_checkpoint(resume_from)
-    if resume_state is not None:
-        check_resumable(resume_state, resume_from)
-        check_same_config(resume_state, composed_config, resume_from)
-        check_same_device(resume_state, runtime.device, resume_from)
-        check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)
-    if resume_from is not None and resume_from.parent.name == "checkpoints":
-        run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
-    elif holds_a_run(run_dir):
-        raise UserError(
-            f"run folder {run_dir} already holds a run: continue it with trainer.resume=auto, "
-            f"or choose another hydra.run.dir"
-        )
-    return run_dir, resume_from, resume_state
-
-
-def earlier_outcome(run_dir: Path) -> dict[str, Any] | None:
-    """results.json of a run that already finished; a run that diverged with this very
-    config would diverge again, so it raises its recorded reason."""
-    if is_finished(run_dir):
-        log.info("run %s already finished: nothing to resume", run_dir)
-        return json.loads((run_dir / "results.json").read_text())
-    failure = read_failure(run_dir)
-    if failure is not None and failure["status"] == "diverged":
-        raise TrainingDiverged(f"{failure['message']} (recorded earlier: not rerun)")
-    return None
-
-
 def train(
     run: RunConfig,
     run_dir: Path,
@@ -283,34 +224,13 @@ def train(
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
 
-    counters, progress = Counters(), None
+    state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
+                     model_config(run, data.info), composed_config)  # fmt: skip
     if resume_state is not None:
-        load_model_weights(model, resume_state, resume_from)
-        for part, key in ((optimizer, "optimizer"), (schedule, "scheduler"), (scaler, "scaler"),
-                          (data.train, "data")):  # fmt: skip
-            part.load_state_dict(resume_state[key])
-        restore_rng(resume_state["rng"], runtime.device)
-        counters = Counters(**resume_state["counters"])
-        if resume_state["progress"] is not None:
-            progress = EpochProgress.from_state(resume_state["progress"], runtime.device)
-        where = f"mid-epoch {counters.epoch + 1}" if progress else f"after epoch {counters.epoch}"
-        log.info("resuming from %s (%s, step %d)", resume_from, where, counters.global_step)
-
-    def checkpoint(progress: EpochProgress | None) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "counters": asdict(counters),
-            "progress": None if progress is None else progress.state_dict(),
-            "data": data.train.state_dict(),
-            "rng": rng_state(runtime.device),
-            "model_config": model_config(run, data.info),
-            "config": composed_config,
-            "device_type": runtime.device.type,
-            "runtime": runtime.record(),
-        }
+        state.load_state_dict(resume_state, resume_from)
+        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
+                 state.counters.global_step)  # fmt: skip
+    counters = state.counters
 
     train_step = build_train_step(
         network, criterion, optimizer, scaler, run.clipping, runtime,
@@ -322,18 +242,18 @@ def train(
     try:
         with GracefulStop() as stop:
             for epoch in range(counters.epoch + 1, trainer.epochs + 1):
-                train_stats, progress = train_one_epoch(
+                train_stats, state.progress = train_one_epoch(
                     train_step, data.train, schedule, counters.global_step,
                     trainer.log_every_n_steps, tracker.log_step,
                     progress_label=f"epoch {epoch}/{trainer.epochs}",
-                    progress_bar=trainer.progress_bar, progress=progress,
+                    progress_bar=trainer.progress_bar, progress=state.progress,
                     stop_requested=lambda: stop.signal_name or "",
                     on_nonfinite=trainer.on_nonfinite,
                     max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
                 )  # fmt: skip
                 counters.global_step = train_stats.global_step
                 if not train_stats.completed:
-                    save_checkpoint(checkpoint(progress), checkpoints / "last.pt")
+                    save_checkpoint(state.state_dict(), checkpoints / "last.pt")
                     where = f"stopped in epoch {epoch} at step {counters.global_step}"
                     if stop.requested:
                         raise RunPreempted(
@@ -345,7 +265,7 @@ def train(
                         f"{trainer.on_nonfinite}); the weights from before that step are in "
                         f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                     )
-                lr, progress = progress.start_lr, None
+                lr, state.progress = state.progress.start_lr, None
                 val_stats = evaluate(network, data.val, runtime)
                 ensure_finite("validation loss", val_stats.loss, counters.global_step)
                 schedule.after_epoch(val_stats.accuracy)
@@ -361,10 +281,10 @@ def train(
                 log.info("%s%s", summary, "  (best)" if improved else "")
                 if improved:
                     counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
-                state = checkpoint(None)
+                saved = state.state_dict()
                 if improved:  # best.pt first: last.pt must never name a best that is not on disk
-                    save_checkpoint(state, checkpoints / "best.pt")
-                save_checkpoint(state, checkpoints / "last.pt")
+                    save_checkpoint(saved, checkpoints / "best.pt")
+                save_checkpoint(saved, checkpoints / "last.pt")
                 if stop.requested and epoch < trainer.epochs:  # arrived in validation or saving
                     raise RunPreempted(
                         f"{stop.signal_name}: stopped after epoch {epoch}; checkpoint saved; "

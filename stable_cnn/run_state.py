@@ -1,0 +1,80 @@
+"""The run's state in one place: what a checkpoint holds, saved and restored together.
+
+Model, optimizer, schedule, GradScaler, the data stream's position, every random state,
+the counters and a mid-epoch's running sums go through one ``state_dict()`` and one
+``load_state_dict()``, so a resume cannot forget a piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stable_cnn.checkpoint import load_model_weights
+from stable_cnn.hardware import Runtime
+from stable_cnn.resume import restore_rng, rng_state
+from stable_cnn.schedulers import LRSchedule
+from stable_cnn.step import EpochProgress
+
+
+@dataclass
+class Counters:
+    """Where the run stands."""
+
+    epoch: int = 0  # completed epochs
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+
+
+@dataclass
+class RunState:
+    model: nn.Module  # the plain model (not the compiled wrapper): its keys have no prefix
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    data: Any  # the training batches: TensorBatches or ShuffledLoader (a saveable position)
+    runtime: Runtime
+    model_config: dict[str, Any]  # what it takes to rebuild the model
+    config: dict[str, Any]  # the composed config
+    counters: Counters = field(default_factory=Counters)
+    progress: EpochProgress | None = None  # the running sums of an unfinished epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "counters": asdict(self.counters),
+            "progress": None if self.progress is None else self.progress.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng_state(self.runtime.device),
+            "model_config": self.model_config,
+            "config": self.config,
+            "device_type": self.runtime.device.type,
+            "runtime": self.runtime.record(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint (``path`` names it in errors)."""
+        load_model_weights(self.model, state, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        restore_rng(state["rng"], self.runtime.device)
+        self.counters = Counters(**state["counters"])
+        progress = state["progress"]
+        device = self.runtime.device
+        self.progress = None if progress is None else EpochProgress.from_state(progress, device)
+
+    def where(self) -> str:
+        """Where a resumed run continues, for the log."""
+        if self.progress is not None:
+            return f"mid-epoch {self.counters.epoch + 1}"
+        return f"after epoch {self.counters.epoch}"
