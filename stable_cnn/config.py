@@ -207,6 +207,11 @@ class OneCycleConfig(SchedulerConfig):
     pct_start: float = 0.25  # fraction of all steps spent raising the LR to optimizer.lr
     div_factor: float = 25.0  # start LR = optimizer.lr / div_factor
     final_div_factor: float = 1e4  # final LR = start LR / final_div_factor
+    # OneCycleLR also cycles SGD's momentum (AdamW's first beta) against the LR by default,
+    # overriding optimizer.momentum; here that is asked for, not implied.
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85  # with cycle_momentum: momentum at the LR's peak
+    max_momentum: float = 0.95  # with cycle_momentum: momentum at the start and the end
 
     def __post_init__(self) -> None:
         _check(0 < self.pct_start < 1, "scheduler.pct_start", self.pct_start, "must be in (0, 1)")
@@ -216,6 +221,12 @@ class OneCycleConfig(SchedulerConfig):
             "scheduler.final_div_factor",
             self.final_div_factor,
             "must be > 0",
+        )
+        _check(
+            0 <= self.base_momentum <= self.max_momentum < 1,
+            "scheduler.base_momentum",
+            self.base_momentum,
+            f"must be in [0, scheduler.max_momentum={self.max_momentum}] and max_momentum < 1",
         )
 
 

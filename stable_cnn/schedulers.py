@@ -100,6 +100,9 @@ def build_schedule(
             pct_start=config.pct_start,
             div_factor=config.div_factor,
             final_div_factor=config.final_div_factor,
+            cycle_momentum=config.cycle_momentum,
+            base_momentum=config.base_momentum,
+            max_momentum=config.max_momentum,
         )
         return LRSchedule(one_cycle, "step")
     return LRSchedule(None, "epoch")  # scheduler=none: constant LR

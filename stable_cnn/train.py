@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
-from torch.optim.lr_scheduler import OneCycleLR
 
 from stable_cnn.augment import normalize
 from stable_cnn.capture import build_train_step
@@ -32,7 +31,7 @@ from stable_cnn.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from stable_cnn.config import RunConfig, register_schemas
+from stable_cnn.config import OneCycleConfig, RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.engine import (
@@ -235,7 +234,7 @@ def train(
     train_step = build_train_step(
         network, criterion, optimizer, scaler, run.clipping, runtime,
         run.diagnostics.loss_spike_factor, trainer.cuda_graph,
-        cycles_momentum=isinstance(schedule.scheduler, OneCycleLR),
+        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
     )  # fmt: skip
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
     checkpoints = run_dir / "checkpoints"

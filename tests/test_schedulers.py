@@ -85,6 +85,29 @@ def test_onecycle_warms_up_to_peak_then_anneals_per_step():
     assert flat[-1] < PEAK / 25 / 1e3
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_onecycle_keeps_the_optimizers_momentum_unless_asked_to_cycle_it(momentum):
+    """OneCycleLR cycles momentum by default: optimizer.momentum=0 got momentum back."""
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=momentum)
+    schedule = build_schedule(optimizer, OneCycleConfig(), 2, 10)
+    seen = set()
+    for _ in range(19):
+        optimizer.step()
+        schedule.after_optimizer_step()
+        seen.add(optimizer.param_groups[0]["momentum"])
+    assert seen == {momentum}
+
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=momentum)
+    cycled = OneCycleConfig(cycle_momentum=True, base_momentum=0.8, max_momentum=0.9)
+    schedule = build_schedule(optimizer, cycled, 2, 10)
+    trace = []
+    for _ in range(19):
+        optimizer.step()
+        schedule.after_optimizer_step()
+        trace.append(optimizer.param_groups[0]["momentum"])
+    assert min(trace) == pytest.approx(0.8, abs=1e-3) and max(trace) <= 0.9 + 1e-9
+
+
 def test_none_keeps_the_lr_constant():
     trace = lr_trace(SchedulerConfig(name="none"), epochs=3, steps=4)
     assert {lr for lrs in trace for lr in lrs} == {PEAK}
