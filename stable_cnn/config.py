@@ -263,6 +263,17 @@ class AmpConfig:
 
 
 @dataclass
+class EmaConfig:
+    name: str = "off"  # off | on
+    decay: float = 0.999  # per optimizer step: the average spans about 1 / (1 - decay) steps
+    warmup: bool = True  # decay rises as (1 + n) / (10 + n) until it reaches `decay`
+
+    def __post_init__(self) -> None:
+        _check_choice("ema", self.name, ("off", "on"))
+        _check(0 < self.decay < 1, "ema.decay", self.decay, "must be in (0, 1), e.g. 0.999")
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 5
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -354,6 +365,7 @@ SCHEMAS: dict[str, type] = {
     "schema_scheduler_none": SchedulerConfig,
     "schema_clipping": ClippingConfig,
     "schema_amp": AmpConfig,
+    "schema_ema": EmaConfig,
     "schema_trainer": TrainerConfig,
     "schema_diagnostics": DiagnosticsConfig,
 }
@@ -369,6 +381,7 @@ class RunConfig:
     scheduler: SchedulerConfig
     clipping: ClippingConfig
     amp: AmpConfig
+    ema: EmaConfig
     trainer: TrainerConfig
     diagnostics: DiagnosticsConfig
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
 from stable_cnn.schedulers import LRSchedule
@@ -82,6 +83,7 @@ def train_one_epoch(
     stop_requested: Callable[[], str] = lambda: "",
     on_nonfinite: str = "skip",
     max_consecutive_nonfinite: int = 10,
+    ema: WeightEMA | None = None,
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``batches`` with ``train_step``; continue ``progress`` when resuming
     mid-epoch.
@@ -91,13 +93,16 @@ def train_one_epoch(
     reason (a signal); with ``on_nonfinite="stop"`` at the first NaN/Inf loss or gradient
     (which costs one host read per step); with ``on_nonfinite="skip"`` once a check (at
     each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
-    steps in a row.
+    steps in a row. ``ema``, if given, is updated after every step (outside the step, so
+    a captured step keeps its graph).
     """
     train_step.model.train()
     runtime, optimizer, scaler = train_step.runtime, train_step.optimizer, train_step.scaler
     if progress is None:
         progress = EpochProgress.start(runtime.device)
         progress.start_lr = current_lr(optimizer)
+    # the plain model, whose tensors pair with the average's (not a compiled wrapper)
+    ema_source = getattr(train_step.model, "model", train_step.model)
     stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
@@ -105,6 +110,8 @@ def train_one_epoch(
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         labels = labels.to(runtime.device, non_blocking=True)
         step = train_step(images, labels, progress)
+        if ema is not None:
+            ema.update(ema_source)
         schedule.after_optimizer_step()
         global_step += 1
 

@@ -71,7 +71,10 @@ def load_for_evaluation(
     memory_format = choose_memory_format(device, channels_last)
     splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
     model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
+    if state.get("ema") is not None:  # ema=on: the run kept and tested the average
+        state = {**state, "model": state["ema"]["model"]}
     load_model_weights(model, state, path)
+    model.averaged = state.get("ema") is not None  # for eval.json: which weights were tested
     model.to(device, memory_format=memory_format)
     return model, Runtime(device, precision, memory_format), splits
 
@@ -91,6 +94,7 @@ def evaluate_checkpoint(
         "test_loss": stats.loss,
         "images": stats.images,
         "precision": runtime.precision.name,
+        "weights": "ema" if getattr(model, "averaged", False) else "last step",
         "per_class_acc": dict(zip(classes, per_class, strict=True)),
         "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
     }
@@ -117,7 +121,8 @@ def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") 
 
 def describe(result: dict[str, Any]) -> str:
     lines = [f"{result['data']} test: {result['test_acc']:.2f}% of {result['images']} images "
-             f"(loss {result['test_loss']:.4f}, {result['precision']})", "per class:"]  # fmt: skip
+             f"(loss {result['test_loss']:.4f}, {result['precision']}, "
+             f"{result['weights']} weights)", "per class:"]  # fmt: skip
     width = max(len(name) for name in result["per_class_acc"])
     lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in result["per_class_acc"].items()]
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The run's state in one place: what a checkpoint holds, saved and restored together.
 
-Model, optimizer, schedule, GradScaler, the data stream's position, every random state,
-the counters and a mid-epoch's running sums go through one ``state_dict()`` and one
-``load_state_dict()``, so a resume cannot forget a piece.
+Model, optimizer, schedule, GradScaler, the weight average, the data stream's position,
+every random state, the counters and a mid-epoch's running sums go through one
+``state_dict()`` and one ``load_state_dict()``, so a resume cannot forget a piece.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stable_cnn.checkpoint import load_model_weights
+from stable_cnn.ema import WeightEMA
 from stable_cnn.hardware import Runtime
 from stable_cnn.resume import restore_rng, rng_state
 from stable_cnn.schedulers import LRSchedule
@@ -41,6 +42,7 @@ class RunState:
     runtime: Runtime
     model_config: dict[str, Any]  # what it takes to rebuild the model
     config: dict[str, Any]  # the composed config
+    ema: WeightEMA | None = None  # the weight average (ema=on)
     counters: Counters = field(default_factory=Counters)
     progress: EpochProgress | None = None  # the running sums of an unfinished epoch
 
@@ -50,6 +52,7 @@ class RunState:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "counters": asdict(self.counters),
             "progress": None if self.progress is None else self.progress.state_dict(),
             "data": self.data.state_dict(),
@@ -67,6 +70,8 @@ class RunState:
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
+        if self.ema is not None:  # the same config: the checkpoint has its average
+            self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"], self.runtime.device)
         self.counters = Counters(**state["counters"])
         progress = state["progress"]

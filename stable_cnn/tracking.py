@@ -68,10 +68,12 @@ class RunTracker:
         train: EpochStats,
         val: EvalStats,
         health: dict[str, float] | None = None,
+        ema: EvalStats | None = None,
     ) -> None:
         """One line of metrics.jsonl, and the epoch's scalars in TensorBoard.
         ``lr`` is the learning rate the epoch started with; ``health`` holds the model's
-        per-stage weight norms and BatchNorm ranges (diagnostics.model_health)."""
+        per-stage weight norms and BatchNorm ranges (diagnostics.model_health); ``val``
+        is the last step's weights' validation, ``ema`` the weight average's (ema=on)."""
         record = {
             "epoch": epoch,
             "global_step": train.global_step,
@@ -89,6 +91,8 @@ class RunTracker:
             "nonfinite_steps": train.nonfinite_steps,
             "amp_skipped_steps": train.amp_skipped_steps,
         }
+        if ema is not None:
+            record.update(val_loss_ema=ema.loss, val_acc_ema=ema.accuracy)
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
         scalars = {
@@ -106,6 +110,8 @@ class RunTracker:
             "train/loss_spikes": train.loss_spikes,
             **(health or {}),
         }
+        if ema is not None:
+            scalars.update({"val/loss_ema": ema.loss, "val/acc_ema": ema.accuracy})
         self.log_step(train.global_step, scalars)
         self.writer.flush()
 

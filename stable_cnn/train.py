@@ -34,6 +34,7 @@ from stable_cnn.checkpoint import (
 from stable_cnn.config import OneCycleConfig, RunConfig, register_schemas
 from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
+from stable_cnn.ema import WeightEMA
 from stable_cnn.engine import (
     EpochStats,
     EvalStats,
@@ -113,9 +114,18 @@ def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
     return {"in_channels": info.in_channels, "num_classes": info.num_classes, **asdict(run.model)}
 
 
-def epoch_summary(epoch: int, epochs: int, train: EpochStats, val: EvalStats, lr: float) -> str:
-    """The console line; clip rate, skipped steps and loss spikes appear when not zero."""
+def epoch_summary(
+    epoch: int,
+    epochs: int,
+    train: EpochStats,
+    val: EvalStats,
+    lr: float,
+    ema: EvalStats | None = None,
+) -> str:
+    """The console line (names as in metrics.jsonl); the weight average's accuracy (ema=on),
+    clip rate, skipped steps and loss spikes appear when there are any."""
     extras = [
+        f"val_acc_ema {ema.accuracy:.2f}%" if ema is not None else "",
         f"clipped {100 * train.clip_fraction:.0f}%" if train.clip_fraction > 0 else "",
         f"skipped {train.nonfinite_steps}" if train.nonfinite_steps else "",
         f"amp_skipped {train.amp_skipped_steps}" if train.amp_skipped_steps else "",
@@ -223,8 +233,9 @@ def train(
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
 
+    ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
     state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
-                     model_config(run, data.info), composed_config)  # fmt: skip
+                     model_config(run, data.info), composed_config, ema)  # fmt: skip
     if resume_state is not None:
         state.load_state_dict(resume_state, resume_from)
         log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
@@ -248,7 +259,7 @@ def train(
                     progress_bar=trainer.progress_bar, progress=state.progress,
                     stop_requested=lambda: stop.signal_name or "",
                     on_nonfinite=trainer.on_nonfinite,
-                    max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
+                    max_consecutive_nonfinite=trainer.max_consecutive_nonfinite, ema=ema,
                 )  # fmt: skip
                 counters.global_step = train_stats.global_step
                 if not train_stats.completed:
@@ -265,18 +276,23 @@ def train(
                         f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                     )
                 lr, state.progress = state.progress.start_lr, None
-                val_stats = evaluate(network, data.val, runtime)
+                raw_stats = evaluate(network, data.val, runtime)
+                ensure_finite("validation loss", raw_stats.loss, counters.global_step)
+                # The weights the run keeps, selects by and tests: the average with ema=on.
+                val_stats = raw_stats if ema is None else evaluate(ema.model, data.val, runtime)
                 ensure_finite("validation loss", val_stats.loss, counters.global_step)
                 schedule.after_epoch(val_stats.accuracy)
                 counters.epoch = epoch
 
-                tracker.log_epoch(epoch, lr, train_stats, val_stats, model_health(model))
+                tracker.log_epoch(epoch, lr, train_stats, raw_stats, model_health(model),
+                                  ema=None if ema is None else val_stats)  # fmt: skip
                 every = run.diagnostics.figures_every_n_epochs
                 if every is not None and (epoch % every == 0 or epoch == trainer.epochs):
                     log_figures(tracker, model, data, criterion, runtime, val_stats, epoch,
                                 counters.global_step)  # fmt: skip
                 improved = val_stats.accuracy > counters.best_val_acc
-                summary = epoch_summary(epoch, trainer.epochs, train_stats, val_stats, lr)
+                summary = epoch_summary(epoch, trainer.epochs, train_stats, raw_stats, lr,
+                                        ema=None if ema is None else val_stats)  # fmt: skip
                 log.info("%s%s", summary, "  (best)" if improved else "")
                 if improved:
                     counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
@@ -307,8 +323,11 @@ def train(
         raise
 
     best_path = checkpoints / "best.pt"
-    load_model_weights(model, load_checkpoint(best_path), best_path)  # `network` shares them
-    test_stats = evaluate(network, data.test, runtime)
+    best = load_checkpoint(best_path)
+    load_model_weights(model, best, best_path)  # `network` shares them
+    if ema is not None:
+        ema.load_state_dict(best["ema"])
+    test_stats = evaluate(network if ema is None else ema.model, data.test, runtime)
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,
@@ -319,6 +338,7 @@ def train(
         "wall_s": time.perf_counter() - started,
         "device": str(runtime.device),
         "precision": runtime.precision.name,
+        "weights": "last step" if ema is None else "ema",  # which weights were tested
     }
     tracker.log_results(results, counters.global_step)
     final = {
@@ -343,7 +363,7 @@ KEY_HPARAMS = (
     "model.head_dropout", "clipping.max_norm", "data.batch_size", "trainer.epochs",
     "trainer.label_smoothing", "trainer.seed",
 )  # fmt: skip
-HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "experiment")
+HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 # What a diverged job returns to a sweeper: the worst accuracy there is, so that the sweep
 # goes on and Optuna's sampler learns to avoid that region (a failed trial teaches it nothing).
 DIVERGED_VALUE = 0.0

@@ -1,0 +1,59 @@
+"""Weight EMA: an exponential moving average of the model's weights and BatchNorm
+statistics, updated after every optimizer step (timm's ModelEmaV3, torchvision's
+reference scripts). The average is a smoother, usually better model than the last step's
+weights; with ``ema=on`` it is the one a run validates, keeps, tests and hands on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class WeightEMA:
+    """``average = decay * average + (1 - decay) * weights``, for every parameter and
+    floating-point buffer (BatchNorm's running mean and variance too); integer buffers
+    (BatchNorm's batch counters) are copied. With ``warmup``, the decay starts low and
+    rises as ``min(decay, (1 + n) / (10 + n))`` after n updates (TensorFlow's
+    num_updates rule), so a short run is not stuck near its initial weights.
+
+    Nothing here reads the device: the decay is a Python number computed from a host
+    count, and one foreach kernel updates all tensors."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
+
+    def decay_now(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (the plain model: its
+        tensors pair with the average's in order)."""
+        averaged, current = _tensors(self.model), _tensors(model)
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        counters = [(a, c) for a, c in zip(averaged, current, strict=True)
+                    if not a.is_floating_point()]  # fmt: skip
+        weight = 1.0 - self.decay_now()
+        torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats], weight)
+        for average, value in counters:
+            average.copy_(value)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
