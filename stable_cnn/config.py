@@ -29,6 +29,15 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, value, "use one of " + ", ".join(choices))
 
 
+def _check_bounds(key: str, values: list[float], upper: float | None, example: str) -> None:
+    """A [low, high] pair with 0 < low <= high (< upper)."""
+    ok = len(values) == 2 and 0 < values[0] <= values[1] and (upper is None or values[1] < upper)
+    below = f" < {upper}" if upper is not None else ""
+    _check(
+        ok, key, list(values), f"must be [low, high] with 0 < low <= high{below}, e.g. {example}"
+    )
+
+
 @dataclass
 class DataConfig:
     name: str = MISSING  # which dataset (the option's file name)
@@ -44,6 +53,10 @@ class DataConfig:
     augment: bool = True  # random crop with padding (+ flip) on training batches
     crop_padding: int = 2  # zero padding per side before the random crop, pixels
     flip: bool = True  # random horizontal flips (off for digits)
+    erase_prob: float = 0.0  # random erasing (cutout): chance per training image; 0 = off
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # area fraction
+    erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # box aspect ratio
+    tta_flip: bool = False  # evaluate on each image and its mirror image (mean of logits)
     in_channels: int = 1
     num_classes: int | None = 10  # null = infer (image_folder)
     image_size: int = 28  # height = width, pixels
@@ -63,6 +76,9 @@ class DataConfig:
             _check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
         _check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
+        _check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
+        _check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")
+        _check_bounds("data.erase_ratio", self.erase_ratio, upper=None, example="[0.3, 3.3]")
         _check(self.in_channels in (1, 3), "data.in_channels", self.in_channels, "must be 1 or 3")
         _check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
         _check(

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from stable_cnn.atomic import atomic_write
-from stable_cnn.augment import normalize, random_crop, random_flip
+from stable_cnn.augment import normalize, random_crop, random_erase, random_flip
 from stable_cnn.config import DataConfig
 from stable_cnn.errors import DataError
 from stable_cnn.seeding import stream_seed
@@ -87,6 +87,9 @@ class TensorBatches:
         crop_padding: int = 0,
         flip: bool = False,
         generator: torch.Generator | None = None,
+        erase_prob: float = 0.0,
+        erase_scale: tuple[float, float] = (0.02, 0.33),
+        erase_ratio: tuple[float, float] = (0.3, 3.3),
     ) -> None:
         self.images = images  # (N, C, H, W) uint8
         self.labels = labels  # (N,) int64
@@ -96,6 +99,7 @@ class TensorBatches:
         self.train = train  # shuffle, augment, drop the last partial batch
         self.crop_padding = crop_padding
         self.flip = flip
+        self.erase = (erase_prob, erase_scale, erase_ratio)  # random erasing, after normalising
         self.generator = generator
         self.order: torch.Tensor | None = None  # this epoch's shuffled indices
         self.position = 0  # batches of this epoch already handed out
@@ -124,7 +128,10 @@ class TensorBatches:
                 if self.flip:
                     images = random_flip(images, self.generator)
             self.position += 1
-            yield normalize(images, self.mean, self.std), self.labels[index]
+            images = normalize(images, self.mean, self.std)
+            if self.train and self.erase[0] > 0:
+                images = random_erase(images, *self.erase, self.generator)
+            yield images, self.labels[index]
         self.order = None  # the epoch is over: the next iteration draws a new order
 
     def preview(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +186,9 @@ def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSpl
             crop_padding=config.crop_padding if config.augment else 0,
             flip=config.flip and config.augment,
             generator=torch.Generator(device=device).manual_seed(seed) if train else None,
+            erase_prob=config.erase_prob if config.augment else 0.0,
+            erase_scale=tuple(config.erase_scale),
+            erase_ratio=tuple(config.erase_ratio),
         )
 
     test_index = _limit(torch.arange(len(test_labels)), config.limit_test)
@@ -341,7 +351,12 @@ def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
         augment.append(transforms.RandomCrop(size, padding=config.crop_padding))
         if config.flip:
             augment.append(transforms.RandomHorizontalFlip())
-    train_transform = transforms.Compose(convert + augment + to_tensor)
+    erase = []
+    if config.augment and config.erase_prob > 0:  # after Normalize: value 0 is the mean
+        erase.append(transforms.RandomErasing(
+            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
+        ))  # fmt: skip
+    train_transform = transforms.Compose(convert + augment + to_tensor + erase)
     eval_transform = transforms.Compose(convert + to_tensor)
 
     def folder(split: str, transform: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stable_cnn.augment import flip_averaged_logits
 from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
@@ -210,9 +211,11 @@ def evaluate(
     model: nn.Module,
     batches: Iterable,
     runtime: Runtime,
+    flip_tta: bool = False,
 ) -> EvalStats:
-    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent.
-    Sums stay on the device until the end: no host read per batch."""
+    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent;
+    with ``flip_tta``, of the mean logits of each image and its mirror image. Sums stay
+    on the device until the end: no host read per batch."""
     model.eval()
     device = runtime.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -224,7 +227,7 @@ def evaluate(
             images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, runtime.precision):
-                logits = model(images)
+                logits = flip_averaged_logits(model, images) if flip_tta else model(images)
             loss_sum += criterion(logits.float(), labels)
             classes = logits.shape[1]
             if confusion is None:

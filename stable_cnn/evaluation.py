@@ -74,7 +74,9 @@ def load_for_evaluation(
     if state.get("ema") is not None:  # ema=on: the run kept and tested the average
         state = {**state, "model": state["ema"]["model"]}
     load_model_weights(model, state, path)
-    model.averaged = state.get("ema") is not None  # for eval.json: which weights were tested
+    # for eval.json and the test: which weights these are, and how the data is evaluated
+    model.averaged = state.get("ema") is not None
+    model.tta_flip = data.tta_flip
     model.to(device, memory_format=memory_format)
     return model, Runtime(device, precision, memory_format), splits
 
@@ -84,7 +86,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Test the checkpoint at ``path``; returns (and writes) eval.json's content."""
     model, runtime, splits = load_for_evaluation(path, data, device_name)
-    stats = evaluate(model, splits.test, runtime)
+    tta = model.tta_flip
+    stats = evaluate(model, splits.test, runtime, tta)
     classes = splits.info.class_names
     per_class = per_class_accuracy(stats.confusion)
     result = {
@@ -95,6 +98,7 @@ def evaluate_checkpoint(
         "images": stats.images,
         "precision": runtime.precision.name,
         "weights": "ema" if getattr(model, "averaged", False) else "last step",
+        "tta_flip": tta,
         "per_class_acc": dict(zip(classes, per_class, strict=True)),
         "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
     }

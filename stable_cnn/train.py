@@ -248,6 +248,7 @@ def train(
         cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
     )  # fmt: skip
     tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
+    tta = run.data.tta_flip  # validation and test on each image and its mirror image
     checkpoints = run_dir / "checkpoints"
     try:
         with GracefulStop() as stop:
@@ -276,10 +277,12 @@ def train(
                         f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
                     )
                 lr, state.progress = state.progress.start_lr, None
-                raw_stats = evaluate(network, data.val, runtime)
+                raw_stats = evaluate(network, data.val, runtime, tta)
                 ensure_finite("validation loss", raw_stats.loss, counters.global_step)
                 # The weights the run keeps, selects by and tests: the average with ema=on.
-                val_stats = raw_stats if ema is None else evaluate(ema.model, data.val, runtime)
+                val_stats = (
+                    raw_stats if ema is None else evaluate(ema.model, data.val, runtime, tta)
+                )
                 ensure_finite("validation loss", val_stats.loss, counters.global_step)
                 schedule.after_epoch(val_stats.accuracy)
                 counters.epoch = epoch
@@ -327,7 +330,7 @@ def train(
     load_model_weights(model, best, best_path)  # `network` shares them
     if ema is not None:
         ema.load_state_dict(best["ema"])
-    test_stats = evaluate(network if ema is None else ema.model, data.test, runtime)
+    test_stats = evaluate(network if ema is None else ema.model, data.test, runtime, tta)
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,

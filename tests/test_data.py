@@ -10,7 +10,7 @@ from PIL import Image
 from stable_cnn.augment import random_crop, random_flip
 from stable_cnn.data import TensorBatches, build_splits, install_idx_files
 from stable_cnn.errors import DataError
-from tests.conftest import FASHION_MNIST_SYSTEM_DIR, compose_run
+from tests.conftest import FASHION_MNIST_SYSTEM_DIR, TINY, compose_run
 
 
 def test_system_copy_is_decompressed_into_torchvisions_layout(fashion_mnist_root):
@@ -171,3 +171,68 @@ def test_image_folder_batches_resume_at_the_next_batch(tmp_path):
     rest = [images for images, _ in resumed]
     assert len(whole_epoch) == 4 and len(first) + len(rest) == 4
     assert all(torch.equal(a, b) for a, b in zip(whole_epoch, first + rest))
+
+
+def test_random_erasing_matches_torchvisions_in_distribution():
+    """Batched erasing against torchvision's RandomErasing on 4,000 28x28 images: the same
+    erase rate and the same mean erased area, within 4 standard errors; each erased
+    region is one rectangle of zeros."""
+    from torchvision.transforms import RandomErasing
+
+    from stable_cnn.augment import random_erase
+
+    count, p, scale, ratio = 4000, 0.5, (0.02, 0.33), (0.3, 3.3)
+    images = torch.ones(count, 1, 28, 28)
+    ours = random_erase(images, p, scale, ratio, torch.Generator().manual_seed(0)) == 0
+    torch.manual_seed(0)
+    reference = RandomErasing(p=p, scale=scale, ratio=ratio, value=0)
+    theirs = torch.stack([reference(image) for image in images]) == 0
+    for erased in (ours, theirs):
+        assert erased.any((1, 2, 3)).float().mean().item() == pytest.approx(p, abs=4 * 0.0079)
+    areas = [erased.float().mean((1, 2, 3)) for erased in (ours, theirs)]
+    areas = [a[a > 0] for a in areas]
+    spread = (areas[0].var() / len(areas[0]) + areas[1].var() / len(areas[1])).sqrt()
+    assert abs(areas[0].mean() - areas[1].mean()) < 4 * spread
+    assert areas[0].min() >= 0.01 and areas[0].max() <= 0.4  # 0.02-0.33, boxes rounded
+    for mask in ours[:200, 0]:  # a rectangle: its bounding box is all erased
+        if mask.any():
+            rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+            box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert box.all()
+
+
+def test_erasing_off_draws_nothing_and_changes_nothing():
+    from stable_cnn.augment import random_erase
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 16, 16)
+    assert random_erase(images, 0.0, (0.02, 0.33), (0.3, 3.3), generator) is images
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_flip_tta_averages_the_logits_of_both_mirror_images():
+    from stable_cnn.engine import evaluate
+    from stable_cnn.hardware import FP32, Runtime
+    from stable_cnn.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, width=4).eval()
+    images, labels = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
+    with torch.no_grad():
+        logits = (model(images) + model(images.flip(3))) / 2
+    expected = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    stats = evaluate(model, [(images, labels)], runtime, flip_tta=True)
+    assert stats.accuracy == pytest.approx(expected)
+    plain = evaluate(model, [(images, labels)], runtime)
+    assert plain.loss != pytest.approx(stats.loss), "the mirror images changed the logits"
+
+
+def test_training_batches_are_erased_and_evaluation_batches_are_not():
+    run = compose_run([*TINY, "data.erase_prob=1.0", "data.erase_scale=[0.1,0.2]"])
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    images, _ = next(iter(splits.train))
+    zero_fraction = (images == 0).float().mean((1, 2, 3))
+    assert (zero_fraction >= 0.05).float().mean() > 0.9, "nearly every image has a box of zeros"
+    val_images, _ = next(iter(splits.val))
+    assert (val_images == 0).float().mean() < 0.01
