@@ -23,6 +23,7 @@ class WeightEMA:
     count, and one foreach kernel updates all tensors."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.source = model  # the plain model (not a compiled wrapper): tensors pair in order
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.warmup = warmup
@@ -34,10 +35,10 @@ class WeightEMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights (the plain model: its
-        tensors pair with the average's in order)."""
-        averaged, current = _tensors(self.model), _tensors(model)
+    def update(self) -> None:
+        """Move the average towards the source model's current weights. The tensors are
+        gathered each time: BatchNormGuard may have replaced the source's buffers."""
+        averaged, current = _tensors(self.model), _tensors(self.source)
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         counters = [(a, c) for a, c in zip(averaged, current, strict=True)
                     if not a.is_floating_point()]  # fmt: skip

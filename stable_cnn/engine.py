@@ -102,8 +102,6 @@ def train_one_epoch(
     if progress is None:
         progress = EpochProgress.start(runtime.device)
         progress.start_lr = current_lr(optimizer)
-    # the plain model, whose tensors pair with the average's (not a compiled wrapper)
-    ema_source = getattr(train_step.model, "model", train_step.model)
     stop_reason = ""
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
@@ -112,7 +110,7 @@ def train_one_epoch(
         labels = labels.to(runtime.device, non_blocking=True)
         step = train_step(images, labels, progress)
         if ema is not None:
-            ema.update(ema_source)
+            ema.update()
         schedule.after_optimizer_step()
         global_step += 1
 

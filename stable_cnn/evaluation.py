@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,17 @@ def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) 
         )
 
 
-def load_for_evaluation(
-    path: Path, data: DataConfig | None, device_name: str
-) -> tuple[SmallCNN, Runtime, DataSplits]:
-    """The checkpoint's model (weights loaded, on the device), the runtime its run used
-    (precision and layout), and the data: ``data``, else the run's own."""
+@dataclass
+class LoadedCheckpoint:
+    model: SmallCNN  # weights loaded, on the device
+    runtime: Runtime  # the precision and layout its run used
+    splits: DataSplits
+    data: DataConfig  # what it is evaluated on: the override, else the run's own
+    averaged: bool  # the weights are the run's average (ema=on), as the run tested them
+
+
+def load_for_evaluation(path: Path, data: DataConfig | None, device_name: str) -> LoadedCheckpoint:
+    """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data)."""
     state = load_checkpoint(path)
     saved = state.get("config") or {}
     model_config = state.get("model_config")
@@ -71,22 +78,21 @@ def load_for_evaluation(
     memory_format = choose_memory_format(device, channels_last)
     splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
     model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
-    if state.get("ema") is not None:  # ema=on: the run kept and tested the average
+    averaged = state.get("ema") is not None
+    if averaged:  # ema=on: the run kept and tested the average
         state = {**state, "model": state["ema"]["model"]}
     load_model_weights(model, state, path)
-    # for eval.json and the test: which weights these are, and how the data is evaluated
-    model.averaged = state.get("ema") is not None
-    model.tta_flip = data.tta_flip
     model.to(device, memory_format=memory_format)
-    return model, Runtime(device, precision, memory_format), splits
+    return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
+                            averaged)  # fmt: skip
 
 
 def evaluate_checkpoint(
     path: Path, data: DataConfig | None, device_name: str, out_dir: Path
 ) -> dict[str, Any]:
     """Test the checkpoint at ``path``; returns (and writes) eval.json's content."""
-    model, runtime, splits = load_for_evaluation(path, data, device_name)
-    tta = model.tta_flip
+    loaded = load_for_evaluation(path, data, device_name)
+    model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
     stats = evaluate(model, splits.test, runtime, tta)
     classes = splits.info.class_names
     per_class = per_class_accuracy(stats.confusion)
@@ -97,7 +103,7 @@ def evaluate_checkpoint(
         "test_loss": stats.loss,
         "images": stats.images,
         "precision": runtime.precision.name,
-        "weights": "ema" if getattr(model, "averaged", False) else "last step",
+        "weights": "ema" if loaded.averaged else "last step",
         "tta_flip": tta,
         "per_class_acc": dict(zip(classes, per_class, strict=True)),
         "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
@@ -114,7 +120,8 @@ def evaluate_checkpoint(
 def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") -> float:
     """Accuracy on the first ``count`` training images as a test sees them: no
     augmentation, dropout off. Minus validation accuracy, it measures overfitting."""
-    model, runtime, splits = load_for_evaluation(path, None, device_name)
+    loaded = load_for_evaluation(path, None, device_name)
+    model, runtime, splits = loaded.model, loaded.runtime, loaded.splits
     train = splits.train
     if not isinstance(train, TensorBatches):
         raise ConfigError(f"training accuracy needs in-memory data, not data={splits.info.name}")

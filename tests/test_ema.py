@@ -33,7 +33,7 @@ def test_the_average_follows_the_weights_with_a_warm_up():
             for p in model.parameters():
                 p.add_(1.0)
             model.stage1[0][1].running_mean.add_(1.0)
-        ema.update(model)
+        ema.update()
     assert decays[:3] == pytest.approx([1 / 10, 2 / 11, 3 / 12]) and decays[-1] == 0.9
     # averaged by hand: a <- d a + (1 - d) w, with w = start + k after k updates
     expected = start_weight.clone()
