@@ -102,8 +102,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "small_cnn"
     width: int = 16  # channels of the first stage; stages use width, 2x, 4x (64 = tutorial)
-    dropout: float = 0.3  # Dropout2d after the second block of each stage
-    head_dropout: float = 0.5  # Dropout before the last Linear
+    dropout: float = 0.0  # Dropout2d after the second block of each stage (tutorial: 0.3)
+    head_dropout: float = 0.1  # Dropout before the last Linear (tutorial: 0.5)
     hidden: int = 512  # units of the head's hidden Linear layer
     batchnorm: bool = True  # false = conv bias instead of BatchNorm (ablations)
 
@@ -130,9 +130,9 @@ class OptimizerConfig:
 @dataclass
 class SGDConfig(OptimizerConfig):
     name: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = True
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
@@ -173,8 +173,8 @@ class SchedulerConfig:
 @dataclass
 class CosineConfig(SchedulerConfig):
     name: str = "cosine"
-    interval: str = "epoch"  # step the schedule once per "epoch" (tutorial) or per "step"
-    warmup_epochs: float = 0.0  # linear warmup before the cosine decay, in epochs
+    interval: str = "step"  # step the schedule once per "step" or per "epoch" (tutorial)
+    warmup_epochs: float = 0.3  # linear warmup before the cosine decay, in epochs
     eta_min: float = 0.0  # learning rate at the end of the decay
 
     def __post_init__(self) -> None:
@@ -186,7 +186,8 @@ class CosineConfig(SchedulerConfig):
             self.interval == "step" or float(self.warmup_epochs).is_integer(),
             "scheduler.warmup_epochs",
             self.warmup_epochs,
-            "must be a whole number with scheduler.interval=epoch",
+            "must be a whole number with scheduler.interval=epoch: add "
+            "scheduler.warmup_epochs=0 (or 1), or use scheduler=tutorial_cosine",
         )
         _check(self.eta_min >= 0, "scheduler.eta_min", self.eta_min, "must be >= 0")
 
@@ -297,7 +298,7 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic kernels: reproducible, sometimes slower
     log_every_n_steps: int = 50  # TensorBoard step scalars and progress-bar loss interval
     early_stopping_patience: int | None = None  # stop after N epochs without a better val acc
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     channels_last: bool | None = None  # null = where it is faster (CUDA, AVX-512 CPUs)
     tf32: bool = True  # CUDA (Ampere+): fp32 matmuls and convolutions on TF32 tensor cores
     progress_bar: bool = True  # shown only on a terminal

@@ -29,12 +29,10 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
     done = run_cli(
         [
             f"data.root={fashion_mnist_root}",
+            # the default recipe, shrunk as a user would: width 8, 2 epochs on 4,000 images
             "data.limit_train=4000",
             "data.limit_test=1000",
-            "data.batch_size=64",
             "model.width=8",
-            "model.dropout=0.1",  # a tiny model learns faster with less dropout
-            "data.augment=false",
             "trainer.epochs=2",
             "trainer.log_every_n_steps=10",
             f"hydra.run.dir={run_dir}",
@@ -55,7 +53,8 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) >= RESULT_KEYS
     assert results["best_val_acc"] == max(e["val_acc"] for e in epochs)
-    assert results["test_acc"] > 50, "learns: far above the 10% of chance"
+    # 72% measured; the tutorial's recipe at this size stays near 40% (issue 13)
+    assert results["test_acc"] >= 60, "the defaults learn at any size"
 
     for name in ("last.pt", "best.pt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
@@ -66,7 +65,7 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
         assert tag in tags, f"TensorBoard tag {tag} missing"
     assert tags["val/acc"] == pytest.approx([e["val_acc"] for e in epochs])
     assert tags["test/acc"] == pytest.approx([results["test_acc"]])
-    assert len(tags["train/loss"]) == 2 * (4000 // 64) // 10
+    assert len(tags["train/loss"]) == 2 * (4000 // 128) // 10
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
@@ -114,7 +113,14 @@ def test_issue_example_overrides_run(tmp_path):
 def test_multirun_gives_one_folder_per_value(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_cli(
-        ["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *TINY,
+            "trainer.epochs=1",
+            "scheduler=none",
+            "optimizer.lr=0.01,0.1",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr + done.stdout
@@ -138,8 +144,8 @@ def test_help_lists_every_group_and_option(tmp_path):
         "amp: auto, bf16, fp16, off",
         "clipping: none, norm, value",
         "data: cifar10, cifar100, fashion_mnist, image_folder, mnist, svhn, synthetic",
-        "optimizer: adamw, sgd",
-        "scheduler: cosine, none, onecycle, plateau, step",
+        "optimizer: adamw, sgd, tutorial_sgd",
+        "scheduler: cosine, none, onecycle, plateau, step, tutorial_cosine",
     ):
         assert line in done.stdout
     assert "schema" not in done.stdout, "internal schemas stay out of the option lists"

@@ -38,7 +38,7 @@ def lr_trace(config: SchedulerConfig, epochs: int, steps: int, val_accs=None) ->
 
 
 def test_cosine_per_epoch_is_torchs_cosine_annealing_held_for_each_epoch():
-    trace = lr_trace(CosineConfig(interval="epoch"), epochs=6, steps=3)
+    trace = lr_trace(CosineConfig(interval="epoch", warmup_epochs=0), epochs=6, steps=3)
     for epoch, lrs in enumerate(trace):
         want = PEAK * 0.5 * (1 + math.cos(math.pi * epoch / 6))
         assert lrs == pytest.approx([want] * 3)
