@@ -106,10 +106,12 @@ class ModelConfig:
     head_dropout: float = 0.1  # Dropout before the last Linear (tutorial: 0.5)
     hidden: int = 512  # units of the head's hidden Linear layer
     batchnorm: bool = True  # false = conv bias instead of BatchNorm (ablations)
+    depth: int = 2  # ConvBlocks per stage (the tutorial's 2)
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, "model.width", self.width, "must be >= 1")
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
+        _check(self.depth >= 1, "model.depth", self.depth, "must be >= 1")
         for key in ("dropout", "head_dropout"):
             value = getattr(self, key)
             _check(0 <= value < 1, f"model.{key}", value, "must be in [0, 1)")

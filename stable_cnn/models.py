@@ -25,18 +25,21 @@ class ConvBlock(nn.Sequential):
 
 
 def conv_stage(
-    in_channels: int, out_channels: int, dropout: float, batchnorm: bool
+    in_channels: int, out_channels: int, dropout: float, batchnorm: bool, depth: int = 2
 ) -> nn.Sequential:
-    """Two ConvBlocks (dropout after the second only), then halve the resolution."""
-    return nn.Sequential(
-        ConvBlock(in_channels, out_channels, batchnorm=batchnorm),
-        ConvBlock(out_channels, out_channels, dropout=dropout, batchnorm=batchnorm),
-        nn.MaxPool2d(2, 2),
-    )
+    """``depth`` ConvBlocks (the tutorial's 2; Dropout2d after the last only), then halve
+    the resolution. Module indices match the tutorial's at depth 2, so checkpoints load."""
+    channels = [in_channels] + [out_channels] * depth
+    blocks = [
+        ConvBlock(channels[i], channels[i + 1], dropout if i == depth - 1 else 0.0, batchnorm)
+        for i in range(depth)
+    ]
+    return nn.Sequential(*blocks, nn.MaxPool2d(2, 2))
 
 
 class SmallCNN(nn.Module):
-    """Three conv stages (width, 2*width, 4*width channels) and a dropout-regularised head.
+    """Three conv stages (width, 2*width, 4*width channels; ``depth`` ConvBlocks each, the
+    tutorial's 2) and a dropout-regularised head.
 
     Any input size of at least 8x8 works: AdaptiveAvgPool removes the spatial size.
     """
@@ -50,11 +53,12 @@ class SmallCNN(nn.Module):
         head_dropout: float = 0.5,
         hidden: int = 512,
         batchnorm: bool = True,
+        depth: int = 2,
     ) -> None:
         super().__init__()
-        self.stage1 = conv_stage(in_channels, width, dropout, batchnorm)
-        self.stage2 = conv_stage(width, 2 * width, dropout, batchnorm)
-        self.stage3 = conv_stage(2 * width, 4 * width, dropout, batchnorm)
+        self.stage1 = conv_stage(in_channels, width, dropout, batchnorm, depth)
+        self.stage2 = conv_stage(width, 2 * width, dropout, batchnorm, depth)
+        self.stage3 = conv_stage(2 * width, 4 * width, dropout, batchnorm, depth)
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Flatten(),

@@ -106,6 +106,7 @@ def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
         head_dropout=run.model.head_dropout,
         hidden=run.model.hidden,
         batchnorm=run.model.batchnorm,
+        depth=run.model.depth,
     )
 
 

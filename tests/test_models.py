@@ -115,3 +115,15 @@ def test_dropout_rates_are_configurable_and_off_in_eval():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_depth_sets_the_blocks_per_stage_with_dropout_after_the_last(depth: int):
+    model = SmallCNN(in_channels=1, width=8, depth=depth, dropout=0.2).eval()
+    for stage in (model.stage1, model.stage2, model.stage3):
+        blocks = [m for m in stage if isinstance(m, nn.Sequential)]
+        assert len(blocks) == depth and isinstance(stage[-1], nn.MaxPool2d)
+        rates = [getattr(block[-1], "p", 0.0) for block in blocks]
+        assert rates == [0.0] * (depth - 1) + [0.2]
+    assert len([m for m in model.modules() if isinstance(m, nn.Conv2d)]) == 3 * depth
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
