@@ -223,8 +223,8 @@ def train(
 
     model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
     log.info(
-        "model SmallCNN width %d: %.2fM parameters",
-        run.model.width, sum(p.numel() for p in model.parameters()) / 1e6,
+        "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
+        run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
     )  # fmt: skip
     # Train and evaluate through `network` (compiled or not); save `model`'s plain state_dict.
     network = compile_model(model, runtime.device) if trainer.compile else model
