@@ -11,7 +11,7 @@ The schemas live at the root of the ConfigStore, not in a group, so that
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -405,8 +405,16 @@ class RunConfig:
     diagnostics: DiagnosticsConfig
 
 
+# stable-cnn-eval's `data` before any data group is chosen: every data.* key, unset
+# (MISSING), so that `data.root=...` alone changes the checkpoint's own data
+# (conf/eval.yaml). A plain mapping of MISSING, so that a data group chosen on top
+# merges into it whatever its types.
+DATA_OVERRIDES = {f.name: MISSING for f in fields(DataConfig)}
+
+
 def register_schemas() -> None:
     """Store every schema at the ConfigStore's root, where the YAML defaults find it."""
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         store.store(name=name, node=schema)
+    store.store(name="schema_data_overrides", node=DATA_OVERRIDES)

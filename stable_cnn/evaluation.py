@@ -1,6 +1,7 @@
 """``stable-cnn-eval``: test a checkpoint on a dataset's test split.
 
     stable-cnn-eval checkpoint=outputs/<date>/<time>/checkpoints/best.pt
+    stable-cnn-eval checkpoint=... data.root=/data       # any data.* key changes the run's own
     stable-cnn-eval checkpoint=... data=mnist            # another dataset of the same shape
 
 The model is rebuilt from the checkpoint's own model config; the data, precision and
@@ -19,10 +20,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, ValidationError
 
 from stable_cnn.atomic import atomic_write
-from stable_cnn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from stable_cnn.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.data import DataSplits, TensorBatches, build_splits
 from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
@@ -31,6 +32,7 @@ from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import Runtime, choose_memory_format, choose_precision, resolve_device
 from stable_cnn.models import SmallCNN
 from stable_cnn.train import config_dir
+from stable_cnn.trained_model import checkpoint_path, rebuild_model
 
 log = logging.getLogger("stable_cnn")
 
@@ -56,15 +58,31 @@ class LoadedCheckpoint:
     averaged: bool  # the weights are the run's average (ema=on), as the run tested them
 
 
-def load_for_evaluation(path: Path, data: DataConfig | None, device_name: str) -> LoadedCheckpoint:
-    """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data)."""
+def with_overrides(data: DataConfig, overrides: dict[str, Any]) -> DataConfig:
+    """``data`` with some of its keys changed, type-checked as the command line would be."""
+    if not overrides:
+        return data
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(data), overrides)
+        return OmegaConf.to_object(merged)
+    except ValidationError as err:
+        key = getattr(err, "full_key", None) or "data"
+        raise ConfigError(f"data.{key}: {str(err).splitlines()[0]}") from None
+
+
+def load_for_evaluation(
+    path: Path,
+    data: DataConfig | None,
+    device_name: str,
+    data_overrides: dict[str, Any] | None = None,
+) -> LoadedCheckpoint:
+    """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data with
+    ``data_overrides``, e.g. another ``root``)."""
     state = load_checkpoint(path)
-    saved = state.get("config") or {}
-    model_config = state.get("model_config")
-    if model_config is None or "data" not in saved:
-        raise CheckpointError(f"{path} holds no model config: it was not written by stable-cnn")
-    data = data or DataConfig(**saved["data"])
-    check_data_fits(model_config, data, path)
+    model, averaged = rebuild_model(state, path)
+    saved = state["config"]
+    data = data or with_overrides(DataConfig(**saved["data"]), data_overrides or {})
+    check_data_fits(state["model_config"], data, path)
 
     device = resolve_device(device_name)
     amp = saved.get("amp", {}).get("name", "auto")
@@ -77,21 +95,20 @@ def load_for_evaluation(path: Path, data: DataConfig | None, device_name: str) -
     precision = choose_precision(amp, device)
     memory_format = choose_memory_format(device, channels_last)
     splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
-    model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
-    averaged = state.get("ema") is not None
-    if averaged:  # ema=on: the run kept and tested the average
-        state = {**state, "model": state["ema"]["model"]}
-    load_model_weights(model, state, path)
     model.to(device, memory_format=memory_format)
     return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
                             averaged)  # fmt: skip
 
 
 def evaluate_checkpoint(
-    path: Path, data: DataConfig | None, device_name: str, out_dir: Path
+    path: Path,
+    data: DataConfig | None,
+    device_name: str,
+    out_dir: Path,
+    data_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Test the checkpoint at ``path``; returns (and writes) eval.json's content."""
-    loaded = load_for_evaluation(path, data, device_name)
+    loaded = load_for_evaluation(path, data, device_name, data_overrides)
     model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
     stats = evaluate(model, splits.test, runtime, tta)
     classes = splits.info.class_names
@@ -145,14 +162,16 @@ register_schemas()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float:
     try:
-        if cfg.checkpoint is None:
-            raise ConfigError("checkpoint=... is required: the path of a .pt file or run folder")
-        path = Path(cfg.checkpoint).expanduser()
-        if path.is_dir():
-            path = path / "checkpoints" / "best.pt"
-        data = OmegaConf.to_object(cfg.data) if cfg.get("data") is not None else None
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        result = evaluate_checkpoint(path, data, cfg.device, out_dir)
+        path = checkpoint_path(cfg.checkpoint)
+        hydra_config = HydraConfig.get()
+        chosen = hydra_config.runtime.choices.get("data") is not None  # data=<option>
+        data = OmegaConf.to_object(cfg.data) if chosen else None
+        # without data=<option>, the data.* keys given (the rest are ???) change the run's own
+        overrides = {} if chosen else {
+            key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)
+        }  # fmt: skip
+        out_dir = Path(hydra_config.runtime.output_dir)
+        result = evaluate_checkpoint(path, data, cfg.device, out_dir, overrides)
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_code)

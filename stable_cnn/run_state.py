@@ -43,6 +43,7 @@ class RunState:
     model_config: dict[str, Any]  # what it takes to rebuild the model
     config: dict[str, Any]  # the composed config
     ema: WeightEMA | None = None  # the weight average (ema=on)
+    class_names: tuple[str, ...] = ()  # for stable-cnn-export and -predict
     counters: Counters = field(default_factory=Counters)
     progress: EpochProgress | None = None  # the running sums of an unfinished epoch
 
@@ -58,6 +59,7 @@ class RunState:
             "data": self.data.state_dict(),
             "rng": rng_state(self.runtime.device),
             "model_config": self.model_config,
+            "class_names": list(self.class_names),
             "config": self.config,
             "device_type": self.runtime.device.type,
             "runtime": self.runtime.record(),

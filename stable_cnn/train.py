@@ -236,7 +236,8 @@ def train(
 
     ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
     state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
-                     model_config(run, data.info), composed_config, ema)  # fmt: skip
+                     model_config(run, data.info), composed_config, ema,
+                     class_names=data.info.class_names)  # fmt: skip
     if resume_state is not None:
         state.load_state_dict(resume_state, resume_from)
         log.info("resuming from %s (%s, step %d)", resume_from, state.where(),

@@ -1,0 +1,229 @@
+"""``stable-cnn-export``: a checkpoint as a file other runtimes load.
+
+    stable-cnn-export checkpoint=outputs/<date>/<time> format=onnx out=model.onnx
+    stable-cnn-export checkpoint=.../best.pt format=pt2 out=model.pt2
+
+``onnx`` is for ONNX Runtime and every runtime that reads ONNX; ``pt2`` is
+``torch.export``'s ExportedProgram (``torch.export.load(path).module()``). Either way the
+model takes float images in [0, 1], shape (N, C, H, W) with any N, and returns logits:
+the data's normalisation is inside. The class names and input size go into the file's
+metadata and into a JSON file beside it. After writing, the file is loaded back and its
+outputs compared with the checkpoint's on a batch; a disagreement fails the command.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from stable_cnn.atomic import atomic_write
+from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.train import config_dir
+from stable_cnn.trained_model import (
+    ModelCard,
+    PixelClassifier,
+    TrainedModel,
+    checkpoint_path,
+    load_trained_model,
+)
+
+log = logging.getLogger("stable_cnn")
+
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+METADATA_FILE = "stable_cnn.json"  # pt2: the card, in the archive's extra files
+CHECK_BATCHES = (8, 1)  # the check runs two batch sizes: the batch dimension is dynamic
+# Exported and eager fp32 logits may differ by rounding (other kernels, fused ops); a
+# difference above this share of the largest logit is a wrong export, not rounding.
+TOLERANCE = 1e-3
+
+
+class ExportError(UserError):
+    """The exported file does not reproduce the checkpoint's outputs."""
+
+    exit_code = 1
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    checked_with: str  # what ran the exported file
+    largest_difference: float  # max |exported - checkpoint| over the check's logits
+
+
+def _needs(*modules: str) -> None:
+    """One line naming the extra to install when an optional package is missing."""
+    for name in modules:
+        try:
+            __import__(name)
+        except ImportError:
+            raise ConfigError(
+                f"format=onnx needs the {name} package: pip install 'stable-cnn[export]' "
+                f"(or use format=pt2, which needs only torch)"
+            ) from None
+
+
+def _example(card: ModelCard, count: int) -> torch.Tensor:
+    """A batch of pixels in [0, 1] (fixed seed): enough to trace and to compare outputs."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (count, card.in_channels, card.image_size, card.image_size)
+    return torch.rand(shape, generator=generator)
+
+
+def _dynamic_batch() -> dict[str, dict[int, Any]]:
+    return {"images": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
+
+
+def write_onnx(classifier: PixelClassifier, card: ModelCard, out: Path) -> None:
+    _needs("onnx", "onnxscript")
+    for chatty in ("onnx_ir", "onnxscript"):  # their INFO lines are about graph passes
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    program = torch.onnx.export(
+        classifier, (_example(card, CHECK_BATCHES[0]),), dynamo=True, verbose=False,
+        input_names=["images"], output_names=["logits"], dynamic_shapes=_dynamic_batch(),
+        external_data=False,
+    )  # fmt: skip
+    proto = program.model_proto
+    for key, value in (("stable_cnn", json.dumps(card.as_dict())),
+                       ("class_names", json.dumps(list(card.class_names))),
+                       ("input_size", f"{card.in_channels}x{card.image_size}x{card.image_size}"),
+                       ("input_range", "[0, 1]")):  # fmt: skip
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_write(out) as file:
+        file.write(proto.SerializeToString())
+
+
+def write_pt2(classifier: PixelClassifier, card: ModelCard, out: Path) -> None:
+    program = torch.export.export(
+        classifier, (_example(card, CHECK_BATCHES[0]),), dynamic_shapes=_dynamic_batch()
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(card.as_dict())})
+    with atomic_write(out) as file:
+        file.write(buffer.getvalue())
+
+
+def run_onnx(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The exported file's logits: ONNX Runtime where installed, else ONNX's checker and
+    its reference evaluator (slow, but needs nothing beyond onnx)."""
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"images": images.numpy()})
+        return torch.from_numpy(logits), f"onnxruntime {onnxruntime.__version__}"
+    except ImportError:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        onnx.checker.check_model(str(out))
+        (logits,) = ReferenceEvaluator(str(out)).run(["logits"], {"images": images.numpy()})
+        return torch.from_numpy(logits), f"onnx {onnx.__version__} checker + reference evaluator"
+
+
+def run_pt2(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, str]:
+    program = torch.export.load(str(out))
+    with torch.no_grad():
+        return program.module()(images), f"torch.export.load (torch {torch.__version__})"
+
+
+WRITERS = {"onnx": write_onnx, "pt2": write_pt2}
+
+
+def card_path(out: Path) -> Path:
+    """The JSON beside an exported file: model.onnx -> model.onnx.json."""
+    return out.with_name(out.name + ".json")
+
+
+RUNNERS = {"onnx": run_onnx, "pt2": run_pt2}
+
+
+def check_export(trained: TrainedModel, fmt: str, out: Path) -> tuple[str, float]:
+    """Load ``out`` back and compare its logits with the checkpoint's on two batch sizes;
+    returns what ran it and the largest difference, or raises ExportError."""
+    largest, runner = 0.0, ""
+    for count in CHECK_BATCHES:
+        images = _example(trained.card, count)
+        with torch.no_grad():
+            expected = trained.classifier(images)
+        got, runner = RUNNERS[fmt](out, images)
+        if got.shape != expected.shape:
+            raise ExportError(
+                f"{out} returned logits of shape {tuple(got.shape)} for a batch of {count}, "
+                f"not {tuple(expected.shape)}: the export is broken"
+            )
+        largest = max(largest, (got.float() - expected).abs().max().item())
+    scale = max(1.0, expected.abs().max().item())
+    if largest > TOLERANCE * scale:
+        raise ExportError(
+            f"{out} disagrees with the checkpoint: logits differ by up to {largest:.3g} "
+            f"(tolerance {TOLERANCE * scale:.3g}); do not use it, and report the torch version"
+        )
+    return runner, largest
+
+
+def export_model(trained: TrainedModel, fmt: str, out: Path) -> ExportResult:
+    """Write ``trained`` as ``fmt`` to ``out`` (and its card beside it, ``out`` + .json),
+    then check it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    WRITERS[fmt](trained.classifier, trained.card, out)
+    runner, largest = check_export(trained, fmt, out)
+    sidecar = {
+        **trained.card.as_dict(),
+        "format": fmt,
+        "file": out.name,
+        "input_name": "images",
+        "output_name": "logits",
+        "checkpoint": str(trained.path),
+        "checked_with": runner,
+        "largest_logit_difference": largest,
+    }
+    with atomic_write(card_path(out)) as file:
+        file.write((json.dumps(sidecar, indent=2) + "\n").encode())
+    return ExportResult(out, fmt, runner, largest)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        if cfg.format not in FORMATS:
+            raise ConfigError(f"format={cfg.format!r} is not known: use format=onnx or "
+                              f"format=pt2")  # fmt: skip
+        path = checkpoint_path(cfg.checkpoint)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        out = Path(cfg.out).expanduser() if cfg.out else out_dir / f"model{FORMATS[cfg.format]}"
+        trained = load_trained_model(path)
+        result = export_model(trained, cfg.format, out)
+    except UserError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+    card = trained.card
+    log.info(
+        "wrote %s (%s, %s weights): float images in [0, 1] of shape (N, %d, %d, %d) -> "
+        "logits for %d classes", result.out, result.format, card.weights, card.in_channels,
+        card.image_size, card.image_size, len(card.class_names),
+    )  # fmt: skip
+    log.info("checked with %s: largest logit difference from the checkpoint %.2e",
+             result.checked_with, result.largest_difference)  # fmt: skip
+    log.info("wrote %s", card_path(result.out))
+
+
+def cli() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    from stable_cnn.export import cli as package_cli
+
+    package_cli()

@@ -1,0 +1,176 @@
+"""``stable-cnn-predict``: a trained model's predictions for image files, as CSV.
+
+    stable-cnn-predict checkpoint=outputs/<date>/<time> input=photos/ out=predictions.csv
+    stable-cnn-predict checkpoint=... input='shots/*.png' top_k=5
+
+Reads every image it can (PNG, JPEG, BMP, GIF, TIFF, WebP: whatever Pillow reads),
+converts it to the model's channels and size the way ``data=image_folder`` does in
+training, predicts in batches on the best device, and writes one row per image: path,
+label, confidence, then the top-k classes with their probabilities. A file that is not a
+readable image is named in one line and skipped; the exit status is non-zero only when
+no image could be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from stable_cnn.atomic import atomic_write
+from stable_cnn.errors import ConfigError, DataError, UserError
+from stable_cnn.hardware import resolve_device
+from stable_cnn.train import config_dir
+from stable_cnn.trained_model import ModelCard, checkpoint_path, load_trained_model
+
+log = logging.getLogger("stable_cnn")
+
+BATCH_SIZE = 256
+
+
+def find_images(given: str) -> list[Path]:
+    """``input=...`` as files: one file, every file under a folder, or a glob pattern;
+    sorted, so the CSV's order is stable."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not matches:
+        raise ConfigError(f"input={given!r} is no file, folder or glob that matches a file: "
+                          f"check the path")  # fmt: skip
+    return matches
+
+
+@dataclass
+class ImageBatch:
+    pixels: torch.Tensor  # (N, C, H, W) float in [0, 1]
+    paths: list[Path]
+
+
+class ImageReader:
+    """Files to the model's input: channels converted (greyscale <-> RGB) and the size
+    resized as ``data=image_folder`` does in training; counts what it had to change."""
+
+    def __init__(self, card: ModelCard) -> None:
+        from torchvision import transforms
+
+        self.card = card
+        self.mode = "L" if card.in_channels == 1 else "RGB"
+        self.resize = transforms.Resize((card.image_size, card.image_size))
+        self.to_tensor = transforms.ToTensor()
+        self.resized = 0
+        self.skipped: list[Path] = []
+
+    def read(self, path: Path) -> torch.Tensor | None:
+        """The image as (C, H, W) floats in [0, 1]; None (and one line) if unreadable."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("skipped %s: not an image Pillow can read (%s)", path, reason[:120])
+            self.skipped.append(path)
+            return None
+        if image.size != (self.card.image_size, self.card.image_size):
+            image = self.resize(image)
+            self.resized += 1
+        return self.to_tensor(image)
+
+    def batches(self, paths: list[Path]) -> Iterator[ImageBatch]:
+        pixels, kept = [], []
+        for path in paths:
+            tensor = self.read(path)
+            if tensor is None:
+                continue
+            pixels.append(tensor)
+            kept.append(path)
+            if len(kept) == BATCH_SIZE:
+                yield ImageBatch(torch.stack(pixels), kept)
+                pixels, kept = [], []
+        if kept:
+            yield ImageBatch(torch.stack(pixels), kept)
+
+
+def predict_files(checkpoint: Path, paths: list[Path], top_k: int, device_name: str,
+                  out: Path) -> tuple[int, ImageReader]:  # fmt: skip
+    """Write ``out`` (CSV) with one row per readable image; returns the rows written and
+    the reader (what it skipped and resized)."""
+    trained = load_trained_model(checkpoint)
+    names = trained.card.class_names
+    top_k = min(top_k, len(names))
+    device = resolve_device(device_name)
+    classifier = trained.classifier.to(device)
+    reader = ImageReader(trained.card)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    header = ["path", "label", "confidence"]
+    for rank in range(1, top_k + 1):
+        header += [f"class_{rank}", f"prob_{rank}"]
+    writer.writerow(header)
+    rows = 0
+    for batch in reader.batches(paths):
+        with torch.inference_mode():
+            probabilities = classifier(batch.pixels.to(device)).float().softmax(dim=1)
+        top = probabilities.topk(top_k, dim=1)  # one host read per batch, below
+        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        for path, probs, classes in zip(batch.paths, values, indices, strict=True):
+            row: list[object] = [str(path), names[classes[0]], f"{probs[0]:.4f}"]
+            for index, prob in zip(classes, probs, strict=True):
+                row += [names[index], f"{prob:.4f}"]
+            writer.writerow(row)
+            rows += 1
+    if rows:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as file:
+            file.write(table.getvalue().encode())
+    return rows, reader
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = checkpoint_path(cfg.checkpoint)
+        if cfg.input is None:
+            raise ConfigError("input=... is required: an image file, a folder or a glob")
+        if int(cfg.top_k) < 1:
+            raise ConfigError(f"top_k={cfg.top_k} is not allowed: use top_k=1 or more")
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        out = Path(cfg.out).expanduser() if cfg.out else out_dir / "predictions.csv"
+        paths = find_images(str(cfg.input))
+        rows, reader = predict_files(path, paths, int(cfg.top_k), cfg.device, out)
+        if rows == 0:
+            raise DataError(f"none of the {len(paths)} file(s) in input={cfg.input} is an "
+                            f"image Pillow can read: point input at PNG/JPEG files")  # fmt: skip
+    except UserError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+    size = reader.card.image_size
+    if reader.resized:
+        log.warning("resized %d image(s) to %dx%d, the size the model was trained on",
+                    reader.resized, size, size)  # fmt: skip
+    skipped = f" ({len(reader.skipped)} unreadable file(s) skipped)" if reader.skipped else ""
+    log.info("predicted %d image(s)%s: wrote %s", rows, skipped, out)
+
+
+def cli() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    from stable_cnn.predict import cli as package_cli
+
+    package_cli()

@@ -1,0 +1,180 @@
+"""Using a trained model outside the trainer: stable-cnn-export (ONNX, torch.export),
+stable-cnn-predict on image files, and stable-cnn-eval on the run's data elsewhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stable_cnn.checkpoint import load_checkpoint
+from stable_cnn.data import load_tensors
+from stable_cnn.models import SmallCNN
+from stable_cnn.trained_model import load_trained_model
+from tests.conftest import compose_run, run_cli
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 1000  # real test images compared
+
+
+def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A console script as a user runs it."""
+    script = str(Path(sys.executable).parent / name)
+    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real Fashion-MNIST run with the weight average (exports must use it)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    done = run_cli(
+        [f"data.root={fashion_mnist_root}", "data.limit_train=4000", "model.width=8",
+         "trainer.epochs=2", "ema=on", "diagnostics.figures_every_n_epochs=null",
+         f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def test_pixels(fashion_mnist_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first real test images as a user has them: floats in [0, 1]; and labels."""
+    data = compose_run([f"data.root={fashion_mnist_root}", "data.download=false"]).data
+    images, labels, _ = load_tensors(data, train=False)
+    return images[:IMAGES].float() / 255, labels[:IMAGES]
+
+
+def checkpoint_logits(run_dir: Path, pixels: torch.Tensor, weights: str) -> torch.Tensor:
+    """The checkpoint's own fp32 logits, from its raw ("model") or averaged ("ema") weights."""
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    config = {k: v for k, v in state["model_config"].items() if k != "name"}
+    model = SmallCNN(**config).eval()
+    model.load_state_dict(state["model"] if weights == "model" else state["ema"]["model"])
+    data = state["config"]["data"]
+    mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return model((pixels - mean) / std)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item() * 100
+
+
+def assert_same_model(exported: torch.Tensor, run_dir: Path, pixels, labels) -> None:
+    averaged = checkpoint_logits(run_dir, pixels, "ema")
+    raw = checkpoint_logits(run_dir, pixels, "model")
+    assert abs(accuracy(exported, labels) - accuracy(averaged, labels)) <= 0.1
+    torch.testing.assert_close(exported, averaged, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(exported, raw, atol=1e-3), "exports the average, not the raw weights"
+    assert accuracy(averaged, labels) > 60, "a model that learned"
+
+
+def test_onnx_export_runs_in_onnxruntime_like_the_checkpoint(trained_run, test_pixels, tmp_path):
+    import onnx
+    import onnxruntime
+
+    out = tmp_path / "model.onnx"
+    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=onnx",
+                   f"out={out}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "largest logit difference" in done.stderr + done.stdout
+
+    pixels, labels = test_pixels
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    (logits,) = session.run(None, {"images": pixels.numpy()})  # 1,000 at once: dynamic batch
+    assert_same_model(torch.from_numpy(logits), trained_run, pixels, labels)
+
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["class_names"])[0] == "T-shirt/top"
+    assert metadata["input_size"] == "1x28x28"
+    card = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert card["weights"] == "ema" and card["image_size"] == 28 and len(card["class_names"]) == 10
+
+
+def test_pt2_export_round_trips_through_torch_export(trained_run, test_pixels, tmp_path):
+    out = tmp_path / "model.pt2"
+    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=pt2",
+                   f"out={out}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    pixels, labels = test_pixels
+    extra = {"stable_cnn.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    with torch.no_grad():
+        logits = torch.cat([program.module()(pixels[:7]), program.module()(pixels[7:])])
+    assert_same_model(logits, trained_run, pixels, labels)
+    assert json.loads(extra["stable_cnn.json"])["class_names"][9] == "Ankle boot"
+
+
+def test_export_refuses_an_unknown_format_in_one_line(trained_run, tmp_path):
+    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=tflite",
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    (line,) = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert "format='tflite'" in line and "format=onnx" in line
+
+
+def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels, tmp_path):
+    from PIL import Image
+
+    pixels, _ = test_pixels
+    folder = tmp_path / "images"
+    folder.mkdir()
+    count = 40
+    for index in range(count):  # PNGs holding the test images' exact pixels
+        grey = (pixels[index, 0] * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(grey).save(folder / f"{index:03d}.png")
+    first = Image.open(folder / "000.png")
+    first.convert("RGB").save(folder / "rgb.png")  # colour: converted to greyscale
+    first.resize((56, 56), Image.NEAREST).save(folder / "big.jpg")  # resized back to 28
+    (folder / "x.png").write_text("not an image")
+    out = tmp_path / "predictions.csv"
+
+    done = command("stable-cnn-predict", f"checkpoint={trained_run}", f"input={folder}",
+                   f"out={out}", "top_k=3", cwd=tmp_path)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "x.png" in log and "resized 1 image" in log
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert "x.png" not in rows and len(rows) == count + 2
+    assert list(rows["000.png"]) == ["path", "label", "confidence", "class_1", "prob_1",
+                                     "class_2", "prob_2", "class_3", "prob_3"]  # fmt: skip
+
+    names = load_trained_model(trained_run / "checkpoints" / "best.pt").card.class_names
+    expected = checkpoint_logits(trained_run, pixels[:count], "ema").argmax(1).tolist()
+    assert [rows[f"{i:03d}.png"]["label"] for i in range(count)] == [names[c] for c in expected]
+    assert rows["rgb.png"]["label"] == rows["000.png"]["label"]
+    assert rows["rgb.png"]["confidence"] == rows["000.png"]["confidence"]
+    for row in rows.values():
+        probs = [float(row[f"prob_{rank}"]) for rank in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert row["label"] == row["class_1"] and row["confidence"] == row["prob_1"]
+
+
+def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    bad, out = tmp_path / "x.png", tmp_path / "p.csv"
+    done = command("stable-cnn-predict", f"checkpoint={trained_run}", f"input={bad}",
+                   f"out={out}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode != 0
+    assert "x.png" in done.stdout + done.stderr and not out.exists()
+
+
+def test_eval_takes_data_root_without_naming_the_data_group(trained_run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"  # empty: filled from the Debian package's copy
+    out_dir = tmp_path / "eval"
+    done = command("stable-cnn-eval", f"checkpoint={trained_run}", f"data.root={elsewhere}",
+                   f"hydra.run.dir={out_dir}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    evaluated = json.loads((out_dir / "eval.json").read_text())
+    results = json.loads((trained_run / "results.json").read_text())
+    assert evaluated["test_acc"] == results["test_acc"], "the run's own test, from another folder"
+    assert (elsewhere / "FashionMNIST" / "raw").is_dir()
