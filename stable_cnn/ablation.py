@@ -7,7 +7,7 @@ writes a markdown report (test accuracy mean ± std, overfitting gap, diverged r
 rate, one sentence of evidence per row) and a PNG of validation curves per variant.
 
 The variants are the ``ablation`` config group (conf/ablation/), and the whole study is
-one ``stable-cnn-train -m 'ablation=glob(*)' optimizer.lr=NORMAL,STRESS
+one ``stable-cnn-train -m ablation=full,no_batchnorm,... optimizer.lr=NORMAL,STRESS
 'trainer.seed=range(N)'`` sweep with ``trainer.resume=auto``: rerunning the same command
 skips finished runs.
 """
@@ -28,7 +28,8 @@ from stable_cnn.hardware import describe_cpu, resolve_device, usable_cores
 from stable_cnn.report import RunRecord, find_runs
 from stable_cnn.tracking import read_metrics
 
-# conf/ablation/<name>.yaml: each variant removes one technique from the full recipe.
+# conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the
+# group also holds the stability map's other variants: stable_cnn/stability_map.py).
 VARIANTS: dict[str, str] = {
     "full": "the tutorial's recipe: BatchNorm, dropout, clipping, cosine schedule, AMP",
     "no_batchnorm": "no BatchNorm (conv bias back on)",
@@ -49,14 +50,11 @@ GAP_IMAGES = 5000  # training images used to measure train accuracy (eval mode)
 COLLAPSED_BELOW = 20.0  # test accuracy (%) under twice chance for 10 classes: it learned nothing
 
 
-@dataclass
-class VariantResult:
-    name: str
-    setting: str  # "normal" or "stress"
-    description: str
-    runs: list[RunRecord] = field(default_factory=list)
-    gaps: list[float] = field(default_factory=list)  # train acc (eval mode) - val acc, points
-    clip_rates: list[float] = field(default_factory=list)
+class SeedOutcomes:
+    """The seeds of one configuration, read back (``runs``): shared by the ablation's rows
+    and the stability map's points."""
+
+    runs: list[RunRecord]
 
     def accuracies(self) -> list[float]:
         return [r.results["test_acc"] for r in self.runs if r.status == "finished"]
@@ -71,10 +69,21 @@ class VariantResult:
         return sum(accuracy < COLLAPSED_BELOW for accuracy in self.accuracies())
 
 
+@dataclass
+class VariantResult(SeedOutcomes):
+    name: str
+    setting: str  # "normal" or "stress"
+    description: str
+    runs: list[RunRecord] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # train acc (eval mode) - val acc, points
+    clip_rates: list[float] = field(default_factory=list)
+
+
 def run_study(out: Path, base: list[str], lrs: dict[str, float], seeds: int) -> int:
     """The whole study as one sweep; returns its exit status (a diverged run is not an
     error, a failed one is: its row then shows fewer runs)."""
-    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base, "ablation=glob(*)",
+    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base,
+               "ablation=" + ",".join(VARIANTS),
                "optimizer.lr=" + ",".join(str(lr) for lr in lrs.values()),
                f"trainer.seed=range({seeds})", "trainer.resume=auto",
                "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
@@ -126,11 +135,11 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
             gap = f", overfitting gap {'+' if gap_delta > 0 else ''}{gap_delta:.1f} points"
     if min(len(accuracies), len(baseline)) < 2:
         verdict = f"{delta:+.2f} points against the full recipe (one seed: no spread measured)"
-    elif _std(accuracies) > max(3 * _std(baseline), 5.0):
+    elif spread(accuracies) > max(3 * spread(baseline), 5.0):
         low, high = min(accuracies), max(accuracies)
         verdict = (f"Unstable: test accuracy ranges from {low:.1f}% to {high:.1f}% across "
                    f"seeds ({delta:+.2f} points on average)")  # fmt: skip
-    elif abs(delta) <= 2 * _standard_error(accuracies, baseline):
+    elif abs(delta) <= 2 * standard_error(accuracies, baseline):
         verdict = f"Within two standard errors of the full recipe ({delta:+.2f} points)"
     elif delta < 0:
         verdict = f"Removing it costs {-delta:.2f} points of test accuracy"
@@ -161,7 +170,7 @@ def render(rows: list[VariantResult], command: str, machine: str, settings: str)
     ]
     for row in rows:
         accuracies = row.accuracies()
-        accuracy = (f"{statistics.fmean(accuracies):.2f} ± {_std(accuracies):.2f}"
+        accuracy = (f"{statistics.fmean(accuracies):.2f} ± {spread(accuracies):.2f}"
                     if accuracies else "-")  # fmt: skip
         gap = f"{statistics.fmean(row.gaps):+.2f}" if row.gaps else "-"
         clip = f"{100 * statistics.fmean(row.clip_rates):.0f}%" if row.clip_rates else "-"
@@ -283,10 +292,10 @@ def describe_machine(device: str) -> str:
     return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"
 
 
-def _standard_error(a: list[float], b: list[float]) -> float:
+def standard_error(a: list[float], b: list[float]) -> float:
     """Standard error of the difference of two means (Welch), at least 0.05 points."""
-    return max((_std(a) ** 2 / len(a) + _std(b) ** 2 / len(b)) ** 0.5, 0.05)
+    return max((spread(a) ** 2 / len(a) + spread(b) ** 2 / len(b)) ** 0.5, 0.05)
 
 
-def _std(values: list[float]) -> float:
+def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0

@@ -1,0 +1,333 @@
+"""``stable-cnn-map``: the learning rates at which each technique keeps training alive.
+
+For each variant of the recipe (the ``ablation`` config group: the defaults, one technique
+removed or changed, EMA added, the tutorial's literal recipe) it trains a log-spaced grid
+of learning rates with several seeds, as one resumable ``stable-cnn-train -m`` sweep, and
+writes a report: accuracy against learning rate per variant (a PNG with the seeds' spread
+as a band), and per variant the best accuracy, the **stable range** (the contiguous
+learning rates, around the best, at which every seed finished within ``MARGIN`` points of
+the variant's best mean and none collapsed or diverged), its width in decades, and one
+sentence of evidence against the full recipe, judged by the ablation's two-standard-error
+rule at each learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stable_cnn.ablation import (
+    COLLAPSED_BELOW,
+    SeedOutcomes,
+    describe_machine,
+    spread,
+    standard_error,
+)
+from stable_cnn.report import RunRecord, find_runs
+
+# conf/ablation/<name>.yaml, applied to the default recipe.
+VARIANTS: dict[str, str] = {
+    "full": "the default recipe (BatchNorm, clip norm 1.0, warm-up + cosine, light dropout, AMP)",
+    "no_batchnorm": "no BatchNorm (conv bias back on)",
+    "no_clipping": "no gradient clipping",
+    "clip_value": "clipping each gradient element to +-0.5 instead of the norm to 1.0",
+    "no_warmup": "no learning-rate warm-up",
+    "constant_lr": "a constant learning rate (no warm-up, no decay)",
+    "no_dropout": "no dropout at all (the default has head dropout 0.1)",
+    "with_ema": "the weight average added (ema=on)",
+    "no_amp": "fp32 instead of mixed precision",
+    "tutorial": "the tutorial's literal recipe (dropout 0.3/0.5, no Nesterov, per-epoch cosine)",
+}
+# 8 half-decade steps over 3.5 decades: from far too careful to far too bold for SGD.
+LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# 240 runs of about 7 s on a 2-core AVX-512 BF16 CPU (docs/stability_map.md has the wall
+# time); --full is for a GPU.
+SMALL = ["model.width=16", "trainer.epochs=4", "data.limit_train=10000", "data.limit_test=2000",
+         "diagnostics.figures_every_n_epochs=null"]  # fmt: skip
+FULL = ["model.width=64", "trainer.epochs=15", "diagnostics.figures_every_n_epochs=null"]
+MARGIN = 3.0  # accuracy points below the variant's best mean that still count as stable
+
+
+@dataclass
+class Point(SeedOutcomes):
+    """One variant at one learning rate: its seeds' outcomes."""
+
+    lr: float
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float | None:
+        accuracies = self.accuracies()
+        return statistics.fmean(accuracies) if accuracies else None
+
+
+@dataclass
+class Variant:
+    name: str
+    description: str
+    points: list[Point]  # one per learning rate, ascending
+
+    def best(self) -> Point | None:
+        scored = [p for p in self.points if p.mean is not None]
+        return max(scored, key=lambda p: p.mean) if scored else None
+
+
+def stable_range(points: list[Point], margin: float = MARGIN) -> tuple[float, float] | None:
+    """The contiguous learning rates (ascending ``points``) around the best stable one at
+    which every seed finished within ``margin`` points of the best mean accuracy, none
+    collapsed and none diverged; None when no learning rate qualifies."""
+    means = [p.mean for p in points if p.mean is not None]
+    if not means:
+        return None
+    floor = max(means) - margin
+
+    def stable(point: Point) -> bool:
+        accuracies = point.accuracies()
+        return (bool(point.runs) and len(accuracies) == len(point.runs)
+                and min(accuracies) >= max(floor, COLLAPSED_BELOW))  # fmt: skip
+
+    blocks: list[list[Point]] = []
+    for previous, point in zip([None, *points], points, strict=False):
+        if stable(point):
+            if previous is not None and blocks and blocks[-1][-1] is previous:
+                blocks[-1].append(point)
+            else:
+                blocks.append([point])
+    if not blocks:
+        return None
+    best_block = max(blocks, key=lambda block: max(p.mean for p in block))
+    return best_block[0].lr, best_block[-1].lr
+
+
+def decades(span: tuple[float, float] | None) -> float:
+    return 0.0 if span is None else math.log10(span[1] / span[0])
+
+
+def describe_range(span: tuple[float, float] | None) -> str:
+    if span is None:
+        return "none"
+    low, high = span
+    return f"{low:g} only" if low == high else f"{low:g} to {high:g}"
+
+
+def compare_points(variant: Variant, full: Variant) -> tuple[list[float], list[float]]:
+    """The learning rates at which the variant is worse / better than the full recipe by
+    more than two standard errors (a diverged seed counts as chance, 10%)."""
+    worse, better = [], []
+    for mine, reference in zip(variant.points, full.points, strict=True):
+        a, b = _outcomes(mine), _outcomes(reference)
+        if len(a) < 2 or len(b) < 2:
+            continue
+        delta = statistics.fmean(a) - statistics.fmean(b)
+        if abs(delta) > 2 * standard_error(a, b):
+            (worse if delta < 0 else better).append(mine.lr)
+    return worse, better
+
+
+def _outcomes(point: Point) -> list[float]:
+    return point.accuracies() + [10.0] * point.diverged
+
+
+def evidence(variant: Variant, full: Variant) -> str:
+    """One sentence: what the sweep shows for this variant against the full recipe."""
+    span, reference = stable_range(variant.points), stable_range(full.points)
+    width = ("no stable range" if span is None
+             else f"stable {describe_range(span)} ({decades(span):.1f} decades)")  # fmt: skip
+    if variant is full:
+        return f"The reference: {width}."
+    change = decades(span) - decades(reference)
+    if span is None and reference is None:
+        verdict = "no stable range, like the full recipe"
+    elif abs(change) < 0.25:
+        verdict = f"{width}, the same width as the full recipe's"
+    else:
+        direction = "narrower" if change < 0 else "wider"
+        verdict = (f"{width} against the full recipe's {describe_range(reference)} "
+                   f"({direction} by {abs(change):.1f} decades)")  # fmt: skip
+    worse, better = compare_points(variant, full)
+    judged = [f"worse beyond two standard errors at lr {_lrs(worse)}" if worse else "",
+              f"better at lr {_lrs(better)}" if better else ""]  # fmt: skip
+    judged_text = "; ".join(j for j in judged if j) or "never beyond two standard errors apart"
+    return f"{verdict[0].upper()}{verdict[1:]}; {judged_text}."
+
+
+def _lrs(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def collect(out: Path, learning_rates: tuple[float, ...], names: list[str]) -> list[Variant]:
+    variants = {name: Variant(name, VARIANTS[name], [Point(lr) for lr in learning_rates])
+                for name in names}  # fmt: skip
+    for run in find_runs(out):
+        chosen = dict(o.lstrip("+").split("=", 1) for o in run.overrides if "=" in o)
+        variant = variants.get(chosen.get("ablation", ""))
+        lr = float(chosen.get("optimizer.lr", "nan"))
+        for point in variant.points if variant else []:
+            if math.isclose(point.lr, lr):
+                point.runs.append(run)
+    return list(variants.values())
+
+
+def render(variants: list[Variant], header: list[str]) -> str:
+    full = next(v for v in variants if v.name == "full")
+    learning_rates = [p.lr for p in full.points]
+    lines = [
+        "# The stability map: where each technique keeps training alive", "", *header, "",
+        "Test accuracy of the best-validation checkpoint. A run **diverged** when it stopped",
+        "on NaN/Inf losses; it **collapsed** when it finished under "
+        f"{COLLAPSED_BELOW:.0f}% (twice chance). The",
+        "**stable range** is the contiguous learning rates, around the variant's best, at",
+        f"which every seed finished within {MARGIN:g} points of the variant's best mean "
+        "accuracy and",
+        "none collapsed or diverged. Evidence compares each learning rate with the full recipe",
+        "by the ablation's rule: a difference counts beyond two standard errors (a diverged",
+        "seed counts as 10%).", "",
+        "## Headline", "",
+    ]  # fmt: skip
+    lines += [f"- **{v.name}**, {v.description}: {evidence(v, full)}" for v in variants]
+    lines += ["", "## Per variant", "",
+              "| variant | best test acc (%) | at lr | stable range | decades | diverged "
+              "| collapsed |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for variant in variants:
+        best, span = variant.best(), stable_range(variant.points)
+        runs = sum(len(p.runs) for p in variant.points)
+        accuracy = f"{best.mean:.2f} ± {spread(best.accuracies()):.2f}" if best else "-"
+        lines.append(
+            f"| {variant.name} | {accuracy} | {best.lr if best else '-'} | "
+            f"{describe_range(span)} | {decades(span):.1f} | "
+            f"{sum(p.diverged for p in variant.points)}/{runs} | "
+            f"{sum(p.collapsed for p in variant.points)}/{runs} |"
+        )
+    lines += ["", "## Every learning rate", "",
+              "Mean test accuracy (%) ± std over seeds; `d` diverged and `c` collapsed seeds.", "",
+              "| variant | " + " | ".join(f"{lr:g}" for lr in learning_rates) + " |",
+              "|---|" + "---:|" * len(learning_rates)]  # fmt: skip
+    for variant in variants:
+        cells = []
+        for point in variant.points:
+            cell = (
+                "-"
+                if point.mean is None
+                else f"{point.mean:.1f} ± {spread(point.accuracies()):.1f}"
+            )
+            marks = (f" {point.diverged}d" if point.diverged else "") + (
+                f" {point.collapsed}c" if point.collapsed else "")  # fmt: skip
+            cells.append(cell + marks)
+        lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(variants: list[Variant], path: Path) -> bool:
+    """Test accuracy against learning rate (log x), one curve per variant, the seeds'
+    range as a band; a learning rate where every seed diverged is marked at chance."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 6))
+    colours = plt.get_cmap("tab10")
+    for index, variant in enumerate(variants):
+        colour = colours(index % 10)
+        scored = [p for p in variant.points if p.mean is not None]
+        lrs = [p.lr for p in scored]
+        style = "--" if variant.name == "tutorial" else "-"
+        axes.plot(lrs, [p.mean for p in scored], marker="o", markersize=3, color=colour,
+                  label=variant.name, linestyle=style)  # fmt: skip
+        low, high = [min(p.accuracies()) for p in scored], [max(p.accuracies()) for p in scored]
+        axes.fill_between(lrs, low, high, color=colour, alpha=0.12)
+        lost = [p.lr for p in variant.points if p.runs and p.mean is None]
+        axes.scatter(lost, [10.0] * len(lost), marker="x", color=colour)
+    axes.set_xscale("log")
+    axes.set_xlabel("peak learning rate (SGD)")
+    axes.set_ylabel("test accuracy (%): mean over seeds, band = min to max")
+    axes.axhline(COLLAPSED_BELOW, color="grey", linewidth=0.8, linestyle=":")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8, loc="lower left")
+    axes.set_title("Stability map: x = every seed diverged")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def run_sweep(out: Path, base: list[str], learning_rates: tuple[float, ...], names: list[str],
+              seeds: int) -> int:  # fmt: skip
+    """The whole map as one sweep with trainer.resume=auto: rerunning it skips what is done."""
+    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base,
+               "ablation=" + ",".join(names),
+               "optimizer.lr=" + ",".join(f"{lr:g}" for lr in learning_rates),
+               f"trainer.seed=range({seeds})", "trainer.resume=auto",
+               "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "map.log").open("a") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="stable-cnn-map",
+        description="Train each variant of the recipe across a log-spaced grid of learning "
+        "rates, several seeds each, and report where each one trains stably.",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
+                        help="comma-separated learning rates (default 0.003 ... 10)")  # fmt: skip
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated variants (default: all)")  # fmt: skip
+    parser.add_argument("--full", action="store_true",
+                        help="width 64, 15 epochs, all data: for a GPU")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("outputs/stability_map"),
+                        help="where the runs go (default outputs/stability_map)")  # fmt: skip
+    parser.add_argument("--report", type=Path, default=Path("docs/stability_map.md"),
+                        help="the markdown report; the PNG goes beside it")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="trainer.device for every run")
+    parser.add_argument("overrides", nargs="*", help="extra stable-cnn-train overrides")
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or "full" not in names:
+        parser.error(f"--variants must include full and name only {', '.join(VARIANTS)} "
+                     f"(not {', '.join(unknown) or 'without full'})")  # fmt: skip
+    learning_rates = tuple(sorted(float(lr) for lr in args.lrs.split(",")))
+
+    base = [*(FULL if args.full else SMALL), f"trainer.device={args.device}", *args.overrides]
+    total = len(names) * len(learning_rates) * args.seeds
+    print(f"training {total} runs into {args.out} (log: {args.out / 'map.log'})", flush=True)
+    started = time.perf_counter()
+    status = run_sweep(args.out, base, learning_rates, names, args.seeds)
+    wall = time.perf_counter() - started
+    if status != 0:
+        print(f"some runs failed (sweep exit {status}): see {args.out / 'map.log'}")
+    variants = collect(args.out, learning_rates, names)
+    command = "stable-cnn-map " + " ".join(argv if argv is not None else sys.argv[1:])
+    trained = sum(r.results.get("wall_s", 0.0) for v in variants for p in v.points
+                  for r in p.runs)  # fmt: skip
+    header = [f"Command: `{command.strip()}`  ",
+              f"Machine: {describe_machine(args.device)}  ",
+              f"Settings: `{' '.join(base)}`; SGD learning rates "
+              f"{', '.join(f'{lr:g}' for lr in learning_rates)}; {args.seeds} seed(s) each; "
+              f"otherwise the default recipe  ",
+              f"Wall time: {wall / 60:.0f} min for this invocation ({total} runs; "
+              f"{trained / 60:.0f} min inside the runs' train())"]  # fmt: skip
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(render(variants, header))
+    png = args.report.with_suffix(".png")
+    if plot(variants, png):
+        with args.report.open("a") as report:
+            report.write(f"\n![accuracy against learning rate per variant]({png.name})\n")
+    for variant in variants:
+        print(f"{variant.name:<13} stable {describe_range(stable_range(variant.points))}")
+    print(f"wrote {args.report}" + (f" and {png}" if png.exists() else ""))
+
+
+if __name__ == "__main__":
+    cli()
