@@ -152,7 +152,7 @@ RUNNERS = {"onnx": run_onnx, "pt2": run_pt2}
 def check_export(trained: TrainedModel, fmt: str, out: Path) -> tuple[str, float]:
     """Load ``out`` back and compare its logits with the checkpoint's on two batch sizes;
     returns what ran it and the largest difference, or raises ExportError."""
-    largest, runner = 0.0, ""
+    largest, scale, runner = 0.0, 1.0, ""
     for count in CHECK_BATCHES:
         images = _example(trained.card, count)
         with torch.no_grad():
@@ -164,7 +164,7 @@ def check_export(trained: TrainedModel, fmt: str, out: Path) -> tuple[str, float
                 f"not {tuple(expected.shape)}: the export is broken"
             )
         largest = max(largest, (got.float() - expected).abs().max().item())
-    scale = max(1.0, expected.abs().max().item())
+        scale = max(scale, expected.abs().max().item())
     if largest > TOLERANCE * scale:
         raise ExportError(
             f"{out} disagrees with the checkpoint: logits differ by up to {largest:.3g} "
