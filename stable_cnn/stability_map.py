@@ -294,10 +294,18 @@ def cli(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
-    if unknown or "full" not in names:
-        parser.error(f"--variants must include full and name only {', '.join(VARIANTS)} "
-                     f"(not {', '.join(unknown) or 'without full'})")  # fmt: skip
-    learning_rates = tuple(sorted(float(lr) for lr in args.lrs.split(",")))
+    if unknown:
+        parser.error(f"--variants {', '.join(unknown)}: not a variant; use some of "
+                     f"{', '.join(VARIANTS)}")  # fmt: skip
+    if "full" not in names:
+        parser.error("--variants must include full: every variant is judged against it")
+    try:
+        learning_rates = tuple(sorted(float(lr) for lr in args.lrs.split(",")))
+    except ValueError:
+        learning_rates = ()
+    if not learning_rates or min(learning_rates) <= 0:
+        parser.error(f"--lrs {args.lrs}: give positive numbers separated by commas, "
+                     f"e.g. 0.01,0.1,1")  # fmt: skip
 
     base = [*(FULL if args.full else SMALL), f"trainer.device={args.device}", *args.overrides]
     total = len(names) * len(learning_rates) * args.seeds

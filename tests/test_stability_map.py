@@ -94,3 +94,20 @@ def test_map_driver_writes_every_variant_and_learning_rate(tmp_path: Path):
     import matplotlib.image
 
     assert matplotlib.image.imread(report.with_suffix(".png")).shape[1] > 100
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "full,foo"], "--variants foo: not a variant"),
+        (["--variants", "no_amp"], "--variants must include full"),
+        (["--lrs", "0.1,abc"], "--lrs 0.1,abc: give positive numbers"),
+    ],
+)
+def test_bad_arguments_stop_in_one_line_before_any_run(args, message, tmp_path, capsys):
+    from stable_cnn.stability_map import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli([*args, "--out", str(tmp_path / "runs")])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
