@@ -3,21 +3,19 @@
 Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
 decoded once into a uint8 tensor on the training device, and ``TensorBatches``
 slices, augments and normalises whole batches there. ``image_folder`` data keeps
-the classic per-image DataLoader path.
+the classic per-image DataLoader path (image_folder.py).
 """
 
 from __future__ import annotations
 
 import gzip
 import shutil
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.augment import normalize, random_crop, random_erase, random_flip
@@ -165,14 +163,16 @@ def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSpl
     ``seed`` is the run's seed: the data's random stream derives its own from it."""
     seed = stream_seed(seed, "data")
     if config.name == "image_folder":
-        return _image_folder_splits(config, seed)
+        from stable_cnn.image_folder import image_folder_splits  # imports this module
+
+        return image_folder_splits(config, seed)
     train_images, train_labels, class_names = load_tensors(config, train=True)
     test_images, test_labels, _ = load_tensors(config, train=False)
     _check_shape(config, train_images)
 
     train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
-    train_index = _limit(train_index, config.limit_train)
-    _check_batch_size(config, len(train_index))
+    train_index = first_n(train_index, config.limit_train)
+    check_batch_size(config, len(train_index))
     mean, std = torch.tensor(config.mean), torch.tensor(config.std)
 
     def batches(images: torch.Tensor, labels: torch.Tensor, train: bool) -> TensorBatches:
@@ -191,12 +191,12 @@ def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSpl
             erase_ratio=tuple(config.erase_ratio),
         )
 
-    test_index = _limit(torch.arange(len(test_labels)), config.limit_test)
+    test_index = first_n(torch.arange(len(test_labels)), config.limit_test)
     test = batches(test_images[test_index], test_labels[test_index], train=False)
     if len(val_index) == 0:
         val = test
     else:
-        val_index = _limit(val_index, config.limit_test)
+        val_index = first_n(val_index, config.limit_test)
         val = batches(train_images[val_index], train_labels[val_index], train=False)
     train = batches(train_images[train_index], train_labels[train_index], train=True)
     info = DatasetInfo(
@@ -225,11 +225,11 @@ def split_indices(num_images: int, val_size: int, name: str) -> tuple[torch.Tens
     return order[val_size:], order[:val_size]
 
 
-def _limit(index: torch.Tensor, limit: int | None) -> torch.Tensor:
+def first_n(index: torch.Tensor, limit: int | None) -> torch.Tensor:
     return index if limit is None else index[:limit]
 
 
-def _check_batch_size(config: DataConfig, num_train: int) -> None:
+def check_batch_size(config: DataConfig, num_train: int) -> None:
     if config.batch_size > num_train:
         raise DataError(
             f"data.batch_size={config.batch_size} is larger than the {num_train} training "
@@ -335,147 +335,3 @@ def synthetic_tensors(config: DataConfig, train: bool) -> tuple[torch.Tensor, to
     noise = torch.randn((count, *shape), generator=generator) * 48
     images = (templates[labels].float() * 0.6 + 50 + noise).clamp(0, 255).to(torch.uint8)
     return images, labels, tuple(f"class_{k}" for k in range(classes))
-
-
-def _image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
-    """The classic path: per-image decode and transforms in DataLoader workers."""
-    from torchvision import datasets, transforms
-
-    root = Path(config.root).expanduser()
-    size = config.image_size
-    convert = [transforms.Grayscale(1)] if config.in_channels == 1 else []
-    convert += [transforms.Resize((size, size))]
-    to_tensor = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-    augment = []
-    if config.augment:
-        augment.append(transforms.RandomCrop(size, padding=config.crop_padding))
-        if config.flip:
-            augment.append(transforms.RandomHorizontalFlip())
-    erase = []
-    if config.augment and config.erase_prob > 0:  # after Normalize: value 0 is the mean
-        erase.append(transforms.RandomErasing(
-            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
-        ))  # fmt: skip
-    train_transform = transforms.Compose(convert + augment + to_tensor + erase)
-    eval_transform = transforms.Compose(convert + to_tensor)
-
-    def folder(split: str, transform: Any) -> Any:
-        path = root / split
-        if not path.is_dir():
-            raise DataError(
-                f"image_folder: {path} does not exist: data.root must hold train/ and val/ "
-                f"folders with one subfolder of images per class"
-            )
-        try:  # ImageFolder decodes every image as RGB; Grayscale above makes it 1 channel
-            return datasets.ImageFolder(str(path), transform=transform)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise DataError(f"image_folder: no images in {path} ({err})") from None
-
-    train_set = folder("train", train_transform)
-    classes = tuple(train_set.classes)
-    if config.num_classes is not None and config.num_classes != len(classes):
-        raise DataError(
-            f"data.num_classes={config.num_classes} but {root / 'train'} has {len(classes)} "
-            f"class folders: set data.num_classes=null to infer it"
-        )
-    val_set = folder("val", eval_transform)
-    has_test = (root / "test").is_dir()
-    test_set = folder("test", eval_transform) if has_test else val_set
-    for split, dataset in (("val", val_set), ("test", test_set)):
-        if tuple(dataset.classes) != classes:
-            raise DataError(
-                f"image_folder: {root / split} has classes {list(dataset.classes)} but "
-                f"{root / 'train'} has {list(classes)}: both need the same class folders"
-            )
-    test_set = Subset(test_set, _limit(torch.arange(len(test_set)), config.limit_test).tolist())
-    if config.val_size > 0:
-        train_index, val_index = split_indices(len(train_set), config.val_size, "image_folder")
-        held_out = folder("train", eval_transform)
-        val_set = Subset(held_out, _limit(val_index, config.limit_test).tolist())
-        train_set = Subset(train_set, train_index.tolist())
-    elif has_test:
-        val_set = Subset(val_set, _limit(torch.arange(len(val_set)), config.limit_test).tolist())
-    else:
-        val_set = test_set  # no test/ folder: val/ serves as both
-    train_set = Subset(train_set, _limit(torch.arange(len(train_set)), config.limit_train).tolist())
-    _check_batch_size(config, len(train_set))
-
-    def loader(dataset: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=config.eval_batch_size,
-            num_workers=config.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=config.num_workers > 0,
-            worker_init_fn=leave_stop_signals_to_the_trainer,
-        )
-
-    test = loader(test_set)
-    val = test if val_set is test_set else loader(val_set)
-    info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
-    return DataSplits(
-        ShuffledLoader(
-            train_set, config.batch_size, config.num_workers, torch.Generator().manual_seed(seed)
-        ),
-        val,
-        test,
-        info,
-        len(train_set),
-        len(val_set),
-        len(test_set),
-        val_is_test=val_set is test_set,
-    )
-
-
-class ShuffledLoader:
-    """Training batches of a map-style dataset through DataLoader workers, in an order that
-    a checkpoint can save and restore (so a resumed epoch continues at the next batch)."""
-
-    def __init__(
-        self, dataset: Any, batch_size: int, num_workers: int, generator: torch.Generator
-    ) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.generator = generator
-        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
-        self.position = 0  # batches of this epoch already handed out
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size  # the last partial batch is dropped
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.order is None:
-            self.order, self.position = (
-                torch.randperm(len(self.dataset), generator=self.generator),
-                0,
-            )
-        size = self.batch_size
-        batches = [
-            self.order[k * size : (k + 1) * size].tolist() for k in range(self.position, len(self))
-        ]
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=leave_stop_signals_to_the_trainer,
-        )
-        for batch in loader:
-            self.position += 1
-            yield batch
-        self.order = None
-
-    state_dict = TensorBatches.state_dict
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], state["position"]
-
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group and SLURM signals every process: workers
-    ignore both, so the main process can finish its step and save (DataLoader still
-    shuts them down, and they exit when the main process dies)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn import train as train_module
+from stable_cnn import loop as train_module
 from stable_cnn.config import ClippingConfig
 from stable_cnn.step import clip_gradients, optimizer_step
 from tests.conftest import TINY, compose_run

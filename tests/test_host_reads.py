@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stable_cnn import train as train_module
+from stable_cnn import loop as train_module
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import FP32, Runtime

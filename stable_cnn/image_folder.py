@@ -1,0 +1,168 @@
+"""``data=image_folder``: images in class folders, decoded and augmented per image in
+DataLoader workers (the classic path, for data that does not fit in memory)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from stable_cnn.config import DataConfig
+from stable_cnn.data import (
+    DatasetInfo,
+    DataSplits,
+    TensorBatches,
+    check_batch_size,
+    first_n,
+    split_indices,
+)
+from stable_cnn.errors import DataError
+
+
+def image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
+    """The classic path: per-image decode and transforms in DataLoader workers."""
+    from torchvision import datasets, transforms
+
+    root = Path(config.root).expanduser()
+    size = config.image_size
+    convert = [transforms.Grayscale(1)] if config.in_channels == 1 else []
+    convert += [transforms.Resize((size, size))]
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
+    augment = []
+    if config.augment:
+        augment.append(transforms.RandomCrop(size, padding=config.crop_padding))
+        if config.flip:
+            augment.append(transforms.RandomHorizontalFlip())
+    erase = []
+    if config.augment and config.erase_prob > 0:  # after Normalize: value 0 is the mean
+        erase.append(transforms.RandomErasing(
+            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
+        ))  # fmt: skip
+    train_transform = transforms.Compose(convert + augment + to_tensor + erase)
+    eval_transform = transforms.Compose(convert + to_tensor)
+
+    def folder(split: str, transform: Any) -> Any:
+        path = root / split
+        if not path.is_dir():
+            raise DataError(
+                f"image_folder: {path} does not exist: data.root must hold train/ and val/ "
+                f"folders with one subfolder of images per class"
+            )
+        try:  # ImageFolder decodes every image as RGB; Grayscale above makes it 1 channel
+            return datasets.ImageFolder(str(path), transform=transform)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise DataError(f"image_folder: no images in {path} ({err})") from None
+
+    train_set = folder("train", train_transform)
+    classes = tuple(train_set.classes)
+    if config.num_classes is not None and config.num_classes != len(classes):
+        raise DataError(
+            f"data.num_classes={config.num_classes} but {root / 'train'} has {len(classes)} "
+            f"class folders: set data.num_classes=null to infer it"
+        )
+    val_set = folder("val", eval_transform)
+    has_test = (root / "test").is_dir()
+    test_set = folder("test", eval_transform) if has_test else val_set
+    for split, dataset in (("val", val_set), ("test", test_set)):
+        if tuple(dataset.classes) != classes:
+            raise DataError(
+                f"image_folder: {root / split} has classes {list(dataset.classes)} but "
+                f"{root / 'train'} has {list(classes)}: both need the same class folders"
+            )
+    test_set = Subset(test_set, first_n(torch.arange(len(test_set)), config.limit_test).tolist())
+    if config.val_size > 0:
+        train_index, val_index = split_indices(len(train_set), config.val_size, "image_folder")
+        held_out = folder("train", eval_transform)
+        val_set = Subset(held_out, first_n(val_index, config.limit_test).tolist())
+        train_set = Subset(train_set, train_index.tolist())
+    elif has_test:
+        val_set = Subset(val_set, first_n(torch.arange(len(val_set)), config.limit_test).tolist())
+    else:
+        val_set = test_set  # no test/ folder: val/ serves as both
+    kept = first_n(torch.arange(len(train_set)), config.limit_train)
+    train_set = Subset(train_set, kept.tolist())
+    check_batch_size(config, len(train_set))
+
+    def loader(dataset: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=config.eval_batch_size,
+            num_workers=config.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=config.num_workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
+        )
+
+    test = loader(test_set)
+    val = test if val_set is test_set else loader(val_set)
+    info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
+    return DataSplits(
+        ShuffledLoader(
+            train_set, config.batch_size, config.num_workers, torch.Generator().manual_seed(seed)
+        ),
+        val,
+        test,
+        info,
+        len(train_set),
+        len(val_set),
+        len(test_set),
+        val_is_test=val_set is test_set,
+    )
+
+
+class ShuffledLoader:
+    """Training batches of a map-style dataset through DataLoader workers, in an order that
+    a checkpoint can save and restore (so a resumed epoch continues at the next batch)."""
+
+    def __init__(
+        self, dataset: Any, batch_size: int, num_workers: int, generator: torch.Generator
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.generator = generator
+        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
+        self.position = 0  # batches of this epoch already handed out
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size  # the last partial batch is dropped
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.order is None:
+            self.order, self.position = (
+                torch.randperm(len(self.dataset), generator=self.generator),
+                0,
+            )
+        size = self.batch_size
+        batches = [
+            self.order[k * size : (k + 1) * size].tolist() for k in range(self.position, len(self))
+        ]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_stop_signals_to_the_trainer,
+        )
+        for batch in loader:
+            self.position += 1
+            yield batch
+        self.order = None
+
+    state_dict = TensorBatches.state_dict
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group and SLURM signals every process: workers
+    ignore both, so the main process can finish its step and save (DataLoader still
+    shuts them down, and they exit when the main process dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
