@@ -6,7 +6,8 @@
 #      deterministic kernels, channels_last + compile, no host read or sync per step)
 #   2. time to accuracy on real Fashion-MNIST: experiment=fashion_mnist_gpu (95.36% in 30
 #      epochs on a CPU; the headline, so it runs before the benchmarks)
-#   3. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
+#   3. torchrun with one process: the distributed path (NCCL) on the one GPU
+#   4. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
 #      128 and 512, fp16 and bf16, torch.compile off and on (512), the step in a CUDA
 #      graph (bf16; fp16 needs the host and falls back), bare ceiling beside each
 #
@@ -107,6 +108,12 @@ write_summary() {  # also on an early exit: whatever ran is in summary.md
             fi
         done
         echo
+        echo "## torchrun, one process"
+        echo
+        echo '```'
+        grep -E "device |test of best" "$out/torchrun_one_process.log" 2>/dev/null | sed 's/^.*\] - //'
+        echo '```'
+        echo
         echo "## time to accuracy: ${preset[*]}"
         echo
         "$py" -c "
@@ -126,12 +133,14 @@ if $dry; then
     bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
     sizes=(32 64)
     preset=(experiment=smoke trainer.device=cpu data.limit_train=1024 data.limit_test=512 trainer.epochs=1)
+    small=("${preset[@]}")
     graph=()
 else
     device=cuda
     bench=(--device cuda --width 64 --steps 200 --warmup 10 --quick)
     sizes=(128 512)
     preset=(experiment=fashion_mnist_gpu)
+    small=(experiment=smoke)
     graph=(--cuda-graph)
 fi
 
@@ -148,6 +157,11 @@ step cuda_tests 200 "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cachepro
 step time_to_accuracy 240 "$py" -m stable_cnn.train "${preset[@]}" "data.root=$data_root" \
     "data.system_dir=$system_dir" trainer.progress_bar=false "hydra.run.dir=$runs/preset"
 cp "$runs/preset/results.json" "$out/time_to_accuracy.json" 2>/dev/null
+# torchrun with one process: the DDP path of many (process group, NCCL on the GPU, the
+# sharded evaluation's all-reduce), on the one GPU there is
+step torchrun_one_process 90 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    -m stable_cnn.train "${small[@]}" "data.root=$data_root" "data.system_dir=$system_dir" \
+    trainer.progress_bar=false "hydra.run.dir=$runs/torchrun"
 for size in "${sizes[@]}"; do
     benchmarks+=("benchmark_b$size")
     step "benchmark_b$size" 90 "$py" scripts/benchmark.py --dataset cifar10-synthetic \

@@ -25,7 +25,7 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     ``path`` (atomic on POSIX), on any failure delete it and leave ``path`` untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
-    writer = f"{_host()}.{os.getpid()}"
+    writer = f"{host_name()}.{os.getpid()}"
     handle, partial = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.{writer}.", suffix=".partial"
     )
@@ -50,8 +50,8 @@ def remove_stale_partials(path: Path) -> None:
     for partial in path.parent.glob(f".{path.name}.*.partial"):
         parts = partial.name[len(path.name) + 2 :].split(".")
         host, pid = (parts[0], parts[1]) if len(parts) >= 3 else ("", "")
-        if host == _host() and pid.isdigit():
-            stale = not _process_alive(int(pid))
+        if host == host_name() and pid.isdigit():
+            stale = not process_alive(int(pid))
         else:  # another host's (or an older stable-cnn's unnamed) file: judge by its age
             try:
                 stale = time.time() - partial.stat().st_mtime > STALE_AFTER_S
@@ -61,12 +61,12 @@ def remove_stale_partials(path: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
-def _host() -> str:
+def host_name() -> str:
     # dots would split the name's fields; a host name has no other meaning here
     return socket.gethostname().replace(".", "-") or "host"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -20,6 +20,7 @@ import logging
 import torch
 
 from stable_cnn.config import ClippingConfig
+from stable_cnn.distributed import ALONE, World
 from stable_cnn.hardware import Runtime
 from stable_cnn.step import EpochProgress, StepOutcome, TrainStep, skips_on_device
 
@@ -32,8 +33,11 @@ def capture_problem(
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     cycles_momentum: bool,
+    world: World = ALONE,
 ) -> str:
     """Why this run's step cannot be captured, or ''."""
+    if world.distributed:
+        return "several processes average gradients through DDP's hooks, outside a graph"
     if runtime.device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {runtime.device.type}"
     if scaler.is_enabled():
@@ -145,13 +149,14 @@ def build_train_step(
     loss_spike_factor: float,
     cuda_graph: bool,
     cycles_momentum: bool,
+    world: World = ALONE,
 ) -> TrainStep:
     """The run's TrainStep: captured in a CUDA graph where asked for and possible."""
     kind = TrainStep
     if cuda_graph:
-        problem = capture_problem(runtime, scaler, optimizer, cycles_momentum)
+        problem = capture_problem(runtime, scaler, optimizer, cycles_momentum, world)
         if problem:
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
             kind = GraphedTrainStep
-    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor)
+    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor, world)

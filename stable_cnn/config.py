@@ -107,6 +107,7 @@ class ModelConfig:
     hidden: int = 512  # units of the head's hidden Linear layer
     batchnorm: bool = True  # false = conv bias instead of BatchNorm (ablations)
     depth: int = 2  # ConvBlocks per stage (the tutorial's 2)
+    sync_batchnorm: bool = False  # several processes: BatchNorm statistics over the global batch
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, "model.width", self.width, "must be >= 1")
@@ -310,6 +311,7 @@ class TrainerConfig:
     resume: str | None = None  # null = fresh; auto; or a checkpoint file / run folder to continue
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: skip the step, or stop (and save)
     max_consecutive_nonfinite: int = 10  # with skip: stop after this many skipped in a row
+    devices: int = 1  # >1: start this many training processes here (DDP, one per GPU)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
@@ -338,6 +340,7 @@ class TrainerConfig:
             self.max_consecutive_nonfinite,
             "must be >= 1",
         )
+        _check(self.devices >= 1, "trainer.devices", self.devices, "must be >= 1")
         _check(
             self.num_threads is None or self.num_threads >= 1,
             "trainer.num_threads",

@@ -66,6 +66,18 @@ class DataSplits:
     val_is_test: bool  # data.val_size=0: validation runs on the test split
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every pass over the data: batch ``index`` of every
+    ``count`` (one process: every batch)."""
+
+    index: int = 0
+    count: int = 1
+
+
+ONE_PROCESS = Shard()
+
+
 class TensorBatches:
     """Batches sliced from uint8 images held in memory, augmented and normalised per batch.
 
@@ -88,6 +100,8 @@ class TensorBatches:
         erase_prob: float = 0.0,
         erase_scale: tuple[float, float] = (0.02, 0.33),
         erase_ratio: tuple[float, float] = (0.3, 3.3),
+        shard: Shard = ONE_PROCESS,
+        augment_generator: torch.Generator | None = None,
     ) -> None:
         self.images = images  # (N, C, H, W) uint8
         self.labels = labels  # (N,) int64
@@ -98,15 +112,32 @@ class TensorBatches:
         self.crop_padding = crop_padding
         self.flip = flip
         self.erase = (erase_prob, erase_scale, erase_ratio)  # random erasing, after normalising
-        self.generator = generator
+        self.generator = generator  # the order: the same seed on every process
+        # Crops, flips and erasing: a stream of each process's own (the order's generator
+        # itself for a single process, so that one process draws as it always has).
+        self.augment_generator = augment_generator or generator
+        self.shard = shard
         self.order: torch.Tensor | None = None  # this epoch's shuffled indices
-        self.position = 0  # batches of this epoch already handed out
+        self.position = 0  # batches of this epoch already handed out (by this process)
+
+    @property
+    def batches_in_all(self) -> int:
+        """Batches of the whole pass, all processes together."""
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        """This process's batches per pass. Training: the same on every process (each
+        takes one batch of every ``shard.count`` in turn; the rest of the shuffled
+        images wait for the next epoch). Evaluation: every batch is someone's."""
+        total, shard = self.batches_in_all, self.shard
         if self.train:
-            return n // self.batch_size
-        return -(-n // self.batch_size)
+            return total // shard.count
+        return len(range(shard.index, total, shard.count))
+
+    def batch_index(self, position: int) -> int:
+        """Which batch of the whole pass is this process's ``position``-th."""
+        return position * self.shard.count + self.shard.index
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
@@ -117,18 +148,19 @@ class TensorBatches:
                 len(self.labels), generator=self.generator, device=self.generator.device
             )
             self.order, self.position = order.to(device), 0
+        augment = self.augment_generator
         while self.position < len(self):
-            start = self.position * self.batch_size
+            start = self.batch_index(self.position) * self.batch_size
             index = self.order[start : start + self.batch_size]
             images = self.images[index]
             if self.train:
-                images = random_crop(images, self.crop_padding, self.generator)
+                images = random_crop(images, self.crop_padding, augment)
                 if self.flip:
-                    images = random_flip(images, self.generator)
+                    images = random_flip(images, augment)
             self.position += 1
             images = normalize(images, self.mean, self.std)
             if self.train and self.erase[0] > 0:
-                images = random_erase(images, *self.erase, self.generator)
+                images = random_erase(images, *self.erase, augment)
             yield images, self.labels[index]
         self.order = None  # the epoch is over: the next iteration draws a new order
 
@@ -145,35 +177,47 @@ class TensorBatches:
 
     def state_dict(self) -> dict:
         """Where the data stream stands: the RNG, this epoch's order and the next batch."""
-        return {
+        state = {
             "generator": self.generator.get_state(),
             "order": None if self.order is None else self.order.cpu(),
             "position": self.position,
         }
+        if self.augment_generator is not self.generator:
+            state["augment_generator"] = self.augment_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if self.augment_generator is not self.generator:
+            self.augment_generator.set_state(state["augment_generator"])
         order = state["order"]
         self.order = None if order is None else order.to(self.images.device)
         self.position = state["position"]
 
 
-def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSplits:
+def build_splits(
+    config: DataConfig, device: torch.device, seed: int, shard: Shard = ONE_PROCESS
+) -> DataSplits:
     """Load the dataset named by ``config.name`` and cut it into train, val and test batches.
-    ``seed`` is the run's seed: the data's random stream derives its own from it."""
-    seed = stream_seed(seed, "data")
+    ``seed`` is the run's seed: the data's random streams derive their own from it.
+    ``shard`` is this process's share of each pass when several processes train."""
+    run_seed, seed = seed, stream_seed(seed, "data")
     if config.name == "image_folder":
         from stable_cnn.image_folder import image_folder_splits  # imports this module
 
-        return image_folder_splits(config, seed)
+        return image_folder_splits(config, seed, shard)
     train_images, train_labels, class_names = load_tensors(config, train=True)
     test_images, test_labels, _ = load_tensors(config, train=False)
     _check_shape(config, train_images)
 
     train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
     train_index = first_n(train_index, config.limit_train)
-    check_batch_size(config, len(train_index))
+    check_batch_size(config, len(train_index), shard.count)
     mean, std = torch.tensor(config.mean), torch.tensor(config.std)
+    augment_generator = None  # one process: the order's generator augments too
+    if shard.count > 1:
+        augment_seed = stream_seed(run_seed, f"augment/{shard.index}")
+        augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
 
     def batches(images: torch.Tensor, labels: torch.Tensor, train: bool) -> TensorBatches:
         return TensorBatches(
@@ -189,6 +233,8 @@ def build_splits(config: DataConfig, device: torch.device, seed: int) -> DataSpl
             erase_prob=config.erase_prob if config.augment else 0.0,
             erase_scale=tuple(config.erase_scale),
             erase_ratio=tuple(config.erase_ratio),
+            shard=shard,
+            augment_generator=augment_generator if train else None,
         )
 
     test_index = first_n(torch.arange(len(test_labels)), config.limit_test)
@@ -229,11 +275,13 @@ def first_n(index: torch.Tensor, limit: int | None) -> torch.Tensor:
     return index if limit is None else index[:limit]
 
 
-def check_batch_size(config: DataConfig, num_train: int) -> None:
-    if config.batch_size > num_train:
+def check_batch_size(config: DataConfig, num_train: int, processes: int = 1) -> None:
+    """Every process needs at least one full batch per epoch."""
+    if config.batch_size * processes > num_train:
+        each = f" per process x {processes} processes" if processes > 1 else ""
         raise DataError(
-            f"data.batch_size={config.batch_size} is larger than the {num_train} training "
-            f"images: lower data.batch_size or raise data.limit_train"
+            f"data.batch_size={config.batch_size}{each} is larger than the {num_train} "
+            f"training images: lower data.batch_size or raise data.limit_train"
         )
 
 

@@ -32,7 +32,7 @@ def model_health(model: nn.Module) -> dict[str, float]:
         weights = [p.detach().float() for p in stage.parameters() if p.dim() > 1]
         names.append(f"weights/norm_{stage_name}")
         values.append(torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights])))
-        norms = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
+        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not norms:  # the head, or an ablation without BatchNorm
             continue
         for statistic in ("running_mean", "running_var"):

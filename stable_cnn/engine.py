@@ -17,11 +17,19 @@ from torch import nn
 from tqdm import tqdm
 
 from stable_cnn.augment import flip_averaged_logits
+from stable_cnn.distributed import ALONE, World
 from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
 from stable_cnn.schedulers import LRSchedule
-from stable_cnn.step import SLOT, EpochProgress, StepOutcome, TrainStep, autocast
+from stable_cnn.step import (
+    SLOT,
+    EpochProgress,
+    StepOutcome,
+    TrainStep,
+    across_processes,
+    autocast,
+)
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -85,6 +93,7 @@ def train_one_epoch(
     on_nonfinite: str = "skip",
     max_consecutive_nonfinite: int = 10,
     ema: WeightEMA | None = None,
+    world: World = ALONE,
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``batches`` with ``train_step``; continue ``progress`` when resuming
     mid-epoch.
@@ -96,6 +105,11 @@ def train_one_epoch(
     each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
     steps in a row. ``ema``, if given, is updated after every step (outside the step, so
     a captured step keeps its graph).
+
+    With several processes (``world``) every decision is taken on values they share, at
+    the same step: the sums are gathered at log intervals and the epoch's end, and a
+    stop request (a signal may reach one process only) is agreed at log intervals,
+    where the host reads the device anyway; a lone process checks it every step.
     """
     train_step.model.train()
     runtime, optimizer, scaler = train_step.runtime, train_step.optimizer, train_step.scaler
@@ -116,16 +130,18 @@ def train_one_epoch(
 
         if on_nonfinite == "stop":  # the one policy that reads the device every step
             stop_reason = first_nonfinite(step, scaler.is_enabled(), global_step)
-        if global_step % log_every_n_steps == 0:
+        at_interval = global_step % log_every_n_steps == 0
+        if at_interval:
             stop_reason = stop_reason or log_interval(
                 progress, step, optimizer, scaler, global_step, log_step, bar,
-                max_consecutive_nonfinite,
+                max_consecutive_nonfinite, world,
             )  # fmt: skip
-        stop_reason = stop_reason or stop_requested()
+        if at_interval or not world.distributed:
+            stop_reason = stop_reason or world.agree_on_reason(stop_requested())
         if stop_reason:
             break
     bar.close()
-    values = progress.read()  # also waits for the device, so the time below is the GPU's
+    values = progress.read(world)  # also waits for the device: the time below is the GPU's
     progress.seconds += time.perf_counter() - started
     if not stop_reason and values["longest_nonfinite_run"] >= max_consecutive_nonfinite:
         stop_reason = too_many_nonfinite(values, global_step)
@@ -159,16 +175,17 @@ def log_interval(
     log_step: StepLogger,
     bar: tqdm,
     max_consecutive_nonfinite: int,
+    world: World = ALONE,
 ) -> str:
     """Log the window's mean loss and this step's norms (one host read, two under fp16);
     return a reason to stop if the skip limit was reached, else ''."""
-    values = progress.values
+    values = across_processes(progress.values, world)
     window_loss, window_steps, grad_norm, grad_norm_clipped, longest = torch.stack([
         values[SLOT["window_loss"]], values[SLOT["window_steps"]], step.grad_norm.float(),
         step.grad_norm_clipped.float(), values[SLOT["longest_nonfinite_run"]],
     ]).tolist()  # fmt: skip
-    values[SLOT["window_loss"]] = 0.0
-    values[SLOT["window_steps"]] = 0.0
+    progress.values[SLOT["window_loss"]] = 0.0
+    progress.values[SLOT["window_steps"]] = 0.0
     if window_steps:
         scalars = {
             "train/loss": window_loss / window_steps,
@@ -210,15 +227,23 @@ def evaluate(
     batches: Iterable,
     runtime: Runtime,
     flip_tta: bool = False,
+    world: World = ALONE,
+    num_classes: int | None = None,
 ) -> EvalStats:
     """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent;
     with ``flip_tta``, of the mean logits of each image and its mirror image. Sums stay
-    on the device until the end: no host read per batch."""
+    on the device until the end: no host read per batch.
+
+    With several processes, each evaluates its share of the batches and the counts are
+    summed, so the accuracy equals one process's on the same weights exactly; every
+    process needs ``num_classes`` then (a share may hold no batch at all)."""
     model.eval()
     device = runtime.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
     confusion = None  # (true, predicted) counts, flattened; sized by the first batch
+    if num_classes is not None:
+        confusion = torch.zeros(num_classes**2, device=device, dtype=torch.int64)
     count = 0
     with torch.inference_mode():
         for images, labels in batches:
@@ -234,6 +259,11 @@ def evaluate(
             pairs = labels * classes + logits.argmax(1)
             confusion.index_add_(0, pairs, torch.ones_like(pairs))
             count += labels.shape[0]
+    if world.distributed:
+        classes = num_classes
+        totals = world.sum(torch.cat([confusion.double(), loss_sum.double().view(1)]))
+        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
+        count = int(confusion.sum().item())
     confusion = confusion.view(classes, classes).cpu()
     correct = confusion.diagonal().sum().item()
     return EvalStats(loss_sum.item() / count, 100.0 * correct / count, count, confusion)

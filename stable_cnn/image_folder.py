@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from stable_cnn.config import DataConfig
 from stable_cnn.data import (
+    ONE_PROCESS,
     DatasetInfo,
     DataSplits,
-    TensorBatches,
+    Shard,
     check_batch_size,
     first_n,
     split_indices,
@@ -23,8 +24,9 @@ from stable_cnn.data import (
 from stable_cnn.errors import DataError
 
 
-def image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
-    """The classic path: per-image decode and transforms in DataLoader workers."""
+def image_folder_splits(config: DataConfig, seed: int, shard: Shard = ONE_PROCESS) -> DataSplits:
+    """The classic path: per-image decode and transforms in DataLoader workers. ``seed``
+    is the data stream's; ``shard`` this process's share when several processes train."""
     from torchvision import datasets, transforms
 
     root = Path(config.root).expanduser()
@@ -85,11 +87,11 @@ def image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
         val_set = test_set  # no test/ folder: val/ serves as both
     kept = first_n(torch.arange(len(train_set)), config.limit_train)
     train_set = Subset(train_set, kept.tolist())
-    check_batch_size(config, len(train_set))
+    check_batch_size(config, len(train_set), shard.count)
 
     def loader(dataset: Any) -> DataLoader:
         return DataLoader(
-            dataset,
+            evaluation_share(dataset, config.eval_batch_size, shard),
             batch_size=config.eval_batch_size,
             num_workers=config.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -101,9 +103,7 @@ def image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
     val = test if val_set is test_set else loader(val_set)
     info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
     return DataSplits(
-        ShuffledLoader(
-            train_set, config.batch_size, config.num_workers, torch.Generator().manual_seed(seed)
-        ),
+        ShuffledLoader(train_set, config.batch_size, config.num_workers, seed, shard),
         val,
         test,
         info,
@@ -114,33 +114,56 @@ def image_folder_splits(config: DataConfig, seed: int) -> DataSplits:
     )
 
 
+def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:
+    """This process's evaluation batches: whole batches of the single-process sequence
+    (batch ``shard.index``, then every ``shard.count``-th), so that each image is
+    evaluated once, in the same company, and the summed counts equal one process's."""
+    if shard.count == 1:
+        return dataset
+    batches = range(shard.index, -(-len(dataset) // batch_size), shard.count)
+    mine = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size,
+                                                                  len(dataset)))]  # fmt: skip
+    return Subset(dataset, mine)
+
+
 class ShuffledLoader:
-    """Training batches of a map-style dataset through DataLoader workers, in an order that
-    a checkpoint can save and restore (so a resumed epoch continues at the next batch)."""
+    """Training batches of a map-style dataset through DataLoader workers.
+
+    The order is torch's DistributedSampler's (shuffled from the seed and the epoch,
+    each process its own share, the same number of batches on each), and every image's
+    augmentation draws from a seed of its own, chosen by the epoch and the image. So
+    what a batch holds, and how it is augmented, depends neither on ``data.num_workers``
+    nor on where a resumed epoch continues: a checkpoint keeps only the epoch and the
+    position."""
 
     def __init__(
-        self, dataset: Any, batch_size: int, num_workers: int, generator: torch.Generator
+        self, dataset: Any, batch_size: int, num_workers: int, seed: int, shard: Shard = ONE_PROCESS
     ) -> None:
-        self.dataset = dataset
+        self.dataset = SeededAugmentation(dataset)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.generator = generator
-        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
-        self.position = 0  # batches of this epoch already handed out
+        self.seed = seed
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=shard.count, rank=shard.index, shuffle=True,
+            seed=seed % 2**62, drop_last=True,
+        )  # fmt: skip
+        self.epoch = 0  # epochs started
+        self.position = 0  # batches of the current epoch already handed out
+        self.in_epoch = False
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size  # the last partial batch is dropped
+        return len(self.sampler) // self.batch_size  # the last partial batch is dropped
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.order is None:
-            self.order, self.position = (
-                torch.randperm(len(self.dataset), generator=self.generator),
-                0,
-            )
+        if not self.in_epoch:  # a new epoch; a resumed one continues its own
+            self.epoch, self.position, self.in_epoch = self.epoch + 1, 0, True
+        self.sampler.set_epoch(self.epoch)
+        order = list(self.sampler)
+        draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
+        image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
         size = self.batch_size
-        batches = [
-            self.order[k * size : (k + 1) * size].tolist() for k in range(self.position, len(self))
-        ]
+        batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
+                   for k in range(self.position, len(self))]  # fmt: skip
         loader = DataLoader(
             self.dataset,
             batch_sampler=batches,
@@ -151,13 +174,32 @@ class ShuffledLoader:
         for batch in loader:
             self.position += 1
             yield batch
-        self.order = None
+        self.in_epoch = False
 
-    state_dict = TensorBatches.state_dict
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "in_epoch": self.in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], state["position"]
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.in_epoch = state["in_epoch"]
+
+
+class SeededAugmentation(Dataset):
+    """Indexed by (image, seed): the image's random transforms draw from that seed, in
+    whichever process or DataLoader worker decodes it (torchvision's transforms draw
+    from torch's global generator, which is put back afterwards)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -1,13 +1,18 @@
 """The run itself: build data, model, optimizer, schedule and scaler from typed config,
 then for each epoch train, validate, log and checkpoint, and finally test the best
 checkpoint. ``train.py`` (the Hydra entrypoint) composes the config and calls ``train``.
+
+Every process of a distributed run goes through the same lines: each trains on its
+share of the data (DDP averages the gradients), the evaluations and the decisions
+are shared, and rank 0 alone writes (its tracker; the others' is silent).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,16 @@ from stable_cnn.augment import normalize
 from stable_cnn.capture import build_train_step
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import OneCycleConfig, RunConfig
-from stable_cnn.data import DatasetInfo, DataSplits, TensorBatches, build_splits
+from stable_cnn.data import DatasetInfo, DataSplits, Shard, TensorBatches, build_splits
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
+from stable_cnn.distributed import (
+    ALONE,
+    World,
+    device_for,
+    threads_per_process,
+    to_sync_batchnorm,
+    wrap_for_training,
+)
 from stable_cnn.ema import WeightEMA
 from stable_cnn.engine import (
     EpochStats,
@@ -29,6 +42,7 @@ from stable_cnn.engine import (
     evaluate,
     train_one_epoch,
 )
+from stable_cnn.errors import UserError
 from stable_cnn.hardware import (
     Runtime,
     choose_memory_format,
@@ -36,16 +50,19 @@ from stable_cnn.hardware import (
     compile_model,
     describe_cpu,
     resolve_device,
+    usable_cores,
     use_tf32,
 )
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import GracefulStop
 from stable_cnn.resume import earlier_outcome, locate_run
+from stable_cnn.run_lock import RunLock
 from stable_cnn.run_state import RunState
 from stable_cnn.schedulers import build_schedule
-from stable_cnn.seeding import seed_everything
-from stable_cnn.tracking import FAILURE_FILE, Hparams, RunTracker, record_failure
+from stable_cnn.seeding import seed_everything, seed_own_stream
+from stable_cnn.step import TrainStep
+from stable_cnn.tracking import FAILURE_FILE, Hparams, RunTracker, open_tracker
 
 log = logging.getLogger("stable_cnn")
 
@@ -64,8 +81,10 @@ def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
 
 
 def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
-    """What it takes to rebuild the model from a checkpoint."""
-    return {"in_channels": info.in_channels, "num_classes": info.num_classes, **asdict(run.model)}
+    """What it takes to rebuild the model from a checkpoint (SyncBatchNorm is a way of
+    training it, not a part of it)."""
+    architecture = {k: v for k, v in asdict(run.model).items() if k != "sync_batchnorm"}
+    return {"in_channels": info.in_channels, "num_classes": info.num_classes, **architecture}
 
 
 def epoch_summary(
@@ -109,7 +128,10 @@ def log_figures(
         batch = normalize(images, data.train.mean, data.train.std).contiguous(
             memory_format=runtime.memory_format
         )
+        # every process: under SyncBatchNorm its forward pass is a collective
         gradients = gradient_snapshot(model, batch, labels, criterion, runtime)
+    if not tracker.writes:
+        return
     weights = {name: torch.cat([p.detach().float().flatten().cpu() for p in
                                 getattr(model, name).parameters() if p.dim() > 1])
                for name in STAGES}  # fmt: skip
@@ -121,19 +143,22 @@ def log_figures(
     tracker.log_figures(global_step, weights, gradients, images, figure)
 
 
-def choose_runtime(run: RunConfig) -> Runtime:
-    """Device, precision and memory layout for this run; logs what it chose and why."""
+def choose_runtime(run: RunConfig, world: World = ALONE) -> Runtime:
+    """Device, precision and memory layout for this process; logs what it chose and why."""
     if run.trainer.num_threads is not None:
         torch.set_num_threads(run.trainer.num_threads)
-    device = resolve_device(run.trainer.device)
+    elif world.distributed:
+        torch.set_num_threads(threads_per_process(world, usable_cores()))
+    device = resolve_device(device_for(world, run.trainer.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # cuda:N is the current device for every kernel
     precision = choose_precision(run.amp.name, device)
     memory_format = choose_memory_format(device, run.trainer.channels_last)
+    each = f" (one of {world.size} processes, {world.backend})" if world.distributed else ""
     if device.type == "cpu":
-        log.info("device cpu, %d threads, CPU %s", torch.get_num_threads(), describe_cpu())
+        log.info("device cpu, %d threads%s, CPU %s", torch.get_num_threads(), each, describe_cpu())
     else:
-        log.info("device %s", device)
+        log.info("device %s%s", device, each)
     layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
     log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
     if use_tf32(device, run.trainer.tf32) and precision.name == "fp32":
@@ -145,147 +170,279 @@ class RunPreempted(Exception):
     """A signal stopped the run after it saved a resumable checkpoint."""
 
 
+def agree_on_run(
+    resume: str | None,
+    run_dir: Path,
+    outputs: Path,
+    composed_config: dict[str, Any],
+    runtime: Runtime,
+    world: World,
+) -> tuple[Path, Path | None, dict[str, Any] | None]:
+    """Where the run writes, the checkpoint it continues (or None), and that checkpoint.
+    Rank 0 decides (two processes looking for a run to resume could pick different
+    ones); the others follow, reading the checkpoint from the shared file system."""
+    problem, decision, state = "", (run_dir, None), None
+    if world.is_main:
+        try:
+            run_dir, resume_from, state = locate_run(
+                resume, run_dir, outputs, composed_config, runtime, world.size
+            )
+            decision = (run_dir, resume_from)
+        except UserError as err:
+            problem = str(err)
+    problem, (run_dir, resume_from) = world.broadcast((problem, decision))
+    if problem:
+        raise UserError(problem)
+    if resume_from is not None and state is None:
+        state = load_checkpoint(resume_from)
+    return run_dir, resume_from, state
+
+
+@dataclass
+class Training:
+    """What the epochs work with, built once per run."""
+
+    run: RunConfig
+    world: World
+    runtime: Runtime
+    run_dir: Path
+    data: DataSplits
+    model: SmallCNN  # the plain model: saved, exported, averaged
+    network: nn.Module  # what trains: the model compiled and/or wrapped in DDP
+    criterion: nn.Module
+    state: RunState
+    train_step: TrainStep
+    tracker: RunTracker
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def build_training(
+    run: RunConfig,
+    world: World,
+    runtime: Runtime,
+    run_dir: Path,
+    composed_config: dict[str, Any],
+    resume: tuple[Path, dict[str, Any]] | None,
+) -> Training:
+    """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
+    trainer = run.trainer
+    with world.local_main_first():  # a dataset is extracted once per machine
+        data = build_splits(run.data, runtime.device, trainer.seed, Shard(world.rank, world.size))
+    per_process = (
+        f" per process, {run.data.batch_size * world.size} in all" if world.distributed else ""
+    )
+    log.info(
+        "data %s: %d train / %d val / %d test images, batch %d%s",
+        data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
+        per_process,
+    )  # fmt: skip
+    if data.val_is_test:
+        log.warning("validating on the test set (data.val_size=0): test accuracy is optimistic")
+
+    model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
+    seed_own_stream(trainer.seed, world.rank)
+    log.info(
+        "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
+        run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
+    )  # fmt: skip
+    if run.model.sync_batchnorm:
+        model = to_sync_batchnorm(model, world, runtime.device)
+    network = wrap_for_training(model, world, runtime.device)
+    if trainer.compile:
+        network = compile_model(network, runtime.device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+    optimizer = build_optimizer(model, run.optimizer)
+    schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
+    # One GradScaler for the whole run: its loss scale is calibrated over many steps.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
+    ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
+    state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
+                     model_config(run, data.info), composed_config, ema,
+                     class_names=data.info.class_names, world=world)  # fmt: skip
+    if resume is not None:
+        resume_from, resume_state = resume
+        state.load_state_dict(resume_state, resume_from)
+        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
+                 state.counters.global_step)  # fmt: skip
+    train_step = build_train_step(
+        network, criterion, optimizer, scaler, run.clipping, runtime,
+        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
+        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
+        world=world,
+    )  # fmt: skip
+    tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
+    return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
+                    train_step, tracker)  # fmt: skip
+
+
 def train(
     run: RunConfig,
     run_dir: Path,
     composed_config: dict[str, Any],
     outputs: Path = Path("outputs"),
     hparams: Hparams | None = None,
+    world: World = ALONE,
 ) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; returns results.json's content.
-    ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics."""
+    ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics.
+    ``world`` is this process's place among the processes training together."""
     started = time.perf_counter()
-    trainer = run.trainer
-    seed_everything(trainer.seed, trainer.deterministic)  # before CUDA starts (cuBLAS)
-    runtime = choose_runtime(run)
-    run_dir, resume_from, resume_state = locate_run(
-        trainer.resume, run_dir, outputs, composed_config, runtime
+    seed_everything(run.trainer.seed, run.trainer.deterministic)  # before CUDA starts (cuBLAS)
+    runtime = choose_runtime(run, world)
+    run_dir, resume_from, resume_state = agree_on_run(
+        run.trainer.resume, run_dir, outputs, composed_config, runtime, world
     )
-    if trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
+    if run.trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
         return outcome
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its own outcome
-    log.info("run folder: %s", run_dir)
+    with RunLock(run_dir) if world.is_main else nullcontext():  # one live writer per folder
+        if world.is_main:
+            (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
+        log.info("run folder: %s", run_dir)
+        resume = None if resume_state is None else (resume_from, resume_state)
+        training = build_training(run, world, runtime, run_dir, composed_config, resume)
+        fit(training, hparams or {})
+        return test_best(training, hparams or {}, started)
 
-    data = build_splits(run.data, runtime.device, trainer.seed)
-    log.info(
-        "data %s: %d train / %d val / %d test images, batch %d",
-        data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
-    )  # fmt: skip
-    if data.val_is_test:
-        log.warning("validating on the test set (data.val_size=0): test accuracy is optimistic")
 
-    model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
-    log.info(
-        "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
-        run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
-    )  # fmt: skip
-    # Train and evaluate through `network` (compiled or not); save `model`'s plain state_dict.
-    network = compile_model(model, runtime.device) if trainer.compile else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
-    optimizer = build_optimizer(model, run.optimizer)
-    schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
-    # One GradScaler for the whole run: its loss scale is calibrated over many steps.
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
-
-    ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
-    state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
-                     model_config(run, data.info), composed_config, ema,
-                     class_names=data.info.class_names)  # fmt: skip
-    if resume_state is not None:
-        state.load_state_dict(resume_state, resume_from)
-        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
-                 state.counters.global_step)  # fmt: skip
+def fit(training: Training, hparams: Hparams) -> None:
+    """Every remaining epoch: train, validate, log, checkpoint; stop early where asked.
+    A signal or a diverged run saves a checkpoint and raises."""
+    state, tracker, trainer = training.state, training.tracker, training.run.trainer
     counters = state.counters
-
-    train_step = build_train_step(
-        network, criterion, optimizer, scaler, run.clipping, runtime,
-        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
-        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
-    )  # fmt: skip
-    tracker = RunTracker(run_dir, resume_step=counters.global_step, epochs_done=counters.epoch)
-    tta = run.data.tta_flip  # validation and test on each image and its mirror image
-    checkpoints = run_dir / "checkpoints"
     try:
         with GracefulStop() as stop:
             for epoch in range(counters.epoch + 1, trainer.epochs + 1):
-                train_stats, state.progress = train_one_epoch(
-                    train_step, data.train, schedule, counters.global_step,
-                    trainer.log_every_n_steps, tracker.log_step,
-                    progress_label=f"epoch {epoch}/{trainer.epochs}",
-                    progress_bar=trainer.progress_bar, progress=state.progress,
-                    stop_requested=lambda: stop.signal_name or "",
-                    on_nonfinite=trainer.on_nonfinite,
-                    max_consecutive_nonfinite=trainer.max_consecutive_nonfinite, ema=ema,
-                )  # fmt: skip
-                counters.global_step = train_stats.global_step
-                if not train_stats.completed:
-                    save_checkpoint(state.state_dict(), checkpoints / "last.pt")
-                    where = f"stopped in epoch {epoch} at step {counters.global_step}"
-                    if stop.requested:
-                        raise RunPreempted(
-                            f"{stop.signal_name}: {where}; checkpoint saved; continue with "
-                            f"trainer.resume={run_dir}"
-                        )
-                    raise TrainingDiverged(
-                        f"{train_stats.stop_reason}: {where} (trainer.on_nonfinite="
-                        f"{trainer.on_nonfinite}); the weights from before that step are in "
-                        f"{checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
-                    )
-                lr, state.progress = state.progress.start_lr, None
-                raw_stats = evaluate(network, data.val, runtime, tta)
-                ensure_finite("validation loss", raw_stats.loss, counters.global_step)
-                # The weights the run keeps, selects by and tests: the average with ema=on.
-                val_stats = (
-                    raw_stats if ema is None else evaluate(ema.model, data.val, runtime, tta)
-                )
-                ensure_finite("validation loss", val_stats.loss, counters.global_step)
-                schedule.after_epoch(val_stats.accuracy)
+                train_stats = train_epoch(training, epoch, stop)
+                val_stats, raw_stats = validate(training)
+                state.schedule.after_epoch(val_stats.accuracy)
                 counters.epoch = epoch
-
-                tracker.log_epoch(epoch, lr, train_stats, raw_stats, model_health(model),
-                                  ema=None if ema is None else val_stats)  # fmt: skip
-                every = run.diagnostics.figures_every_n_epochs
-                if every is not None and (epoch % every == 0 or epoch == trainer.epochs):
-                    log_figures(tracker, model, data, criterion, runtime, val_stats, epoch,
-                                counters.global_step)  # fmt: skip
-                improved = val_stats.accuracy > counters.best_val_acc
-                summary = epoch_summary(epoch, trainer.epochs, train_stats, raw_stats, lr,
-                                        ema=None if ema is None else val_stats)  # fmt: skip
-                log.info("%s%s", summary, "  (best)" if improved else "")
+                improved = record_epoch(training, epoch, train_stats, raw_stats, val_stats)
                 if improved:
                     counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
-                saved = state.state_dict()
-                if improved:  # best.pt first: last.pt must never name a best that is not on disk
-                    save_checkpoint(saved, checkpoints / "best.pt")
-                save_checkpoint(saved, checkpoints / "last.pt")
-                if stop.requested and epoch < trainer.epochs:  # arrived in validation or saving
+                save_checkpoints(training, best=improved)
+                signal_name = training.world.agree_on_reason(stop.signal_name or "")
+                if signal_name and epoch < trainer.epochs:  # arrived in validation or saving
                     raise RunPreempted(
-                        f"{stop.signal_name}: stopped after epoch {epoch}; checkpoint saved; "
-                        f"continue with trainer.resume={run_dir}"
+                        f"{signal_name}: stopped after epoch {epoch}; checkpoint saved; "
+                        f"continue with trainer.resume={training.run_dir}"
                     )
                 patience = trainer.early_stopping_patience
                 if patience is not None and epoch - counters.best_epoch >= patience:
                     log.info("early stopping: no better val_acc for %d epochs", patience)
                     break
     except TrainingDiverged as err:
-        record_failure(run_dir, "diverged", reason=str(err).split(":", 1)[0], message=str(err))
+        tracker.record_failure("diverged", reason=str(err).split(":", 1)[0], message=str(err))
         final = {"final/epochs": float(counters.epoch)}
         if counters.best_epoch > 0:
             final["final/best_val_acc"] = counters.best_val_acc
-        tracker.log_hparams(hparams or {}, final, succeeded=False, global_step=counters.global_step)
+        tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
         tracker.close()
         raise
     except RunPreempted as err:
-        record_failure(run_dir, "interrupted", reason=str(err).split(";", 1)[0], message=str(err))
+        tracker.record_failure("interrupted", reason=str(err).split(";", 1)[0], message=str(err))
         tracker.close()
         raise
 
-    best_path = checkpoints / "best.pt"
+
+def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStats:
+    """One epoch of training (or the rest of a resumed one). An epoch cut short by a
+    signal or by non-finite steps saves last.pt and raises."""
+    state, trainer, world = training.state, training.run.trainer, training.world
+    counters = state.counters
+    stats, state.progress = train_one_epoch(
+        training.train_step, training.data.train, state.schedule, counters.global_step,
+        trainer.log_every_n_steps, training.tracker.log_step,
+        progress_label=f"epoch {epoch}/{trainer.epochs}",
+        progress_bar=trainer.progress_bar and world.is_main, progress=state.progress,
+        stop_requested=lambda: stop.signal_name or "", on_nonfinite=trainer.on_nonfinite,
+        max_consecutive_nonfinite=trainer.max_consecutive_nonfinite, ema=state.ema,
+        world=world,
+    )  # fmt: skip
+    counters.global_step = stats.global_step
+    if stats.completed:
+        return stats
+    save_checkpoints(training, best=False)
+    where = f"stopped in epoch {epoch} at step {counters.global_step}"
+    if "non-finite" not in stats.stop_reason:  # a signal, to this process or another
+        raise RunPreempted(
+            f"{stats.stop_reason}: {where}; checkpoint saved; continue with "
+            f"trainer.resume={training.run_dir}"
+        )
+    raise TrainingDiverged(
+        f"{stats.stop_reason}: {where} (trainer.on_nonfinite={trainer.on_nonfinite}); the "
+        f"weights from before that step are in {training.checkpoints / 'last.pt'}; lower "
+        f"optimizer.lr or keep clipping=norm"
+    )
+
+
+def validate(training: Training) -> tuple[EvalStats, EvalStats]:
+    """The validation of the weights the run keeps, selects by and tests (the average
+    with ema=on), and of the last step's weights (the same object without EMA)."""
+    world, runtime, data = training.world, training.runtime, training.data
+    tta, classes = training.run.data.tta_flip, data.info.num_classes
+    step = training.state.counters.global_step
+    world.share_batchnorm_statistics(training.model)  # everyone evaluates rank 0's model
+    raw_stats = evaluate(training.network, data.val, runtime, tta, world, classes)
+    ensure_finite("validation loss", raw_stats.loss, step)
+    ema = training.state.ema
+    if ema is None:
+        return raw_stats, raw_stats
+    world.share_batchnorm_statistics(ema.model)
+    val_stats = evaluate(ema.model, data.val, runtime, tta, world, classes)
+    ensure_finite("validation loss", val_stats.loss, step)
+    return val_stats, raw_stats
+
+
+def record_epoch(
+    training: Training,
+    epoch: int,
+    train_stats: EpochStats,
+    raw_stats: EvalStats,
+    val_stats: EvalStats,
+) -> bool:
+    """metrics.jsonl, TensorBoard, the figures every N epochs and the console line;
+    returns whether the epoch beat the best validation accuracy so far."""
+    state, tracker, run = training.state, training.tracker, training.run
+    lr = state.progress.start_lr
+    state.progress = None
+    ema_stats = None if state.ema is None else val_stats
+    tracker.log_epoch(epoch, lr, train_stats, raw_stats, model_health(training.model),
+                      ema=ema_stats)  # fmt: skip
+    every = run.diagnostics.figures_every_n_epochs
+    if every is not None and (epoch % every == 0 or epoch == run.trainer.epochs):
+        log_figures(tracker, training.model, training.data, training.criterion, training.runtime,
+                    val_stats, epoch, state.counters.global_step)  # fmt: skip
+    improved = val_stats.accuracy > state.counters.best_val_acc
+    summary = epoch_summary(epoch, run.trainer.epochs, train_stats, raw_stats, lr, ema=ema_stats)
+    log.info("%s%s", summary, "  (best)" if improved else "")
+    return improved
+
+
+def save_checkpoints(training: Training, best: bool) -> None:
+    """last.pt (and best.pt) from rank 0, holding every process's own state; the others
+    wait, so that no process moves on (or exits) before the checkpoint is on disk."""
+    saved = training.state.state_dict()  # a collective: every process's position
+    if training.world.is_main:
+        if best:  # best.pt first: last.pt must never name a best that is not on disk
+            save_checkpoint(saved, training.checkpoints / "best.pt")
+        save_checkpoint(saved, training.checkpoints / "last.pt")
+    training.world.barrier()
+
+
+def test_best(training: Training, hparams: Hparams, started: float) -> dict[str, Any]:
+    """Test the best checkpoint's weights; write results.json and the final metrics."""
+    counters, ema, tracker = training.state.counters, training.state.ema, training.tracker
+    best_path = training.checkpoints / "best.pt"
     best = load_checkpoint(best_path)
-    load_model_weights(model, best, best_path)  # `network` shares them
+    load_model_weights(training.model, best, best_path)  # `network` shares them
     if ema is not None:
         ema.load_state_dict(best["ema"])
-    test_stats = evaluate(network if ema is None else ema.model, data.test, runtime, tta)
+    tested = training.network if ema is None else ema.model
+    test_stats = evaluate(tested, training.data.test, training.runtime, training.run.data.tta_flip,
+                          training.world, training.data.info.num_classes)  # fmt: skip
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,
@@ -294,9 +451,10 @@ def train(
         "epochs": counters.epoch,
         "global_step": counters.global_step,
         "wall_s": time.perf_counter() - started,
-        "device": str(runtime.device),
-        "precision": runtime.precision.name,
+        "device": str(training.runtime.device),
+        "precision": training.runtime.precision.name,
         "weights": "last step" if ema is None else "ema",  # which weights were tested
+        "processes": training.world.size,
     }
     tracker.log_results(results, counters.global_step)
     final = {
@@ -305,7 +463,7 @@ def train(
         "final/wall_s": results["wall_s"],
         "final/epochs": float(results["epochs"]),
     }
-    tracker.log_hparams(hparams or {}, final, succeeded=True, global_step=counters.global_step)
+    tracker.log_hparams(hparams, final, succeeded=True, global_step=counters.global_step)
     tracker.close()
     log.info(
         "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",

@@ -15,6 +15,7 @@ from stable_cnn.checkpoint import CheckpointError, check_resumable, load_checkpo
 from stable_cnn.engine import TrainingDiverged
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
+from stable_cnn.run_lock import describe_holder, lock_holder
 from stable_cnn.tracking import read_failure
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ IGNORED_KEYS = {
     ("data", "download"),
     ("data", "system_dir"),
     ("data", "num_workers"),
+    # The number of processes is checked as such (check_same_world): torchrun's and
+    # trainer.devices=N's runs of the same world continue each other.
+    ("trainer", "devices"),
 }
 
 
@@ -95,7 +99,11 @@ def find_checkpoint(
         outputs.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for candidate in candidates:
-        if is_finished(candidate.parent.parent) or has_diverged(candidate.parent.parent):
+        folder = candidate.parent.parent
+        if is_finished(folder) or has_diverged(folder):
+            continue
+        if (holder := lock_holder(folder)) is not None:
+            log.info("not resuming %s: %s is still writing it", folder, describe_holder(holder))
             continue
         try:
             state = load_checkpoint(candidate)
@@ -122,6 +130,18 @@ def check_same_config(state: dict[str, Any], config: dict[str, Any], path: Path)
         raise CheckpointError(
             f"checkpoint {path} was written with another config ({shown} differ): resume "
             f"with the same settings (see its run folder's .hydra/config.yaml)"
+        )
+
+
+def check_same_world(state: dict[str, Any], processes: int, path: Path) -> None:
+    """Every process continues its own data position and random streams: a run resumes
+    only with the number of processes it started with."""
+    saved = state.get("world_size", 1)
+    if saved != processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} process(es), this run has {processes}: "
+            f"resume with the same number (trainer.devices={saved}, or torchrun "
+            f"--nproc_per_node and --nnodes giving {saved} in all)"
         )
 
 
@@ -190,12 +210,14 @@ def locate_run(
     outputs: Path,
     composed_config: dict[str, Any],
     runtime: Runtime,
+    processes: int = 1,
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
     resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_resumable(resume_state, resume_from)
+        check_same_world(resume_state, processes, resume_from)
         check_same_config(resume_state, composed_config, resume_from)
         check_same_device(resume_state, runtime.device, resume_from)
         check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)

@@ -2,7 +2,9 @@
 
 Model, optimizer, schedule, GradScaler, the weight average, the data stream's position,
 every random state, the counters and a mid-epoch's running sums go through one
-``state_dict()`` and one ``load_state_dict()``, so a resume cannot forget a piece.
+``state_dict()`` and one ``load_state_dict()``, so a resume cannot forget a piece. With
+several processes, the last three are each process's own, and the checkpoint holds
+them all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from stable_cnn.checkpoint import load_model_weights
+from stable_cnn.distributed import ALONE, World
 from stable_cnn.ema import WeightEMA
 from stable_cnn.hardware import Runtime
 from stable_cnn.resume import restore_rng, rng_state
@@ -46,8 +49,21 @@ class RunState:
     class_names: tuple[str, ...] = ()  # for stable-cnn-export and -predict
     counters: Counters = field(default_factory=Counters)
     progress: EpochProgress | None = None  # the running sums of an unfinished epoch
+    world: World = ALONE  # the processes training together
+
+    def own_state(self) -> dict[str, Any]:
+        """What differs between processes: the data position (and augmentation stream),
+        every random state, and the unfinished epoch's sums of its own batches."""
+        return {
+            "progress": None if self.progress is None else self.progress.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng_state(self.runtime.device),
+        }
 
     def state_dict(self) -> dict[str, Any]:
+        """The whole run's state. With several processes, a collective: every process
+        calls it at the same step, and rank 0's copy holds the others' own states."""
+        processes = self.world.gather(self.own_state())
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -55,9 +71,9 @@ class RunState:
             "scaler": self.scaler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "counters": asdict(self.counters),
-            "progress": None if self.progress is None else self.progress.state_dict(),
-            "data": self.data.state_dict(),
-            "rng": rng_state(self.runtime.device),
+            **processes[0],
+            "world_size": self.world.size,
+            "other_processes": processes[1:],  # ranks 1, 2, ...
             "model_config": self.model_config,
             "class_names": list(self.class_names),
             "config": self.config,
@@ -71,12 +87,13 @@ class RunState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.data.load_state_dict(state["data"])
         if self.ema is not None:  # the same config: the checkpoint has its average
             self.ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"], self.runtime.device)
         self.counters = Counters(**state["counters"])
-        progress = state["progress"]
+        own = state if self.world.rank == 0 else state["other_processes"][self.world.rank - 1]
+        self.data.load_state_dict(own["data"])
+        restore_rng(own["rng"], self.runtime.device)
+        progress = own["progress"]
         device = self.runtime.device
         self.progress = None if progress is None else EpochProgress.from_state(progress, device)
 

@@ -35,3 +35,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(False)  # a multirun's jobs share the process
     # cuDNN autotuning picks kernels by timing, so it is off when runs must repeat exactly.
     torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
+
+
+def seed_own_stream(seed: int, rank: int) -> None:
+    """After the model is built (its initial weights are the same everywhere), give each
+    process but rank 0 a dropout stream of its own, so that no two processes draw the
+    same masks; rank 0 goes on as a single process would."""
+    if rank > 0:
+        random.seed(stream_seed(seed, f"python/{rank}"))
+        torch.manual_seed(stream_seed(seed, f"model/{rank}"))

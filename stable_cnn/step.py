@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
+from stable_cnn.distributed import ALONE, World
 from stable_cnn.hardware import Precision, Runtime
 
 
@@ -75,19 +76,21 @@ def optimizer_step(
     clipping: ClippingConfig,
     sync_free: bool | None = None,
     veto: bool = False,
+    world: World = ALONE,
 ) -> StepOutcome:
     """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
     NaN/Inf is skipped (the weights and the optimizer state stay as they were).
 
     ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
     optimizer that cannot skip by itself costs one host read of the flag per step.
-    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps)."""
+    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps).
+    With several processes the gradients are already averaged (DDP), and whether the
+    loss was finite is agreed among them, so every process skips the same steps."""
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
-    outcome = StepOutcome(
-        grad_norm, grad_norm_clipped, loss.detach().isfinite(), grad_norm.isfinite()
-    )
+    loss_finite = world.all_true(loss.detach().isfinite())
+    outcome = StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grad_norm.isfinite())
     if sync_free is None:
         sync_free = skips_on_device(optimizer)
     if veto and scaler.is_enabled():
@@ -210,6 +213,22 @@ SLOTS = (
 )  # fmt: skip
 SLOT = {name: index for index, name in enumerate(SLOTS)}
 APPLIED_SUMS = slice(0, SLOT["loss_spikes"] + 1)  # added to only when the step applied
+# With several processes, these depend on each process's own batches and add up over
+# them; the others count steps and gradients, which every process shares.
+PER_PROCESS = [
+    SLOT[name]
+    for name in ("loss_sum", "correct", "images", "loss_spikes", "window_loss", "window_steps")
+]
+
+
+def across_processes(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The epoch's values for the whole run (one gather; ``values`` itself for one process)."""
+    if not world.distributed:
+        return values
+    rows = world.rows(values)
+    combined = rows[0].clone()
+    combined[PER_PROCESS] = rows[:, PER_PROCESS].sum(0)
+    return combined
 
 
 @dataclass
@@ -265,9 +284,9 @@ class EpochProgress:
             values[SLOT["longest_nonfinite_run"]], consecutive
         )
 
-    def read(self) -> dict[str, float]:
-        """Every value, in one host read."""
-        return dict(zip(SLOTS, self.values.tolist(), strict=True))
+    def read(self, world: World = ALONE) -> dict[str, float]:
+        """Every value for the whole run, in one host read."""
+        return dict(zip(SLOTS, across_processes(self.values, world).tolist(), strict=True))
 
     def state_dict(self) -> dict:
         return {"values": self.values.cpu(), "seconds": self.seconds, "start_lr": self.start_lr}
@@ -291,8 +310,9 @@ class TrainStep:
         clipping: ClippingConfig,
         runtime: Runtime,
         loss_spike_factor: float = 2.0,
+        world: World = ALONE,
     ) -> None:
-        self.model = model  # compiled or not
+        self.model = model  # compiled or not, wrapped in DDP or not
         self.criterion = criterion
         self.optimizer = optimizer
         self.scaler = scaler
@@ -302,6 +322,7 @@ class TrainStep:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.norm_guard = BatchNormGuard.of(model)
         self.sync_free = skips_on_device(optimizer)
+        self.world = world
 
     def __call__(
         self,
@@ -316,7 +337,7 @@ class TrainStep:
             logits = self.model(images)
             loss = self.criterion(logits, labels)
         step = optimizer_step(loss, self.parameters, self.optimizer, self.scaler, self.clipping,
-                              self.sync_free, veto)  # fmt: skip
+                              self.sync_free, veto, self.world)  # fmt: skip
         self.norm_guard.keep_if(step.applied & (not veto))
         progress.record(
             step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()

@@ -39,6 +39,8 @@ class RunTracker:
     """Opens the run's logs; a resumed run passes where its checkpoint stood, so that
     nothing logged after that point (before the interruption) shows twice."""
 
+    writes = True  # False for the other processes of a distributed run (SilentTracker)
+
     def __init__(self, run_dir: Path, resume_step: int = 0, epochs_done: int = 0) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -51,10 +53,10 @@ class RunTracker:
     def _truncate_metrics(self, epochs_done: int) -> None:
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["epoch"] <= epochs_done]
+        # read_metrics skips a last line torn by a kill while it was being appended
+        kept = [record for record in read_metrics(self.run_dir) if record["epoch"] <= epochs_done]
         with atomic_write(self.metrics_path) as out:
-            out.write("".join(line + "\n" for line in kept).encode())
+            out.write("".join(json.dumps(record) + "\n" for record in kept).encode())
 
     def log_step(self, global_step: int, scalars: dict[str, float]) -> None:
         """Step-level scalars (train/loss, train/lr, ...): TensorBoard only."""
@@ -166,8 +168,50 @@ class RunTracker:
             self.writer.file_writer.add_summary(summary, global_step)
         self.writer.flush()
 
+    def record_failure(self, status: str, reason: str, message: str) -> None:
+        record_failure(self.run_dir, status, reason, message)
+
     def close(self) -> None:
         self.writer.close()
+
+
+class SilentTracker(RunTracker):
+    """The tracker of every process but rank 0: the run has one writer, so these
+    processes compute what rank 0 logs (figures need every process under
+    SyncBatchNorm) and write nothing."""
+
+    writes = False
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def log_step(self, global_step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def log_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_figures(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_results(self, results: dict[str, Any], global_step: int) -> None:
+        pass
+
+    def log_hparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_failure(self, status: str, reason: str, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_tracker(run_dir: Path, writes: bool, resume_step: int, epochs_done: int) -> RunTracker:
+    """The run's tracker on the process that ``writes`` (rank 0), a silent one elsewhere."""
+    if not writes:
+        return SilentTracker(run_dir)
+    return RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ status.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,17 +20,25 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from stable_cnn.config import RunConfig, register_schemas
+from stable_cnn.distributed import (
+    ALONE,
+    check_devices,
+    join,
+    launch_local_workers,
+    world_from_environment,
+)
 from stable_cnn.engine import TrainingDiverged
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import usable_cores
 from stable_cnn.loop import RunPreempted, train
 from stable_cnn.preemption import EXIT_PREEMPTED
 from stable_cnn.report import write_report
-from stable_cnn.tracking import Hparams
+from stable_cnn.resume import find_checkpoint
+from stable_cnn.tracking import Hparams, read_failure
 
 log = logging.getLogger("stable_cnn")
 
@@ -125,37 +134,100 @@ class SweepCallback(Callback):
 register_schemas()
 
 
+class SharedRunFolder(Callback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): the processes that torchrun
+    starts each compose the config, and each would resolve ``${now:...}`` in its own
+    second. Before Hydra creates the run folder, they join the process group and take
+    rank 0's folder, so that one run has one folder (with or without hydra.run.dir)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        world = world_from_environment()
+        if world.distributed:
+            join(world)
+            agreed = world.broadcast(str(config.hydra.run.dir))
+            with open_dict(config):
+                config.hydra.run.dir = agreed
+
+
+register_schemas()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Compose, train, and return the best validation accuracy (what sweepers maximise)."""
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    world = ALONE
     try:
+        world = world_from_environment()
+        if not world.is_main:  # one process reports; the others speak only of trouble
+            logging.getLogger("stable_cnn").setLevel(logging.WARNING)
         run = parse_run_config(cfg)
+        check_devices(world, run.trainer.devices)
         threads = threads_per_parallel_job(hydra_config.launcher)
         if in_sweep and threads is not None and run.trainer.num_threads is None:
             log.info("jobs run side by side: %d torch thread(s) each", threads)
-            run = replace(run, trainer=replace(run.trainer, num_threads=threads))
-        hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
+            each = max(1, threads // run.trainer.devices)
+            run = replace(run, trainer=replace(run.trainer, num_threads=each))
         run_dir = Path(hydra_config.runtime.output_dir)
-        results = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), hparams=hparams)
+        composed = OmegaConf.to_container(cfg, resolve=True)
+        if run.trainer.devices > 1 and not world.distributed:
+            return run_local_workers(run, run_dir, composed, hydra_config.overrides.task, in_sweep)
+        join(world)
+        run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
+        hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
+        results = train(run, run_dir, composed, hparams=hparams, world=world)
     except TrainingDiverged as err:
-        log.error("error: %s", err)
+        if world.is_main:
+            log.error("error: %s", err)
         if in_sweep:
             log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
             return DIVERGED_VALUE
         sys.exit(err.exit_code)
     except UserError as err:
-        log.error("error: %s", err)
+        if world.is_main:
+            log.error("error: %s", err)
         if in_sweep:
             raise  # the sweep records this job as failed and runs the others
         sys.exit(err.exit_code)
     except RunPreempted as stopped:
-        log.warning("%s", stopped)
+        if world.is_main:
+            log.warning("%s", stopped)
         # SystemExit, not the exception: Hydra would record a failed job and start the next
         # one, but a signal (Ctrl-C, SLURM preemption) is meant for the whole sweep.
         sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
+
+
+def run_local_workers(
+    run: RunConfig,
+    run_dir: Path,
+    composed_config: dict[str, Any],
+    overrides: list[str],
+    in_sweep: bool,
+) -> float:
+    """``trainer.devices=N``: the same command in N processes on this machine, writing to
+    this run's folder (or the run it resumes); returns what rank 0 found, or exits with
+    the workers' status."""
+    devices = run.trainer.devices
+    resumed = find_checkpoint(run.trainer.resume, run_dir, Path("outputs"), composed_config)
+    if resumed is not None and resumed.parent.name == "checkpoints":
+        run_dir = resumed.parent.parent  # the workers continue it there
+    log.info("starting %d training processes on this machine (trainer.devices=%d)", devices,
+             devices)  # fmt: skip
+    arguments = [*overrides, f"hydra.run.dir='{run_dir}'"]
+    if run.trainer.num_threads is not None and not any(
+        item.startswith("trainer.num_threads=") for item in overrides
+    ):
+        arguments.append(f"trainer.num_threads={run.trainer.num_threads}")
+    status = launch_local_workers(devices, arguments, EXIT_PREEMPTED)
+    if status == 0:
+        return json.loads((run_dir / "results.json").read_text())["best_val_acc"]
+    failure = read_failure(run_dir)
+    if in_sweep and failure is not None and failure["status"] == "diverged":
+        log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
+        return DIVERGED_VALUE
+    sys.exit(status)
 
 
 def output_folder_problem(args: list[str]) -> str:

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from stable_cnn.atomic import STALE_AFTER_S, _host, atomic_write
+from stable_cnn.atomic import STALE_AFTER_S, atomic_write, host_name
 
 WRITER = """
 import hashlib, sys
 from pathlib import Path
-from stable_cnn.atomic import STALE_AFTER_S, _host, atomic_write
+from stable_cnn.atomic import STALE_AFTER_S, host_name, atomic_write
 path, writer = Path(sys.argv[1]), int(sys.argv[2])
 for version in range(40):
     body = bytes([writer, version]) * (5000 + 3000 * ((writer + version) % 7))
@@ -49,10 +49,10 @@ def test_concurrent_writers_all_succeed_and_readers_see_whole_versions(tmp_path:
 
 def test_only_dead_writers_temporaries_are_removed(tmp_path: Path):
     path = tmp_path / "file"
-    live = tmp_path / f".file.{_host()}.{os.getpid()}.abc.partial"  # this very process
+    live = tmp_path / f".file.{host_name()}.{os.getpid()}.abc.partial"  # this very process
     dead_process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                   capture_output=True, text=True).stdout.strip()  # fmt: skip
-    dead = tmp_path / f".file.{_host()}.{dead_process}.abc.partial"
+    dead = tmp_path / f".file.{host_name()}.{dead_process}.abc.partial"
     other_host_fresh = tmp_path / ".file.elsewhere.123.abc.partial"
     other_host_old = tmp_path / ".file.elsewhere.456.abc.partial"
     for partial in (live, dead, other_host_fresh, other_host_old):

@@ -151,26 +151,30 @@ def test_image_folder_with_mismatched_classes_is_refused(tmp_path):
         build_splits(run.data, torch.device("cpu"), seed=0)
 
 
-def test_image_folder_batches_resume_at_the_next_batch(tmp_path):
+def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path):
+    """A resumed epoch continues at the next batch with the same crops and flips, even
+    with another data.num_workers (workers used to draw from seeds of their own)."""
     write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
-    run = compose_run(
-        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=0",
-         "data.augment=false"]
-    )  # fmt: skip
 
-    def fresh():
+    def fresh(workers: int, augment: bool = True):
+        run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
+                           f"data.num_workers={workers}", "data.crop_padding=4",
+                           f"data.augment={augment}"])  # fmt: skip
         return build_splits(run.data, torch.device("cpu"), seed=0).train
 
-    whole_epoch = [images for images, _ in fresh()]
-    interrupted = fresh()
+    whole_epoch = [images for images, _ in fresh(0)]
+    interrupted = fresh(0)
     iterator = iter(interrupted)
     first = [next(iterator)[0] for _ in range(2)]
     state = interrupted.state_dict()  # as a mid-epoch checkpoint saves it
-    resumed = fresh()
+    resumed = fresh(2)
     resumed.load_state_dict(state)
     rest = [images for images, _ in resumed]
     assert len(whole_epoch) == 4 and len(first) + len(rest) == 4
-    assert all(torch.equal(a, b) for a, b in zip(whole_epoch, first + rest))
+    assert all(torch.equal(a, b) for a, b in zip(whole_epoch, first + rest, strict=True))
+    assert not torch.equal(whole_epoch[0], next(iter(fresh(0, augment=False)))[0]), "augmented"
+    next_epoch = [images for images, _ in resumed]
+    assert not torch.equal(next_epoch[0], whole_epoch[0]), "a new epoch draws anew"
 
 
 def test_random_erasing_matches_torchvisions_in_distribution():

@@ -21,8 +21,10 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (out / "summary.md").read_text()
-    for step in ("facts", "cuda_tests", "benchmark_b32", "benchmark_b64", "time_to_accuracy"):
+    for step in ("facts", "cuda_tests", "benchmark_b32", "benchmark_b64", "time_to_accuracy",
+                 "torchrun_one_process"):  # fmt: skip
         assert f"| {step} | ok |" in summary, summary
+    assert "(one of 1 processes, gloo)" in summary, "torchrun ran the distributed path"
     assert "| stable-cnn loop | bf16 |" in summary and "| ceiling | fp16 |" in summary
     assert "test accuracy" in summary and "skipped" in summary  # cuda tests skip on a CPU
     assert len(list(out.iterdir())) <= 8, "the device tool brings back at most 8 files"

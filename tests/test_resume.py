@@ -81,6 +81,8 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert not (run_dir / "results.json").exists()
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"epoch": 3, "global_st')  # a kill in the middle of appending a line
 
     resumed = start(run_dir, "trainer.resume=auto")
     output = resumed.communicate(timeout=300)[0]
