@@ -1,6 +1,6 @@
-"""The run itself: build data, model, optimizer, schedule and scaler from typed config,
-then for each epoch train, validate, log and checkpoint, and finally test the best
-checkpoint. ``train.py`` (the Hydra entrypoint) composes the config and calls ``train``.
+"""The run itself: build what it needs (training.py), then for each epoch train,
+validate, log and checkpoint, and finally test the best checkpoint. ``train.py`` (the
+Hydra entrypoint) composes the config and calls ``train``.
 
 Every process of a distributed run goes through the same lines: each trains on its
 share of the data (DDP averages the gradients), the evaluations and the decisions
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,14 @@ import torch
 from torch import nn
 
 from stable_cnn.augment import normalize
-from stable_cnn.capture import build_train_step
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from stable_cnn.config import OneCycleConfig, RunConfig
-from stable_cnn.data import DatasetInfo, DataSplits, Shard, TensorBatches, build_splits
+from stable_cnn.config import RunConfig
+from stable_cnn.data import DataSplits, TensorBatches
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.distributed import (
     ALONE,
     World,
-    device_for,
-    threads_per_process,
-    to_sync_batchnorm,
-    wrap_for_training,
 )
-from stable_cnn.ema import WeightEMA
 from stable_cnn.engine import (
     EpochStats,
     EvalStats,
@@ -42,49 +35,18 @@ from stable_cnn.engine import (
     evaluate,
     train_one_epoch,
 )
-from stable_cnn.errors import UserError
 from stable_cnn.hardware import (
     Runtime,
-    choose_memory_format,
-    choose_precision,
-    compile_model,
-    describe_cpu,
-    resolve_device,
-    usable_cores,
-    use_tf32,
 )
 from stable_cnn.models import SmallCNN
-from stable_cnn.optimizers import build_optimizer
 from stable_cnn.preemption import GracefulStop
-from stable_cnn.resume import earlier_outcome, locate_run
+from stable_cnn.resume import earlier_outcome
 from stable_cnn.run_lock import RunLock
-from stable_cnn.run_state import RunState
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.seeding import seed_everything, seed_own_stream
-from stable_cnn.step import TrainStep
-from stable_cnn.tracking import FAILURE_FILE, Hparams, RunTracker, open_tracker
+from stable_cnn.seeding import seed_everything
+from stable_cnn.tracking import FAILURE_FILE, Hparams, RunTracker
+from stable_cnn.training import Training, agree_on_run, build_training, choose_runtime
 
 log = logging.getLogger("stable_cnn")
-
-
-def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
-    return SmallCNN(
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        width=run.model.width,
-        dropout=run.model.dropout,
-        head_dropout=run.model.head_dropout,
-        hidden=run.model.hidden,
-        batchnorm=run.model.batchnorm,
-        depth=run.model.depth,
-    )
-
-
-def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
-    """What it takes to rebuild the model from a checkpoint (SyncBatchNorm is a way of
-    training it, not a part of it)."""
-    architecture = {k: v for k, v in asdict(run.model).items() if k != "sync_batchnorm"}
-    return {"in_channels": info.in_channels, "num_classes": info.num_classes, **architecture}
 
 
 def epoch_summary(
@@ -143,139 +105,8 @@ def log_figures(
     tracker.log_figures(global_step, weights, gradients, images, figure)
 
 
-def choose_runtime(run: RunConfig, world: World = ALONE) -> Runtime:
-    """Device, precision and memory layout for this process; logs what it chose and why."""
-    if run.trainer.num_threads is not None:
-        torch.set_num_threads(run.trainer.num_threads)
-    elif world.distributed:
-        torch.set_num_threads(threads_per_process(world, usable_cores()))
-    device = resolve_device(device_for(world, run.trainer.device))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # cuda:N is the current device for every kernel
-    precision = choose_precision(run.amp.name, device)
-    memory_format = choose_memory_format(device, run.trainer.channels_last)
-    each = f" (one of {world.size} processes, {world.backend})" if world.distributed else ""
-    if device.type == "cpu":
-        log.info("device cpu, %d threads%s, CPU %s", torch.get_num_threads(), each, describe_cpu())
-    else:
-        log.info("device %s%s", device, each)
-    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
-    log.info("precision %s (%s), %s layout", precision.name, precision.reason, layout)
-    if use_tf32(device, run.trainer.tf32) and precision.name == "fp32":
-        log.info("fp32 matmuls and convolutions in TF32 (trainer.tf32=false for full fp32)")
-    return Runtime(device, precision, memory_format)
-
-
 class RunPreempted(Exception):
     """A signal stopped the run after it saved a resumable checkpoint."""
-
-
-def agree_on_run(
-    resume: str | None,
-    run_dir: Path,
-    outputs: Path,
-    composed_config: dict[str, Any],
-    runtime: Runtime,
-    world: World,
-) -> tuple[Path, Path | None, dict[str, Any] | None]:
-    """Where the run writes, the checkpoint it continues (or None), and that checkpoint.
-    Rank 0 decides (two processes looking for a run to resume could pick different
-    ones); the others follow, reading the checkpoint from the shared file system."""
-    problem, decision, state = "", (run_dir, None), None
-    if world.is_main:
-        try:
-            run_dir, resume_from, state = locate_run(
-                resume, run_dir, outputs, composed_config, runtime, world.size
-            )
-            decision = (run_dir, resume_from)
-        except UserError as err:
-            problem = str(err)
-    problem, (run_dir, resume_from) = world.broadcast((problem, decision))
-    if problem:
-        raise UserError(problem)
-    if resume_from is not None and state is None:
-        state = load_checkpoint(resume_from)
-    return run_dir, resume_from, state
-
-
-@dataclass
-class Training:
-    """What the epochs work with, built once per run."""
-
-    run: RunConfig
-    world: World
-    runtime: Runtime
-    run_dir: Path
-    data: DataSplits
-    model: SmallCNN  # the plain model: saved, exported, averaged
-    network: nn.Module  # what trains: the model compiled and/or wrapped in DDP
-    criterion: nn.Module
-    state: RunState
-    train_step: TrainStep
-    tracker: RunTracker
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-
-def build_training(
-    run: RunConfig,
-    world: World,
-    runtime: Runtime,
-    run_dir: Path,
-    composed_config: dict[str, Any],
-    resume: tuple[Path, dict[str, Any]] | None,
-) -> Training:
-    """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
-    trainer = run.trainer
-    with world.local_main_first():  # a dataset is extracted once per machine
-        data = build_splits(run.data, runtime.device, trainer.seed, Shard(world.rank, world.size))
-    per_process = (
-        f" per process, {run.data.batch_size * world.size} in all" if world.distributed else ""
-    )
-    log.info(
-        "data %s: %d train / %d val / %d test images, batch %d%s",
-        data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
-        per_process,
-    )  # fmt: skip
-    if data.val_is_test:
-        log.warning("validating on the test set (data.val_size=0): test accuracy is optimistic")
-
-    model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
-    seed_own_stream(trainer.seed, world.rank)
-    log.info(
-        "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
-        run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
-    )  # fmt: skip
-    if run.model.sync_batchnorm:
-        model = to_sync_batchnorm(model, world, runtime.device)
-    network = wrap_for_training(model, world, runtime.device)
-    if trainer.compile:
-        network = compile_model(network, runtime.device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
-    optimizer = build_optimizer(model, run.optimizer)
-    schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
-    # One GradScaler for the whole run: its loss scale is calibrated over many steps.
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
-    ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
-    state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
-                     model_config(run, data.info), composed_config, ema,
-                     class_names=data.info.class_names, world=world)  # fmt: skip
-    if resume is not None:
-        resume_from, resume_state = resume
-        state.load_state_dict(resume_state, resume_from)
-        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
-                 state.counters.global_step)  # fmt: skip
-    train_step = build_train_step(
-        network, criterion, optimizer, scaler, run.clipping, runtime,
-        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
-        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
-        world=world,
-    )  # fmt: skip
-    tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
-    return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
-                    train_step, tracker)  # fmt: skip
 
 
 def train(
