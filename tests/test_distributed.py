@@ -249,3 +249,34 @@ def test_trainer_devices_must_match_the_launchers_process_count():
     check_devices(world, 2)
     with pytest.raises(ConfigError, match=r"trainer\.devices=3 but this machine runs 2 processes"):
         check_devices(world, 3)
+
+
+@pytest.mark.slow
+def test_figures_under_sync_batchnorm_do_not_deadlock(tmp_path: Path):
+    """The gradient snapshot runs a forward and backward pass between epochs; under
+    SyncBatchNorm those are collectives, so every process takes part and rank 0 writes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = run_cli([*TINY, "trainer.epochs=1", "data.batch_size=64", "trainer.devices=2",
+                    "model.sync_batchnorm=true", "diagnostics.figures_every_n_epochs=1",
+                    "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert "gradients/stage1" in events.Tags()["histograms"]
+    assert "val/confusion_matrix" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_trains_exactly_like_a_plain_run(tmp_path: Path):
+    """One process under torchrun takes the distributed path (process group, DDP, the
+    gathers), as the GPU check does with NCCL: it must not change a single number."""
+    args = [*TINY, "trainer.deterministic=true", "trainer.progress_bar=false"]
+    plain = run_cli([*args, "hydra.run.dir=plain"], tmp_path)
+    launched = subprocess.run(
+        [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "stable_cnn.train", *args,
+         "hydra.run.dir=torchrun"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert plain.returncode == 0 and launched.returncode == 0, launched.stdout + launched.stderr
+    assert "(one of 1 processes, gloo)" in launched.stdout + launched.stderr
+    assert_same_run(tmp_path / "plain", tmp_path / "torchrun")
