@@ -44,8 +44,8 @@ class World:
     size: int = 1
     local_rank: int = 0  # rank among the processes on this machine
     local_size: int = 1  # processes on this machine
-    # What started the processes ("torchrun", which trainer.devices uses too, or
-    # "slurm"). A launched process joins a process group even when alone in it, so that
+    # What started the processes: "torchrun" (trainer.devices too), "slurm" or
+    # "submitit-local". A launched process joins a process group even when alone in it, so that
     # torchrun with one process runs the very DDP path of many (NCCL included).
     launcher: str = ""
 
@@ -163,22 +163,25 @@ def world_from_environment(environ: dict[str, str] | None = None) -> World:
         )
     # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: the batch script itself is not a task of the step
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return slurm_world()
+        return submitit_world("slurm")
+    if int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:  # hydra/launcher=submitit_local
+        return submitit_world("submitit-local")
     return ALONE
 
 
-def slurm_world() -> World:
-    """One process per SLURM task: submitit derives the rendezvous (the first node's
-    address, a port from the job id) and exports torchrun's variables."""
+def submitit_world(launcher: str) -> World:
+    """One process per task of a SLURM (or submitit local) job: submitit derives the
+    rendezvous (the first node's address, a port from the job id) and exports
+    torchrun's variables."""
     try:
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError:
         raise ConfigError(
-            "a SLURM job step with several tasks needs submitit to find its peers: "
+            "a job with several tasks needs submitit to find its peers: "
             "pip install 'stable-cnn[sweep]', or start the processes with torchrun"
         ) from None
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return World(env.rank, env.world_size, env.local_rank, env.local_world_size, launcher="slurm")
+    return World(env.rank, env.world_size, env.local_rank, env.local_world_size, launcher)
 
 
 def join(world: World) -> None:

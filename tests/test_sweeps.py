@@ -235,6 +235,20 @@ def test_submitit_local_launcher_really_runs_a_job(tmp_path: Path):
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran it as its own job"
 
 
+def test_a_job_of_several_tasks_is_one_distributed_run(tmp_path: Path):
+    """tasks_per_node=2: submitit starts two processes per job, as SLURM would; they find
+    each other through submitit's environment and train one run together."""
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                    *ONE_EPOCH, "data.batch_size=64", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    results = json.loads((sweep / "0" / "results.json").read_text())
+    assert results["processes"] == 2 and results["epochs"] == 1
+    assert len(list((sweep / "0").glob("events.out.tfevents.*"))) == 1, "one writer"
+    assert len((sweep / "0" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_slurm_launcher_config_composes_with_its_defaults(tmp_path: Path):
     done = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
                     "-p", "hydra.launcher"], cwd=tmp_path)  # fmt: skip
