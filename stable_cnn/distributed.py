@@ -12,9 +12,11 @@ own elastic launcher, the engine behind torchrun.
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import logging
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -149,9 +151,12 @@ ALONE = World()  # a single process
 
 def world_from_environment(environ: dict[str, str] | None = None) -> World:
     """The world a launcher set up for this process: torchrun's variables (RANK,
-    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), else a SLURM job step with several tasks,
-    else a single process."""
-    env = os.environ if environ is None else environ
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), else a SLURM job step or a submitit job
+    with several tasks, else a single process. Read from ``os.environ`` once: finding
+    the SLURM peers exports torchrun's variables, which must not change the answer."""
+    if environ is None:
+        return _this_process_world()
+    env = environ
     if "RANK" in env and "WORLD_SIZE" in env:
         size = int(env["WORLD_SIZE"])
         return World(
@@ -161,27 +166,68 @@ def world_from_environment(environ: dict[str, str] | None = None) -> World:
             local_size=int(env.get("LOCAL_WORLD_SIZE", size)),
             launcher="torchrun",
         )
-    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: the batch script itself is not a task of the step
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return submitit_world("slurm")
     if int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:  # hydra/launcher=submitit_local
         return submitit_world("submitit-local")
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: the batch script itself is not a task of the step
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return slurm_world(env)
     return ALONE
 
 
+@functools.cache
+def _this_process_world() -> World:
+    return world_from_environment(dict(os.environ))
+
+
 def submitit_world(launcher: str) -> World:
-    """One process per task of a SLURM (or submitit local) job: submitit derives the
-    rendezvous (the first node's address, a port from the job id) and exports
-    torchrun's variables."""
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        raise ConfigError(
-            "a job with several tasks needs submitit to find its peers: "
-            "pip install 'stable-cnn[sweep]', or start the processes with torchrun"
-        ) from None
+    """One process per task of a submitit job: submitit derives the rendezvous (the
+    first node's address, a port from the job id) and exports torchrun's variables."""
+    from submitit.helpers import TorchDistributedEnvironment
+
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return World(env.rank, env.world_size, env.local_rank, env.local_world_size, launcher)
+
+
+def slurm_world(env: dict[str, str]) -> World:
+    """One process per task of a SLURM job step (``srun``, or submitit's SLURM jobs):
+    the rendezvous is the step's first node, at a port derived from the job id, as
+    submitit chooses them."""
+    if env.get("SUBMITIT_EXECUTOR") == "slurm":
+        return submitit_world("slurm")
+    counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
+    node = int(env.get("SLURM_NODEID", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST", ""))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
+    return World(
+        rank=int(env["SLURM_PROCID"]),
+        size=int(env["SLURM_STEP_NUM_TASKS"]),
+        local_rank=int(env.get("SLURM_LOCALID", "0")),
+        local_size=counts[node] if node < len(counts) else counts[-1],
+        launcher="slurm",
+    )
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list, e.g. '4(x2),3' -> [4, 4, 3]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``scontrol show hostnames`` expands it)."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                               capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        raise ConfigError(
+            f"cannot expand the SLURM node list {nodelist!r} (scontrol failed): set "
+            f"MASTER_ADDR to the first node's address, or start the processes with torchrun"
+        ) from None
+    return shown.stdout.split()[0]
 
 
 def join(world: World) -> None:
@@ -206,7 +252,12 @@ def leave() -> None:
 
 def device_for(world: World, requested: str) -> str:
     """This process's device: with several processes and a CUDA device, the GPU of its
-    local rank (``cuda:LOCAL_RANK``, or ``cuda`` where each process sees only its own)."""
+    local rank (``cuda:LOCAL_RANK``, or ``cuda:0`` where each process sees only its own)."""
+    if world.local_size > 1 and requested.startswith("cuda:"):
+        raise ConfigError(
+            f"trainer.device={requested} would put all {world.local_size} processes of this "
+            f"machine on one GPU: use trainer.device=auto (or cuda), one GPU per process"
+        )
     if not world.distributed or requested not in ("auto", "cuda"):
         return requested
     if not torch.cuda.is_available():
@@ -318,6 +369,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return out.to(images.dtype)
 
 
+SHUTDOWN_GRACE_S = 300
+
+
 # The exit status of a worker decides the launcher's: preempted (75) if any worker saved
 # and stopped for a signal, else the first non-zero status.
 def launch_local_workers(devices: int, arguments: list[str], preempted_status: int) -> int:
@@ -328,10 +382,15 @@ def launch_local_workers(devices: int, arguments: list[str], preempted_status: i
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # After a signal, the launcher waits this long for the workers to agree on the stop
+    # (at the next log interval), save and exit, before it kills them.
+    grace = {"shutdown_timeout": SHUTDOWN_GRACE_S}
+    if "shutdown_timeout" not in inspect.signature(LaunchConfig).parameters:
+        grace = {}  # older torch: its fixed 30 s
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-        monitor_interval=0.5,
+        monitor_interval=0.5, **grace,
     )  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each worker sets its own thread count
     try:

@@ -180,6 +180,11 @@ class ShuffledLoader:
         return {"epoch": self.epoch, "position": self.position, "in_epoch": self.in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:  # a generator and an order: the loader before this one
+            raise DataError(
+                "this image_folder checkpoint was written by an older stable-cnn, whose "
+                "data order and augmentation a run can no longer continue: start a new run"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self.in_epoch = state["in_epoch"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +122,13 @@ def train(
     started = time.perf_counter()
     seed_everything(run.trainer.seed, run.trainer.deterministic)  # before CUDA starts (cuBLAS)
     runtime = choose_runtime(run, world)
+    lock = RunLock() if world.is_main else None  # one live writer per run folder
     run_dir, resume_from, resume_state = agree_on_run(
-        run.trainer.resume, run_dir, outputs, composed_config, runtime, world
+        run.trainer.resume, run_dir, outputs, composed_config, runtime, world, lock
     )
-    if run.trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
-        return outcome
-    with RunLock(run_dir) if world.is_main else nullcontext():  # one live writer per folder
+    try:
+        if run.trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
+            return outcome
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         log.info("run folder: %s", run_dir)
@@ -136,6 +136,9 @@ def train(
         training = build_training(run, world, runtime, run_dir, composed_config, resume)
         fit(training, hparams or {})
         return test_best(training, hparams or {}, started)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def fit(training: Training, hparams: Hparams) -> None:
@@ -171,10 +174,12 @@ def fit(training: Training, hparams: Hparams) -> None:
             final["final/best_val_acc"] = counters.best_val_acc
         tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
         tracker.close()
+        training.world.barrier()  # every process stops here: none exits before the record
         raise
     except RunPreempted as err:
         tracker.record_failure("interrupted", reason=str(err).split(";", 1)[0], message=str(err))
         tracker.close()
+        training.world.barrier()
         raise
 
 

@@ -1,14 +1,20 @@
 """Stop at a step boundary on SIGTERM or SIGINT (Ctrl-C, SLURM preemption), so that the
-run can save a resumable checkpoint; a second signal stops at once."""
+run can save a resumable checkpoint; a second signal (after REPEAT_WINDOW_S) stops at once."""
 
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 
 # Exit status of a run stopped by a signal after saving its checkpoint: EX_TEMPFAIL,
 # "try again later" (resume with trainer.resume=auto).
 EXIT_PREEMPTED = 75
+
+
+# A second signal this soon after the first is the same request delivered twice: under
+# SLURM the step's processes get SIGTERM from slurmstepd and again from torchrun.
+REPEAT_WINDOW_S = 2.0
 
 
 class GracefulStop:
@@ -18,6 +24,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -25,9 +32,15 @@ class GracefulStop:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
-        for sig in self.SIGNALS:  # the next signal takes the default action: exit at once
+        now = time.monotonic()
+        if self.signal_name is None:
+            self.signal_name, self._first_at = signal.Signals(signum).name, now
+            return
+        if now - self._first_at < REPEAT_WINDOW_S:
+            return  # the same stop, delivered twice (SLURM signals the step, torchrun again)
+        for sig in self.SIGNALS:  # a second request: the default action, exit at once
             signal.signal(sig, self._previous.get(sig, signal.SIG_DFL))
+        signal.raise_signal(signum)
 
     def __enter__(self) -> GracefulStop:
         for sig in self.SIGNALS:

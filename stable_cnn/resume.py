@@ -54,9 +54,15 @@ def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
 
 
+# Keys added since checkpoints began recording the config, with the value that an older
+# checkpoint's run had in effect: a run written before a key existed still resumes.
+ADDED_KEYS = {("model", "sync_batchnorm"): False}
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys that a resumed run may change."""
-    return {
+    """The config without the keys that a resumed run may change (and with the keys
+    added since, where an older checkpoint's config lacks them)."""
+    comparable_config = {
         group: (
             {k: v for k, v in values.items() if (group, k) not in IGNORED_KEYS}
             if isinstance(values, dict)
@@ -64,6 +70,10 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         )
         for group, values in config.items()
     }
+    for (group, key), value in ADDED_KEYS.items():
+        if isinstance(comparable_config.get(group), dict):
+            comparable_config[group].setdefault(key, value)
+    return comparable_config
 
 
 def find_checkpoint(
@@ -72,12 +82,14 @@ def find_checkpoint(
     outputs: Path,
     config: dict[str, Any],
     runtime: dict[str, Any] | None = None,
+    processes: int = 1,
 ) -> Path | None:
     """The checkpoint to continue, or None for a fresh run.
 
     ``resume`` is None (fresh), ``auto`` (this run folder's own checkpoint, else the newest
-    unfinished run under ``outputs`` with the same config and, where given, the same
-    resolved ``runtime``) or a checkpoint / run folder path.
+    unfinished run under ``outputs`` with the same config, the same number of
+    ``processes`` and, where given, the same resolved ``runtime``, that no live process
+    is writing) or a checkpoint / run folder path.
     """
     if resume is None:
         return None
@@ -111,7 +123,8 @@ def find_checkpoint(
             log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
             continue
         same_runtime = runtime is None or state.get("runtime") == runtime
-        if comparable(state.get("config", {})) == wanted and same_runtime:
+        same_world = state.get("world_size", 1) == processes
+        if comparable(state.get("config", {})) == wanted and same_runtime and same_world:
             return candidate
     return None
 
@@ -213,7 +226,9 @@ def locate_run(
     processes: int = 1,
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
-    resume_from = find_checkpoint(resume, run_dir, outputs, composed_config, runtime.record())
+    resume_from = find_checkpoint(
+        resume, run_dir, outputs, composed_config, runtime.record(), processes
+    )
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_resumable(resume_state, resume_from)

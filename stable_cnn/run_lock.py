@@ -1,43 +1,62 @@
-"""One live writer per run folder: a lock file naming the host and process that writes it.
+"""One live writer per run folder: ``run.lock``, held with an exclusive ``flock`` for as
+long as the run writes, and naming the host and process that holds it.
 
 ``trainer.resume=auto`` must never adopt a run that a live process is still writing
 (two runs started at once with the same config would otherwise train into one folder).
-A lock is stale, and taken over, when its process is gone: a dead process on this
-host, or the same SLURM job (a requeued job finds its own earlier lock). A lock of
-another host is taken as live: only that host can tell, and the message says how to
-clear it.
+The kernel releases a process's flock when it dies, however it dies (kill -9, a node
+lost to a requeued SLURM job), so a lock is live exactly while its file is flocked: no
+guessing from pids or ages. (On a shared file system the lock is as good as its flock
+support: NFSv4 and Lustre have it.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import logging
 import os
+import time
 from pathlib import Path
-from types import TracebackType
 
-from stable_cnn.atomic import host_name, process_alive
+from stable_cnn.atomic import host_name
 from stable_cnn.errors import UserError
 
-log = logging.getLogger(__name__)
-
 LOCK_FILE = "run.lock"
+# A look at a lock (``lock_holder``) holds it shared for an instant: a process taking it
+# tries for this long before it concludes that a live run holds it.
+TAKE_TRIES, TAKE_PAUSE_S = 20, 0.05
 
 
 def lock_holder(run_dir: Path) -> dict[str, object] | None:
-    """Who holds ``run_dir``'s lock, if that process may still be alive; None when the
-    folder is free or its lock is stale."""
+    """Who holds ``run_dir``'s lock (host and pid, as it wrote them) while that process
+    lives; None when the folder is free."""
+    path = run_dir / LOCK_FILE
     try:
-        holder = json.loads((run_dir / LOCK_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return None  # no lock, or one torn by a kill while it was written: no live writer
-    job = os.environ.get("SLURM_JOB_ID")
-    if job is not None and holder.get("slurm_job_id") == job:
-        return None  # this very SLURM job, requeued: its earlier process is gone
-    if holder.get("host") == host_name():
-        pid = holder.get("pid")
-        return holder if isinstance(pid, int) and process_alive(pid) else None
-    return holder
+        handle = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _record(path)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None  # a lock file whose process is gone
+    finally:
+        os.close(handle)
+
+
+def _record(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # being written this instant
+        return {"host": "?", "pid": "?"}
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        return os.fstat(handle).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def describe_holder(holder: dict[str, object]) -> str:
@@ -45,42 +64,42 @@ def describe_holder(holder: dict[str, object]) -> str:
 
 
 class RunLock:
-    """Hold ``run_dir``'s lock for the life of a ``with`` block."""
+    """A run folder's lock: ``acquire_for`` raises a UserError naming the live holder."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self) -> None:
+        self.path = Path(LOCK_FILE)
+        self.handle: int | None = None
+
+    def acquire_for(self, run_dir: Path) -> RunLock:
         self.path = run_dir / LOCK_FILE
-
-    def __enter__(self) -> RunLock:
-        record = {"host": host_name(), "pid": os.getpid(),
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try when another process took the lock meanwhile
-            holder = lock_holder(self.path.parent)
-            if holder is not None:
-                raise UserError(
-                    f"run folder {self.path.parent} is being written by "
-                    f"{describe_holder(holder)}: wait for it to finish, or choose another "
-                    f"hydra.run.dir (if that process is gone, delete {self.path})"
-                )
-            self.path.unlink(missing_ok=True)  # a stale lock
-            try:  # O_EXCL: of two processes starting at once, one wins
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        for _ in range(TAKE_TRIES):
+            handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                time.sleep(TAKE_PAUSE_S)
                 continue
-            with os.fdopen(handle, "w") as out:
-                out.write(json.dumps(record) + "\n")
-            return self
-        raise UserError(f"could not lock run folder {self.path.parent}: try again")
+            if _same_file(handle, self.path):
+                break
+            os.close(handle)  # its holder removed that file as we took it: take the new one
+        else:
+            holder = _record(self.path)
+            raise UserError(
+                f"run folder {self.path.parent} is being written by {describe_holder(holder)}:"
+                f" wait for it to finish, or choose another hydra.run.dir"
+            )
+        record = {"host": host_name(), "pid": os.getpid()}
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, (json.dumps(record) + "\n").encode(), 0)
+        self.handle = handle
+        return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+    def release(self) -> None:
+        """Remove the lock file and let it go (the process's exit would, too)."""
+        if self.handle is None:
             return
-        if holder.get("pid") == os.getpid() and holder.get("host") == host_name():
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        os.close(self.handle)  # closing the last descriptor releases the flock
+        self.handle = None

@@ -147,6 +147,8 @@ class SharedRunFolder(Callback):
             agreed = world.broadcast(str(config.hydra.run.dir))
             with open_dict(config):
                 config.hydra.run.dir = agreed
+                if not world.is_main:  # rank 0 writes .hydra/ (the same config)
+                    config.hydra.output_subdir = None
 
 
 register_schemas()
@@ -172,7 +174,7 @@ def main(cfg: DictConfig) -> float:
         run_dir = Path(hydra_config.runtime.output_dir)
         composed = OmegaConf.to_container(cfg, resolve=True)
         if run.trainer.devices > 1 and not world.distributed:
-            return run_local_workers(run, run_dir, composed, hydra_config.overrides.task, in_sweep)
+            return run_local_workers(run, run_dir, composed, hydra_config, in_sweep)
         join(world)
         run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
         hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
@@ -199,27 +201,49 @@ def main(cfg: DictConfig) -> float:
     return results["best_val_acc"]
 
 
+# Hydra's own overrides that belong to the launching command, not to its workers (which
+# run one job, in the folder they are given).
+LAUNCH_ONLY = ("hydra.run.", "hydra.sweep.", "hydra.mode", "hydra/launcher", "hydra.launcher",
+               "hydra/sweeper", "hydra.sweeper", "hydra.job.num", "hydra.job.id")  # fmt: skip
+
+
+def worker_arguments(hydra_config: DictConfig, run_dir: Path, threads: int | None) -> list[str]:
+    """The command line of a ``trainer.devices=N`` worker: this job's config (the same
+    config name and folders, its overrides and Hydra's), in ``run_dir``."""
+    arguments = []
+    if hydra_config.job.config_name != "config":
+        arguments += ["--config-name", hydra_config.job.config_name]
+    for source in hydra_config.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            arguments += ["--config-dir", source.path]
+    arguments += [item for item in hydra_config.overrides.hydra if not item.startswith(LAUNCH_ONLY)]
+    task = list(hydra_config.overrides.task)
+    arguments += [*task, f"hydra.run.dir='{run_dir}'"]
+    if threads is not None and not any(item.startswith("trainer.num_threads=") for item in task):
+        arguments.append(f"trainer.num_threads={threads}")  # a joblib sweep's share
+    return arguments
+
+
 def run_local_workers(
     run: RunConfig,
     run_dir: Path,
     composed_config: dict[str, Any],
-    overrides: list[str],
+    hydra_config: DictConfig,
     in_sweep: bool,
 ) -> float:
     """``trainer.devices=N``: the same command in N processes on this machine, writing to
-    this run's folder (or the run it resumes); returns what rank 0 found, or exits with
-    the workers' status."""
+    this run's folder (or the run it resumes); returns what rank 0 found. A failed run
+    exits with the workers' status (in a sweep: fails this job alone), a preempted one
+    with 75 (the whole sweep), a diverged one in a sweep returns the worst value."""
     devices = run.trainer.devices
-    resumed = find_checkpoint(run.trainer.resume, run_dir, Path("outputs"), composed_config)
+    resumed = find_checkpoint(
+        run.trainer.resume, run_dir, Path("outputs"), composed_config, processes=devices
+    )
     if resumed is not None and resumed.parent.name == "checkpoints":
         run_dir = resumed.parent.parent  # the workers continue it there
     log.info("starting %d training processes on this machine (trainer.devices=%d)", devices,
              devices)  # fmt: skip
-    arguments = [*overrides, f"hydra.run.dir='{run_dir}'"]
-    if run.trainer.num_threads is not None and not any(
-        item.startswith("trainer.num_threads=") for item in overrides
-    ):
-        arguments.append(f"trainer.num_threads={run.trainer.num_threads}")
+    arguments = worker_arguments(hydra_config, run_dir, run.trainer.num_threads)
     status = launch_local_workers(devices, arguments, EXIT_PREEMPTED)
     if status == 0:
         return json.loads((run_dir / "results.json").read_text())["best_val_acc"]
@@ -227,6 +251,8 @@ def run_local_workers(
     if in_sweep and failure is not None and failure["status"] == "diverged":
         log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
         return DIVERGED_VALUE
+    if in_sweep and status != EXIT_PREEMPTED:
+        raise UserError(f"the {devices} training processes failed (exit {status}): see above")
     sys.exit(status)
 
 

@@ -41,6 +41,7 @@ from stable_cnn.hardware import (
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.resume import locate_run
+from stable_cnn.run_lock import RunLock
 from stable_cnn.run_state import RunState
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.seeding import seed_own_stream
@@ -100,16 +101,20 @@ def agree_on_run(
     composed_config: dict[str, Any],
     runtime: Runtime,
     world: World,
+    lock: RunLock | None = None,
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where the run writes, the checkpoint it continues (or None), and that checkpoint.
     Rank 0 decides (two processes looking for a run to resume could pick different
-    ones); the others follow, reading the checkpoint from the shared file system."""
+    ones) and takes the folder's ``lock`` (given on rank 0); the others follow, reading
+    the checkpoint from the shared file system. A problem is every process's one line."""
     problem, decision, state = "", (run_dir, None), None
     if world.is_main:
         try:
             run_dir, resume_from, state = locate_run(
                 resume, run_dir, outputs, composed_config, runtime, world.size
             )
+            if lock is not None:
+                lock.acquire_for(run_dir)
             decision = (run_dir, resume_from)
         except UserError as err:
             problem = str(err)

@@ -21,6 +21,8 @@ from stable_cnn.distributed import (
     ALONE,
     World,
     check_devices,
+    device_for,
+    tasks_per_node,
     threads_per_process,
     world_from_environment,
 )
@@ -222,25 +224,37 @@ def test_resuming_with_another_number_of_processes_is_one_line(
     assert "trainer.devices=2" in errors[0]
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from stable_cnn.run_lock import RunLock
+RunLock().acquire_for(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_resume_auto_never_adopts_a_run_a_live_process_is_writing(tmp_path: Path):
     outputs = tmp_path / "outputs"
     folder = outputs / "unfinished"
     save_checkpoint({"config": {}}, folder / "checkpoints" / "last.pt")
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        lock = {"host": os.uname().nodename.replace(".", "-"), "pid": writer.pid}
-        (folder / LOCK_FILE).write_text(json.dumps(lock))
+        assert writer.stdout.readline().strip() == "locked"
         assert find_checkpoint("auto", tmp_path / "new", outputs, {}) is None
         with pytest.raises(UserError, match=f"being written by process {writer.pid}"):
-            RunLock(folder).__enter__()
+            RunLock().acquire_for(folder)
     finally:
-        writer.kill()
+        writer.kill()  # as kill -9 would: no clean-up, the lock file stays
         writer.wait()
-    # its writer is gone: the lock is stale, and the run is resumed
+    assert (folder / LOCK_FILE).exists()
+    # its writer is gone, so is its flock: the run is resumed
     assert find_checkpoint("auto", tmp_path / "new", outputs, {}) == folder / "checkpoints" / (
         "last.pt")  # fmt: skip
-    with RunLock(folder):
-        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock = RunLock().acquire_for(folder)
+    assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
     assert not (folder / LOCK_FILE).exists()
 
 
@@ -257,12 +271,28 @@ def test_the_world_comes_from_the_launchers_variables():
     assert alone_under_torchrun.distributed, "torchrun with one process: the DDP path"
 
 
+def test_a_slurm_step_of_several_tasks_is_a_world(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MASTER_ADDR", "node-a")  # else scontrol expands the node list
+    monkeypatch.setenv("MASTER_PORT", "")
+    del os.environ["MASTER_PORT"]  # monkeypatch puts the old value (or none) back
+    step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+            "SLURM_JOB_ID": "1234"}  # fmt: skip
+    world = world_from_environment(step)
+    assert world == World(rank=5, size=8, local_rank=1, local_size=4, launcher="slurm")
+    assert threads_per_process(world, cores=8) == 8, "SLURM gives each task its own cores"
+    assert os.environ["MASTER_PORT"] == str(20000 + 1234)
+    assert tasks_per_node("4(x2),3") == [4, 4, 3]
+
+
 def test_trainer_devices_must_match_the_launchers_process_count():
     world = World(rank=0, size=4, local_rank=0, local_size=2, launcher="torchrun")
     check_devices(world, 1)
     check_devices(world, 2)
     with pytest.raises(ConfigError, match=r"trainer\.devices=3 but this machine runs 2 processes"):
         check_devices(world, 3)
+    with pytest.raises(ConfigError, match="would put all 2 processes of this machine on one GPU"):
+        device_for(world, "cuda:0")
 
 
 @pytest.mark.slow
