@@ -23,7 +23,6 @@ from tensorboard.plugins.hparams.metadata import (
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
-from torchvision.utils import make_grid
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.engine import EpochStats, EvalStats
@@ -132,6 +131,8 @@ class RunTracker:
         for stage, values in gradients.items():
             self.writer.add_histogram(f"gradients/{stage}", values, global_step)
         if images is not None:
+            from torchvision.utils import make_grid  # torchvision costs a second to import
+
             grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
             self.writer.add_image("data/augmented_train_images", grid, global_step)
         if confusion is not None:

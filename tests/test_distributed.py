@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from stable_cnn.checkpoint import save_checkpoint
 from stable_cnn.data import Shard, TensorBatches
@@ -28,8 +29,9 @@ from stable_cnn.distributed import (
 )
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.preemption import EXIT_PREEMPTED
-from stable_cnn.resume import find_checkpoint
+from stable_cnn.resume import check_same_config, find_checkpoint
 from stable_cnn.run_lock import LOCK_FILE, RunLock
+from stable_cnn.train import worker_arguments
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import assert_same_run, wait_for_epochs
 
@@ -324,3 +326,56 @@ def test_torchrun_with_one_process_trains_exactly_like_a_plain_run(tmp_path: Pat
     assert plain.returncode == 0 and launched.returncode == 0, launched.stdout + launched.stderr
     assert "(one of 1 processes, gloo)" in launched.stdout + launched.stderr
     assert_same_run(tmp_path / "plain", tmp_path / "torchrun")
+
+
+def test_trainer_devices_workers_get_this_jobs_whole_command(tmp_path: Path):
+    """Config name and folder, Hydra's own overrides and the task's, in this run's folder;
+    not what belongs to the launching command (the sweep, its launcher)."""
+    hydra_config = OmegaConf.create({
+        "job": {"config_name": "mine"},
+        "runtime": {"config_sources": [
+            {"path": "/repo/conf", "schema": "file", "provider": "main"},
+            {"path": "/my/configs", "schema": "file", "provider": "command-line"}]},
+        "overrides": {
+            "hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.job.chdir=true",
+                      "hydra.sweep.dir=sweeps/x"],
+            "task": ["trainer.devices=2", "optimizer.lr=0.2"]},
+    })  # fmt: skip
+    arguments = worker_arguments(hydra_config, tmp_path / "run", threads=3)
+    assert arguments == [
+        "--config-name", "mine", "--config-dir", "/my/configs", "hydra.job.chdir=true",
+        "trainer.devices=2", "optimizer.lr=0.2", f"hydra.run.dir='{tmp_path / 'run'}'",
+        "trainer.num_threads=3",
+    ]  # fmt: skip
+
+
+def test_a_checkpoint_from_before_sync_batchnorm_existed_still_resumes():
+    saved = {"model": {"width": 8, "depth": 2}, "trainer": {"epochs": 3}}
+    now = {"model": {"width": 8, "depth": 2, "sync_batchnorm": False}, "trainer": {"epochs": 3}}
+    check_same_config({"config": saved}, now, Path("old.pt"))  # no error
+    with pytest.raises(UserError, match=r"model\.sync_batchnorm differ"):
+        check_same_config({"config": saved}, {**now, "model": {**now["model"],
+                                                               "sync_batchnorm": True}},
+                          Path("old.pt"))  # fmt: skip
+
+
+REPEATED_SIGNAL = """
+import os, signal, time
+from stable_cnn.preemption import GracefulStop
+with GracefulStop() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # the same request again (slurmstepd, then torchrun)
+    time.sleep(0.2)
+    print("still running after", stop.signal_name, flush=True)
+    time.sleep(2.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # a new request, later: stop at once
+    time.sleep(10)
+    print("not reached", flush=True)
+"""
+
+
+def test_a_signal_delivered_twice_is_one_request_and_a_later_one_stops_at_once():
+    done = subprocess.run([sys.executable, "-c", REPEATED_SIGNAL], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert "still running after SIGTERM" in done.stdout
+    assert "not reached" not in done.stdout and done.returncode == -signal.SIGTERM
