@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stable_cnn.augment import random_crop, random_flip
-from stable_cnn.data import TensorBatches, build_splits, install_idx_files
+from stable_cnn.data import Shard, TensorBatches, build_splits, install_idx_files
 from stable_cnn.errors import DataError
 from tests.conftest import FASHION_MNIST_SYSTEM_DIR, TINY, compose_run
 
@@ -175,6 +175,24 @@ def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path)
     assert not torch.equal(whole_epoch[0], next(iter(fresh(0, augment=False)))[0]), "augmented"
     next_epoch = [images for images, _ in resumed]
     assert not torch.equal(next_epoch[0], whole_epoch[0]), "a new epoch draws anew"
+
+
+def test_image_folder_shards_are_disjoint_equal_and_evaluate_every_image_once(tmp_path):
+    write_image_folder(tmp_path, {"train": {"cat": 11, "dog": 10}, "val": {"cat": 4, "dog": 3}})
+    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
+                       "data.eval_batch_size=2", "data.num_workers=0", "data.augment=false",
+                       "data.image_size=8"])  # fmt: skip
+
+    def shard(index: int):
+        return build_splits(run.data, torch.device("cpu"), 0, Shard(index, 2))
+
+    first, second = shard(0), shard(1)
+    assert len(first.train) == len(second.train) == 2  # 21 images: 10 each, 2 full batches
+    seen = [torch.cat([images for images, _ in split.train]) for split in (first, second)]
+    flat = [{tuple(image.flatten().tolist()) for image in images} for images in seen]
+    assert not flat[0] & flat[1], "no image trained on by both processes in one epoch"
+    evaluated = sum(len(labels) for split in (first, second) for _, labels in split.val)
+    assert evaluated == 7, "every validation image once"
 
 
 def test_random_erasing_matches_torchvisions_in_distribution():

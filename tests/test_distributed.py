@@ -138,13 +138,12 @@ def test_trainer_devices_writes_one_run_with_one_writer(two_process_run: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run_dir", [["hydra.run.dir=run"], []], ids=["run dir", "no run dir"])
-def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: Path):
-    """Without hydra.run.dir each process would name its own outputs/<date>/<time>."""
+def test_torchrun_writes_one_run_with_one_writer(tmp_path: Path):
+    """Without hydra.run.dir each process would name its own outputs/<date>/<time> (with
+    it, the other tests' runs)."""
     few = [item for item in TWO if not item.startswith("data.num_train=")]
-    done = subprocess.run([*TORCHRUN, "-m", "stable_cnn.train", *few, "data.num_train=2560",
-                           *run_dir], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run([*TORCHRUN, "-m", "stable_cnn.train", *few, "data.num_train=2560"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert_one_run(tmp_path, done.stdout + done.stderr, accuracy_above=40)  # measured 53%
 
@@ -212,6 +211,21 @@ def test_kill_9_of_one_process_ends_the_job_and_the_run_resumes(
 
     assert "resuming from" in resume(run_dir)
     assert_same_run(two_process_run, run_dir)
+
+
+@pytest.mark.slow
+def test_a_diverging_step_stops_both_processes_together(tmp_path: Path):
+    """With trainer.on_nonfinite=stop the step's flags are read on every process; they are
+    agreed, so both save (one checkpoint, both positions) and stop at the same step."""
+    done = run_cli([*TINY, "data.batch_size=64", "trainer.devices=2", "optimizer.lr=1e30",
+                    "clipping=none", "trainer.on_nonfinite=stop", "hydra.run.dir=run"],
+                   tmp_path)  # fmt: skip
+    errors = [line for line in done.stdout.splitlines() if "error:" in line]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(errors) == 1 and "non-finite loss at step" in errors[0]
+    assert json.loads((tmp_path / "run" / "failure.json").read_text())["status"] == "diverged"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["other_processes"]) == 1
 
 
 @pytest.mark.slow
