@@ -313,6 +313,8 @@ def wrap_for_training(model: nn.Module, world: World, device: torch.device) -> n
 def to_sync_batchnorm(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """BatchNorm layers that normalise over the global batch (all processes): torch's
     SyncBatchNorm on GPUs, ``GlobalBatchNorm2d`` on CPUs (torch's is GPU-only)."""
+    from stable_cnn.global_batchnorm import GlobalBatchNorm2d
+
     if not world.distributed:
         return model
     if device.type == "cuda":
@@ -323,50 +325,6 @@ def to_sync_batchnorm(model: nn.Module, world: World, device: torch.device) -> n
         else:
             to_sync_batchnorm(child, world, device)
     return model
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the batches of all processes, for CPUs (gloo). The per-channel
-    sums go through an all-reduce that autograd differentiates (its backward sums the
-    gradients over the processes), so forward and backward both see the global batch;
-    in eval mode it is plain BatchNorm on the running statistics."""
-
-    @classmethod
-    def replacing(cls, norm: nn.BatchNorm2d) -> GlobalBatchNorm2d:
-        """The same layer, sharing ``norm``'s parameters and buffers."""
-        synced = cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                     norm.track_running_stats)  # fmt: skip
-        synced.weight, synced.bias = norm.weight, norm.bias
-        synced.running_mean, synced.running_var = norm.running_mean, norm.running_var
-        synced.num_batches_tracked = norm.num_batches_tracked
-        return synced
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(images)
-        from torch.distributed.nn.functional import all_reduce
-
-        x = images.float()  # (N, C, H, W); statistics in fp32 under autocast too
-        channels = x.shape[1]
-        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
-        # Two passes (the mean, then the squared deviations from it), as exact as
-        # BatchNorm's own; the all-reduces are the global batch's, with a gradient.
-        sums = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
-        total = sums[-1]
-        mean = sums[:channels] / total
-        centred = x - mean.view(1, channels, 1, 1)
-        variance = all_reduce((centred * centred).sum((0, 2, 3))) / total
-        if self.track_running_stats:
-            with torch.no_grad():  # in place: BatchNormGuard's flat views must stay valid
-                unbiased = variance * (total / (total - 1).clamp(min=1))
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(unbiased.detach(), self.momentum)
-                self.num_batches_tracked.add_(1)
-        shape = (1, channels, 1, 1)
-        out = centred * torch.rsqrt(variance.view(shape) + self.eps)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out.to(images.dtype)
 
 
 SHUTDOWN_GRACE_S = 300
