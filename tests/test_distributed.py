@@ -138,12 +138,13 @@ def test_trainer_devices_writes_one_run_with_one_writer(two_process_run: Path):
 
 
 @pytest.mark.slow
-def test_torchrun_writes_one_run_with_one_writer(tmp_path: Path):
-    """Without hydra.run.dir each process would name its own outputs/<date>/<time> (with
-    it, the other tests' runs)."""
+@pytest.mark.parametrize("run_dir", [["hydra.run.dir=run"], []], ids=["run dir", "no run dir"])
+def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: Path):
+    """Without hydra.run.dir each process would name its own outputs/<date>/<time>."""
     few = [item for item in TWO if not item.startswith("data.num_train=")]
-    done = subprocess.run([*TORCHRUN, "-m", "stable_cnn.train", *few, "data.num_train=2560"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run([*TORCHRUN, "-m", "stable_cnn.train", *few, "data.num_train=2560",
+                           *run_dir], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert_one_run(tmp_path, done.stdout + done.stderr, accuracy_above=40)  # measured 53%
 
