@@ -4,9 +4,9 @@ group, the few collectives the run needs, and starting N local workers for
 ``barrier``, ...) and never reads ``RANK`` or calls ``torch.distributed`` itself.
 
 A single process is a ``World()`` of size 1, whose collectives do nothing, so the
-loop has one code path. Workers are started by ``torchrun``, by SLURM (one task per
-process, through submitit), or by ``trainer.devices=N`` through torch.distributed's
-own elastic launcher, the engine behind torchrun.
+loop has one code path. Workers are started by ``torchrun``, by SLURM or submitit
+(one task per process), or by ``trainer.devices=N`` through torch.distributed's own
+elastic launcher, the engine behind torchrun.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
-import logging
 import os
 import subprocess
 import sys
@@ -30,8 +29,6 @@ import torch.distributed as dist
 from torch import nn
 
 from stable_cnn.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # How long a collective may wait for the slowest rank before the job fails. Long enough
 # for rank 0 to write a checkpoint or extract a dataset while the others wait.
@@ -319,23 +316,17 @@ def to_sync_batchnorm(model: nn.Module, world: World, device: torch.device) -> n
         return model
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            setattr(model, name, GlobalBatchNorm2d.replacing(child))
-        else:
-            to_sync_batchnorm(child, world, device)
-    return model
+    return GlobalBatchNorm2d.convert(model)
 
 
 SHUTDOWN_GRACE_S = 300
 
 
-# The exit status of a worker decides the launcher's: preempted (75) if any worker saved
-# and stopped for a signal, else the first non-zero status.
 def launch_local_workers(devices: int, arguments: list[str], preempted_status: int) -> int:
     """Start ``devices`` processes of ``python -m stable_cnn.train arguments`` on this
     machine through torch.distributed's elastic launcher (torchrun's engine) and wait
-    for them; returns the exit status the command should end with."""
+    for them; returns the exit status the command should end with: ``preempted_status``
+    if any worker stopped for a signal, else the first non-zero status, else 0."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -52,6 +52,7 @@ class EpochStats:
     nonfinite_steps: int = 0
     amp_skipped_steps: int = 0
     stop_reason: str = ""  # why the epoch ended early ("" = it completed)
+    signalled: bool = False  # it ended for a signal (to any process), not for NaN/Inf
 
     @property
     def completed(self) -> bool:
@@ -116,7 +117,7 @@ def train_one_epoch(
     if progress is None:
         progress = EpochProgress.start(runtime.device)
         progress.start_lr = current_lr(optimizer)
-    stop_reason = ""
+    stop_reason, signalled = "", False
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for images, labels in bar:
@@ -136,8 +137,9 @@ def train_one_epoch(
                 progress, step, optimizer, scaler, global_step, log_step, bar,
                 max_consecutive_nonfinite, world,
             )  # fmt: skip
-        if at_interval or not world.distributed:
-            stop_reason = stop_reason or world.agree_on_reason(stop_requested())
+        if (at_interval or not world.distributed) and not stop_reason:
+            stop_reason = world.agree_on_reason(stop_requested())
+            signalled = bool(stop_reason)
         if stop_reason:
             break
     bar.close()
@@ -145,7 +147,9 @@ def train_one_epoch(
     progress.seconds += time.perf_counter() - started
     if not stop_reason and values["longest_nonfinite_run"] >= max_consecutive_nonfinite:
         stop_reason = too_many_nonfinite(values, global_step)
-    return epoch_stats(values, progress.seconds, global_step, stop_reason), progress
+    stats = epoch_stats(values, progress.seconds, global_step, stop_reason)
+    stats.signalled = signalled
+    return stats, progress
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -16,14 +16,19 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     in eval mode it is plain BatchNorm on the running statistics."""
 
     @classmethod
-    def replacing(cls, norm: nn.BatchNorm2d) -> GlobalBatchNorm2d:
-        """The same layer, sharing ``norm``'s parameters and buffers."""
-        synced = cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                     norm.track_running_stats)  # fmt: skip
-        synced.weight, synced.bias = norm.weight, norm.bias
-        synced.running_mean, synced.running_var = norm.running_mean, norm.running_var
-        synced.num_batches_tracked = norm.num_batches_tracked
-        return synced
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """``module`` with every BatchNorm2d replaced by one of these, sharing its
+        parameters and buffers (as torch's SyncBatchNorm.convert_sync_batchnorm does)."""
+        if type(module) is nn.BatchNorm2d:
+            synced = cls(module.num_features, module.eps, module.momentum, module.affine,
+                         module.track_running_stats)  # fmt: skip
+            synced.weight, synced.bias = module.weight, module.bias
+            synced.running_mean, synced.running_var = module.running_mean, module.running_var
+            synced.num_batches_tracked = module.num_batches_tracked
+            return synced
+        for name, child in module.named_children():
+            setattr(module, name, cls.convert(child))
+        return module
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):

@@ -202,7 +202,7 @@ def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStat
         return stats
     save_checkpoints(training, best=False)
     where = f"stopped in epoch {epoch} at step {counters.global_step}"
-    if "non-finite" not in stats.stop_reason:  # a signal, to this process or another
+    if stats.signalled:  # to this process or another
         raise RunPreempted(
             f"{stats.stop_reason}: {where}; checkpoint saved; continue with "
             f"trainer.resume={training.run_dir}"

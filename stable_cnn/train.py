@@ -131,9 +131,6 @@ class SweepCallback(Callback):
         log.info("sweep report: %s", ", ".join(str(path) for path in written))
 
 
-register_schemas()
-
-
 class SharedRunFolder(Callback):
     """Hydra callback (conf/config.yaml, hydra.callbacks): the processes that torchrun
     starts each compose the config, and each would resolve ``${now:...}`` in its own
