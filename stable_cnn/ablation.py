@@ -79,16 +79,21 @@ class VariantResult(SeedOutcomes):
     clip_rates: list[float] = field(default_factory=list)
 
 
-def run_study(out: Path, base: list[str], lrs: dict[str, float], seeds: int) -> int:
-    """The whole study as one sweep; returns its exit status (a diverged run is not an
-    error, a failed one is: its row then shows fewer runs)."""
+def run_variant_sweep(
+    out: Path, base: list[str], names: list[str], learning_rates: list[float], seeds: int,
+    log_name: str,
+) -> int:  # fmt: skip
+    """Every variant x learning rate x seed as one sweep with trainer.resume=auto (a rerun
+    skips what is done), its output appended to ``out/log_name``; returns its exit status
+    (a diverged run is not an error, a failed one is: its row then shows fewer runs).
+    The ablation and the stability map both run this way."""
     command = [sys.executable, "-m", "stable_cnn.train", "-m", *base,
-               "ablation=" + ",".join(VARIANTS),
-               "optimizer.lr=" + ",".join(str(lr) for lr in lrs.values()),
+               "ablation=" + ",".join(names),
+               "optimizer.lr=" + ",".join(str(lr) for lr in learning_rates),
                f"trainer.seed=range({seeds})", "trainer.resume=auto",
                "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "ablation.log").open("w") as log:
+    with (out / log_name).open("a") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -98,7 +103,7 @@ def collect(out: Path, lrs: dict[str, float], device: str) -> list[VariantResult
             for setting in lrs for name, description in VARIANTS.items()}  # fmt: skip
     settings = {lr: setting for setting, lr in lrs.items()}
     for run in find_runs(out):
-        chosen = dict(o.lstrip("+").split("=", 1) for o in run.overrides if "=" in o)
+        chosen = run.chosen()
         setting = settings.get(float(chosen.get("optimizer.lr", "nan")))
         row = rows.get((chosen.get("ablation", ""), setting or ""))
         if row is None:
@@ -257,7 +262,9 @@ def cli(argv: list[str] | None = None) -> None:
     lrs = {"normal": args.lr, "stress": args.stress_lr}
     print(f"training {len(VARIANTS) * len(lrs) * args.seeds} runs into {args.out} "
           f"(log: {args.out / 'ablation.log'})", flush=True)  # fmt: skip
-    status = run_study(args.out, base, lrs, args.seeds)
+    status = run_variant_sweep(
+        args.out, base, list(VARIANTS), list(lrs.values()), args.seeds, "ablation.log"
+    )
     if status != 0:
         print(f"some runs failed (sweep exit {status}): see {args.out / 'ablation.log'}")
     rows = collect(args.out, lrs, args.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -68,6 +70,11 @@ class SmallCNN(nn.Module):
             nn.Linear(hidden, num_classes),
         )
         self._initialize_weights()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SmallCNN:
+        """The model a checkpoint's ``model_config`` describes (its ``name`` aside)."""
+        return cls(**{key: value for key, value in config.items() if key != "name"})
 
     def _initialize_weights(self) -> None:
         # Kaiming (fan_out) suits ReLU convs; BN starts as the identity. Linear layers

@@ -42,6 +42,10 @@ class RunRecord:
     results: dict[str, float] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
 
+    def chosen(self) -> dict[str, str]:
+        """The run's overrides as key -> value (Hydra's +, ++ and ~ prefixes dropped)."""
+        return dict(_plain(o).split("=", 1) for o in self.overrides if "=" in o)
+
 
 @dataclass
 class ConfigRow:

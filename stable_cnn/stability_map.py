@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from stable_cnn.ablation import (
     COLLAPSED_BELOW,
     SeedOutcomes,
     describe_machine,
+    run_variant_sweep,
     spread,
     standard_error,
 )
@@ -165,7 +165,7 @@ def collect(out: Path, learning_rates: tuple[float, ...], names: list[str]) -> l
     variants = {name: Variant(name, VARIANTS[name], [Point(lr) for lr in learning_rates])
                 for name in names}  # fmt: skip
     for run in find_runs(out):
-        chosen = dict(o.lstrip("+").split("=", 1) for o in run.overrides if "=" in o)
+        chosen = run.chosen()
         variant = variants.get(chosen.get("ablation", ""))
         lr = float(chosen.get("optimizer.lr", "nan"))
         for point in variant.points if variant else []:
@@ -259,19 +259,6 @@ def plot(variants: list[Variant], path: Path) -> bool:
     return True
 
 
-def run_sweep(out: Path, base: list[str], learning_rates: tuple[float, ...], names: list[str],
-              seeds: int) -> int:  # fmt: skip
-    """The whole map as one sweep with trainer.resume=auto: rerunning it skips what is done."""
-    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base,
-               "ablation=" + ",".join(names),
-               "optimizer.lr=" + ",".join(f"{lr:g}" for lr in learning_rates),
-               f"trainer.seed=range({seeds})", "trainer.resume=auto",
-               "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "map.log").open("a") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-
-
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="stable-cnn-map",
@@ -311,7 +298,7 @@ def cli(argv: list[str] | None = None) -> None:
     total = len(names) * len(learning_rates) * args.seeds
     print(f"training {total} runs into {args.out} (log: {args.out / 'map.log'})", flush=True)
     started = time.perf_counter()
-    status = run_sweep(args.out, base, learning_rates, names, args.seeds)
+    status = run_variant_sweep(args.out, base, names, list(learning_rates), args.seeds, "map.log")
     wall = time.perf_counter() - started
     if status != 0:
         print(f"some runs failed (sweep exit {status}): see {args.out / 'map.log'}")

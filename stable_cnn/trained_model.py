@@ -38,7 +38,7 @@ def rebuild_model(state: dict[str, Any], path: Path) -> tuple[SmallCNN, bool]:
     model_config = state.get("model_config")
     if model_config is None or "data" not in (state.get("config") or {}):
         raise CheckpointError(f"{path} holds no model config: it was not written by stable-cnn")
-    model = SmallCNN(**{k: v for k, v in model_config.items() if k != "name"})
+    model = SmallCNN.from_config(model_config)
     averaged = state.get("ema") is not None
     if averaged:
         state = {**state, "model": state["ema"]["model"]}

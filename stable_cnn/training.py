@@ -52,16 +52,7 @@ log = logging.getLogger("stable_cnn")
 
 
 def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
-    return SmallCNN(
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        width=run.model.width,
-        dropout=run.model.dropout,
-        head_dropout=run.model.head_dropout,
-        hidden=run.model.hidden,
-        batchnorm=run.model.batchnorm,
-        depth=run.model.depth,
-    )
+    return SmallCNN.from_config(model_config(run, info))
 
 
 def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
