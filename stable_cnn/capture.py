@@ -15,6 +15,8 @@ each replay, so every schedule step still takes effect.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import torch
@@ -99,13 +101,6 @@ class GraphedTrainStep(TrainStep):
                 super().__call__(self.images, self.labels, scratch, veto=True)
         torch.cuda.current_stream(device).wait_stream(side)
 
-        graph = torch.cuda.CUDAGraph()
-        # Its own stream on the run's device (the default capture stream belongs to the
-        # device current when it was first made); thread_local: a DataLoader's
-        # pin-memory thread allocating meanwhile does not invalidate the capture.
-        capture = torch.cuda.graph(
-            graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"
-        )
         floats = [g["lr"] for g in groups]
         capturable = [g.get("capturable") for g in groups]
         try:
@@ -113,16 +108,43 @@ class GraphedTrainStep(TrainStep):
                 group["lr"] = rate  # read from device memory at every replay
                 if "capturable" in group:
                     group["capturable"] = True  # AdamW's capture check; fused is capturable
-            with capture:
-                self.outcome = super().__call__(self.images, self.labels, self.progress)
+            self.graph, self.outcome = self.record_step()
         finally:
             for group, rate, flag in zip(groups, floats, capturable, strict=True):
                 group["lr"] = rate
                 if flag is not None:
                     group["capturable"] = flag
             torch.cuda.set_rng_state(random_state, device)
-        self.graph = graph
         log.info("training step captured in a CUDA graph (trainer.cuda_graph=true)")
+
+    def record_step(self) -> tuple[torch.cuda.CUDAGraph, StepOutcome]:
+        """Capture one step on the static tensors. Begin and end are driven here rather
+        than by ``torch.cuda.graph``, whose exit, when the capture was invalidated (a
+        host sync inside the step, a lazy initialisation), raises from capture_end()
+        before it puts the stream back, with a message that hides the cause. Here a
+        failure leaves the previous stream current (``torch.cuda.stream``'s exit runs
+        whatever happens), the capture ended, its memory pool handed back and the
+        generator out of capture mode, and raises the step's own error."""
+        device = self.runtime.device
+        torch.cuda.synchronize(device)
+        gc.collect()  # not in the middle of the capture
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        # Its own stream on the run's device (the default capture stream belongs to the
+        # device current when it was first made); thread_local: a DataLoader's
+        # pin-memory thread allocating meanwhile does not invalidate the capture.
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                outcome = TrainStep.__call__(self, self.images, self.labels, self.progress)
+            except BaseException:
+                leave_failed_capture(graph, pool, device, end_raised=False)
+                raise
+            try:
+                graph.capture_end()
+            except BaseException:
+                leave_failed_capture(graph, pool, device, end_raised=True)
+                raise
+        return graph, outcome
 
     def replay(
         self, images: torch.Tensor, labels: torch.Tensor, progress: EpochProgress
@@ -137,6 +159,36 @@ class GraphedTrainStep(TrainStep):
         self.labels.copy_(labels)
         self.graph.replay()
         return self.outcome
+
+
+def leave_failed_capture(
+    graph: torch.cuda.CUDAGraph, pool: tuple[int, int], device: torch.device, end_raised: bool
+) -> None:
+    """Undo what a failed capture left behind, so that eager steps run as if it had never
+    been tried: the stream's capture ended, the graph's private memory pool no longer
+    collecting allocations (torch stops that only once a capture ends well), and the
+    CUDA generator out of capture mode (older torch keeps it there until then)."""
+    pool_left_open = end_raised
+    if not end_raised:  # the step itself raised: its capture is still open
+        try:
+            graph.capture_end()
+        except RuntimeError:  # an invalidated capture raises as it ends
+            pool_left_open = True
+    graph.reset()
+    if pool_left_open:
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):  # private: where present
+            release = getattr(torch._C, name, None)
+            if release is not None:
+                with contextlib.suppress(RuntimeError):
+                    release(device.index, pool)
+    try:
+        torch.rand(1, device=device)  # raises where the generator still believes it captures
+    except RuntimeError:
+        repair = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            repair.capture_begin()
+            torch.rand(1, device=device)
+            repair.capture_end()  # takes the generator out of capture mode
 
 
 def build_train_step(
@@ -159,4 +211,4 @@ def build_train_step(
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
             kind = GraphedTrainStep
-    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor, world)
+    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor)

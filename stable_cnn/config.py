@@ -49,7 +49,9 @@ class DataConfig:
     val_size: int = 5000  # training images held out for validation; 0 = validate on test
     limit_train: int | None = None  # use only the first N training images
     limit_test: int | None = None  # use only the first N validation and test images
-    num_workers: int = 2  # DataLoader workers (image_folder only)
+    # DataLoader worker processes (image_folder only); null: one per CPU core this process
+    # may use, less one for the trainer, between 2 and 16
+    num_workers: int | None = None
     augment: bool = True  # random crop with padding (+ flip) on training batches
     crop_padding: int = 2  # zero padding per side before the random crop, pixels
     flip: bool = True  # random horizontal flips (off for digits)
@@ -74,7 +76,8 @@ class DataConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
+               self.num_workers, "must be null (sized from the CPU cores) or >= 0")  # fmt: skip
         _check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
         _check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
         _check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")

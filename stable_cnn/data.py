@@ -196,16 +196,22 @@ class TensorBatches:
 
 
 def build_splits(
-    config: DataConfig, device: torch.device, seed: int, shard: Shard = ONE_PROCESS
+    config: DataConfig,
+    device: torch.device,
+    seed: int,
+    shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
 ) -> DataSplits:
     """Load the dataset named by ``config.name`` and cut it into train, val and test batches.
     ``seed`` is the run's seed: the data's random streams derive their own from it.
-    ``shard`` is this process's share of each pass when several processes train."""
+    ``shard`` is this process's share of each pass when several processes train.
+    ``train_device`` is where the training images are kept (default: ``device``): a
+    command that only evaluates keeps them off the GPU."""
     run_seed, seed = seed, stream_seed(seed, "data")
     if config.name == "image_folder":
         from stable_cnn.image_folder import image_folder_splits  # imports this module
 
-        return image_folder_splits(config, seed, shard)
+        return image_folder_splits(config, seed, device, shard)
     train_images, train_labels, class_names = load_tensors(config, train=True)
     test_images, test_labels, _ = load_tensors(config, train=False)
     _check_shape(config, train_images)
@@ -217,19 +223,23 @@ def build_splits(
     augment_generator = None  # one process: the order's generator augments too
     if shard.count > 1:
         augment_seed = stream_seed(run_seed, f"augment/{shard.index}")
-        augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
+        augment_generator = torch.Generator(device=train_device or device)
+        augment_generator.manual_seed(augment_seed)
+
+    train_device = train_device or device
 
     def batches(images: torch.Tensor, labels: torch.Tensor, train: bool) -> TensorBatches:
+        where = train_device if train else device
         return TensorBatches(
-            images.to(device),
-            labels.to(device),
+            images.to(where),
+            labels.to(where),
             config.batch_size if train else config.eval_batch_size,
             mean,
             std,
             train=train,
             crop_padding=config.crop_padding if config.augment else 0,
             flip=config.flip and config.augment,
-            generator=torch.Generator(device=device).manual_seed(seed) if train else None,
+            generator=torch.Generator(device=where).manual_seed(seed) if train else None,
             erase_prob=config.erase_prob if config.augment else 0.0,
             erase_scale=tuple(config.erase_scale),
             erase_ratio=tuple(config.erase_ratio),

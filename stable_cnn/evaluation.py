@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
@@ -94,7 +95,9 @@ def load_for_evaluation(
         channels_last = trained["channels_last"]
     precision = choose_precision(amp, device)
     memory_format = choose_memory_format(device, channels_last)
-    splits = build_splits(data, device, seed=saved.get("trainer", {}).get("seed", 0))
+    seed = saved.get("trainer", {}).get("seed", 0)
+    # the training images stay on the CPU: a test needs only its own split on the device
+    splits = build_splits(data, device, seed, train_device=torch.device("cpu"))
     model.to(device, memory_format=memory_format)
     return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
                             averaged)  # fmt: skip
@@ -142,8 +145,9 @@ def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") 
     train = splits.train
     if not isinstance(train, TensorBatches):
         raise ConfigError(f"training accuracy needs in-memory data, not data={splits.info.name}")
-    seen = TensorBatches(train.images[:count], train.labels[:count], 1024, train.mean,
-                         train.std, train=False)  # fmt: skip
+    device = runtime.device
+    seen = TensorBatches(train.images[:count].to(device), train.labels[:count].to(device), 1024,
+                         train.mean, train.std, train=False)  # fmt: skip
     return evaluate(model, seen, runtime).accuracy
 
 

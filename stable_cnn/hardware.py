@@ -53,10 +53,12 @@ class Runtime:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a ConfigError."""
+    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a ConfigError.
+    A CUDA device always carries its index (``auto`` and ``cuda`` mean the current
+    device): ``torch.cuda.set_device`` and DDP's ``device_ids`` refuse one without."""
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -66,12 +68,15 @@ def resolve_device(requested: str) -> torch.device:
                 f"trainer.device={requested!r} but this machine has no usable CUDA GPU: "
                 f"use trainer.device=cpu (or auto)"
             )
-        index = torch.device(requested).index or 0
+        index = torch.device(requested).index
+        if index is None:
+            index = torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise ConfigError(
                 f"trainer.device={requested!r} but only {torch.cuda.device_count()} CUDA "
                 f"device(s) exist: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
             )
+        return torch.device("cuda", index)
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.device='mps' but MPS is not available: use trainer.device=cpu")
     return torch.device(requested)
@@ -99,6 +104,13 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def loader_workers(cores: int) -> int:
+    """DataLoader worker processes for a process that may use ``cores`` cores: one per
+    core but the trainer's own, at least 2 (decoding overlaps training even on two
+    cores) and at most 16 (beyond that, start-up and memory grow for little gain)."""
+    return max(2, min(16, cores - 1))
 
 
 def describe_cpu() -> str:
@@ -155,12 +167,6 @@ def use_tf32(device: torch.device, allowed: bool) -> bool:
         torch.backends.cuda.matmul.allow_tf32 = active
         torch.backends.cudnn.allow_tf32 = active
     return active
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (before reading a clock, not per step)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

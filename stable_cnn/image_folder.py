@@ -22,12 +22,25 @@ from stable_cnn.data import (
     split_indices,
 )
 from stable_cnn.errors import DataError
+from stable_cnn.hardware import loader_workers, usable_cores
 
 
-def image_folder_splits(config: DataConfig, seed: int, shard: Shard = ONE_PROCESS) -> DataSplits:
+def image_folder_splits(
+    config: DataConfig,
+    seed: int,
+    device: torch.device,
+    shard: Shard = ONE_PROCESS,
+) -> DataSplits:
     """The classic path: per-image decode and transforms in DataLoader workers. ``seed``
-    is the data stream's; ``shard`` this process's share when several processes train."""
+    is the data stream's; ``device`` the run's (batches are pinned for a GPU); ``shard``
+    this process's share when several processes train. ``data.num_workers=null`` is
+    sized from the cores this process may use."""
     from torchvision import datasets, transforms
+
+    workers = config.num_workers
+    if workers is None:
+        workers = loader_workers(usable_cores())
+    pin_memory = device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
 
     root = Path(config.root).expanduser()
     size = config.image_size
@@ -93,9 +106,9 @@ def image_folder_splits(config: DataConfig, seed: int, shard: Shard = ONE_PROCES
         return DataLoader(
             evaluation_share(dataset, config.eval_batch_size, shard),
             batch_size=config.eval_batch_size,
-            num_workers=config.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=config.num_workers > 0,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
             worker_init_fn=leave_stop_signals_to_the_trainer,
         )
 
@@ -103,7 +116,7 @@ def image_folder_splits(config: DataConfig, seed: int, shard: Shard = ONE_PROCES
     val = test if val_set is test_set else loader(val_set)
     info = DatasetInfo("image_folder", config.in_channels, len(classes), size, classes)
     return DataSplits(
-        ShuffledLoader(train_set, config.batch_size, config.num_workers, seed, shard),
+        ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory),
         val,
         test,
         info,
@@ -134,14 +147,22 @@ class ShuffledLoader:
     augmentation draws from a seed of its own, chosen by the epoch and the image. So
     what a batch holds, and how it is augmented, depends neither on ``data.num_workers``
     nor on where a resumed epoch continues: a checkpoint keeps only the epoch and the
-    position."""
+    position.
+
+    One DataLoader serves the whole run, its workers started once and kept between
+    epochs (``persistent_workers``); each epoch hands it that epoch's batches."""
 
     def __init__(
-        self, dataset: Any, batch_size: int, num_workers: int, seed: int, shard: Shard = ONE_PROCESS
+        self,
+        dataset: Any,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        shard: Shard = ONE_PROCESS,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset = SeededAugmentation(dataset)
         self.batch_size = batch_size
-        self.num_workers = num_workers
         self.seed = seed
         self.sampler = DistributedSampler(
             dataset, num_replicas=shard.count, rank=shard.index, shuffle=True,
@@ -150,6 +171,15 @@ class ShuffledLoader:
         self.epoch = 0  # epochs started
         self.position = 0  # batches of the current epoch already handed out
         self.in_epoch = False
+        self.plan = EpochPlan()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.plan,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
+        )
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size  # the last partial batch is dropped
@@ -162,16 +192,9 @@ class ShuffledLoader:
         draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
         image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
         size = self.batch_size
-        batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
-                   for k in range(self.position, len(self))]  # fmt: skip
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=leave_stop_signals_to_the_trainer,
-        )
-        for batch in loader:
+        self.plan.batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
+                             for k in range(self.position, len(self))]  # fmt: skip
+        for batch in self.loader:
             self.position += 1
             yield batch
         self.in_epoch = False
@@ -189,10 +212,27 @@ class ShuffledLoader:
         self.in_epoch = state["in_epoch"]
 
 
+class EpochPlan:
+    """The batch sampler of ShuffledLoader's DataLoader: the batches of the pass about to
+    start (the loader iterates it anew at every pass, in the main process)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class SeededAugmentation(Dataset):
     """Indexed by (image, seed): the image's random transforms draw from that seed, in
     whichever process or DataLoader worker decodes it (torchvision's transforms draw
-    from torch's global generator, which is put back afterwards)."""
+    from torch's global CPU generator, which is put back afterwards). Only that one is
+    seeded: ``torch.manual_seed`` would also reseed every CUDA generator, which
+    ``fork_rng(devices=[])`` does not put back, and with ``data.num_workers=0`` the
+    run's dropout masks on the GPU would follow the last image's seed."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -203,7 +243,7 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

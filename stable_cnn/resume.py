@@ -83,13 +83,14 @@ def find_checkpoint(
     config: dict[str, Any],
     runtime: dict[str, Any] | None = None,
     processes: int = 1,
+    device_type: str | None = None,
 ) -> Path | None:
     """The checkpoint to continue, or None for a fresh run.
 
     ``resume`` is None (fresh), ``auto`` (this run folder's own checkpoint, else the newest
     unfinished run under ``outputs`` with the same config, the same number of
-    ``processes`` and, where given, the same resolved ``runtime``, that no live process
-    is writing) or a checkpoint / run folder path.
+    ``processes`` and, where given, the same resolved ``runtime`` and ``device_type``,
+    that no live process is writing) or a checkpoint / run folder path.
     """
     if resume is None:
         return None
@@ -122,9 +123,15 @@ def find_checkpoint(
         except CheckpointError as err:
             log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
             continue
+        if comparable(state.get("config", {})) != wanted:
+            continue
+        saved_device = state.get("device_type", "cpu")
+        if device_type is not None and saved_device != device_type:
+            log.info("not resuming %s: it trained on %s, this run is on %s", folder,
+                     saved_device, device_type)  # fmt: skip
+            continue
         same_runtime = runtime is None or state.get("runtime") == runtime
-        same_world = state.get("world_size", 1) == processes
-        if comparable(state.get("config", {})) == wanted and same_runtime and same_world:
+        if same_runtime and state.get("world_size", 1) == processes:
             return candidate
     return None
 
@@ -227,8 +234,9 @@ def locate_run(
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
     resume_from = find_checkpoint(
-        resume, run_dir, outputs, composed_config, runtime.record(), processes
-    )
+        resume, run_dir, outputs, composed_config, runtime.record(), processes,
+        runtime.device.type,
+    )  # fmt: skip
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_resumable(resume_state, resume_from)

@@ -68,6 +68,13 @@ class StepOutcome:
         return self.loss_finite & self.grads_finite
 
 
+def poison_gradients_unless_finite(loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``loss`` itself where ``finite`` (times exactly 1), else a loss whose gradients are
+    all NaN. A loss can be Inf with finite gradients (an overflowed logit under label
+    smoothing); the gradients then carry the verdict, through DDP's average too."""
+    return loss * torch.where(finite, 1.0, float("nan"))
+
+
 def optimizer_step(
     loss: torch.Tensor,
     parameters: list[nn.Parameter],
@@ -76,7 +83,6 @@ def optimizer_step(
     clipping: ClippingConfig,
     sync_free: bool | None = None,
     veto: bool = False,
-    world: World = ALONE,
 ) -> StepOutcome:
     """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
     NaN/Inf is skipped (the weights and the optimizer state stay as they were).
@@ -84,12 +90,15 @@ def optimizer_step(
     ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
     optimizer that cannot skip by itself costs one host read of the flag per step.
     ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps).
-    With several processes the gradients are already averaged (DDP), and whether the
-    loss was finite is agreed among them, so every process skips the same steps."""
-    scaler.scale(loss).backward()
+
+    A non-finite loss makes every gradient NaN (``poison_gradients_unless_finite``),
+    so the gradients alone decide. With several processes they are already averaged
+    (DDP): one process's NaN or Inf loss reaches every process's gradients, and every
+    process skips the same steps without a collective of its own."""
+    loss_finite = loss.detach().isfinite()
+    scaler.scale(poison_gradients_unless_finite(loss, loss_finite)).backward()
     scaler.unscale_(optimizer)
     grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
-    loss_finite = world.all_true(loss.detach().isfinite())
     outcome = StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grad_norm.isfinite())
     if sync_free is None:
         sync_free = skips_on_device(optimizer)
@@ -310,7 +319,6 @@ class TrainStep:
         clipping: ClippingConfig,
         runtime: Runtime,
         loss_spike_factor: float = 2.0,
-        world: World = ALONE,
     ) -> None:
         self.model = model  # compiled or not, wrapped in DDP or not
         self.criterion = criterion
@@ -322,7 +330,6 @@ class TrainStep:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.norm_guard = BatchNormGuard.of(model)
         self.sync_free = skips_on_device(optimizer)
-        self.world = world
 
     def __call__(
         self,
@@ -337,7 +344,7 @@ class TrainStep:
             logits = self.model(images)
             loss = self.criterion(logits, labels)
         step = optimizer_step(loss, self.parameters, self.optimizer, self.scaler, self.clipping,
-                              self.sync_free, veto, self.world)  # fmt: skip
+                              self.sync_free, veto)  # fmt: skip
         self.norm_guard.keep_if(step.applied & (not veto))
         progress.record(
             step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()

@@ -7,7 +7,7 @@ scaler, the weight average and the run's state, resumed if asked.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from stable_cnn.hardware import (
     choose_precision,
     compile_model,
     describe_cpu,
+    loader_workers,
     resolve_device,
     usable_cores,
     use_tf32,
@@ -76,6 +77,8 @@ def choose_runtime(run: RunConfig, world: World = ALONE) -> Runtime:
     each = f" (one of {world.size} processes, {world.backend})" if world.distributed else ""
     if device.type == "cpu":
         log.info("device cpu, %d threads%s, CPU %s", torch.get_num_threads(), each, describe_cpu())
+    elif device.type == "cuda":
+        log.info("device %s (%s)%s", device, torch.cuda.get_device_name(device), each)
     else:
         log.info("device %s%s", device, each)
     layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
@@ -148,11 +151,18 @@ def build_training(
 ) -> Training:
     """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
     trainer = run.trainer
+    data_config = run.data
+    if data_config.num_workers is None:  # image_folder's loaders: this process's share of cores
+        workers = loader_workers(threads_per_process(world, usable_cores()))
+        data_config = replace(data_config, num_workers=workers)
     with world.local_main_first():  # a dataset is extracted once per machine
-        data = build_splits(run.data, runtime.device, trainer.seed, Shard(world.rank, world.size))
+        shard = Shard(world.rank, world.size)
+        data = build_splits(data_config, runtime.device, trainer.seed, shard)
     per_process = (
         f" per process, {run.data.batch_size * world.size} in all" if world.distributed else ""
     )
+    if data.info.name == "image_folder":
+        per_process += f", {data_config.num_workers} loader workers"
     log.info(
         "data %s: %d train / %d val / %d test images, batch %d%s",
         data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
@@ -168,7 +178,7 @@ def build_training(
         run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
     )  # fmt: skip
     if run.model.sync_batchnorm:
-        model = to_sync_batchnorm(model, world, runtime.device)
+        model = to_sync_batchnorm(model, world)
     network = wrap_for_training(model, world, runtime.device)
     if trainer.compile:
         network = compile_model(network, runtime.device)

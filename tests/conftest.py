@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from stable_cnn.config import RunConfig
 from stable_cnn.data import install_idx_files
+from stable_cnn.host_syncs import counting_host_waits
 from stable_cnn.train import config_dir, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,23 +32,11 @@ TINY = [
 ]
 
 
-# Every way Python reads a tensor value; on a GPU each one waits for the device.
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
 @pytest.fixture
-def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts every read of a tensor value by the host, by method."""
-    counts: Counter = Counter()
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, __original=original, __name=name, **kwargs):
-            counts[__name] += 1
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
+def host_reads() -> Counter:
+    """Counts every read of a tensor value by the host, by method (stable_cnn.host_syncs)."""
+    with counting_host_waits() as counts:
+        yield counts
 
 
 def compose_config(overrides: list[str]):
@@ -86,3 +75,17 @@ def fashion_mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     install_idx_files(FASHION_MNIST_SYSTEM_DIR, root / "FashionMNIST" / "raw")
     return root
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """This machine with one H100, faked at torch.cuda's API boundary (tests/fake_gpu.py
+    says what and why); set ``.count``, ``.capability``, ``.name`` before use. Also puts
+    back the global CUDA flags that a run sets (TF32, cuDNN autotuning)."""
+    from tests.fake_gpu import FakeGPU
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)  # fmt: skip
+    yield FakeGPU().install(monkeypatch.setattr)
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.benchmark) = flags  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,26 @@ def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path)
     assert not torch.equal(whole_epoch[0], next(iter(fresh(0, augment=False)))[0]), "augmented"
     next_epoch = [images for images, _ in resumed]
     assert not torch.equal(next_epoch[0], whole_epoch[0]), "a new epoch draws anew"
+
+
+def child_processes() -> set[int]:
+    tasks = Path("/proc/self/task")
+    return {int(pid) for task in tasks.iterdir()
+            for pid in (task / "children").read_text().split()}  # fmt: skip
+
+
+def test_image_folder_keeps_its_loader_workers_from_epoch_to_epoch(tmp_path):
+    """One DataLoader per run: its worker processes are started once, not every epoch."""
+    write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
+    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
+                       "data.num_workers=2"])  # fmt: skip
+    train = build_splits(run.data, torch.device("cpu"), seed=0).train
+    before = child_processes()
+    first_epoch = [labels for _, labels in train]
+    workers = child_processes() - before
+    second_epoch = [labels for _, labels in train]
+    assert len(workers) == 2 and child_processes() - before == workers
+    assert len(first_epoch) == len(second_epoch) == 4
 
 
 def test_image_folder_shards_are_disjoint_equal_and_evaluate_every_image_once(tmp_path):

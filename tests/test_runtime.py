@@ -91,3 +91,41 @@ def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
     assert warnings == [
         "trainer.cuda_graph=true ignored: CUDA graphs need a CUDA device, not cpu; training eagerly"
     ]
+
+
+def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
+    """trainer.compile=true on this CPU (inductor's C++ backend, about 20 s to compile):
+    the compiled model trains a whole epoch without falling back, and its per-step
+    losses equal eager's (no dropout, so no random draws; float tolerance)."""
+    from torch import nn
+
+    from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
+    from stable_cnn.engine import train_one_epoch
+    from stable_cnn.hardware import FP32, CompiledWithFallback, Runtime, compile_model
+    from stable_cnn.models import SmallCNN
+    from stable_cnn.optimizers import build_optimizer
+    from stable_cnn.schedulers import build_schedule
+    from stable_cnn.step import TrainStep
+
+    runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 16, 16, generator=generator),
+                torch.randint(0, 10, (16,), generator=generator)) for _ in range(6)]  # fmt: skip
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = SmallCNN(in_channels=1, width=4, dropout=0.0, head_dropout=0.0)
+        network = compile_model(model, runtime.device) if compiled else model
+        optimizer = build_optimizer(model, SGDConfig(lr=0.05))
+        schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, len(batches))
+        step = TrainStep(network, nn.CrossEntropyLoss(), optimizer,
+                         torch.amp.GradScaler("cpu", enabled=False),
+                         ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
+        logged = losses[compiled] = []
+        train_one_epoch(step, batches, schedule, 0, 1,
+                        lambda _, scalars, logged=logged: logged.append(scalars["train/loss"]),
+                        progress_bar=False)  # fmt: skip
+        if compiled:
+            assert isinstance(network, CompiledWithFallback) and network.compiled is not None
+    assert len(losses[True]) == len(batches)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
