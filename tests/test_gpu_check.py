@@ -21,10 +21,18 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (out / "summary.md").read_text()
-    for step in ("facts", "cuda_tests", "benchmark_b32", "benchmark_b64", "time_to_accuracy",
-                 "torchrun_one_process"):  # fmt: skip
+    steps = ["facts", "default_command", "cuda_tests", "host_syncs", "torchrun_sync_batchnorm",
+             "fp16", "benchmark_b32", "benchmark_b64", "time_to_accuracy"]  # fmt: skip
+    listed = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")
+              and line.split("|")[1].strip() in steps]  # fmt: skip
+    assert listed == steps, "every step ran, in this order: " + summary
+    for step in steps:
         assert f"| {step} | ok |" in summary, summary
     assert "(one of 1 processes, gloo)" in summary, "torchrun ran the distributed path"
+    assert "precision fp16 (amp=fp16 (slow off CUDA))" in summary
+    assert "| eager | bf16 | 0.00 | n/a (CPU) |" in summary, "host reads per step: none"
     assert "| stable-cnn loop | bf16 |" in summary and "| ceiling | fp16 |" in summary
-    assert "test accuracy" in summary and "skipped" in summary  # cuda tests skip on a CPU
-    assert len(list(out.iterdir())) <= 8, "the device tool brings back at most 8 files"
+    assert "test accuracy" in summary and "SKIPPED" in summary  # cuda tests skip on a CPU
+    files = sorted(path.name for path in out.iterdir())
+    assert files == ["logs.tar.gz", "summary.md", "time_to_accuracy.json"], files
+    assert len(files) <= 8, "the device tool brings back at most 8 files"
