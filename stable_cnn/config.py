@@ -29,6 +29,20 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, value, "use one of " + ", ".join(choices))
 
 
+# The options of the groups whose schemas share a class; tests/test_config.py checks that
+# they match conf/<group>/.
+OPTIMIZER_OPTIONS = ("adamw", "sgd", "tutorial_sgd")
+SCHEDULER_OPTIONS = ("cosine", "none", "onecycle", "plateau", "step", "tutorial_cosine")
+
+
+def _check_kind(group: str, config: Any, kind: str, options: tuple[str, ...]) -> None:
+    """``<group>.name`` says which kind of optimizer or schedule the option builds; it is
+    the option's to set, so another value is a mistake, not a switch."""
+    _check(config.name == kind, f"{group}.name", config.name,
+           f"it names the {group} this option builds ({kind}); choose another with "
+           f"{group}=<option>: {', '.join(options)}")  # fmt: skip
+
+
 def _check_bounds(key: str, values: list[float], upper: float | None, example: str) -> None:
     """A [low, high] pair with 0 < low <= high (< upper)."""
     ok = len(values) == 2 and 0 < values[0] <= values[1] and (upper is None or values[1] < upper)
@@ -129,6 +143,8 @@ class OptimizerConfig:
     decay_norm_and_bias: bool = False  # also decay BatchNorm weights and all biases
 
     def __post_init__(self) -> None:
+        kind = type(self).__dataclass_fields__["name"].default
+        _check_kind("optimizer", self, kind, OPTIMIZER_OPTIONS)
         _check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
 
@@ -173,7 +189,11 @@ class AdamWConfig(OptimizerConfig):
 
 @dataclass
 class SchedulerConfig:
-    name: str = MISSING
+    name: str = "none"  # the schedule this option builds; `none`: the learning rate stays
+
+    def __post_init__(self) -> None:
+        kind = type(self).__dataclass_fields__["name"].default
+        _check_kind("scheduler", self, kind, SCHEDULER_OPTIONS)
 
 
 @dataclass
@@ -184,6 +204,7 @@ class CosineConfig(SchedulerConfig):
     eta_min: float = 0.0  # learning rate at the end of the decay
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_choice("scheduler.interval", self.interval, ("epoch", "step"))
         _check(
             self.warmup_epochs >= 0, "scheduler.warmup_epochs", self.warmup_epochs, "must be >= 0"
@@ -207,6 +228,7 @@ class PlateauConfig(SchedulerConfig):
     min_lr: float = 1e-5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(0 < self.factor < 1, "scheduler.factor", self.factor, "must be in (0, 1)")
         _check(self.patience >= 0, "scheduler.patience", self.patience, "must be >= 0")
         _check(self.threshold >= 0, "scheduler.threshold", self.threshold, "must be >= 0")
@@ -220,6 +242,7 @@ class StepConfig(SchedulerConfig):
     gamma: float = 0.1  # multiply the LR by this every step_size epochs
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.step_size >= 1, "scheduler.step_size", self.step_size, "must be >= 1")
         _check(0 < self.gamma <= 1, "scheduler.gamma", self.gamma, "must be in (0, 1]")
 
@@ -237,6 +260,7 @@ class OneCycleConfig(SchedulerConfig):
     max_momentum: float = 0.95  # with cycle_momentum: momentum at the start and the end
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(0 < self.pct_start < 1, "scheduler.pct_start", self.pct_start, "must be in (0, 1)")
         _check(self.div_factor > 0, "scheduler.div_factor", self.div_factor, "must be > 0")
         _check(

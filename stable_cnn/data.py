@@ -63,7 +63,12 @@ class DataSplits:
     num_train: int
     num_val: int
     num_test: int
-    val_is_test: bool  # data.val_size=0: validation runs on the test split
+    val_is_test: bool  # validation runs on the test split (data.val_size=0)
+    # why, for the run log: one line that says what happened and what to do instead
+    val_is_test_reason: str = (
+        "validating on the test set (data.val_size=0): test accuracy is optimistic; hold "
+        "validation images out of the training set with data.val_size=N"
+    )
 
 
 @dataclass(frozen=True)
@@ -289,9 +294,14 @@ def check_batch_size(config: DataConfig, num_train: int, processes: int = 1) -> 
     """Every process needs at least one full batch per epoch."""
     if config.batch_size * processes > num_train:
         each = f" per process x {processes} processes" if processes > 1 else ""
+        fix = f"lower data.batch_size (to {num_train // processes} at most)"
+        if config.limit_train is not None:
+            fix += " or raise data.limit_train"
+        elif config.val_size > 0:
+            fix += f" or hold fewer images out for validation (data.val_size={config.val_size})"
         raise DataError(
             f"data.batch_size={config.batch_size}{each} is larger than the {num_train} "
-            f"training images: lower data.batch_size or raise data.limit_train"
+            f"training images: {fix}"
         )
 
 

@@ -37,8 +37,8 @@ def model_health(model: nn.Module) -> dict[str, float]:
             continue
         for statistic in ("running_mean", "running_var"):
             stacked = torch.cat([getattr(m, statistic).float() for m in norms])
-            names += [f"batchnorm/{stage_name}_{statistic}_min",
-                      f"batchnorm/{stage_name}_{statistic}_max"]  # fmt: skip
+            names += [f"weights/batchnorm_{stage_name}_{statistic}_min",
+                      f"weights/batchnorm_{stage_name}_{statistic}_max"]  # fmt: skip
             values += [stacked.min(), stacked.max()]
     return dict(zip(names, torch.stack(values).tolist(), strict=True))  # one host read
 

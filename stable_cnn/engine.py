@@ -192,15 +192,15 @@ def log_interval(
     progress.values[SLOT["window_steps"]] = 0.0
     if window_steps:
         scalars = {
-            "train/loss": window_loss / window_steps,
-            "train/lr": current_lr(optimizer),
-            "train/grad_norm": grad_norm,
-            "train/grad_norm_clipped": grad_norm_clipped,
+            "loss/train": window_loss / window_steps,
+            "stability/lr": current_lr(optimizer),
+            "stability/grad_norm": grad_norm,
+            "stability/grad_norm_clipped": grad_norm_clipped,
         }
         if scaler.is_enabled():
-            scalars["amp/scale"] = scaler.get_scale()
+            scalars["stability/amp_scale"] = scaler.get_scale()
         log_step(global_step, scalars)
-        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{scalars['loss/train']:.4f}", refresh=False)
     if longest >= max_consecutive_nonfinite:
         return too_many_nonfinite({"longest_nonfinite_run": longest}, global_step)
     return ""

@@ -6,7 +6,8 @@
 
 The model is rebuilt from the checkpoint's own model config; the data, precision and
 memory layout default to the checkpoint's run, so the test accuracy is the run's own.
-Writes eval.json and confusion.png into outputs/eval/<date>/<time>/.
+Writes eval.json and confusion.png into ``out=``, by default eval/<checkpoint>-<data>/ in
+the checkpoint's run folder (``outputs/<date>/<time>/eval/best-fashion_mnist/``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import Runtime, choose_memory_format, choose_precision, resolve_device
+from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.models import SmallCNN
 from stable_cnn.train import config_dir
-from stable_cnn.trained_model import checkpoint_path, rebuild_model
+from stable_cnn.trained_model import checkpoint_path, rebuild_model, run_folder_of
 
 log = logging.getLogger("stable_cnn")
 
@@ -107,11 +109,14 @@ def evaluate_checkpoint(
     path: Path,
     data: DataConfig | None,
     device_name: str,
-    out_dir: Path,
+    out_dir: Path | None,
     data_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Test the checkpoint at ``path``; returns (and writes) eval.json's content."""
+    """Test the checkpoint at ``path``; returns (and writes into ``out_dir``, by default
+    eval/<checkpoint>-<data>/ in its run folder) eval.json's content."""
     loaded = load_for_evaluation(path, data, device_name, data_overrides)
+    if out_dir is None:
+        out_dir = run_folder_of(path) / "eval" / f"{path.stem}-{loaded.data.name}"
     model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
     stats = evaluate(model, splits.test, runtime, tta)
     classes = splits.info.class_names
@@ -128,13 +133,17 @@ def evaluate_checkpoint(
         "per_class_acc": dict(zip(classes, per_class, strict=True)),
         "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot write to {out_dir} ({err.strerror}): set out= to a "
+                          f"folder you can write") from None  # fmt: skip
     with atomic_write(out_dir / "eval.json") as out:
         out.write((json.dumps(result, indent=2) + "\n").encode())
     figure = confusion_figure(stats.confusion, classes, f"{splits.info.name} test, {path.name}")
     if figure is not None:
         figure.savefig(out_dir / "confusion.png", dpi=110)
-    return result
+    return {**result, "written": str(out_dir / "eval.json")}
 
 
 def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") -> float:
@@ -174,18 +183,18 @@ def main(cfg: DictConfig) -> float:
         overrides = {} if chosen else {
             key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)
         }  # fmt: skip
-        out_dir = Path(hydra_config.runtime.output_dir)
+        out_dir = Path(cfg.out).expanduser() if cfg.out else None
         result = evaluate_checkpoint(path, data, cfg.device, out_dir, overrides)
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_code)
     log.info("%s", describe(result))
-    log.info("wrote %s", out_dir / "eval.json")
+    log.info("wrote %s", result["written"])
     return result["test_acc"]
 
 
 def cli() -> None:
-    main()
+    run_reporting_hydra_errors(main, "stable-cnn-eval")
 
 
 if __name__ == "__main__":

@@ -23,24 +23,26 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.train import config_dir
 from stable_cnn.trained_model import (
+    EXPORTED,
+    PT2_CARD_FILE,
     ModelCard,
     PixelClassifier,
     TrainedModel,
     checkpoint_path,
     load_trained_model,
+    run_folder_of,
 )
 
 log = logging.getLogger("stable_cnn")
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
-METADATA_FILE = "stable_cnn.json"  # pt2: the card, in the archive's extra files
 CHECK_BATCHES = (8, 1)  # the check runs two batch sizes: the batch dimension is dynamic
 # Exported and eager fp32 logits may differ by rounding (other kernels, fused ops); a
 # difference above this share of the largest logit is a wrong export, not rounding.
@@ -109,33 +111,9 @@ def write_pt2(classifier: PixelClassifier, card: ModelCard, out: Path) -> None:
         classifier, (_example(card, CHECK_BATCHES[0]),), dynamic_shapes=_dynamic_batch()
     )
     buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(card.as_dict())})
+    torch.export.save(program, buffer, extra_files={PT2_CARD_FILE: json.dumps(card.as_dict())})
     with atomic_write(out) as file:
         file.write(buffer.getvalue())
-
-
-def run_onnx(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The exported file's logits: ONNX Runtime where installed, else ONNX's checker and
-    its reference evaluator (slow, but needs nothing beyond onnx)."""
-    try:
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        (logits,) = session.run(["logits"], {"images": images.numpy()})
-        return torch.from_numpy(logits), f"onnxruntime {onnxruntime.__version__}"
-    except ImportError:
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
-        onnx.checker.check_model(str(out))
-        (logits,) = ReferenceEvaluator(str(out)).run(["logits"], {"images": images.numpy()})
-        return torch.from_numpy(logits), f"onnx {onnx.__version__} checker + reference evaluator"
-
-
-def run_pt2(out: Path, images: torch.Tensor) -> tuple[torch.Tensor, str]:
-    program = torch.export.load(str(out))
-    with torch.no_grad():
-        return program.module()(images), f"torch.export.load (torch {torch.__version__})"
 
 
 WRITERS = {"onnx": write_onnx, "pt2": write_pt2}
@@ -146,18 +124,16 @@ def card_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-RUNNERS = {"onnx": run_onnx, "pt2": run_pt2}
-
-
 def check_export(trained: TrainedModel, fmt: str, out: Path) -> tuple[str, float]:
     """Load ``out`` back and compare its logits with the checkpoint's on two batch sizes;
     returns what ran it and the largest difference, or raises ExportError."""
-    largest, scale, runner = 0.0, 1.0, ""
+    exported = EXPORTED[out.suffix](out)
+    largest, scale = 0.0, 1.0
     for count in CHECK_BATCHES:
         images = _example(trained.card, count)
         with torch.no_grad():
             expected = trained.classifier(images)
-        got, runner = RUNNERS[fmt](out, images)
+        got = exported.run(images)
         if got.shape != expected.shape:
             raise ExportError(
                 f"{out} returned logits of shape {tuple(got.shape)} for a batch of {count}, "
@@ -170,7 +146,7 @@ def check_export(trained: TrainedModel, fmt: str, out: Path) -> tuple[str, float
             f"{out} disagrees with the checkpoint: logits differ by up to {largest:.3g} "
             f"(tolerance {TOLERANCE * scale:.3g}); do not use it, and report the torch version"
         )
-    return runner, largest
+    return exported.runner, largest
 
 
 def export_model(trained: TrainedModel, fmt: str, out: Path) -> ExportResult:
@@ -201,8 +177,12 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"format={cfg.format!r} is not known: use format=onnx or "
                               f"format=pt2")  # fmt: skip
         path = checkpoint_path(cfg.checkpoint)
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        out = Path(cfg.out).expanduser() if cfg.out else out_dir / f"model{FORMATS[cfg.format]}"
+        suffix = FORMATS[cfg.format]
+        default = run_folder_of(path) / "export" / f"{path.stem}{suffix}"
+        out = Path(cfg.out).expanduser() if cfg.out else default
+        if out.suffix != suffix:  # stable-cnn-predict tells the formats apart by it
+            raise ConfigError(f"out={cfg.out} does not end in {suffix}, as format={cfg.format} "
+                              f"files do: name it *{suffix}")  # fmt: skip
         trained = load_trained_model(path)
         result = export_model(trained, cfg.format, out)
     except UserError as err:
@@ -220,7 +200,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    main()
+    run_reporting_hydra_errors(main, "stable-cnn-export")
 
 
 if __name__ == "__main__":

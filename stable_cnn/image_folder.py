@@ -124,6 +124,11 @@ def image_folder_splits(
         len(val_set),
         len(test_set),
         val_is_test=val_set is test_set,
+        val_is_test_reason=(
+            f"{root} has no test/ folder: val/ is both the validation and the test set, so "
+            f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
+            f"of train/ with data.val_size=N"
+        ),
     )
 
 

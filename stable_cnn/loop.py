@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,27 +116,33 @@ def train(
     outputs: Path = Path("outputs"),
     hparams: Hparams | None = None,
     world: World = ALONE,
+    on_run_folder: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; returns results.json's content.
     ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics.
-    ``world`` is this process's place among the processes training together."""
+    ``world`` is this process's place among the processes training together.
+    ``on_run_folder`` is told, on every process, when the run goes on in a folder other
+    than ``run_dir`` (the run it resumes)."""
     started = time.perf_counter()
     seed_everything(run.trainer.seed, run.trainer.deterministic)  # before CUDA starts (cuBLAS)
     runtime = choose_runtime(run, world)
     lock = RunLock() if world.is_main else None  # one live writer per run folder
+    requested_dir = run_dir
     run_dir, resume_from, resume_state = agree_on_run(
         run.trainer.resume, run_dir, outputs, composed_config, runtime, world, lock
     )
+    if run_dir != requested_dir and on_run_folder is not None:
+        on_run_folder(run_dir)
     try:
         if run.trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
             return outcome
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
-        log.info("run folder: %s", run_dir)
         resume = None if resume_state is None else (resume_from, resume_state)
         training = build_training(run, world, runtime, run_dir, composed_config, resume)
-        fit(training, hparams or {})
-        return test_best(training, hparams or {}, started)
+        log.info("run folder: %s", run_dir)
+        fit(training, hparams or Hparams())
+        return test_best(training, hparams or Hparams(), started)
     finally:
         if lock is not None:
             lock.release()
@@ -169,9 +176,9 @@ def fit(training: Training, hparams: Hparams) -> None:
                     break
     except TrainingDiverged as err:
         tracker.record_failure("diverged", reason=str(err).split(":", 1)[0], message=str(err))
-        final = {"final/epochs": float(counters.epoch)}
+        final = {"run/epochs": float(counters.epoch)}
         if counters.best_epoch > 0:
-            final["final/best_val_acc"] = counters.best_val_acc
+            final["accuracy/best_val"] = counters.best_val_acc
         tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
         tracker.close()
         training.world.barrier()  # every process stops here: none exits before the record
@@ -294,10 +301,9 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
     }
     tracker.log_results(results, counters.global_step)
     final = {
-        "final/best_val_acc": results["best_val_acc"],
-        "final/test_acc": results["test_acc"],
-        "final/wall_s": results["wall_s"],
-        "final/epochs": float(results["epochs"]),
+        "accuracy/best_val": results["best_val_acc"],
+        "run/wall_s": results["wall_s"],
+        "run/epochs": float(results["epochs"]),
     }
     tracker.log_hparams(hparams, final, succeeded=True, global_step=counters.global_step)
     tracker.close()

@@ -2,6 +2,7 @@
 
     stable-cnn-predict checkpoint=outputs/<date>/<time> input=photos/ out=predictions.csv
     stable-cnn-predict checkpoint=... input='shots/*.png' top_k=5
+    stable-cnn-predict checkpoint=model.onnx input=photos/     # what stable-cnn-export wrote
 
 Reads every image it can (PNG, JPEG, BMP, GIF, TIFF, WebP: whatever Pillow reads),
 converts it to the model's channels and size the way ``data=image_folder`` does in
@@ -18,20 +19,20 @@ import glob
 import io
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.errors import ConfigError, DataError, UserError
 from stable_cnn.hardware import resolve_device
+from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.train import config_dir
-from stable_cnn.trained_model import ModelCard, checkpoint_path, load_trained_model
+from stable_cnn.trained_model import EXPORTED, ModelCard, checkpoint_path, load_trained_model
 
 log = logging.getLogger("stable_cnn")
 
@@ -105,16 +106,43 @@ class ImageReader:
             yield ImageBatch(torch.stack(pixels), kept)
 
 
+@dataclass
+class Predictor:
+    """Pixels in [0, 1] (N, C, H, W) on the CPU -> logits; and what the model expects."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    card: ModelCard
+
+
+def open_predictor(path: Path, device_name: str) -> Predictor:
+    """A checkpoint (run on ``device_name``), or a file stable-cnn-export wrote (.onnx
+    through ONNX Runtime, .pt2 through torch.export; on the CPU)."""
+    opener = EXPORTED.get(path.suffix)
+    if opener is not None:
+        if not path.is_file():
+            raise ConfigError(f"checkpoint={path} does not exist: check the path")
+        exported = opener(path)
+        log.info("running %s with %s", path, exported.runner)
+        return Predictor(exported.run, exported.card)
+    trained = load_trained_model(path)
+    device = resolve_device(device_name)
+    classifier = trained.classifier.to(device)
+
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return classifier(pixels.to(device))
+
+    return Predictor(logits, trained.card)
+
+
 def predict_files(checkpoint: Path, paths: list[Path], top_k: int, device_name: str,
                   out: Path) -> tuple[int, ImageReader]:  # fmt: skip
     """Write ``out`` (CSV) with one row per readable image; returns the rows written and
     the reader (what it skipped and resized)."""
-    trained = load_trained_model(checkpoint)
-    names = trained.card.class_names
+    predictor = open_predictor(checkpoint, device_name)
+    names = predictor.card.class_names
     top_k = min(top_k, len(names))
-    device = resolve_device(device_name)
-    classifier = trained.classifier.to(device)
-    reader = ImageReader(trained.card)
+    reader = ImageReader(predictor.card)
     table = io.StringIO()
     writer = csv.writer(table)
     header = ["path", "label", "confidence"]
@@ -123,8 +151,7 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, device_name: 
     writer.writerow(header)
     rows = 0
     for batch in reader.batches(paths):
-        with torch.inference_mode():
-            probabilities = classifier(batch.pixels.to(device)).float().softmax(dim=1)
+        probabilities = predictor.logits(batch.pixels).float().softmax(dim=1)
         top = probabilities.topk(top_k, dim=1)  # one host read per batch, below
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         for path, probs, classes in zip(batch.paths, values, indices, strict=True):
@@ -148,8 +175,9 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("input=... is required: an image file, a folder or a glob")
         if int(cfg.top_k) < 1:
             raise ConfigError(f"top_k={cfg.top_k} is not allowed: use top_k=1 or more")
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        out = Path(cfg.out).expanduser() if cfg.out else out_dir / "predictions.csv"
+        if not cfg.out:
+            raise ConfigError("out=... is required: the CSV file to write (predictions.csv)")
+        out = Path(cfg.out).expanduser()
         paths = find_images(str(cfg.input))
         rows, reader = predict_files(path, paths, int(cfg.top_k), cfg.device, out)
         if rows == 0:
@@ -167,7 +195,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    main()
+    run_reporting_hydra_errors(main, "stable-cnn-predict")
 
 
 if __name__ == "__main__":

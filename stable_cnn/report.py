@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stable_cnn.errors import UserError
+from stable_cnn.resume import holds_a_record
 from stable_cnn.tracking import read_failure, read_metrics
 
 # Overrides that do not change what a run computes, or only choose how the sweep runs:
@@ -81,12 +82,22 @@ class ConfigRow:
 
 
 def find_runs(root: Path) -> list[RunRecord]:
-    """Every run folder below ``root`` (``root`` itself included), in folder order."""
+    """Every training run below ``root`` (``root`` itself included), in folder order: a
+    folder with Hydra's record of a stable-cnn-train config and a run's own files
+    (checkpoints, metrics, results or a failure record), not what other commands or
+    older versions left (an eval's or export's folder, a run refused before it began)."""
     if not root.is_dir():
         raise UserError(f"{root} is not a folder: pass a sweep or run folder (e.g. outputs/)")
     folders = sorted({path.parent.parent for path in root.glob("**/.hydra/overrides.yaml")},
                      key=_natural_key)  # fmt: skip
-    return [read_run(folder) for folder in folders]
+    return [read_run(folder) for folder in folders if is_training_run(folder)]
+
+
+def is_training_run(folder: Path) -> bool:
+    if not holds_a_record(folder):
+        return False
+    config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    return "trainer" in config
 
 
 def read_run(folder: Path) -> RunRecord:
@@ -101,7 +112,7 @@ def read_run(folder: Path) -> RunRecord:
     elif failure is not None:
         record.status, record.reason = failure["status"], failure["reason"]
     elif (reason := _logged_error(folder / "train.log")) is not None:
-        record.status, record.reason = "failed", reason
+        record.status, record.reason = "failed", reason  # e.g. a checkpoint it could not write
     else:
         record.status = "unfinished"  # still running, or killed without a chance to say
     if record.status != "finished" and record.val_curve:
@@ -128,7 +139,7 @@ def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], lis
     for run, items in zip(runs, settings, strict=True):
         own = [o for o in items if o not in common]
         key = tuple(sorted(own))  # the same settings in another order are the same config
-        name = " ".join(_short(o) for o in own) or "(common settings)"
+        name = " ".join(short_override(o) for o in own) or "(common settings)"
         rows.setdefault(key, ConfigRow(name, [])).runs.append(run)
 
     def rank(row: ConfigRow) -> tuple[bool, float]:
@@ -276,7 +287,7 @@ def _logged_error(log_path: Path) -> str | None:
     return errors[-1] if errors else None
 
 
-def _short(override: str) -> str:
+def short_override(override: str) -> str:
     """key=value with long floats (Optuna's) cut to 4 significant digits."""
     key, _, value = override.partition("=")
     try:

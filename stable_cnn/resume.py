@@ -16,7 +16,7 @@ from stable_cnn.engine import TrainingDiverged
 from stable_cnn.errors import UserError
 from stable_cnn.hardware import Runtime
 from stable_cnn.run_lock import describe_holder, lock_holder
-from stable_cnn.tracking import read_failure
+from stable_cnn.tracking import FAILURE_FILE, read_failure
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,19 @@ def has_diverged(run_dir: Path) -> bool:
     return failure is not None and failure["status"] == "diverged"
 
 
+# What a run that trained leaves in its folder (besides Hydra's .hydra/ and train.log).
+TRAINED = ("checkpoints", "metrics.jsonl", "results.json")
+
+
 def holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
+    """A run trained in this folder: it can be continued, not started again."""
+    return any((run_dir / name).exists() for name in TRAINED)
+
+
+def holds_a_record(run_dir: Path) -> bool:
+    """The folder records a training run: one that trained, or a sweep's job that was
+    refused and says why in failure.json (a refused command alone leaves no folder)."""
+    return holds_a_run(run_dir) or (run_dir / FAILURE_FILE).is_file()
 
 
 # Keys added since checkpoints began recording the config, with the value that an older
@@ -109,7 +120,9 @@ def find_checkpoint(
         return own
     wanted = comparable(config)
     candidates = sorted(
-        outputs.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True
+        outputs.absolute().glob("**/checkpoints/last.pt"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
     )
     for candidate in candidates:
         folder = candidate.parent.parent
@@ -133,6 +146,8 @@ def find_checkpoint(
         same_runtime = runtime is None or state.get("runtime") == runtime
         if same_runtime and state.get("world_size", 1) == processes:
             return candidate
+    log.info("trainer.resume=auto: no unfinished run of this config under %s to continue: "
+             "starting a new run", outputs)  # fmt: skip
     return None
 
 

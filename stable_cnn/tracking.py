@@ -3,19 +3,37 @@ and failure.json for a run that diverged or stopped.
 
 Every scalar is plotted against the optimizer step (``global_step``), so train and
 validation curves share one x axis; metrics.jsonl carries the epoch numbers.
+
+TensorBoard's Time Series page shows one section per tag prefix, in alphabetical order,
+so the prefixes are chosen to open on what matters: ``accuracy/`` and ``loss/`` first
+(train, val, test, the weight average's), then ``predictions/`` (the confusion matrix),
+``run/`` (speed, wall time), ``samples/`` (augmented images), and the diagnostics:
+``stability/`` (learning rate, gradient norms and clipping, skipped steps, loss spikes)
+and ``weights/`` (norms, BatchNorm statistics, histograms). A count that is zero by
+construction in most runs (skipped steps, spikes) gets a chart from its first non-zero
+value on, not a flat line at zero in every run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.api_pb2 import (
+    DataType,
+    Experiment,
+    HParamInfo,
+    MetricInfo,
+    MetricName,
+    Status,
+)
 from tensorboard.plugins.hparams.metadata import (
+    EXPERIMENT_TAG,
     PLUGIN_DATA_VERSION,
     PLUGIN_NAME,
     SESSION_END_INFO_TAG,
@@ -27,10 +45,27 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from stable_cnn.atomic import atomic_write
 from stable_cnn.engine import EpochStats, EvalStats
 
-Hparams = dict[str, str | float | int | bool]
+
+@dataclass(frozen=True)
+class Hparams:
+    """A run's hyperparameters for the HPARAMS tab (name -> value), and the names whose
+    values set this run apart from the runs it is compared with (a sweep's swept keys,
+    else the run's own command-line overrides): TensorBoard lists those first, and its
+    table shows the first few, so the column a user wants is there without ticking it."""
+
+    values: dict[str, str | float | int | bool] = field(default_factory=dict)
+    varied: frozenset[str] = frozenset()
+
 
 # The HPARAMS tab's metric columns: scalars logged once, when the run ends.
-FINAL_METRICS = ("final/best_val_acc", "final/test_acc", "final/wall_s", "final/epochs")
+FINAL_METRICS = ("accuracy/best_val", "accuracy/test", "run/wall_s", "run/epochs")
+# Charts written only from their first non-zero value on (metrics.jsonl keeps every value).
+SPARSE = {
+    "stability/skipped_nonfinite": "nonfinite_steps",
+    "stability/skipped_amp": "amp_skipped_steps",
+    "stability/loss_spikes": "loss_spikes",
+    "stability/clipped_fraction": "clip_fraction",
+}
 FAILURE_FILE = "failure.json"
 
 
@@ -45,6 +80,9 @@ class RunTracker:
         self.metrics_path = run_dir / "metrics.jsonl"
         if resume_step > 0:
             self._truncate_metrics(epochs_done)
+        # the sparse charts this run has started (a resumed run goes on with its own)
+        self.started = {tag for tag, key in SPARSE.items()
+                        if any(record.get(key) for record in read_metrics(run_dir))}  # fmt: skip
         # purge_step hides the interrupted run's events from this step on in TensorBoard.
         purge_step = resume_step + 1 if resume_step > 0 else None
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
@@ -97,22 +135,22 @@ class RunTracker:
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
         scalars = {
-            "val/loss": val.loss,
-            "val/acc": val.accuracy,
-            "train/epoch_loss": train.loss,
-            "train/epoch_acc": train.accuracy,
-            "train/img_per_s": train.images_per_second,
-            "train/nonfinite_steps": train.nonfinite_steps,
-            "amp/skipped_steps": train.amp_skipped_steps,
-            "train/epoch_lr": lr,
-            "clipping/fraction_clipped": train.clip_fraction,
-            "clipping/grad_norm_before": train.grad_norm,
-            "clipping/grad_norm_after": train.grad_norm_clipped,
-            "train/loss_spikes": train.loss_spikes,
+            "accuracy/train": train.accuracy,
+            "accuracy/val": val.accuracy,
+            "loss/train_epoch": train.loss,
+            "loss/val": val.loss,
+            "run/img_per_s": train.images_per_second,
+            "stability/lr_epoch": lr,
+            "stability/grad_norm_epoch": train.grad_norm,
+            "stability/grad_norm_clipped_epoch": train.grad_norm_clipped,
             **(health or {}),
         }
         if ema is not None:
-            scalars.update({"val/loss_ema": ema.loss, "val/acc_ema": ema.accuracy})
+            scalars.update({"accuracy/val_ema": ema.accuracy, "loss/val_ema": ema.loss})
+        for tag, key in SPARSE.items():
+            if record[key] or tag in self.started:
+                self.started.add(tag)
+                scalars[tag] = record[key]
         self.log_step(train.global_step, scalars)
         self.writer.flush()
 
@@ -129,20 +167,21 @@ class RunTracker:
         for stage, values in weights.items():
             self.writer.add_histogram(f"weights/{stage}", values, global_step)
         for stage, values in gradients.items():
-            self.writer.add_histogram(f"gradients/{stage}", values, global_step)
+            self.writer.add_histogram(f"weights/{stage}_gradient", values, global_step)
         if images is not None:
             from torchvision.utils import make_grid  # torchvision costs a second to import
 
             grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
-            self.writer.add_image("data/augmented_train_images", grid, global_step)
+            self.writer.add_image("samples/augmented_train_images", grid, global_step)
         if confusion is not None:
-            self.writer.add_figure("val/confusion_matrix", confusion, global_step, close=True)
+            self.writer.add_figure("predictions/confusion_matrix_val", confusion, global_step,
+                                   close=True)  # fmt: skip
         self.writer.flush()
 
     def log_results(self, results: dict[str, Any], global_step: int) -> None:
         """results.json, written atomically, and the test scalars."""
         self.log_step(
-            global_step, {"test/acc": results["test_acc"], "test/loss": results["test_loss"]}
+            global_step, {"accuracy/test": results["test_acc"], "loss/test": results["test_loss"]}
         )
         with atomic_write(self.run_dir / "results.json") as out:
             out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
@@ -160,11 +199,10 @@ class RunTracker:
         """
         for tag, value in final.items():
             self.writer.add_scalar(tag, value, global_step)
-        experiment, session_start, session_end = hparams_summaries(
-            hparams, dict.fromkeys(FINAL_METRICS, 0.0)
-        )
-        if not succeeded:
-            session_end = _session_end(Status.Value("STATUS_FAILURE"))
+        _, session_start, _ = hparams_summaries(hparams.values, dict.fromkeys(FINAL_METRICS, 0.0))
+        experiment = _experiment(hparams)
+        status = "STATUS_SUCCESS" if succeeded else "STATUS_FAILURE"
+        session_end = _session_end(Status.Value(status))
         for summary in (experiment, session_start, session_end):
             self.writer.file_writer.add_summary(summary, global_step)
         self.writer.flush()
@@ -243,17 +281,40 @@ def read_failure(run_dir: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _session_end(status: int) -> Summary:
-    """A session-end summary with ``status`` (torch's helper always writes success)."""
-    content = HParamsPluginData(
-        session_end_info=SessionEndInfo(status=status), version=PLUGIN_DATA_VERSION
-    )
+def _experiment(hparams: Hparams) -> Summary:
+    """The HPARAMS tab's columns: every hparam (the varied ones marked ``differs``, which
+    TensorBoard sorts first) and the FINAL_METRICS."""
+    infos = [HParamInfo(name=name, type=_data_type(value), differs=name in hparams.varied)
+             for name, value in hparams.values.items()]  # fmt: skip
+    metrics = [MetricInfo(name=MetricName(tag=tag)) for tag in FINAL_METRICS]
+    content = HParamsPluginData(experiment=Experiment(hparam_infos=infos, metric_infos=metrics),
+                                version=PLUGIN_DATA_VERSION)  # fmt: skip
+    return _plugin_summary(EXPERIMENT_TAG, content)
+
+
+def _data_type(value: object) -> int:
+    if isinstance(value, bool):
+        return DataType.Value("DATA_TYPE_BOOL")
+    if isinstance(value, int | float):
+        return DataType.Value("DATA_TYPE_FLOAT64")
+    return DataType.Value("DATA_TYPE_STRING")
+
+
+def _plugin_summary(tag: str, content: HParamsPluginData) -> Summary:
     metadata = SummaryMetadata(
         plugin_data=SummaryMetadata.PluginData(
             plugin_name=PLUGIN_NAME, content=content.SerializeToString()
         )
     )
-    return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
+
+
+def _session_end(status: int) -> Summary:
+    """A session-end summary with ``status`` (torch's helper always writes success)."""
+    content = HParamsPluginData(
+        session_end_info=SessionEndInfo(status=status), version=PLUGIN_DATA_VERSION
+    )
+    return _plugin_summary(SESSION_END_INFO_TAG, content)
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

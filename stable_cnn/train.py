@@ -8,9 +8,12 @@ status.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +29,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.distributed import (
     ALONE,
+    World,
     check_devices,
     join,
     launch_local_workers,
@@ -34,11 +38,12 @@ from stable_cnn.distributed import (
 from stable_cnn.engine import TrainingDiverged
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hardware import usable_cores
+from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.loop import RunPreempted, train
 from stable_cnn.preemption import EXIT_PREEMPTED
-from stable_cnn.report import write_report
-from stable_cnn.resume import find_checkpoint
-from stable_cnn.tracking import Hparams, read_failure
+from stable_cnn.report import short_override, write_report
+from stable_cnn.resume import find_checkpoint, holds_a_record
+from stable_cnn.tracking import Hparams, read_failure, record_failure
 
 log = logging.getLogger("stable_cnn")
 
@@ -81,19 +86,40 @@ HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "ex
 DIVERGED_VALUE = 0.0
 
 
+# Overrides that change nothing a run computes: never a reason to compare runs by them.
+NOT_HPARAMS = ("trainer.resume", "trainer.progress_bar", "trainer.num_threads", "hparams_search")
+SWEPT_KEYS = "STABLE_CNN_SWEPT_KEYS"  # set by SweepCallback for the sweep's jobs
+
+
 def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> Hparams:
-    """This run's hyperparameters for TensorBoard: group choices and plain values."""
-    hparams: Hparams = {group: str(choices.get(group)) for group in HPARAM_GROUPS}
-    overridden = [item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item]
+    """This run's hyperparameters for TensorBoard: group choices and plain values, and
+    which of them set it apart: a sweep's swept keys, else its own overrides."""
+    values: dict[str, str | float | int | bool] = {
+        group: str(choices.get(group)) for group in HPARAM_GROUPS
+    }
+    overridden = [key for key in (item.split("=", 1)[0].lstrip("+~") for item in overrides
+                                  if "=" in item) if key not in NOT_HPARAMS]  # fmt: skip
     for key in (*KEY_HPARAMS, *overridden):
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, bool) or value is None:
             # TensorBoard shows a bool as 0/1; and every run needs every key, or the
             # HPARAMS tab (which takes its columns from one run) drops the column.
-            hparams[key] = str(value).lower() if value is not None else "null"
+            values[key] = str(value).lower() if value is not None else "null"
         elif isinstance(value, int | float | str):
-            hparams[key] = value
-    return hparams
+            values[key] = value
+    swept = [key for key in os.environ.get(SWEPT_KEYS, "").split(",") if key]
+    return Hparams(values, frozenset(swept or overridden) & frozenset(values))
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun sweeps: command-line sweeps (``a=1,2``, ``choice(...)``,
+    ``interval(...)``) and the sweeper's own search space (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    return sorted({*keys, *params.keys()} - set(NOT_HPARAMS))
 
 
 def threads_per_parallel_job(launcher: DictConfig) -> int | None:
@@ -120,8 +146,18 @@ class SweepCallback(Callback):
         for folder in (config.hydra.sweep.dir, self.report_root):
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)
+        # The jobs' HPARAMS records mark these as the keys that set runs apart (an
+        # environment variable reaches jobs in this process, joblib's and SLURM's alike).
+        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEPT_KEYS, None)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            # every job was refused, or went on in the run it resumed: nothing to report
+            log.info("no run of this sweep is in %s: removed it", sweep_dir)
+            discard_if_unused(sweep_dir)
+            return
         root = Path(self.report_root or config.hydra.sweep.dir).resolve()
         try:
             written = write_report(root, root)
@@ -148,12 +184,98 @@ class SharedRunFolder(Callback):
                     config.hydra.output_subdir = None
 
 
+JOB_FOLDER_LENGTH = 160  # characters of a sweep job's folder name, at most (filesystems: 255)
+
+
+def job_folder(number: int, overrides: str) -> str:
+    """A sweep job's folder: its number and the overrides that set it apart (of
+    ``hydra.job.override_dirname``, the swept ones), made filesystem-safe (a path's
+    ``/`` would nest folders) and cut to a readable length, with a hash of the rest so
+    that names stay unique: ``3_optimizer.lr=0.1``."""
+    swept = {key for key in os.environ.get(SWEPT_KEYS, "").split(",") if key}
+    items = re.split(r",(?=[\w.+~@/-]+=)", overrides) if overrides else []
+    if swept:
+        items = [item for item in items if item.split("=", 1)[0].lstrip("+~") in swept]
+    overrides = ",".join(short_override(item) for item in items)
+    if not overrides:
+        return str(number)
+    safe = re.sub(r"[^A-Za-z0-9._=,+@-]", "_", overrides)
+    name = f"{number}_{safe}"
+    if len(name) > JOB_FOLDER_LENGTH:
+        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+        name = f"{name[: JOB_FOLDER_LENGTH - 9]}~{digest}"
+    return name
+
+
 register_schemas()
+OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Compose, train, and return the best validation accuracy (what sweepers maximise)."""
+    """Compose, train, and return the best validation accuracy (what sweepers maximise).
+    A command that ends without a run of its own in the folder Hydra made for it (it was
+    refused, continued a run elsewhere, or found it finished) removes that folder."""
+    hydra_folder = Path(HydraConfig.get().runtime.output_dir)
+    expected = True  # False for a crash: its folder keeps train.log and the traceback
+    try:
+        return run_training_command(cfg, hydra_folder)
+    except SystemExit:
+        raise
+    except UserError as err:  # a sweep's job (a single command exits above): its report says why
+        if world_from_environment().is_main and not holds_a_record(hydra_folder):
+            record_failure(hydra_folder, "failed", reason=str(err), message=str(err))
+        raise
+    except BaseException:
+        expected = False
+        raise
+    finally:
+        if expected and world_from_environment().is_main:
+            discard_if_unused(hydra_folder)
+
+
+def discard_if_unused(folder: Path) -> None:
+    """Remove ``folder`` (Hydra's .hydra/ and train.log) when it holds no run, and the
+    empty folders above it up to the current one (outputs/<date>/ of a refused run)."""
+    if holds_a_record(folder) or not folder.is_dir():
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(
+            folder.resolve()
+        ):
+            handler.close()  # its file is about to go
+    shutil.rmtree(folder, ignore_errors=True)
+    here = Path.cwd().resolve()
+    parent = folder.resolve().parent
+    while parent != here and parent.is_relative_to(here) and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def continue_log_in(run_dir: Path, hydra_folder: Path, world: World = ALONE) -> None:
+    """The command goes on in another run's folder (a resume): its log moves there,
+    after what it logged so far, and goes on in that run's train.log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        old = Path(handler.baseFilename)
+        if not old.is_relative_to(hydra_folder.resolve()):
+            continue
+        handler.flush()
+        new = run_dir / old.name
+        if world.is_main and old.is_file():
+            with new.open("a") as log_file:
+                log_file.write(old.read_text())
+        replacement = logging.FileHandler(new, mode="a")
+        replacement.setFormatter(handler.formatter)
+        replacement.setLevel(handler.level)
+        root.addHandler(replacement)
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     world = ALONE
@@ -175,7 +297,12 @@ def main(cfg: DictConfig) -> float:
         join(world)
         run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
         hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
-        results = train(run, run_dir, composed, hparams=hparams, world=world)
+
+        def elsewhere(folder: Path) -> None:
+            continue_log_in(folder, hydra_folder, world)
+
+        results = train(run, run_dir, composed, hparams=hparams, world=world,
+                        on_run_folder=elsewhere)  # fmt: skip
     except TrainingDiverged as err:
         if world.is_main:
             log.error("error: %s", err)
@@ -237,6 +364,7 @@ def run_local_workers(
         run.trainer.resume, run_dir, Path("outputs"), composed_config, processes=devices
     )
     if resumed is not None and resumed.parent.name == "checkpoints":
+        continue_log_in(resumed.parent.parent, run_dir)
         run_dir = resumed.parent.parent  # the workers continue it there
     log.info("starting %d training processes on this machine (trainer.devices=%d)", devices,
              devices)  # fmt: skip
@@ -275,7 +403,7 @@ def cli() -> None:
     if problem:
         print(f"stable-cnn-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    main()
+    run_reporting_hydra_errors(main, "stable-cnn-train")
 
 
 if __name__ == "__main__":

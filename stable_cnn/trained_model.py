@@ -8,7 +8,9 @@ normalisation the model expects.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,13 @@ def checkpoint_path(given: str | None) -> Path:
         raise ConfigError("checkpoint=... is required: the path of a .pt file or run folder")
     path = Path(given).expanduser()
     return path / "checkpoints" / "best.pt" if path.is_dir() else path
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/best.pt`` -> ``<run>``),
+    or the folder holding it: where the commands that read a run write by default."""
+    folder = checkpoint.parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def rebuild_model(state: dict[str, Any], path: Path) -> tuple[SmallCNN, bool]:
@@ -60,6 +69,15 @@ class ModelCard:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "input": "float32 images in [0, 1], shape (N, C, H, W)"}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelCard:
+        """The card as ``as_dict`` wrote it (into an exported file's metadata)."""
+        return cls(
+            class_names=tuple(values["class_names"]), in_channels=int(values["in_channels"]),
+            image_size=int(values["image_size"]), mean=tuple(values["mean"]),
+            std=tuple(values["std"]), data=str(values["data"]), weights=str(values["weights"]),
+        )  # fmt: skip
 
 
 class PixelClassifier(nn.Module):
@@ -106,3 +124,84 @@ def load_trained_model(path: Path) -> TrainedModel:
     )
     classifier = PixelClassifier(model, card.mean, card.std).eval()
     return TrainedModel(classifier, card, path)
+
+
+# Where stable-cnn-export puts the card in a .pt2 archive (an ONNX file keeps it in its
+# metadata under the key "stable_cnn").
+PT2_CARD_FILE = "stable_cnn.json"
+
+
+@dataclass
+class ExportedModel:
+    """A file stable-cnn-export wrote, ready to run: float images in [0, 1], shape
+    (N, C, H, W), on the CPU, in; logits out."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    card: ModelCard
+    runner: str  # what runs it, for logs
+
+
+def open_onnx(path: Path) -> ExportedModel:
+    """An exported .onnx file through ONNX Runtime, or, where that is not installed,
+    ONNX's checker and reference evaluator (slow, but needs nothing beyond onnx)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        onnxruntime = None
+    if onnxruntime is not None:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        metadata = session.get_modelmeta().custom_metadata_map
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            (logits,) = session.run(["logits"], {"images": images.numpy()})
+            return torch.from_numpy(logits)
+
+        runner = f"onnxruntime {onnxruntime.__version__}"
+    else:
+        try:
+            import onnx
+            from onnx.reference import ReferenceEvaluator
+        except ImportError:
+            raise ConfigError(
+                f"{path} is an ONNX file: reading it needs onnxruntime (pip install "
+                f"'stable-cnn[export]'), or use the checkpoint it was exported from"
+            ) from None
+        onnx.checker.check_model(str(path))
+        evaluator = ReferenceEvaluator(str(path))
+        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            (logits,) = evaluator.run(["logits"], {"images": images.numpy()})
+            return torch.from_numpy(logits)
+
+        runner = f"onnx {onnx.__version__} checker + reference evaluator"
+    if "stable_cnn" not in metadata:
+        raise CheckpointError(f"{path} was not written by stable-cnn-export (no stable_cnn "
+                              f"metadata): pass a file it wrote, or a checkpoint")  # fmt: skip
+    return ExportedModel(run, ModelCard.from_dict(json.loads(metadata["stable_cnn"])), runner)
+
+
+def open_pt2(path: Path) -> ExportedModel:
+    """An exported .pt2 file (torch.export's ExportedProgram)."""
+    extra = {PT2_CARD_FILE: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as err:  # torch raises many kinds for a file it cannot read
+        raise CheckpointError(f"{path} is not a torch.export program "
+                              f"({str(err).splitlines()[0][:160]}): pass a .pt2 file "
+                              f"stable-cnn-export wrote") from None  # fmt: skip
+    if not extra[PT2_CARD_FILE]:
+        raise CheckpointError(f"{path} was not written by stable-cnn-export (no "
+                              f"{PT2_CARD_FILE} inside): pass a file it wrote, "
+                              f"or a checkpoint")  # fmt: skip
+    module = program.module()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(images)
+
+    card = ModelCard.from_dict(json.loads(extra[PT2_CARD_FILE]))
+    return ExportedModel(run, card, f"torch.export.load (torch {torch.__version__})")
+
+
+EXPORTED = {".onnx": open_onnx, ".pt2": open_pt2}  # what stable-cnn-export writes, by suffix

@@ -169,7 +169,7 @@ def build_training(
         per_process,
     )  # fmt: skip
     if data.val_is_test:
-        log.warning("validating on the test set (data.val_size=0): test accuracy is optimistic")
+        log.warning("%s", data.val_is_test_reason)
 
     model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)

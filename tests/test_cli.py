@@ -61,11 +61,18 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
         assert checkpoint["model_config"]["width"] == 8
 
     tags = scalar_tags(run_dir)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "test/acc"):
+    for tag in ("loss/train", "stability/lr", "stability/grad_norm", "loss/val", "accuracy/val",
+                "accuracy/test", "accuracy/best_val"):  # fmt: skip
         assert tag in tags, f"TensorBoard tag {tag} missing"
-    assert tags["val/acc"] == pytest.approx([e["val_acc"] for e in epochs])
-    assert tags["test/acc"] == pytest.approx([results["test_acc"]])
-    assert len(tags["train/loss"]) == 2 * (4000 // 128) // 10
+    # Time Series shows sections by prefix, alphabetically: accuracy and loss come first
+    sections = sorted({tag.split("/", 1)[0] for tag in tags})
+    assert sections[:2] == ["accuracy", "loss"] and set(sections) <= {
+        "accuracy", "loss", "run", "stability", "weights"}, sections  # fmt: skip
+    assert "stability/skipped_nonfinite" not in tags, "no chart of zeros: nothing was skipped"
+    assert "stability/skipped_amp" not in tags, "bf16 has no GradScaler to skip steps"
+    assert tags["accuracy/val"] == pytest.approx([e["val_acc"] for e in epochs])
+    assert tags["accuracy/test"] == pytest.approx([results["test_acc"]])
+    assert len(tags["loss/train"]) == 2 * (4000 // 128) // 10
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
@@ -105,7 +112,7 @@ def test_issue_example_overrides_run(tmp_path):
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "precision fp16" in done.stdout
-    assert "amp/scale" in scalar_tags(run_dir), "fp16 logs the GradScaler's scale"
+    assert "stability/amp_scale" in scalar_tags(run_dir), "fp16 logs the GradScaler's scale"
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "name: adamw" in config and "max_value: 0.5" in config
 
@@ -124,8 +131,8 @@ def test_multirun_gives_one_folder_per_value(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr + done.stdout
-    for job, lr in (("0", 0.01), ("1", 0.1)):
-        assert (sweep / job / "results.json").exists()
+    for job, lr in (("0_optimizer.lr=0.01", 0.01), ("1_optimizer.lr=0.1", 0.1)):
+        assert (sweep / job / "results.json").exists(), "a job's folder is named by its value"
         assert read_jsonl(sweep / job / "metrics.jsonl")[0]["lr"] == pytest.approx(lr)
 
 

@@ -106,9 +106,19 @@ def test_amp_off_is_the_string_off_not_yaml_false():
 
 # Each bad input: the overrides, and text the error must contain (key, value, the fix).
 BAD_INPUTS = {
-    "unknown group option": (["optimizer=foo"], ["optimizer/foo", "adamw", "sgd"]),
-    "unknown amp option": (["amp=fp8"], ["amp/fp8", "bf16"]),
-    "unknown key": (["optimizer.foo=1"], ["optimizer.foo", "+optimizer.foo=1"]),
+    "unknown group option": (["optimizer=foo"], ["optimizer=foo", "adamw, sgd, tutorial_sgd"]),
+    "unknown amp option": (["amp=fp8"], ["amp=fp8", "bf16"]),
+    "unknown key": (["optimizer.lrr=0.1"], ["optimizer.lrr", "spelling", "+optimizer.lrr="]),
+    "unparsable override": (["optimizer.lr=["], ["'optimizer.lr=['", "key=value"]),
+    "optimizer.name": (
+        ["optimizer.name=foo"],
+        ["optimizer.name='foo'", "optimizer=<option>", "adamw, sgd, tutorial_sgd"],
+    ),
+    "scheduler.name": (
+        ["scheduler.name=foo"],
+        ["scheduler.name='foo'", "scheduler=<option>", "cosine, none, onecycle"],
+    ),
+    "clipping.name": (["clipping.name=foo"], ["clipping.name='foo'", "norm, value, none"]),
     "wrong type float": (["optimizer.lr=abc"], ["optimizer.lr", "'abc'", "Float"]),
     "wrong type int": (["trainer.epochs=1.5"], ["trainer.epochs", "1.5", "Integer"]),
     "lr <= 0": (["optimizer.lr=0"], ["optimizer.lr=0.0", "must be > 0"]),
@@ -136,12 +146,13 @@ def test_bad_config_stops_before_reading_data(case: str, tmp_path: Path):
     data_root = {"STABLE_CNN_DATA": str(tmp_path / "data")}
     done = run_cli([*overrides, "hydra.run.dir=run"], tmp_path, env=data_root)
     output = done.stdout + done.stderr
-    assert done.returncode != 0
+    assert done.returncode == 2
     for text in expected:
         assert text in output, f"{text!r} missing from:\n{output}"
-    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error: " in lines[0], f"one line, Hydra's or ours:\n{output}"
     assert not (tmp_path / "data").exists(), "no data was read or downloaded"
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert list(tmp_path.iterdir()) == [], "a refused command leaves no run folder behind"
 
 
 @pytest.mark.slow
@@ -159,7 +170,7 @@ BAD_DATA = {
     ),
     "batch larger than data": (
         ["data.limit_train=10", "data.batch_size=32"],
-        ["data.batch_size=32", "10 training images"],
+        ["data.batch_size=32", "10 training images", "(to 10 at most) or raise data.limit_train"],
     ),
     "val_size larger than data": (["data.val_size=10000"], ["data.val_size=10000"]),
     "image folder without images": (
@@ -184,3 +195,29 @@ def test_bad_data_is_one_clear_error(case: str, tmp_path: Path):
     errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and all(text in errors[0] for text in expected), output
     assert "Traceback" not in output
+    if case != "diverging loss":  # refused before training: nothing is left behind
+        assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    else:  # a run that trained and diverged keeps its record
+        assert (tmp_path / "run" / "failure.json").exists()
+
+
+@pytest.mark.slow
+def test_an_image_folder_too_small_for_a_batch_and_without_test_folder(tmp_path: Path):
+    """The messages say what happened: no data.limit_train was set; val/ is the test set
+    because there is no test/ folder (not because of data.val_size)."""
+    from tests.test_data import write_image_folder
+
+    write_image_folder(tmp_path / "images", {"train": {"a": 40, "b": 41},
+                                             "val": {"a": 5, "b": 4}})  # fmt: skip
+    args = ["data=image_folder", f"data.root={tmp_path / 'images'}", "model.width=4",
+            "trainer.epochs=1", "data.image_size=8", "hydra.run.dir=run"]  # fmt: skip
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 2
+    assert "data.batch_size=128 is larger than the 81 training images: lower data.batch_size " \
+           "(to 81 at most)" in done.stdout  # fmt: skip
+    assert "limit_train" not in done.stdout
+    done = run_cli([*args, "data.batch_size=16", "hydra.run.dir=run2"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{tmp_path / 'images'} has no test/ folder: val/ is both the validation and the " \
+           "test set" in done.stdout  # fmt: skip
+    assert "data.val_size=0)" not in done.stdout

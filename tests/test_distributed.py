@@ -108,11 +108,19 @@ def test_two_processes_with_sync_batchnorm_step_like_one_with_twice_the_batch(tm
 
     assert "(one of 1 processes, gloo)" in launched.stdout + launched.stderr
     assert_same_run(tmp_path / "one", tmp_path / "torchrun")
+    again = subprocess.run(
+        [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "stable_cnn.train", *same,
+         "data.batch_size=128", f"trainer.resume={tmp_path / 'torchrun'}", "hydra.run.dir=again"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already finished: nothing to resume" in again.stdout + again.stderr
+    assert not (tmp_path / "again").exists(), "torchrun's command left no folder of its own"
 
     events = EventAccumulator(str(tmp_path / "two"))
     events.Reload()
-    assert "gradients/stage1" in events.Tags()["histograms"]
-    assert "val/confusion_matrix" in events.Tags()["images"]
+    assert "weights/stage1_gradient" in events.Tags()["histograms"]
+    assert "predictions/confusion_matrix_val" in events.Tags()["images"]
 
 
 def test_each_process_takes_its_own_batches_and_as_many_as_the_others():
@@ -176,7 +184,7 @@ def test_sharded_evaluation_equals_one_process_on_the_same_checkpoint(
 ):
     done = subprocess.run(
         [sys.executable, "-m", "stable_cnn.evaluation", f"checkpoint={two_process_run}",
-         "hydra.run.dir=eval"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+         "out=eval"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     alone = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -199,9 +207,14 @@ def interrupt(
 
 
 def resume(run_dir: Path) -> str:
-    resumed = start(run_dir, "trainer.resume=auto")
+    """Continue ``run_dir`` from a command whose own folder would be another: the run goes
+    on in its folder, and the command's folder is gone when it ends."""
+    elsewhere = run_dir.parent / f"{run_dir.name}-resumer"
+    resumed = start(elsewhere, f"trainer.resume={run_dir}")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
+    assert not elsewhere.exists(), "the command's own folder is not left behind"
+    assert "resuming from" in (run_dir / "train.log").read_text(), "its log went on there"
     return output
 
 

@@ -72,12 +72,12 @@ def test_an_ema_run_keeps_tests_and_hands_on_the_average(tmp_path: Path):
     assert results["best_val_acc"] == max(m["val_acc_ema"] for m in metrics), "selected by EMA"
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert {"val/acc", "val/acc_ema", "val/loss_ema"} <= set(events.Tags()["scalars"])
+    assert {"accuracy/val", "accuracy/val_ema", "loss/val_ema"} <= set(events.Tags()["scalars"])
     assert "val_acc_ema" in done.stdout
 
     evaluate = str(Path(sys.executable).parent / "stable-cnn-eval")
     out_dir = tmp_path / "eval"
-    checked = subprocess.run([evaluate, f"checkpoint={run_dir}", f"hydra.run.dir={out_dir}"],
+    checked = subprocess.run([evaluate, f"checkpoint={run_dir}", f"out={out_dir}"],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     evaluated = json.loads((out_dir / "eval.json").read_text())

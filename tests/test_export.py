@@ -77,15 +77,27 @@ def assert_same_model(exported: torch.Tensor, run_dir: Path, pixels, labels) -> 
     assert accuracy(averaged, labels) > 60, "a model that learned"
 
 
-def test_onnx_export_runs_in_onnxruntime_like_the_checkpoint(trained_run, test_pixels, tmp_path):
+@pytest.fixture(scope="module")
+def exported(trained_run: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The run exported both ways: ONNX where it goes by default (export/best.onnx in the
+    run's folder), torch.export where out= says."""
+    workdir = trained_run.parent
+    onnx = command("stable-cnn-export", f"checkpoint={trained_run}", "format=onnx", cwd=workdir)
+    pt2_out = workdir / "model.pt2"
+    pt2 = command("stable-cnn-export", f"checkpoint={trained_run}", "format=pt2",
+                  f"out={pt2_out}", cwd=workdir)  # fmt: skip
+    return {"onnx": (trained_run / "export" / "best.onnx", onnx), "pt2": (pt2_out, pt2)}
+
+
+def test_onnx_export_runs_in_onnxruntime_like_the_checkpoint(exported, trained_run, test_pixels):
     import onnx
     import onnxruntime
 
-    out = tmp_path / "model.onnx"
-    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=onnx",
-                   f"out={out}", cwd=tmp_path)  # fmt: skip
+    out, done = exported["onnx"]
     assert done.returncode == 0, done.stdout + done.stderr
     assert "largest logit difference" in done.stderr + done.stdout
+    assert f"wrote {out} (onnx" in done.stdout, "next to the checkpoint, by default"
+    assert not (trained_run.parent / "outputs").exists(), "no outputs/export/<date>/ folder"
 
     pixels, labels = test_pixels
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -96,14 +108,12 @@ def test_onnx_export_runs_in_onnxruntime_like_the_checkpoint(trained_run, test_p
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["class_names"])[0] == "T-shirt/top"
     assert metadata["input_size"] == "1x28x28"
-    card = json.loads((tmp_path / "model.onnx.json").read_text())
+    card = json.loads((out.parent / "best.onnx.json").read_text())
     assert card["weights"] == "ema" and card["image_size"] == 28 and len(card["class_names"]) == 10
 
 
-def test_pt2_export_round_trips_through_torch_export(trained_run, test_pixels, tmp_path):
-    out = tmp_path / "model.pt2"
-    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=pt2",
-                   f"out={out}", cwd=tmp_path)  # fmt: skip
+def test_pt2_export_round_trips_through_torch_export(exported, trained_run, test_pixels):
+    out, done = exported["pt2"]
     assert done.returncode == 0, done.stdout + done.stderr
     pixels, labels = test_pixels
     extra = {"stable_cnn.json": ""}
@@ -122,7 +132,8 @@ def test_export_refuses_an_unknown_format_in_one_line(trained_run, tmp_path):
     assert "format='tflite'" in line and "format=onnx" in line
 
 
-def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels, tmp_path):
+def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels, exported,
+                                                        tmp_path):  # fmt: skip
     from PIL import Image
 
     pixels, _ = test_pixels
@@ -158,6 +169,23 @@ def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
         assert row["label"] == row["class_1"] and row["confidence"] == row["prob_1"]
 
+    # What stable-cnn-export made runs in stable-cnn-predict too, with the same answers.
+    for fmt, (model_file, _) in exported.items():
+        out_exported = tmp_path / f"predictions_{fmt}.csv"
+        done = command("stable-cnn-predict", f"checkpoint={model_file}", f"input={folder}",
+                       f"out={out_exported}", "top_k=3", cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        got = {Path(row["path"]).name: row for row in csv.DictReader(out_exported.open())}
+        assert got.keys() == rows.keys()
+        for name, row in rows.items():
+            for rank in (1, 2, 3):
+                assert got[name][f"class_{rank}"] == row[f"class_{rank}"], (fmt, name)
+                assert float(got[name][f"prob_{rank}"]) == pytest.approx(
+                    float(row[f"prob_{rank}"]), abs=2e-4)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "images", "predictions.csv", "predictions_onnx.csv", "predictions_pt2.csv"
+    ], "predict writes its CSV and nothing else"  # fmt: skip
+
 
 def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path):
     (tmp_path / "x.png").write_text("not an image")
@@ -170,10 +198,13 @@ def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path):
 
 def test_eval_takes_data_root_without_naming_the_data_group(trained_run, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # empty: filled from the Debian package's copy
-    out_dir = tmp_path / "eval"
     done = command("stable-cnn-eval", f"checkpoint={trained_run}", f"data.root={elsewhere}",
-                   f"hydra.run.dir={out_dir}", cwd=tmp_path)  # fmt: skip
+                   cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    out_dir = trained_run / "eval" / "best-fashion_mnist"  # next to the checkpoint it tested
+    assert f"wrote {out_dir / 'eval.json'}" in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"], "no outputs/eval/<date>/ folder"
+    assert (out_dir / "confusion.png").is_file()
     evaluated = json.loads((out_dir / "eval.json").read_text())
     results = json.loads((trained_run / "results.json").read_text())
     assert evaluated["test_acc"] == results["test_acc"], "the run's own test, from another folder"

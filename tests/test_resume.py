@@ -92,11 +92,11 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    steps = [e.step for e in events.Scalars("val/acc")]
+    steps = [e.step for e in events.Scalars("accuracy/val")]
     assert len(steps) == 4 and steps == sorted(set(steps)), "no epoch logged twice"
-    steps = [e.step for e in events.Scalars("train/loss")]
+    steps = [e.step for e in events.Scalars("loss/train")]
     assert steps == sorted(set(steps)), "the interrupted tail is purged, not duplicated"
-    assert scalar_tags(run_dir)["val/acc"] == [e["val_acc"] for e in read_jsonl(
+    assert scalar_tags(run_dir)["accuracy/val"] == [e["val_acc"] for e in read_jsonl(
         run_dir / "metrics.jsonl")]  # fmt: skip
 
 

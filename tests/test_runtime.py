@@ -123,7 +123,7 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
                          ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
         logged = losses[compiled] = []
         train_one_epoch(step, batches, schedule, 0, 1,
-                        lambda _, scalars, logged=logged: logged.append(scalars["train/loss"]),
+                        lambda _, scalars, logged=logged: logged.append(scalars["loss/train"]),
                         progress_bar=False)  # fmt: skip
         if compiled:
             assert isinstance(network, CompiledWithFallback) and network.compiled is not None

@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow
 ONE_EPOCH = [*TINY, "trainer.epochs=1", "trainer.progress_bar=false"]
 
 
+def job(sweep: Path, number: int | str) -> Path:
+    """A sweep job's folder: its number, then the swept overrides (0_optimizer.lr=0.01)."""
+    (folder,) = [p for p in sweep.iterdir() if p.name.split("_", 1)[0] == str(number)]
+    return folder
+
+
 def report_rows(sweep: Path) -> list[dict[str, str]]:
     with (sweep / "report.csv").open() as table:
         return list(csv.DictReader(table))
@@ -51,7 +57,10 @@ def seeded_sweep(tmp_path_factory) -> Path:
 
 
 def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Path):
-    assert sorted(p.name for p in seeded_sweep.glob("[0-9]*")) == ["0", "1", "2", "3"]
+    assert sorted(p.name for p in seeded_sweep.glob("[0-9]*")) == [
+        "0_optimizer.lr=0.01,trainer.seed=0", "1_optimizer.lr=0.01,trainer.seed=1",
+        "2_optimizer.lr=0.1,trainer.seed=0", "3_optimizer.lr=0.1,trainer.seed=1",
+    ], "each job's folder says what it is: the swept keys, not the shared ones"  # fmt: skip
     rows = report_rows(seeded_sweep)
     assert [row["run"] for row in rows] != []
     assert sorted(row["run"] for row in rows) == ["optimizer.lr=0.01", "optimizer.lr=0.1"]
@@ -123,14 +132,18 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
             time.sleep(0.1)
         with urllib.request.urlopen(base + "/data/plugin/scalars/tags", timeout=30) as response:
             tags = json.loads(response.read())
-        assert sorted(tags) == ["0", "1", "2", "3"]
-        assert {"train/loss", "val/acc", "test/acc", "final/best_val_acc"} <= set(tags["0"])
+        runs = sorted(tags)
+        assert [run.split("_", 1)[0] for run in runs] == ["0", "1", "2", "3"]
+        wanted = {"loss/train", "accuracy/val", "accuracy/test", "accuracy/best_val"}
+        assert wanted <= set(tags[runs[0]])
 
         experiment = post_json(base + "/data/plugin/hparams/experiment", {"experimentName": ""})
-        columns = {info["name"] for info in experiment["hparamInfos"]}
-        assert {"optimizer.lr", "trainer.seed", "model.width", "optimizer"} <= columns
+        columns = [info["name"] for info in experiment["hparamInfos"]]
+        assert {"optimizer.lr", "trainer.seed", "model.width", "optimizer"} <= set(columns)
+        # the swept keys come first: the table shows the first few without ticking
+        assert columns[:2] == ["optimizer.lr", "trainer.seed"], columns
         metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
-        assert metrics == {"final/best_val_acc", "final/test_acc", "final/wall_s", "final/epochs"}
+        assert metrics == {"accuracy/best_val", "accuracy/test", "run/wall_s", "run/epochs"}
 
         groups = post_json(
             base + "/data/plugin/hparams/session_groups",
@@ -141,12 +154,12 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert sorted(group["name"] for group in groups) == ["0", "1", "2", "3"]
+    assert sorted(group["name"].split("_", 1)[0] for group in groups) == ["0", "1", "2", "3"]
     for group in groups:
         results = json.loads((seeded_sweep / group["name"] / "results.json").read_text())
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
-        assert values["final/test_acc"] == pytest.approx(results["test_acc"])
-        assert values["final/best_val_acc"] == pytest.approx(results["best_val_acc"])
+        assert values["accuracy/test"] == pytest.approx(results["test_acc"])
+        assert values["accuracy/best_val"] == pytest.approx(results["best_val_acc"])
         assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
     lrs = sorted(group["hparams"]["optimizer.lr"] for group in groups)
     assert lrs == [0.01, 0.01, 0.1, 0.1]
@@ -161,9 +174,9 @@ def test_a_diverging_job_is_reported_and_the_sweep_goes_on(tmp_path: Path):
     )  # fmt: skip
     assert done.returncode == 0, "a diverged job is a result, not a broken sweep"
     assert "returning 0.0 to the sweeper for this diverged job" in done.stderr + done.stdout
-    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    failure = json.loads((job(sweep, 0) / "failure.json").read_text())
     assert failure["status"] == "diverged" and failure["reason"].startswith("non-finite loss")
-    assert (sweep / "1" / "results.json").exists(), "the job after the diverged one still ran"
+    assert (job(sweep, 1) / "results.json").exists(), "the job after the diverged one still ran"
     rows = {row["run"]: row for row in report_rows(sweep)}
     assert rows["optimizer.lr=1e+06"]["status"] == "diverged"
     assert rows["optimizer.lr=1e+06"]["reason"].startswith("non-finite loss at step")
@@ -176,7 +189,7 @@ def test_a_job_with_a_bad_value_fails_alone_and_the_report_says_why(tmp_path: Pa
     done = run_cli(["-m", *ONE_EPOCH, "model.dropout=1.5,0.1", f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path)  # fmt: skip
     assert done.returncode != 0, "a broken job makes the sweep fail"
-    assert (sweep / "1" / "results.json").exists(), "the other job still ran"
+    assert (job(sweep, 1) / "results.json").exists(), "the other job still ran"
     report = subprocess.run([str(Path(sys.executable).parent / "stable-cnn-report"), str(sweep)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr
@@ -203,7 +216,10 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
     assert all(0.005 <= lr <= 0.3 for lr in learning_rates)
     invocations = sorted(p for p in study_dir.iterdir() if p.is_dir())
     assert len(invocations) == 2
-    assert all(sorted(p.name for p in i.glob("[0-9]")) == ["0", "1", "2"] for i in invocations)
+    for invocation in invocations:
+        jobs = sorted(p.name for p in invocation.glob("[0-9]*"))
+        assert [name.split("_", 1)[0] for name in jobs] == ["0", "1", "2"], jobs
+        assert all("optimizer.lr=" in name for name in jobs), "named by the searched keys"
     rows = report_rows(study_dir)
     assert len(rows) == 6 and all(row["status"] == "finished" for row in rows)
     best = max(float(row["best_val_acc_mean"]) for row in rows)
@@ -219,9 +235,9 @@ def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    for job in ("0", "1"):
-        assert (sweep / job / "results.json").exists()
-        log = (sweep / job / "train.log").read_text()
+    for number in (0, 1):
+        assert (job(sweep, number) / "results.json").exists()
+        log = (job(sweep, number) / "train.log").read_text()
         assert f"jobs run side by side: {threads} torch thread(s) each" in log
         assert f"device cpu, {threads} threads" in log
 
@@ -231,7 +247,7 @@ def test_submitit_local_launcher_really_runs_a_job(tmp_path: Path):
     done = run_cli(["-m", "hydra/launcher=submitit_local", *ONE_EPOCH,
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
-    assert json.loads((sweep / "0" / "results.json").read_text())["epochs"] == 1
+    assert json.loads((job(sweep, 0) / "results.json").read_text())["epochs"] == 1
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran it as its own job"
 
 
@@ -243,10 +259,10 @@ def test_a_job_of_several_tasks_is_one_distributed_run(tmp_path: Path):
                     *ONE_EPOCH, "data.batch_size=64", f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
-    results = json.loads((sweep / "0" / "results.json").read_text())
+    results = json.loads((job(sweep, 0) / "results.json").read_text())
     assert results["processes"] == 2 and results["epochs"] == 1
-    assert len(list((sweep / "0").glob("events.out.tfevents.*"))) == 1, "one writer"
-    assert len((sweep / "0" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(list((job(sweep, 0)).glob("events.out.tfevents.*"))) == 1, "one writer"
+    assert len((job(sweep, 0) / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_slurm_launcher_config_composes_with_its_defaults(tmp_path: Path):
@@ -283,19 +299,21 @@ def test_an_interrupted_sweep_resumes_its_unfinished_jobs_only(tmp_path: Path):
         [sys.executable, "-m", "stable_cnn.train", *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    wait_for_epochs(sweep / "1", 1, process)
+    first, second = sweep / "0_optimizer.lr=0.01", sweep / "1_optimizer.lr=0.05"
+    wait_for_epochs(second, 1, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) != 0
-    assert (sweep / "0" / "results.json").exists() and not (sweep / "1" / "results.json").exists()
-    assert json.loads((sweep / "1" / "failure.json").read_text())["status"] == "interrupted"
-    finished_at = (sweep / "0" / "results.json").stat().st_mtime_ns
+    assert (first / "results.json").exists() and not (second / "results.json").exists()
+    assert json.loads((second / "failure.json").read_text())["status"] == "interrupted"
+    finished_at = (first / "results.json").stat().st_mtime_ns
 
     done = run_cli([*args, "trainer.resume=auto"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr + done.stdout
-    assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished_at, "not retrained"
+    assert (first / "results.json").stat().st_mtime_ns == finished_at, "not retrained"
     log = done.stdout + done.stderr
-    assert f"run {sweep / '0'} already finished" in log
-    assert f"resuming from {sweep / '1' / 'checkpoints' / 'last.pt'}" in log
-    assert json.loads((sweep / "1" / "results.json").read_text())["epochs"] == 4
-    assert not (sweep / "1" / "failure.json").exists()
+    assert f"run {first} already finished" in log
+    assert f"resuming from {second / 'checkpoints' / 'last.pt'}" in log
+    assert json.loads((second / "results.json").read_text())["epochs"] == 4
+    assert not (second / "failure.json").exists()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [first.name, second.name]
     assert [row["status"] for row in report_rows(sweep)] == ["finished", "finished"]

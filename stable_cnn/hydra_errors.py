@@ -1,0 +1,69 @@
+"""Hydra's own mistakes (an unknown key or option, a value of the wrong type, an override
+it cannot parse) reported as stable-cnn reports its own: one ``error: ...`` line that
+names the problem and the fix, and exit status 2, instead of Hydra's several lines.
+
+Hydra prints its compact report unless HYDRA_FULL_ERROR is set; the console commands set
+it and catch the exception themselves (a crash inside a command still shows its whole
+traceback, which is what HYDRA_FULL_ERROR asks for).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+# Lines of Hydra's messages that are about Hydra, not about the mistake.
+NOISE = ("Set the environment variable", "Config search path", "provider=", "full_key:",
+         "object_type=", "reference_type=", "See https://hydra.cc")  # fmt: skip
+
+
+def describe(err: BaseException, program: str) -> str:
+    """The mistake in one line, with the fix."""
+    text = str(err)
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if isinstance(err, MissingConfigException) and missing:
+        group, option = missing.groups()
+        listed = text.split(f"Available options in '{group}':")[-1].split("Config search path")[0]
+        options = sorted(line.strip() for line in listed.splitlines() if line.strip())
+        known = f"use one of {', '.join(options)}" if options else "check the name"
+        return f"{group}={option} is not an option of {group}: {known}"
+    cause = err.__cause__
+    key = re.search(r"Could not override '([^']+)'", text)
+    if isinstance(err, OverrideParseException):
+        return (f"cannot read the override {err.override!r} ({_meaningful_lines(text)[0]}): "
+                f"write it as key=value, quoting values with spaces or brackets")  # fmt: skip
+    if key and isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        name = key.group(1)
+        return (f"{name} is not a key of this config: check the spelling (`{program} --cfg "
+                f"job` lists every key), or add a key of your own with +{name}=...")  # fmt: skip
+    merging = re.search(r"Error merging override (\S+)", text)
+    if merging and isinstance(cause, OmegaConfBaseException):
+        reason = _meaningful_lines(str(cause))[0]
+        return f"{merging.group(1)}: {reason}"
+    lines = _meaningful_lines(text)
+    if cause is not None and not isinstance(cause, HydraException):
+        lines += _meaningful_lines(str(cause))[:1]
+    return "; ".join(lines[:2]) or type(err).__name__
+
+
+def _meaningful_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(NOISE)]  # fmt: skip
+
+
+def run_reporting_hydra_errors(main: Callable[[], object], program: str) -> None:
+    """Run a ``@hydra.main`` function; Hydra's own errors become one line and exit 2."""
+    if "HYDRA_FULL_ERROR" in os.environ:  # the user asked for Hydra's full report
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"{program}: error: {describe(err, program)}", file=sys.stderr)
+        sys.exit(2)
