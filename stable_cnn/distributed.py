@@ -307,17 +307,6 @@ def wrap_for_training(model: nn.Module, world: World, device: torch.device) -> n
     return ddp(model, device_ids=device_ids, **buffers)
 
 
-def to_sync_batchnorm(model: nn.Module, world: World) -> nn.Module:
-    """BatchNorm layers that normalise over the global batch (all processes), on any
-    device: ``GlobalBatchNorm`` (torch's SyncBatchNorm is GPU-only and syncs the host
-    three times per layer per step)."""
-    from stable_cnn.global_batchnorm import GlobalBatchNorm
-
-    if not world.distributed:
-        return model
-    return GlobalBatchNorm.convert(model)
-
-
 SHUTDOWN_GRACE_S = 300
 
 

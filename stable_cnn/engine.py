@@ -19,23 +19,13 @@ from tqdm import tqdm
 from stable_cnn.augment import flip_averaged_logits
 from stable_cnn.distributed import ALONE, World
 from stable_cnn.ema import WeightEMA
-from stable_cnn.errors import UserError
+from stable_cnn.errors import TrainingDiverged
 from stable_cnn.hardware import Runtime
+from stable_cnn.progress import SLOT, EpochProgress, across_processes
 from stable_cnn.schedulers import LRSchedule
-from stable_cnn.step import (
-    SLOT,
-    EpochProgress,
-    StepOutcome,
-    TrainStep,
-    across_processes,
-    autocast,
-)
+from stable_cnn.step import StepOutcome, TrainStep, autocast
 
 StepLogger = Callable[[int, dict[str, float]], None]
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass

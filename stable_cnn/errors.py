@@ -13,3 +13,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """A dataset that is missing, empty or inconsistent."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops with its checkpoint saved."""

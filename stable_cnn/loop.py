@@ -41,9 +41,10 @@ from stable_cnn.hardware import (
 from stable_cnn.models import SmallCNN
 from stable_cnn.preemption import GracefulStop
 from stable_cnn.resume import earlier_outcome
+from stable_cnn.run_files import FAILURE_FILE
 from stable_cnn.run_lock import RunLock
 from stable_cnn.seeding import seed_everything
-from stable_cnn.tracking import FAILURE_FILE, Hparams, RunTracker
+from stable_cnn.tracking import Hparams, RunTracker
 from stable_cnn.training import Training, agree_on_run, build_training, choose_runtime
 
 log = logging.getLogger("stable_cnn")

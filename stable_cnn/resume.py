@@ -12,11 +12,10 @@ from typing import Any
 import torch
 
 from stable_cnn.checkpoint import CheckpointError, check_resumable, load_checkpoint
-from stable_cnn.engine import TrainingDiverged
-from stable_cnn.errors import UserError
+from stable_cnn.errors import TrainingDiverged, UserError
 from stable_cnn.hardware import Runtime
+from stable_cnn.run_files import has_diverged, holds_a_run, is_finished, read_failure
 from stable_cnn.run_lock import describe_holder, lock_holder
-from stable_cnn.tracking import FAILURE_FILE, read_failure
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +37,6 @@ IGNORED_KEYS = {
     # trainer.devices=N's runs of the same world continue each other.
     ("trainer", "devices"),
 }
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "results.json").is_file()
-
-
-def has_diverged(run_dir: Path) -> bool:
-    """failure.json says the run diverged: the same config would diverge again."""
-    failure = read_failure(run_dir)
-    return failure is not None and failure["status"] == "diverged"
-
-
-# What a run that trained leaves in its folder (besides Hydra's .hydra/ and train.log).
-TRAINED = ("checkpoints", "metrics.jsonl", "results.json")
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    """A run trained in this folder: it can be continued, not started again."""
-    return any((run_dir / name).exists() for name in TRAINED)
-
-
-def holds_a_record(run_dir: Path) -> bool:
-    """The folder records a training run: one that trained, or a sweep's job that was
-    refused and says why in failure.json (a refused command alone leaves no folder)."""
-    return holds_a_run(run_dir) or (run_dir / FAILURE_FILE).is_file()
 
 
 # Keys added since checkpoints began recording the config, with the value that an older

@@ -44,6 +44,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from stable_cnn.atomic import atomic_write
 from stable_cnn.engine import EpochStats, EvalStats
+from stable_cnn.run_files import FAILURE_FILE, read_metrics, record_failure
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,6 @@ SPARSE = {
     "stability/loss_spikes": "loss_spikes",
     "stability/clipped_fraction": "clip_fraction",
 }
-FAILURE_FILE = "failure.json"
 
 
 class RunTracker:
@@ -251,34 +251,6 @@ def open_tracker(run_dir: Path, writes: bool, resume_step: int, epochs_done: int
     if not writes:
         return SilentTracker(run_dir)
     return RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as a list of per-epoch records ([] when the run logged no epoch)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # blank, or cut short by a kill while appending
-            continue
-    return records
-
-
-def record_failure(run_dir: Path, status: str, reason: str, message: str) -> None:
-    """failure.json: why the run ended without results (read by stable-cnn-report).
-    ``status`` is ``diverged`` (numbers went non-finite) or ``interrupted`` (a signal);
-    ``reason`` is a few words for tables, ``message`` the full line that was logged."""
-    record = {"status": status, "reason": reason, "message": message}
-    with atomic_write(run_dir / FAILURE_FILE) as out:
-        out.write((json.dumps(record, indent=2) + "\n").encode())
-
-
-def read_failure(run_dir: Path) -> dict[str, str] | None:
-    path = run_dir / FAILURE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _experiment(hparams: Hparams) -> Summary:

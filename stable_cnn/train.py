@@ -35,15 +35,15 @@ from stable_cnn.distributed import (
     launch_local_workers,
     world_from_environment,
 )
-from stable_cnn.engine import TrainingDiverged
-from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.hardware import usable_cores
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.loop import RunPreempted, train
 from stable_cnn.preemption import EXIT_PREEMPTED
 from stable_cnn.report import short_override, write_report
-from stable_cnn.resume import find_checkpoint, holds_a_record
-from stable_cnn.tracking import Hparams, read_failure, record_failure
+from stable_cnn.resume import find_checkpoint
+from stable_cnn.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.tracking import Hparams
 
 log = logging.getLogger("stable_cnn")
 

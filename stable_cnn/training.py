@@ -23,11 +23,11 @@ from stable_cnn.distributed import (
     World,
     device_for,
     threads_per_process,
-    to_sync_batchnorm,
     wrap_for_training,
 )
 from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import UserError
+from stable_cnn.global_batchnorm import GlobalBatchNorm
 from stable_cnn.hardware import (
     Runtime,
     choose_memory_format,
@@ -177,8 +177,8 @@ def build_training(
         "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
         run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
     )  # fmt: skip
-    if run.model.sync_batchnorm:
-        model = to_sync_batchnorm(model, world)
+    if run.model.sync_batchnorm and world.distributed:  # the global batch's statistics
+        model = GlobalBatchNorm.convert(model)
     network = wrap_for_training(model, world, runtime.device)
     if trainer.compile:
         network = compile_model(network, runtime.device)

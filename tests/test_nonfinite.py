@@ -13,8 +13,9 @@ from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
+from stable_cnn.progress import SLOT
 from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import SLOT, TrainStep
+from stable_cnn.step import TrainStep
 from tests.conftest import TINY, run_cli
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)

@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stable_cnn.preemption import EXIT_PREEMPTED
-from stable_cnn.step import SLOT
+from stable_cnn.progress import SLOT
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 

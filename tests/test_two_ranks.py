@@ -20,7 +20,8 @@ from stable_cnn.config import ClippingConfig, SGDConfig
 from stable_cnn.global_batchnorm import GlobalBatchNorm
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.optimizers import build_optimizer
-from stable_cnn.step import EpochProgress, TrainStep
+from stable_cnn.progress import EpochProgress
+from stable_cnn.step import TrainStep
 
 pytestmark = pytest.mark.slow  # each test starts two processes (a few seconds)
 
