@@ -32,7 +32,7 @@ from torch import nn
 
 from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
-from stable_cnn.data import build_splits
+from stable_cnn.data.build import build_splits
 from stable_cnn.engine import train_one_epoch
 from stable_cnn.hardware import (
     FP32,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stable_cnn.augment import flip_averaged_logits
+from stable_cnn.data.augment import flip_averaged_logits
 from stable_cnn.distributed import ALONE, World
 from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import TrainingDiverged

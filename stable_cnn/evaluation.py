@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf, ValidationError
 from stable_cnn.atomic import atomic_write
 from stable_cnn.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.config import DataConfig, register_schemas
-from stable_cnn.data import DataSplits, TensorBatches, build_splits
+from stable_cnn.data.build import build_splits
+from stable_cnn.data.splits import DataSplits
+from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.augment import normalize
 from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig
-from stable_cnn.data import DataSplits, TensorBatches
+from stable_cnn.data.augment import normalize
+from stable_cnn.data.splits import DataSplits
+from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
 from stable_cnn.distributed import (
     ALONE,

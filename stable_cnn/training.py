@@ -17,7 +17,8 @@ from torch import nn
 from stable_cnn.capture import build_train_step
 from stable_cnn.checkpoint import load_checkpoint
 from stable_cnn.config import OneCycleConfig, RunConfig
-from stable_cnn.data import DatasetInfo, DataSplits, Shard, build_splits
+from stable_cnn.data.build import build_splits
+from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.distributed import (
     ALONE,
     World,

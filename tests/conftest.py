@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from stable_cnn.config import RunConfig
-from stable_cnn.data import install_idx_files
+from stable_cnn.data.datasets import install_idx_files
 from stable_cnn.host_syncs import counting_host_waits
 from stable_cnn.train import config_dir, parse_run_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stable_cnn.config import AmpConfig
-from stable_cnn.data import build_splits
+from stable_cnn.data.build import build_splits
 from stable_cnn.hardware import choose_precision
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stable_cnn.augment import random_crop, random_flip
-from stable_cnn.data import Shard, TensorBatches, build_splits, install_idx_files
+from stable_cnn.data.augment import random_crop, random_flip
+from stable_cnn.data.build import build_splits
+from stable_cnn.data.datasets import install_idx_files
+from stable_cnn.data.splits import Shard
+from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import DataError
 from tests.conftest import FASHION_MNIST_SYSTEM_DIR, TINY, compose_run
 
@@ -223,7 +226,7 @@ def test_random_erasing_matches_torchvisions_in_distribution():
     region is one rectangle of zeros."""
     from torchvision.transforms import RandomErasing
 
-    from stable_cnn.augment import random_erase
+    from stable_cnn.data.augment import random_erase
 
     count, p, scale, ratio = 4000, 0.5, (0.02, 0.33), (0.3, 3.3)
     images = torch.ones(count, 1, 28, 28)
@@ -246,7 +249,7 @@ def test_random_erasing_matches_torchvisions_in_distribution():
 
 
 def test_erasing_off_draws_nothing_and_changes_nothing():
-    from stable_cnn.augment import random_erase
+    from stable_cnn.data.augment import random_erase
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 16, 16)

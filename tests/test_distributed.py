@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from stable_cnn.checkpoint import save_checkpoint
-from stable_cnn.data import Shard, TensorBatches
+from stable_cnn.data.splits import Shard
+from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.distributed import (
     ALONE,
     World,

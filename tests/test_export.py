@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stable_cnn.checkpoint import load_checkpoint
-from stable_cnn.data import load_tensors
+from stable_cnn.data.datasets import load_tensors
 from stable_cnn.models import SmallCNN
 from stable_cnn.trained_model import load_trained_model
 from tests.conftest import compose_run, run_cli

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stable_cnn.checkpoint import save_checkpoint
-from stable_cnn.data import build_splits
+from stable_cnn.data.build import build_splits
 from stable_cnn.distributed import World, device_for
 from stable_cnn.errors import ConfigError
 from stable_cnn.hardware import FP32, Runtime, resolve_device

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stable_cnn.augment import normalize, random_crop, random_flip
-from stable_cnn.data import build_splits, load_tensors
+from stable_cnn.data.augment import normalize, random_crop, random_flip
+from stable_cnn.data.build import build_splits
+from stable_cnn.data.datasets import load_tensors
 from stable_cnn.engine import evaluate
 from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN

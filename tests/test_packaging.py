@@ -41,7 +41,7 @@ def test_non_editable_install_ships_the_configs(tmp_path: Path):
 
 def test_no_tutorial_leftovers_in_the_package():
     """The tutorial used the deprecated torch.cuda.amp and hard-coded .cuda() calls."""
-    for path in (REPO / "stable_cnn").glob("*.py"):
+    for path in (REPO / "stable_cnn").rglob("*.py"):
         source = path.read_text()
         assert "torch.cuda.amp" not in source, path
         assert ".cuda()" not in source, path

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stable_cnn.data import build_splits
+from stable_cnn.data.build import build_splits
 from stable_cnn.hardware import choose_precision
 from stable_cnn.resume import cuda_state_for, rng_state
 from stable_cnn.seeding import seed_everything, stream_seed

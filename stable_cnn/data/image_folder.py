@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from stable_cnn.config import DataConfig
-from stable_cnn.data import (
+from stable_cnn.data.splits import (
     ONE_PROCESS,
     DatasetInfo,
     DataSplits,

@@ -1,0 +1,1 @@
+"""Datasets -> batches: the run's train, validation and test splits (build.py)."""

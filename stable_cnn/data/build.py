@@ -1,0 +1,32 @@
+"""The run's data: the dataset named by ``data.name`` cut into train, validation and test
+batches. Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
+decoded once into a uint8 tensor on the training device, where whole batches are
+augmented (tensors.py); ``image_folder`` keeps the classic per-image DataLoader path
+(image_folder.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from stable_cnn.config import DataConfig
+from stable_cnn.data.image_folder import image_folder_splits
+from stable_cnn.data.splits import ONE_PROCESS, DataSplits, Shard
+from stable_cnn.data.tensors import tensor_splits
+from stable_cnn.seeding import stream_seed
+
+
+def build_splits(
+    config: DataConfig,
+    device: torch.device,
+    seed: int,
+    shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
+) -> DataSplits:
+    """Load the dataset named by ``config.name`` and cut it into train, val and test batches.
+    ``seed`` is the run's seed: the data's random streams derive their own from it.
+    ``shard`` is this process's share of each pass when several processes train.
+    ``train_device`` is where the training images are kept (default: ``device``): a
+    command that only evaluates keeps them off the GPU."""
+    if config.name == "image_folder":
+        return image_folder_splits(config, stream_seed(seed, "data"), device, shard)
+    return tensor_splits(config, device, seed, shard, train_device)

@@ -1,0 +1,209 @@
+"""In-memory data on the training device: uint8 images decoded once, sliced, augmented
+and normalised a whole batch at a time (airbench's loader), shuffled from its own
+generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from stable_cnn.config import DataConfig
+from stable_cnn.data.augment import normalize, random_crop, random_erase, random_flip
+from stable_cnn.data.datasets import check_shape, load_tensors
+from stable_cnn.data.splits import (
+    ONE_PROCESS,
+    DatasetInfo,
+    DataSplits,
+    Shard,
+    check_batch_size,
+    first_n,
+    split_indices,
+)
+from stable_cnn.seeding import stream_seed
+
+
+class TensorBatches:
+    """Batches sliced from uint8 images held in memory, augmented and normalised per batch.
+
+    Shuffles with ``torch.randperm`` from its own generator, so data order and
+    augmentation are reproducible from the seed and independent of model init.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        *,
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        generator: torch.Generator | None = None,
+        erase_prob: float = 0.0,
+        erase_scale: tuple[float, float] = (0.02, 0.33),
+        erase_ratio: tuple[float, float] = (0.3, 3.3),
+        shard: Shard = ONE_PROCESS,
+        augment_generator: torch.Generator | None = None,
+    ) -> None:
+        self.images = images  # (N, C, H, W) uint8
+        self.labels = labels  # (N,) int64
+        self.batch_size = batch_size
+        self.mean = mean.view(1, -1, 1, 1).to(images.device)
+        self.std = std.view(1, -1, 1, 1).to(images.device)
+        self.train = train  # shuffle, augment, drop the last partial batch
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.erase = (erase_prob, erase_scale, erase_ratio)  # random erasing, after normalising
+        self.generator = generator  # the order: the same seed on every process
+        # Crops, flips and erasing: a stream of each process's own (the order's generator
+        # itself for a single process, so that one process draws as it always has).
+        self.augment_generator = augment_generator or generator
+        self.shard = shard
+        self.order: torch.Tensor | None = None  # this epoch's shuffled indices
+        self.position = 0  # batches of this epoch already handed out (by this process)
+
+    @property
+    def batches_in_all(self) -> int:
+        """Batches of the whole pass, all processes together."""
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        """This process's batches per pass. Training: the same on every process (each
+        takes one batch of every ``shard.count`` in turn; the rest of the shuffled
+        images wait for the next epoch). Evaluation: every batch is someone's."""
+        total, shard = self.batches_in_all, self.shard
+        if self.train:
+            return total // shard.count
+        return len(range(shard.index, total, shard.count))
+
+    def batch_index(self, position: int) -> int:
+        """Which batch of the whole pass is this process's ``position``-th."""
+        return position * self.shard.count + self.shard.index
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.images.device
+        if not self.train:
+            self.order, self.position = torch.arange(len(self.labels), device=device), 0
+        elif self.order is None:  # a new epoch; a resumed one keeps its saved order
+            order = torch.randperm(
+                len(self.labels), generator=self.generator, device=self.generator.device
+            )
+            self.order, self.position = order.to(device), 0
+        augment = self.augment_generator
+        while self.position < len(self):
+            start = self.batch_index(self.position) * self.batch_size
+            index = self.order[start : start + self.batch_size]
+            images = self.images[index]
+            if self.train:
+                images = random_crop(images, self.crop_padding, augment)
+                if self.flip:
+                    images = random_flip(images, augment)
+            self.position += 1
+            images = normalize(images, self.mean, self.std)
+            if self.train and self.erase[0] > 0:
+                images = random_erase(images, *self.erase, augment)
+            yield images, self.labels[index]
+        self.order = None  # the epoch is over: the next iteration draws a new order
+
+    def preview(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` images (uint8) augmented as in training, and their labels,
+        drawn with a generator of their own: the training stream is left untouched."""
+        images = self.images[:count]
+        if self.train:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            images = random_crop(images, self.crop_padding, generator)
+            if self.flip:
+                images = random_flip(images, generator)
+        return images, self.labels[:count]
+
+    def state_dict(self) -> dict:
+        """Where the data stream stands: the RNG, this epoch's order and the next batch."""
+        state = {
+            "generator": self.generator.get_state(),
+            "order": None if self.order is None else self.order.cpu(),
+            "position": self.position,
+        }
+        if self.augment_generator is not self.generator:
+            state["augment_generator"] = self.augment_generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        if self.augment_generator is not self.generator:
+            self.augment_generator.set_state(state["augment_generator"])
+        order = state["order"]
+        self.order = None if order is None else order.to(self.images.device)
+        self.position = state["position"]
+
+
+def tensor_splits(
+    config: DataConfig,
+    device: torch.device,
+    run_seed: int,
+    shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
+) -> DataSplits:
+    """An in-memory dataset's splits: validation held out of train (the same images for
+    every run), the training images on ``train_device`` (default ``device``)."""
+    train_images, train_labels, class_names = load_tensors(config, train=True)
+    test_images, test_labels, _ = load_tensors(config, train=False)
+    check_shape(config, train_images)
+    train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
+    train_index = first_n(train_index, config.limit_train)
+    check_batch_size(config, len(train_index), shard.count)
+
+    def evaluation(index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
+        index = first_n(index, config.limit_test)
+        return evaluation_batches(config, images[index], labels[index], device, shard)
+
+    test = evaluation(torch.arange(len(test_labels)), test_images, test_labels)
+    val = test if len(val_index) == 0 else evaluation(val_index, train_images, train_labels)
+    train = training_batches(config, train_images[train_index], train_labels[train_index],
+                             train_device or device, run_seed, shard)  # fmt: skip
+    info = DatasetInfo(
+        config.name, config.in_channels, len(class_names), config.image_size, class_names
+    )
+    return DataSplits(train, val, test, info, len(train_index), len(val.labels), len(test.labels),
+                      val_is_test=len(val_index) == 0)  # fmt: skip
+
+
+def training_batches(
+    config: DataConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    run_seed: int,
+    shard: Shard,
+) -> TensorBatches:
+    """Shuffled, augmented batches: the order from the data stream's seed (the same on
+    every process), the augmentation from each process's own stream."""
+    augment_generator = None  # one process: the order's generator augments too
+    if shard.count > 1:
+        augment_generator = torch.Generator(device=device)
+        augment_generator.manual_seed(stream_seed(run_seed, f"augment/{shard.index}"))
+    order = torch.Generator(device=device).manual_seed(stream_seed(run_seed, "data"))
+    augment = config.augment
+    return TensorBatches(
+        images.to(device), labels.to(device), config.batch_size, torch.tensor(config.mean),
+        torch.tensor(config.std), train=True, crop_padding=config.crop_padding if augment else 0,
+        flip=config.flip and augment, generator=order,
+        erase_prob=config.erase_prob if augment else 0.0, erase_scale=tuple(config.erase_scale),
+        erase_ratio=tuple(config.erase_ratio), shard=shard, augment_generator=augment_generator,
+    )  # fmt: skip
+
+
+def evaluation_batches(
+    config: DataConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    shard: Shard,
+) -> TensorBatches:
+    """Every image once, in order, not augmented (this process's share of the batches)."""
+    return TensorBatches(images.to(device), labels.to(device), config.eval_batch_size,
+                         torch.tensor(config.mean), torch.tensor(config.std), train=False,
+                         shard=shard)  # fmt: skip
