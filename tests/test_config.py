@@ -100,6 +100,15 @@ def test_data_root_follows_the_environment(monkeypatch):
     assert compose_config([]).data.root == "./data"
 
 
+def test_the_schemas_option_lists_match_the_config_folders():
+    """optimizer.name and scheduler.name are checked against these lists."""
+    from stable_cnn.config import OPTIMIZER_OPTIONS, SCHEDULER_OPTIONS
+    from tests.conftest import REPO
+
+    for group, options in (("optimizer", OPTIMIZER_OPTIONS), ("scheduler", SCHEDULER_OPTIONS)):
+        assert sorted(options) == sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
 def test_amp_off_is_the_string_off_not_yaml_false():
     assert compose_run(["amp=off"]).amp == AmpConfig("off")
 

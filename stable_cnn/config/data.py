@@ -1,0 +1,72 @@
+"""The data group (conf/data/): which dataset, where it is, how it is batched and augmented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from stable_cnn.config.checks import check, check_bounds
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # which dataset (the option's file name)
+    root: str = MISSING  # folder holding the dataset
+    download: bool = True  # fetch through torchvision when missing
+    system_dir: str | None = None  # offline copy installed by a system package
+    batch_size: int = 128  # training images per optimizer step
+    eval_batch_size: int = 1024  # images per forward pass when evaluating
+    val_size: int = 5000  # training images held out for validation; 0 = validate on test
+    limit_train: int | None = None  # use only the first N training images
+    limit_test: int | None = None  # use only the first N validation and test images
+    # DataLoader worker processes (image_folder only); null: one per CPU core this process
+    # may use, less one for the trainer, between 2 and 16
+    num_workers: int | None = None
+    augment: bool = True  # random crop with padding (+ flip) on training batches
+    crop_padding: int = 2  # zero padding per side before the random crop, pixels
+    flip: bool = True  # random horizontal flips (off for digits)
+    erase_prob: float = 0.0  # random erasing (cutout): chance per training image; 0 = off
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # area fraction
+    erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # box aspect ratio
+    tta_flip: bool = False  # evaluate on each image and its mirror image (mean of logits)
+    in_channels: int = 1
+    num_classes: int | None = 10  # null = infer (image_folder)
+    image_size: int = 28  # height = width, pixels
+    mean: list[float] = field(default_factory=lambda: [0.5])  # per channel, for normalisation
+    std: list[float] = field(default_factory=lambda: [0.5])
+    num_train: int = 640  # synthetic only: training images generated
+    num_test: int = 256  # synthetic only: test images generated
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        check(
+            self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1"
+        )
+        check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0 (0 = use test)")
+        for key in ("limit_train", "limit_test"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")
+        check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
+               self.num_workers, "must be null (sized from the CPU cores) or >= 0")  # fmt: skip
+        check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
+        check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
+        check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")
+        check_bounds("data.erase_ratio", self.erase_ratio, upper=None, example="[0.3, 3.3]")
+        check(self.in_channels in (1, 3), "data.in_channels", self.in_channels, "must be 1 or 3")
+        check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
+        check(
+            self.num_classes is None or self.num_classes >= 2,
+            "data.num_classes",
+            self.num_classes,
+            "must be >= 2",
+        )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            check(
+                len(values) == self.in_channels,
+                f"data.{key}",
+                list(values),
+                f"needs one value per input channel ({self.in_channels})",
+            )
+        check(all(s > 0 for s in self.std), "data.std", list(self.std), "must be > 0")

@@ -1,0 +1,71 @@
+"""The whole composed config, typed (RunConfig), and the schemas Hydra checks it against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from stable_cnn.config.clipping import ClippingConfig
+from stable_cnn.config.data import DataConfig
+from stable_cnn.config.diagnostics import DiagnosticsConfig
+from stable_cnn.config.ema import EmaConfig
+from stable_cnn.config.model import ModelConfig
+from stable_cnn.config.optimizer import AdamWConfig, OptimizerConfig, SGDConfig
+from stable_cnn.config.precision import AmpConfig
+from stable_cnn.config.scheduler import (
+    CosineConfig,
+    OneCycleConfig,
+    PlateauConfig,
+    SchedulerConfig,
+    StepConfig,
+)
+from stable_cnn.config.trainer import TrainerConfig
+
+SCHEMAS: dict[str, type] = {
+    "schema_data": DataConfig,
+    "schema_model": ModelConfig,
+    "schema_sgd": SGDConfig,
+    "schema_adamw": AdamWConfig,
+    "schema_cosine": CosineConfig,
+    "schema_plateau": PlateauConfig,
+    "schema_step": StepConfig,
+    "schema_onecycle": OneCycleConfig,
+    "schema_scheduler_none": SchedulerConfig,
+    "schema_clipping": ClippingConfig,
+    "schema_amp": AmpConfig,
+    "schema_ema": EmaConfig,
+    "schema_trainer": TrainerConfig,
+    "schema_diagnostics": DiagnosticsConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """The composed config, typed and range-checked."""
+
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    clipping: ClippingConfig
+    amp: AmpConfig
+    ema: EmaConfig
+    trainer: TrainerConfig
+    diagnostics: DiagnosticsConfig
+
+
+# stable-cnn-eval's `data` before any data group is chosen: every data.* key, unset
+# (MISSING), so that `data.root=...` alone changes the checkpoint's own data
+# (conf/eval.yaml). A plain mapping of MISSING, so that a data group chosen on top
+# merges into it whatever its types.
+DATA_OVERRIDES = {f.name: MISSING for f in fields(DataConfig)}
+
+
+def register_schemas() -> None:
+    """Store every schema at the ConfigStore's root, where the YAML defaults find it."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=name, node=schema)
+    store.store(name="schema_data_overrides", node=DATA_OVERRIDES)
