@@ -34,7 +34,11 @@ from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.hardware import (
+from stable_cnn.models import SmallCNN
+from stable_cnn.optimizers import build_optimizer
+from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import autocast, optimizer_step
+from stable_cnn.system.hardware import (
     FP32,
     Precision,
     Runtime,
@@ -45,10 +49,6 @@ from stable_cnn.hardware import (
     describe_cpu,
     resolve_device,
 )
-from stable_cnn.models import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import autocast, optimizer_step
 from stable_cnn.tracking import RunTracker
 
 CLIP = ClippingConfig("norm", max_norm=1.0)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from stable_cnn.evaluation import training_accuracy
-from stable_cnn.hardware import describe_cpu, resolve_device, usable_cores
 from stable_cnn.report import RunRecord, find_runs
 from stable_cnn.run_files import read_metrics
+from stable_cnn.system.hardware import describe_cpu, resolve_device, usable_cores
 
 # conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the
 # group also holds the stability map's other variants: stable_cnn/stability_map.py).

@@ -22,10 +22,10 @@ import logging
 import torch
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.distributed import ALONE, World
-from stable_cnn.hardware import Runtime
 from stable_cnn.progress import EpochProgress
 from stable_cnn.step import StepOutcome, TrainStep, skips_on_device
+from stable_cnn.system.distributed import ALONE, World
+from stable_cnn.system.hardware import Runtime
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN, allocator)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.atomic import atomic_write
 from stable_cnn.errors import UserError
+from stable_cnn.system.atomic import atomic_write
 
 FORMAT = "stable-cnn/2"  # 2: the epoch's sums in one tensor, the resolved runtime recorded
 READABLE_FORMATS = ("stable-cnn/1", FORMAT)  # what eval and export can still load

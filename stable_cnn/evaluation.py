@@ -24,7 +24,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
-from stable_cnn.atomic import atomic_write
 from stable_cnn.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.data.build import build_splits
@@ -33,9 +32,15 @@ from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.hardware import Runtime, choose_memory_format, choose_precision, resolve_device
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.models import SmallCNN
+from stable_cnn.system.atomic import atomic_write
+from stable_cnn.system.hardware import (
+    Runtime,
+    choose_memory_format,
+    choose_precision,
+    resolve_device,
+)
 from stable_cnn.train import config_dir
 from stable_cnn.trained_model import checkpoint_path, rebuild_model, run_folder_of
 

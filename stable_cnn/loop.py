@@ -24,10 +24,6 @@ from stable_cnn.data.augment import normalize
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
-from stable_cnn.distributed import (
-    ALONE,
-    World,
-)
 from stable_cnn.engine import (
     EpochStats,
     EvalStats,
@@ -36,15 +32,19 @@ from stable_cnn.engine import (
     evaluate,
     train_one_epoch,
 )
-from stable_cnn.hardware import (
-    Runtime,
-)
 from stable_cnn.models import SmallCNN
-from stable_cnn.preemption import GracefulStop
 from stable_cnn.resume import earlier_outcome
 from stable_cnn.run_files import FAILURE_FILE
 from stable_cnn.run_lock import RunLock
-from stable_cnn.seeding import seed_everything
+from stable_cnn.system.distributed import (
+    ALONE,
+    World,
+)
+from stable_cnn.system.hardware import (
+    Runtime,
+)
+from stable_cnn.system.seeding import seed_everything
+from stable_cnn.system.signals import GracefulStop
 from stable_cnn.tracking import Hparams, RunTracker
 from stable_cnn.training import Training, agree_on_run, build_training, choose_runtime
 

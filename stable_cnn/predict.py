@@ -27,10 +27,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from stable_cnn.atomic import atomic_write
 from stable_cnn.errors import ConfigError, DataError, UserError
-from stable_cnn.hardware import resolve_device
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.system.atomic import atomic_write
+from stable_cnn.system.hardware import resolve_device
 from stable_cnn.train import config_dir
 from stable_cnn.trained_model import EXPORTED, ModelCard, checkpoint_path, load_trained_model
 

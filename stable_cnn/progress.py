@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stable_cnn.distributed import ALONE, World
+from stable_cnn.system.distributed import ALONE, World
 
 if TYPE_CHECKING:  # the step reports through it; it imports this module
     from stable_cnn.step import StepOutcome

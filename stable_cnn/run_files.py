@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stable_cnn.atomic import atomic_write
+from stable_cnn.system.atomic import atomic_write
 
 FAILURE_FILE = "failure.json"
 

@@ -17,8 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from stable_cnn.atomic import host_name
 from stable_cnn.errors import UserError
+from stable_cnn.system.atomic import host_name
 
 LOCK_FILE = "run.lock"
 # A look at a lock (``lock_holder``) holds it shared for an instant: a process taking it

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from stable_cnn.checkpoint import load_model_weights
-from stable_cnn.distributed import ALONE, World
 from stable_cnn.ema import WeightEMA
-from stable_cnn.hardware import Runtime
 from stable_cnn.progress import EpochProgress
 from stable_cnn.resume import restore_rng, rng_state
 from stable_cnn.schedulers import LRSchedule
+from stable_cnn.system.distributed import ALONE, World
+from stable_cnn.system.hardware import Runtime
 
 
 @dataclass

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.hardware import Precision, Runtime
 from stable_cnn.progress import EpochProgress
+from stable_cnn.system.hardware import Precision, Runtime
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:

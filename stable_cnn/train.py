@@ -27,7 +27,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from stable_cnn.config import RunConfig, register_schemas
-from stable_cnn.distributed import (
+from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
+from stable_cnn.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.loop import RunPreempted, train
+from stable_cnn.report import short_override, write_report
+from stable_cnn.resume import find_checkpoint
+from stable_cnn.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.system.distributed import (
     ALONE,
     World,
     check_devices,
@@ -35,14 +41,8 @@ from stable_cnn.distributed import (
     launch_local_workers,
     world_from_environment,
 )
-from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
-from stable_cnn.hardware import usable_cores
-from stable_cnn.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.loop import RunPreempted, train
-from stable_cnn.preemption import EXIT_PREEMPTED
-from stable_cnn.report import short_override, write_report
-from stable_cnn.resume import find_checkpoint
-from stable_cnn.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.system.hardware import usable_cores
+from stable_cnn.system.signals import EXIT_PREEMPTED
 from stable_cnn.tracking import Hparams
 
 log = logging.getLogger("stable_cnn")

@@ -19,17 +19,24 @@ from stable_cnn.checkpoint import load_checkpoint
 from stable_cnn.config import OneCycleConfig, RunConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
-from stable_cnn.distributed import (
+from stable_cnn.ema import WeightEMA
+from stable_cnn.errors import UserError
+from stable_cnn.global_batchnorm import GlobalBatchNorm
+from stable_cnn.models import SmallCNN
+from stable_cnn.optimizers import build_optimizer
+from stable_cnn.resume import locate_run
+from stable_cnn.run_lock import RunLock
+from stable_cnn.run_state import RunState
+from stable_cnn.schedulers import build_schedule
+from stable_cnn.step import TrainStep
+from stable_cnn.system.distributed import (
     ALONE,
     World,
     device_for,
     threads_per_process,
     wrap_for_training,
 )
-from stable_cnn.ema import WeightEMA
-from stable_cnn.errors import UserError
-from stable_cnn.global_batchnorm import GlobalBatchNorm
-from stable_cnn.hardware import (
+from stable_cnn.system.hardware import (
     Runtime,
     choose_memory_format,
     choose_precision,
@@ -40,14 +47,7 @@ from stable_cnn.hardware import (
     usable_cores,
     use_tf32,
 )
-from stable_cnn.models import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.resume import locate_run
-from stable_cnn.run_lock import RunLock
-from stable_cnn.run_state import RunState
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.seeding import seed_own_stream
-from stable_cnn.step import TrainStep
+from stable_cnn.system.seeding import seed_own_stream
 from stable_cnn.tracking import RunTracker, open_tracker
 
 log = logging.getLogger("stable_cnn")

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from stable_cnn.atomic import STALE_AFTER_S, atomic_write, host_name
+from stable_cnn.system.atomic import STALE_AFTER_S, atomic_write, host_name
 
 WRITER = """
 import hashlib, sys
 from pathlib import Path
-from stable_cnn.atomic import STALE_AFTER_S, host_name, atomic_write
+from stable_cnn.system.atomic import STALE_AFTER_S, host_name, atomic_write
 path, writer = Path(sys.argv[1]), int(sys.argv[2])
 for version in range(40):
     body = bytes([writer, version]) * (5000 + 3000 * ((writer + version) % 7))

@@ -15,13 +15,13 @@ from torch import nn
 from stable_cnn.capture import GraphedTrainStep
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.hardware import Runtime, choose_precision
 from stable_cnn.host_syncs import step_waits
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
-from stable_cnn.preemption import EXIT_PREEMPTED
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.step import TrainStep
+from stable_cnn.system.hardware import Runtime, choose_precision
+from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, run_cli
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 

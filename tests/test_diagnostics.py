@@ -13,9 +13,9 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.step import TrainStep
+from stable_cnn.system.hardware import FP32, Runtime
 from tests.conftest import TINY, compose_run, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 from tests.test_resume import TIMING

@@ -19,7 +19,10 @@ from omegaconf import OmegaConf
 from stable_cnn.checkpoint import save_checkpoint
 from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.distributed import (
+from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.resume import check_same_config, find_checkpoint
+from stable_cnn.run_lock import LOCK_FILE, RunLock
+from stable_cnn.system.distributed import (
     ALONE,
     World,
     check_devices,
@@ -28,10 +31,7 @@ from stable_cnn.distributed import (
     threads_per_process,
     world_from_environment,
 )
-from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.preemption import EXIT_PREEMPTED
-from stable_cnn.resume import check_same_config, find_checkpoint
-from stable_cnn.run_lock import LOCK_FILE, RunLock
+from stable_cnn.system.signals import EXIT_PREEMPTED
 from stable_cnn.train import worker_arguments
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import assert_same_run, wait_for_epochs
@@ -380,7 +380,7 @@ def test_a_checkpoint_from_before_sync_batchnorm_existed_still_resumes():
 
 REPEATED_SIGNAL = """
 import os, signal, time
-from stable_cnn.preemption import GracefulStop
+from stable_cnn.system.signals import GracefulStop
 with GracefulStop() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGTERM)  # the same request again (slurmstepd, then torchrun)

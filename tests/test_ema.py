@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stable_cnn.ema import WeightEMA
 from stable_cnn.models import SmallCNN
-from stable_cnn.preemption import EXIT_PREEMPTED
+from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import read_jsonl, run_cli
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 

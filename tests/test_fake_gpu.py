@@ -18,11 +18,11 @@ import torch
 
 from stable_cnn.checkpoint import save_checkpoint
 from stable_cnn.data.build import build_splits
-from stable_cnn.distributed import World, device_for
 from stable_cnn.errors import ConfigError
-from stable_cnn.hardware import FP32, Runtime, resolve_device
 from stable_cnn.resume import locate_run, restore_rng, rng_state
-from stable_cnn.seeding import seed_everything, stream_seed
+from stable_cnn.system.distributed import World, device_for
+from stable_cnn.system.hardware import FP32, Runtime, resolve_device
+from stable_cnn.system.seeding import seed_everything, stream_seed
 from stable_cnn.training import choose_runtime
 from tests.conftest import REPO, TINY, compose_run
 from tests.fake_gpu import A100, H100, V100

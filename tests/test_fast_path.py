@@ -12,8 +12,8 @@ from stable_cnn.data.augment import normalize, random_crop, random_flip
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.datasets import load_tensors
 from stable_cnn.engine import evaluate
-from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
+from stable_cnn.system.hardware import FP32, Runtime
 from tests.conftest import compose_run
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
@@ -112,7 +112,7 @@ def test_evaluation_is_identical_through_tensors_and_an_image_folder(tmp_path):
 def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
     import shutil
 
-    from stable_cnn.hardware import compile_model
+    from stable_cnn.system.hardware import compile_model
 
     monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C compiler
     model = SmallCNN(width=8)

@@ -16,11 +16,11 @@ from torch import nn
 from stable_cnn import loop as train_module
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.hardware import FP32, Runtime
 from stable_cnn.models import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.step import TrainStep
+from stable_cnn.system.hardware import FP32, Runtime
 from tests.conftest import compose_run
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stable_cnn.preemption import EXIT_PREEMPTED
 from stable_cnn.progress import SLOT
+from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 
@@ -246,7 +246,7 @@ def test_a_resume_at_another_precision_is_refused_and_can_be_forced(
     """amp=auto resolves per machine: a checkpoint from a machine that trained in another
     precision (bf16 there, fp32 here, or the other way round) is refused in one line
     that names both and the override that continues as the run started."""
-    from stable_cnn.hardware import choose_precision
+    from stable_cnn.system.hardware import choose_precision
 
     here = choose_precision("auto", torch.device("cpu")).name
     there = "fp32" if here == "bf16" else "bf16"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from stable_cnn.data.build import build_splits
-from stable_cnn.hardware import choose_precision
 from stable_cnn.resume import cuda_state_for, rng_state
-from stable_cnn.seeding import seed_everything, stream_seed
+from stable_cnn.system.hardware import choose_precision
+from stable_cnn.system.seeding import seed_everything, stream_seed
 from tests.conftest import TINY, compose_run, run_cli
 
 CUDA = torch.device("cuda")
@@ -75,9 +75,9 @@ def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Pat
 def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
     from stable_cnn.capture import GraphedTrainStep, build_train_step
     from stable_cnn.config import ClippingConfig, SGDConfig
-    from stable_cnn.hardware import FP32, Runtime
     from stable_cnn.models import SmallCNN
     from stable_cnn.optimizers import build_optimizer
+    from stable_cnn.system.hardware import FP32, Runtime
 
     model = SmallCNN(in_channels=1, width=4)
     optimizer = build_optimizer(model, SGDConfig())
@@ -101,11 +101,11 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
 
     from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
     from stable_cnn.engine import train_one_epoch
-    from stable_cnn.hardware import FP32, CompiledWithFallback, Runtime, compile_model
     from stable_cnn.models import SmallCNN
     from stable_cnn.optimizers import build_optimizer
     from stable_cnn.schedulers import build_schedule
     from stable_cnn.step import TrainStep
+    from stable_cnn.system.hardware import FP32, CompiledWithFallback, Runtime, compile_model
 
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     generator = torch.Generator().manual_seed(0)

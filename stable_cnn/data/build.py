@@ -12,7 +12,7 @@ from stable_cnn.config import DataConfig
 from stable_cnn.data.image_folder import image_folder_splits
 from stable_cnn.data.splits import ONE_PROCESS, DataSplits, Shard
 from stable_cnn.data.tensors import tensor_splits
-from stable_cnn.seeding import stream_seed
+from stable_cnn.system.seeding import stream_seed
 
 
 def build_splits(

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from stable_cnn.atomic import atomic_write
 from stable_cnn.config import DataConfig
 from stable_cnn.errors import DataError
+from stable_cnn.system.atomic import atomic_write
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",

@@ -22,7 +22,7 @@ from stable_cnn.data.splits import (
     split_indices,
 )
 from stable_cnn.errors import DataError
-from stable_cnn.hardware import loader_workers, usable_cores
+from stable_cnn.system.hardware import loader_workers, usable_cores
 
 
 def image_folder_splits(

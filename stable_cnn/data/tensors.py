@@ -20,7 +20,7 @@ from stable_cnn.data.splits import (
     first_n,
     split_indices,
 )
-from stable_cnn.seeding import stream_seed
+from stable_cnn.system.seeding import stream_seed
 
 
 class TensorBatches:
