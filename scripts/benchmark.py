@@ -34,7 +34,7 @@ from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.step import autocast, optimizer_step

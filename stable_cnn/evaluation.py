@@ -33,7 +33,7 @@ from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.hardware import (
     Runtime,

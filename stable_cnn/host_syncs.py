@@ -21,7 +21,7 @@ from torch import nn
 from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.system.hardware import Runtime, choose_precision, compile_model

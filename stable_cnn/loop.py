@@ -32,7 +32,7 @@ from stable_cnn.engine import (
     evaluate,
     train_one_epoch,
 )
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.resume import earlier_outcome
 from stable_cnn.run_files import FAILURE_FILE
 from stable_cnn.run_lock import RunLock

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stable_cnn.checkpoint import load_model_weights
-from stable_cnn.ema import WeightEMA
+from stable_cnn.models.ema import WeightEMA
 from stable_cnn.progress import EpochProgress
 from stable_cnn.resume import restore_rng, rng_state
 from stable_cnn.schedulers import LRSchedule

@@ -20,7 +20,7 @@ from torch import nn
 
 from stable_cnn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from stable_cnn.errors import ConfigError
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 
 log = logging.getLogger("stable_cnn")
 

@@ -19,10 +19,10 @@ from stable_cnn.checkpoint import load_checkpoint
 from stable_cnn.config import OneCycleConfig, RunConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
-from stable_cnn.ema import WeightEMA
 from stable_cnn.errors import UserError
-from stable_cnn.global_batchnorm import GlobalBatchNorm
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.ema import WeightEMA
+from stable_cnn.models.global_batchnorm import GlobalBatchNorm
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.resume import locate_run
 from stable_cnn.run_lock import RunLock

@@ -9,7 +9,7 @@ import torch
 
 from stable_cnn.config import AmpConfig
 from stable_cnn.data.build import build_splits
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.system.hardware import choose_precision

@@ -16,7 +16,7 @@ from stable_cnn.capture import GraphedTrainStep
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
 from stable_cnn.host_syncs import step_waits
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.schedulers import build_schedule
 from stable_cnn.step import TrainStep
@@ -183,7 +183,7 @@ def test_global_batchnorm_never_makes_the_host_wait(monkeypatch: pytest.MonkeyPa
 
     import torch.distributed as dist
 
-    from stable_cnn.global_batchnorm import GlobalBatchNorm
+    from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

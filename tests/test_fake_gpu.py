@@ -175,7 +175,7 @@ def test_the_gradient_snapshot_puts_the_gpus_random_state_back(fake_gpu):
     import warnings
 
     from stable_cnn.diagnostics import gradient_snapshot
-    from stable_cnn.models import SmallCNN
+    from stable_cnn.models.small_cnn import SmallCNN
 
     fake_gpu.count = 2
     model = SmallCNN(in_channels=1, width=4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 
 
 class TutorialConvBlock(nn.Module):

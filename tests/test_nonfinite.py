@@ -10,7 +10,7 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
 from stable_cnn.engine import train_one_epoch
-from stable_cnn.models import SmallCNN
+from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.progress import SLOT
 from stable_cnn.schedulers import build_schedule

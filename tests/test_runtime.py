@@ -75,7 +75,7 @@ def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Pat
 def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
     from stable_cnn.capture import GraphedTrainStep, build_train_step
     from stable_cnn.config import ClippingConfig, SGDConfig
-    from stable_cnn.models import SmallCNN
+    from stable_cnn.models.small_cnn import SmallCNN
     from stable_cnn.optimizers import build_optimizer
     from stable_cnn.system.hardware import FP32, Runtime
 
@@ -101,7 +101,7 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
 
     from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
     from stable_cnn.engine import train_one_epoch
-    from stable_cnn.models import SmallCNN
+    from stable_cnn.models.small_cnn import SmallCNN
     from stable_cnn.optimizers import build_optimizer
     from stable_cnn.schedulers import build_schedule
     from stable_cnn.step import TrainStep

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from stable_cnn.config import ClippingConfig, SGDConfig
-from stable_cnn.global_batchnorm import GlobalBatchNorm
+from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.optimizers import build_optimizer
 from stable_cnn.progress import EpochProgress
 from stable_cnn.step import TrainStep

@@ -1,0 +1,1 @@
+"""The networks: the SmallCNN, the BatchNorm over all processes, the weight average."""
