@@ -25,7 +25,7 @@ import torch
 
 from stable_cnn.evaluation import training_accuracy
 from stable_cnn.report import RunRecord, find_runs
-from stable_cnn.run_files import read_metrics
+from stable_cnn.state.run_files import read_metrics
 from stable_cnn.system.hardware import describe_cpu, resolve_device, usable_cores
 
 # conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.progress import EpochProgress
+from stable_cnn.state.progress import EpochProgress
 from stable_cnn.step import StepOutcome, TrainStep, skips_on_device
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime

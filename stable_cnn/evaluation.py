@@ -24,7 +24,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
-from stable_cnn.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
@@ -34,6 +33,7 @@ from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.hardware import (
     Runtime,

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.config import RunConfig
 from stable_cnn.data.augment import normalize
 from stable_cnn.data.splits import DataSplits
@@ -33,9 +32,10 @@ from stable_cnn.engine import (
     train_one_epoch,
 )
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.resume import earlier_outcome
-from stable_cnn.run_files import FAILURE_FILE
-from stable_cnn.run_lock import RunLock
+from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from stable_cnn.state.resume import earlier_outcome
+from stable_cnn.state.run_files import FAILURE_FILE
+from stable_cnn.state.run_lock import RunLock
 from stable_cnn.system.distributed import (
     ALONE,
     World,

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stable_cnn.errors import UserError
-from stable_cnn.run_files import holds_a_record, read_failure, read_metrics
+from stable_cnn.state.run_files import holds_a_record, read_failure, read_metrics
 
 # Overrides that do not change what a run computes, or only choose how the sweep runs:
 # left out of run names (overrides shared by every run are listed once, above the table).

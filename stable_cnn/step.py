@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.progress import EpochProgress
+from stable_cnn.state.progress import EpochProgress
 from stable_cnn.system.hardware import Precision, Runtime
 
 

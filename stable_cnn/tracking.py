@@ -43,7 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from stable_cnn.engine import EpochStats, EvalStats
-from stable_cnn.run_files import FAILURE_FILE, read_metrics, record_failure
+from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failure
 from stable_cnn.system.atomic import atomic_write
 
 

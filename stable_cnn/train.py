@@ -31,8 +31,8 @@ from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.loop import RunPreempted, train
 from stable_cnn.report import short_override, write_report
-from stable_cnn.resume import find_checkpoint
-from stable_cnn.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.state.resume import find_checkpoint
+from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
 from stable_cnn.system.distributed import (
     ALONE,
     World,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from stable_cnn.errors import ConfigError
 from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 log = logging.getLogger("stable_cnn")
 

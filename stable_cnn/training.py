@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from stable_cnn.capture import build_train_step
-from stable_cnn.checkpoint import load_checkpoint
 from stable_cnn.config import OneCycleConfig, RunConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
@@ -24,10 +23,11 @@ from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.optimizers import build_optimizer
-from stable_cnn.resume import locate_run
-from stable_cnn.run_lock import RunLock
-from stable_cnn.run_state import RunState
 from stable_cnn.schedulers import build_schedule
+from stable_cnn.state.checkpoint import load_checkpoint
+from stable_cnn.state.resume import locate_run
+from stable_cnn.state.run_lock import RunLock
+from stable_cnn.state.run_state import RunState
 from stable_cnn.step import TrainStep
 from stable_cnn.system.distributed import (
     ALONE,

@@ -223,9 +223,9 @@ def test_stable_cnn_eval_keeps_the_training_images_off_the_gpu(tmp_path: Path):
     """Testing a checkpoint needs its test split on the GPU, not the training split."""
     from omegaconf import OmegaConf
 
-    from stable_cnn.checkpoint import save_checkpoint
     from stable_cnn.data.splits import DatasetInfo
     from stable_cnn.evaluation import load_for_evaluation, training_accuracy
+    from stable_cnn.state.checkpoint import save_checkpoint
     from stable_cnn.training import build_model, model_config
     from tests.conftest import compose_config, compose_run
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stable_cnn.checkpoint import save_checkpoint
 from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.resume import check_same_config, find_checkpoint
-from stable_cnn.run_lock import LOCK_FILE, RunLock
+from stable_cnn.state.checkpoint import save_checkpoint
+from stable_cnn.state.resume import check_same_config, find_checkpoint
+from stable_cnn.state.run_lock import LOCK_FILE, RunLock
 from stable_cnn.system.distributed import (
     ALONE,
     World,
@@ -279,7 +279,7 @@ def test_resuming_with_another_number_of_processes_is_one_line(
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from stable_cnn.run_lock import RunLock
+from stable_cnn.state.run_lock import RunLock
 RunLock().acquire_for(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(60)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stable_cnn.checkpoint import load_checkpoint
 from stable_cnn.data.datasets import load_tensors
 from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.state.checkpoint import load_checkpoint
 from stable_cnn.trained_model import load_trained_model
 from tests.conftest import compose_run, run_cli
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stable_cnn.checkpoint import save_checkpoint
 from stable_cnn.data.build import build_splits
 from stable_cnn.errors import ConfigError
-from stable_cnn.resume import locate_run, restore_rng, rng_state
+from stable_cnn.state.checkpoint import save_checkpoint
+from stable_cnn.state.resume import locate_run, restore_rng, rng_state
 from stable_cnn.system.distributed import World, device_for
 from stable_cnn.system.hardware import FP32, Runtime, resolve_device
 from stable_cnn.system.seeding import seed_everything, stream_seed

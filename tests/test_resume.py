@@ -15,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stable_cnn.progress import SLOT
+from stable_cnn.state.progress import SLOT
 from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
@@ -178,7 +178,7 @@ def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Pa
 SAVE_FOREVER = """
 import sys, torch
 from pathlib import Path
-from stable_cnn.checkpoint import save_checkpoint
+from stable_cnn.state.checkpoint import save_checkpoint
 path, step = Path(sys.argv[1]), 0
 big = torch.zeros(2_000_000)  # 8 MB: each save takes a while, so kills land mid-write
 while True:
@@ -189,7 +189,7 @@ while True:
 
 
 def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Path):
-    from stable_cnn.checkpoint import load_checkpoint, save_checkpoint
+    from stable_cnn.state.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     for attempt in range(5):
@@ -208,7 +208,7 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Pa
 FILL_THE_DISK = """
 import resource, signal, sys, torch
 from pathlib import Path
-from stable_cnn.checkpoint import CheckpointError, save_checkpoint
+from stable_cnn.state.checkpoint import CheckpointError, save_checkpoint
 path = Path(sys.argv[1])
 save_checkpoint({"step": 1, "weights": torch.zeros(1000)}, path)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
@@ -221,7 +221,7 @@ except CheckpointError as err:
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path: Path):
-    from stable_cnn.checkpoint import load_checkpoint
+    from stable_cnn.state.checkpoint import load_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     done = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(path)],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stable_cnn.data.build import build_splits
-from stable_cnn.resume import cuda_state_for, rng_state
+from stable_cnn.state.resume import cuda_state_for, rng_state
 from stable_cnn.system.hardware import choose_precision
 from stable_cnn.system.seeding import seed_everything, stream_seed
 from tests.conftest import TINY, compose_run, run_cli

@@ -19,7 +19,7 @@ from torch import nn
 from stable_cnn.config import ClippingConfig, SGDConfig
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.optimizers import build_optimizer
-from stable_cnn.progress import EpochProgress
+from stable_cnn.state.progress import EpochProgress
 from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import FP32, Runtime
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from stable_cnn.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from stable_cnn.errors import TrainingDiverged, UserError
-from stable_cnn.run_files import has_diverged, holds_a_run, is_finished, read_failure
-from stable_cnn.run_lock import describe_holder, lock_holder
+from stable_cnn.state.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from stable_cnn.state.run_files import has_diverged, holds_a_run, is_finished, read_failure
+from stable_cnn.state.run_lock import describe_holder, lock_holder
 from stable_cnn.system.hardware import Runtime
 
 log = logging.getLogger(__name__)

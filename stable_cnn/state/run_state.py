@@ -11,18 +11,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from stable_cnn.checkpoint import load_model_weights
 from stable_cnn.models.ema import WeightEMA
-from stable_cnn.progress import EpochProgress
-from stable_cnn.resume import restore_rng, rng_state
-from stable_cnn.schedulers import LRSchedule
+from stable_cnn.state.checkpoint import load_model_weights
+from stable_cnn.state.progress import EpochProgress
+from stable_cnn.state.resume import restore_rng, rng_state
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
+
+if TYPE_CHECKING:  # the schedule is training's; the state only saves and restores it
+    from stable_cnn.training.schedulers import LRSchedule
 
 
 @dataclass
