@@ -30,14 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
 from stable_cnn.data.build import build_splits
-from stable_cnn.engine import train_one_epoch
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import autocast, optimizer_step
 from stable_cnn.system.hardware import (
     FP32,
     Precision,
@@ -49,7 +44,12 @@ from stable_cnn.system.hardware import (
     describe_cpu,
     resolve_device,
 )
-from stable_cnn.tracking import RunTracker
+from stable_cnn.training.captured_step import build_train_step
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import autocast, optimizer_step
+from stable_cnn.training.tracking import RunTracker
 
 CLIP = ClippingConfig("norm", max_norm=1.0)
 

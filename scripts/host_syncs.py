@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from stable_cnn.host_syncs import step_waits
 from stable_cnn.system.hardware import resolve_device
+from stable_cnn.training.host_syncs import step_waits
 
 
 def main() -> None:

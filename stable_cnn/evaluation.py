@@ -28,8 +28,6 @@ from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.diagnostics import confusion_figure, per_class_accuracy
-from stable_cnn.engine import evaluate
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.models.small_cnn import SmallCNN
@@ -43,6 +41,8 @@ from stable_cnn.system.hardware import (
 )
 from stable_cnn.train import config_dir
 from stable_cnn.trained_model import checkpoint_path, rebuild_model, run_folder_of
+from stable_cnn.training.diagnostics import confusion_figure, per_class_accuracy
+from stable_cnn.training.epoch import evaluate
 
 log = logging.getLogger("stable_cnn")
 

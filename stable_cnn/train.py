@@ -29,7 +29,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.loop import RunPreempted, train
 from stable_cnn.report import short_override, write_report
 from stable_cnn.state.resume import find_checkpoint
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
@@ -43,7 +42,8 @@ from stable_cnn.system.distributed import (
 )
 from stable_cnn.system.hardware import usable_cores
 from stable_cnn.system.signals import EXIT_PREEMPTED
-from stable_cnn.tracking import Hparams
+from stable_cnn.training.fit import RunPreempted, train
+from stable_cnn.training.tracking import Hparams
 
 log = logging.getLogger("stable_cnn")
 

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 
 from stable_cnn.config import RunConfig
 from stable_cnn.data.datasets import install_idx_files
-from stable_cnn.host_syncs import counting_host_waits
 from stable_cnn.train import config_dir, parse_run_config
+from stable_cnn.training.host_syncs import counting_host_waits
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -34,7 +34,7 @@ TINY = [
 
 @pytest.fixture
 def host_reads() -> Counter:
-    """Counts every read of a tensor value by the host, by method (stable_cnn.host_syncs)."""
+    """Counts every read of a tensor value by the host, by method (training/host_syncs.py)."""
     with counting_host_waits() as counts:
         yield counts
 

@@ -10,10 +10,10 @@ import torch
 from stable_cnn.config import AmpConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
 from stable_cnn.system.hardware import choose_precision
 from stable_cnn.train import config_dir
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
 from tests.conftest import TINY, compose_config, compose_run, run_cli
 
 CONF = Path(config_dir())

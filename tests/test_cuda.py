@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn.capture import GraphedTrainStep
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
-from stable_cnn.engine import train_one_epoch
-from stable_cnn.host_syncs import step_waits
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import Runtime, choose_precision
 from stable_cnn.system.signals import EXIT_PREEMPTED
+from stable_cnn.training.captured_step import GraphedTrainStep
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.host_syncs import step_waits
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import TrainStep
 from tests.conftest import TINY, run_cli
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 
@@ -226,7 +226,7 @@ def test_stable_cnn_eval_keeps_the_training_images_off_the_gpu(tmp_path: Path):
     from stable_cnn.data.splits import DatasetInfo
     from stable_cnn.evaluation import load_for_evaluation, training_accuracy
     from stable_cnn.state.checkpoint import save_checkpoint
-    from stable_cnn.training import build_model, model_config
+    from stable_cnn.training.build import build_model, model_config
     from tests.conftest import compose_config, compose_run
 
     overrides = [*TINY, "data.num_train=2048"]

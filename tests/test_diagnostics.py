@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.engine import train_one_epoch
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import FP32, Runtime
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import TrainStep
 from tests.conftest import TINY, compose_run, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 from tests.test_resume import TIMING

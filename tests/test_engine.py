@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn import loop as train_module
 from stable_cnn.config import ClippingConfig
-from stable_cnn.step import clip_gradients, optimizer_step
+from stable_cnn.training import fit as train_module
+from stable_cnn.training.step import clip_gradients, optimizer_step
 from tests.conftest import TINY, compose_run
 
 

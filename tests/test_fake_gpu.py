@@ -23,7 +23,7 @@ from stable_cnn.state.resume import locate_run, restore_rng, rng_state
 from stable_cnn.system.distributed import World, device_for
 from stable_cnn.system.hardware import FP32, Runtime, resolve_device
 from stable_cnn.system.seeding import seed_everything, stream_seed
-from stable_cnn.training import choose_runtime
+from stable_cnn.training.build import choose_runtime
 from tests.conftest import REPO, TINY, compose_run
 from tests.fake_gpu import A100, H100, V100
 from tests.test_data import write_image_folder
@@ -174,8 +174,8 @@ def test_the_gradient_snapshot_puts_the_gpus_random_state_back(fake_gpu):
     the model itself stays on the CPU, where autocast for CUDA does nothing)."""
     import warnings
 
-    from stable_cnn.diagnostics import gradient_snapshot
     from stable_cnn.models.small_cnn import SmallCNN
+    from stable_cnn.training.diagnostics import gradient_snapshot
 
     fake_gpu.count = 2
     model = SmallCNN(in_channels=1, width=4)

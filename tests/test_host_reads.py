@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stable_cnn import loop as train_module
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
-from stable_cnn.engine import train_one_epoch
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
-from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import FP32, Runtime
+from stable_cnn.training import fit as train_module
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import TrainStep
 from tests.conftest import compose_run
 
 

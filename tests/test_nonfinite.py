@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
-from stable_cnn.engine import train_one_epoch
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
 from stable_cnn.state.progress import SLOT
-from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import FP32, Runtime
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import TrainStep
 from tests.conftest import TINY, run_cli
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)

@@ -73,11 +73,11 @@ def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Pat
 
 
 def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
-    from stable_cnn.capture import GraphedTrainStep, build_train_step
     from stable_cnn.config import ClippingConfig, SGDConfig
     from stable_cnn.models.small_cnn import SmallCNN
-    from stable_cnn.optimizers import build_optimizer
     from stable_cnn.system.hardware import FP32, Runtime
+    from stable_cnn.training.captured_step import GraphedTrainStep, build_train_step
+    from stable_cnn.training.optimizers import build_optimizer
 
     model = SmallCNN(in_channels=1, width=4)
     optimizer = build_optimizer(model, SGDConfig())
@@ -100,12 +100,12 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
     from torch import nn
 
     from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
-    from stable_cnn.engine import train_one_epoch
     from stable_cnn.models.small_cnn import SmallCNN
-    from stable_cnn.optimizers import build_optimizer
-    from stable_cnn.schedulers import build_schedule
-    from stable_cnn.step import TrainStep
     from stable_cnn.system.hardware import FP32, CompiledWithFallback, Runtime, compile_model
+    from stable_cnn.training.epoch import train_one_epoch
+    from stable_cnn.training.optimizers import build_optimizer
+    from stable_cnn.training.schedulers import build_schedule
+    from stable_cnn.training.step import TrainStep
 
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     generator = torch.Generator().manual_seed(0)

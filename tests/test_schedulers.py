@@ -16,7 +16,7 @@ from stable_cnn.config import (
     SchedulerConfig,
     StepConfig,
 )
-from stable_cnn.schedulers import build_schedule
+from stable_cnn.training.schedulers import build_schedule
 
 PEAK = 0.1
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig, SGDConfig
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
-from stable_cnn.optimizers import build_optimizer
 from stable_cnn.state.progress import EpochProgress
-from stable_cnn.step import TrainStep
 from stable_cnn.system.hardware import FP32, Runtime
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.step import TrainStep
 
 pytestmark = pytest.mark.slow  # each test starts two processes (a few seconds)
 

@@ -13,7 +13,7 @@ import torch
 from stable_cnn.system.distributed import ALONE, World
 
 if TYPE_CHECKING:  # the step reports through it; it imports this module
-    from stable_cnn.step import StepOutcome
+    from stable_cnn.training.step import StepOutcome
 
 # Loss-spike detection: the running mean follows the batch loss with this weight per step
 # (an exponential mean over about 1 / LOSS_MEAN_RATE = 50 steps), and counts spikes only

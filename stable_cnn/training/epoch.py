@@ -19,11 +19,11 @@ from tqdm import tqdm
 from stable_cnn.data.augment import flip_averaged_logits
 from stable_cnn.errors import TrainingDiverged
 from stable_cnn.models.ema import WeightEMA
-from stable_cnn.schedulers import LRSchedule
 from stable_cnn.state.progress import SLOT, EpochProgress, across_processes
-from stable_cnn.step import StepOutcome, TrainStep, autocast
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
+from stable_cnn.training.schedulers import LRSchedule
+from stable_cnn.training.step import StepOutcome, TrainStep, autocast
 
 StepLogger = Callable[[int, dict[str, float]], None]
 

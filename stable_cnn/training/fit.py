@@ -22,15 +22,6 @@ from stable_cnn.config import RunConfig
 from stable_cnn.data.augment import normalize
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.diagnostics import STAGES, confusion_figure, gradient_snapshot, model_health
-from stable_cnn.engine import (
-    EpochStats,
-    EvalStats,
-    TrainingDiverged,
-    ensure_finite,
-    evaluate,
-    train_one_epoch,
-)
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.state.resume import earlier_outcome
@@ -45,8 +36,22 @@ from stable_cnn.system.hardware import (
 )
 from stable_cnn.system.seeding import seed_everything
 from stable_cnn.system.signals import GracefulStop
-from stable_cnn.tracking import Hparams, RunTracker
-from stable_cnn.training import Training, agree_on_run, build_training, choose_runtime
+from stable_cnn.training.build import Training, agree_on_run, build_training, choose_runtime
+from stable_cnn.training.diagnostics import (
+    STAGES,
+    confusion_figure,
+    gradient_snapshot,
+    model_health,
+)
+from stable_cnn.training.epoch import (
+    EpochStats,
+    EvalStats,
+    TrainingDiverged,
+    ensure_finite,
+    evaluate,
+    train_one_epoch,
+)
+from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
 

@@ -23,9 +23,9 @@ import torch
 
 from stable_cnn.config import ClippingConfig
 from stable_cnn.state.progress import EpochProgress
-from stable_cnn.step import StepOutcome, TrainStep, skips_on_device
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
+from stable_cnn.training.step import StepOutcome, TrainStep, skips_on_device
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN, allocator)

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stable_cnn.capture import build_train_step
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
-from stable_cnn.engine import train_one_epoch
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
 from stable_cnn.system.hardware import Runtime, choose_precision, compile_model
+from stable_cnn.training.captured_step import build_train_step
+from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
 
 # Every way Python reads a tensor's value; on a GPU each one waits for the device.
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")

@@ -8,7 +8,7 @@ from torch import nn
 
 from stable_cnn.config import AdamWConfig, OptimizerConfig, SGDConfig
 from stable_cnn.errors import ConfigError
-from stable_cnn.step import start_momentum_at_zero
+from stable_cnn.training.step import start_momentum_at_zero
 
 
 def parameter_groups(

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.capture import build_train_step
 from stable_cnn.config import OneCycleConfig, RunConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
@@ -22,13 +21,10 @@ from stable_cnn.errors import UserError
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.optimizers import build_optimizer
-from stable_cnn.schedulers import build_schedule
 from stable_cnn.state.checkpoint import load_checkpoint
 from stable_cnn.state.resume import locate_run
 from stable_cnn.state.run_lock import RunLock
 from stable_cnn.state.run_state import RunState
-from stable_cnn.step import TrainStep
 from stable_cnn.system.distributed import (
     ALONE,
     World,
@@ -48,7 +44,11 @@ from stable_cnn.system.hardware import (
     use_tf32,
 )
 from stable_cnn.system.seeding import seed_own_stream
-from stable_cnn.tracking import RunTracker, open_tracker
+from stable_cnn.training.captured_step import build_train_step
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.step import TrainStep
+from stable_cnn.training.tracking import RunTracker, open_tracker
 
 log = logging.getLogger("stable_cnn")
 

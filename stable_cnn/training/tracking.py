@@ -42,9 +42,9 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from stable_cnn.engine import EpochStats, EvalStats
 from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failure
 from stable_cnn.system.atomic import atomic_write
+from stable_cnn.training.epoch import EpochStats, EvalStats
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.step import autocast
 from stable_cnn.system.hardware import Runtime
+from stable_cnn.training.step import autocast
 
 log = logging.getLogger(__name__)
 
