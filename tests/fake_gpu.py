@@ -111,6 +111,6 @@ def run_cli_on_fake_gpu(count: int, name: str, major: int, minor: int, *args: st
 
     FakeGPU(count, name, (major, minor)).install()
     sys.argv = ["stable-cnn-train", *args]
-    from stable_cnn.train import cli
+    from stable_cnn.cli.train import cli
 
     cli()

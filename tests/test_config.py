@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stable_cnn.cli.train import config_dir
 from stable_cnn.config import AmpConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import choose_precision
-from stable_cnn.train import config_dir
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from tests.conftest import TINY, compose_config, compose_run, run_cli

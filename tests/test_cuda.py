@@ -224,9 +224,9 @@ def test_stable_cnn_eval_keeps_the_training_images_off_the_gpu(tmp_path: Path):
     from omegaconf import OmegaConf
 
     from stable_cnn.data.splits import DatasetInfo
-    from stable_cnn.evaluation import load_for_evaluation, training_accuracy
     from stable_cnn.state.checkpoint import save_checkpoint
     from stable_cnn.training.build import build_model, model_config
+    from stable_cnn.training.evaluation import load_for_evaluation, training_accuracy
     from tests.conftest import compose_config, compose_run
 
     overrides = [*TINY, "data.num_train=2048"]

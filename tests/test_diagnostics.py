@@ -149,7 +149,7 @@ def test_eval_command_reproduces_the_runs_test_accuracy(tmp_path: Path):
 
 @pytest.mark.slow
 def test_ablation_driver_writes_a_row_per_variant_and_setting(tmp_path: Path):
-    from stable_cnn.ablation import VARIANTS
+    from stable_cnn.studies.ablation import VARIANTS
 
     report = tmp_path / "docs" / "ablation.md"
     ablate = str(Path(sys.executable).parent / "stable-cnn-ablate")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from stable_cnn.cli.train import worker_arguments
 from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError, UserError
@@ -32,7 +33,6 @@ from stable_cnn.system.distributed import (
     world_from_environment,
 )
 from stable_cnn.system.signals import EXIT_PREEMPTED
-from stable_cnn.train import worker_arguments
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import assert_same_run, wait_for_epochs
 
@@ -184,7 +184,7 @@ def test_sharded_evaluation_equals_one_process_on_the_same_checkpoint(
     two_process_run: Path, tmp_path: Path
 ):
     done = subprocess.run(
-        [sys.executable, "-m", "stable_cnn.evaluation", f"checkpoint={two_process_run}",
+        [sys.executable, "-m", "stable_cnn.training.evaluation", f"checkpoint={two_process_run}",
          "out=eval"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

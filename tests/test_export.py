@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from stable_cnn.data.datasets import load_tensors
+from stable_cnn.deploy.trained_model import load_trained_model
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import load_checkpoint
-from stable_cnn.trained_model import load_trained_model
 from tests.conftest import compose_run, run_cli
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,7 @@ def test_non_editable_install_ships_the_configs(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "name: plateau" in done.stdout
     where = subprocess.run(
-        [sys.executable, "-c", "import stable_cnn.train as t; print(t.config_dir())"],
+        [sys.executable, "-c", "import stable_cnn.cli.train as t; print(t.config_dir())"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert where.stdout.strip().startswith(str(target))

@@ -311,7 +311,7 @@ SHUTDOWN_GRACE_S = 300
 
 
 def launch_local_workers(devices: int, arguments: list[str], preempted_status: int) -> int:
-    """Start ``devices`` processes of ``python -m stable_cnn.train arguments`` on this
+    """Start ``devices`` processes of ``python -m stable_cnn.cli.train arguments`` on this
     machine through torch.distributed's elastic launcher (torchrun's engine) and wait
     for them; returns the exit status the command should end with: ``preempted_status``
     if any worker stopped for a signal, else the first non-zero status, else 0."""
@@ -331,7 +331,7 @@ def launch_local_workers(devices: int, arguments: list[str], preempted_status: i
     )  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each worker sets its own thread count
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "stable_cnn.train", *arguments)
+        elastic_launch(config, sys.executable)("-u", "-m", "stable_cnn.cli.train", *arguments)
     except ChildFailedError as failed:
         statuses = [failure.exitcode for failure in failed.failures.values()]
         if preempted_status in statuses:

@@ -27,12 +27,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.cli.train import config_dir
+from stable_cnn.deploy.trained_model import EXPORTED, ModelCard, checkpoint_path, load_trained_model
 from stable_cnn.errors import ConfigError, DataError, UserError
-from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.hardware import resolve_device
-from stable_cnn.train import config_dir
-from stable_cnn.trained_model import EXPORTED, ModelCard, checkpoint_path, load_trained_model
 
 log = logging.getLogger("stable_cnn")
 
@@ -199,6 +199,6 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    from stable_cnn.predict import cli as package_cli
+    from stable_cnn.deploy.predict import cli as package_cli
 
     package_cli()

@@ -25,11 +25,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.system.atomic import atomic_write
-from stable_cnn.train import config_dir
-from stable_cnn.trained_model import (
+from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.cli.train import config_dir
+from stable_cnn.deploy.trained_model import (
     EXPORTED,
     PT2_CARD_FILE,
     ModelCard,
@@ -39,6 +37,8 @@ from stable_cnn.trained_model import (
     load_trained_model,
     run_folder_of,
 )
+from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.system.atomic import atomic_write
 
 log = logging.getLogger("stable_cnn")
 
@@ -204,6 +204,6 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    from stable_cnn.export import cli as package_cli
+    from stable_cnn.deploy.export import cli as package_cli
 
     package_cli()

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stable_cnn.ablation import (
+from stable_cnn.studies.ablation import (
     COLLAPSED_BELOW,
     SeedOutcomes,
     describe_machine,
@@ -29,7 +29,7 @@ from stable_cnn.ablation import (
     spread,
     standard_error,
 )
-from stable_cnn.report import RunRecord, find_runs
+from stable_cnn.studies.report import RunRecord, find_runs
 
 # conf/ablation/<name>.yaml, applied to the default recipe.
 VARIANTS: dict[str, str] = {

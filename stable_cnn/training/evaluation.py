@@ -24,12 +24,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
+from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.cli.train import config_dir
 from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
+from stable_cnn.deploy.trained_model import checkpoint_path, rebuild_model, run_folder_of
 from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.system.atomic import atomic_write
@@ -39,8 +41,6 @@ from stable_cnn.system.hardware import (
     choose_precision,
     resolve_device,
 )
-from stable_cnn.train import config_dir
-from stable_cnn.trained_model import checkpoint_path, rebuild_model, run_folder_of
 from stable_cnn.training.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.training.epoch import evaluate
 
@@ -205,6 +205,6 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    from stable_cnn.evaluation import cli as package_cli
+    from stable_cnn.training.evaluation import cli as package_cli
 
     package_cli()

@@ -26,12 +26,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
-from stable_cnn.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.report import short_override, write_report
 from stable_cnn.state.resume import find_checkpoint
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.studies.report import short_override, write_report
 from stable_cnn.system.distributed import (
     ALONE,
     World,
@@ -51,7 +51,7 @@ log = logging.getLogger("stable_cnn")
 def config_dir() -> str:
     """conf/ at the repository root (source checkout, editable install), else the copy
     shipped inside the package (``pip install .``)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # stable_cnn/
     for candidate in (package.parent / "conf", package / "conf"):
         if (candidate / "config.yaml").is_file():
             return str(candidate)
@@ -407,8 +407,8 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    # Run the copy imported as stable_cnn.train, not this __main__ one: launchers that
+    # Run the copy imported as stable_cnn.cli.train, not this __main__ one: launchers that
     # pickle the task function (joblib, submitit) find it by its module's name.
-    from stable_cnn.train import cli as package_cli
+    from stable_cnn.cli.train import cli as package_cli
 
     package_cli()

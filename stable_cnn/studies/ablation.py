@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from stable_cnn.evaluation import training_accuracy
-from stable_cnn.report import RunRecord, find_runs
 from stable_cnn.state.run_files import read_metrics
+from stable_cnn.studies.report import RunRecord, find_runs
 from stable_cnn.system.hardware import describe_cpu, resolve_device, usable_cores
+from stable_cnn.training.evaluation import training_accuracy
 
 # conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the
-# group also holds the stability map's other variants: stable_cnn/stability_map.py).
+# group also holds the stability map's other variants: stable_cnn/studies/stability_map.py).
 VARIANTS: dict[str, str] = {
     "full": "the tutorial's recipe: BatchNorm, dropout, clipping, cosine schedule, AMP",
     "no_batchnorm": "no BatchNorm (conv bias back on)",
@@ -87,7 +87,7 @@ def run_variant_sweep(
     skips what is done), its output appended to ``out/log_name``; returns its exit status
     (a diverged run is not an error, a failed one is: its row then shows fewer runs).
     The ablation and the stability map both run this way."""
-    command = [sys.executable, "-m", "stable_cnn.train", "-m", *base,
+    command = [sys.executable, "-m", "stable_cnn.cli.train", "-m", *base,
                "ablation=" + ",".join(names),
                "optimizer.lr=" + ",".join(str(lr) for lr in learning_rates),
                f"trainer.seed=range({seeds})", "trainer.resume=auto",

@@ -1,0 +1,1 @@
+"""A trained model outside the trainer: rebuilt from its checkpoint, exported, predicting."""

@@ -1,0 +1,1 @@
+"""Studies of many runs: the sweep report, the ablation, the stability map."""
