@@ -13,7 +13,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from stable_cnn.cli.train import config_dir, parse_run_config
+from stable_cnn.cli.conf import config_dir
+from stable_cnn.cli.train import parse_run_config
 from stable_cnn.config import RunConfig
 from stable_cnn.data.datasets import install_idx_files
 from stable_cnn.training.host_syncs import counting_host_waits

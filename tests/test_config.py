@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stable_cnn.cli.train import config_dir
+from stable_cnn.cli.conf import config_dir
 from stable_cnn.config import AmpConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.models.small_cnn import SmallCNN

@@ -260,7 +260,7 @@ def test_erasing_off_draws_nothing_and_changes_nothing():
 def test_flip_tta_averages_the_logits_of_both_mirror_images():
     from stable_cnn.models.small_cnn import SmallCNN
     from stable_cnn.system.hardware import FP32, Runtime
-    from stable_cnn.training.epoch import evaluate
+    from stable_cnn.training.evaluation import evaluate
 
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, width=4).eval()

@@ -184,7 +184,7 @@ def test_sharded_evaluation_equals_one_process_on_the_same_checkpoint(
     two_process_run: Path, tmp_path: Path
 ):
     done = subprocess.run(
-        [sys.executable, "-m", "stable_cnn.training.evaluation", f"checkpoint={two_process_run}",
+        [sys.executable, "-m", "stable_cnn.cli.eval", f"checkpoint={two_process_run}",
          "out=eval"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

@@ -188,6 +188,6 @@ def test_the_gradient_snapshot_puts_the_gpus_random_state_back(fake_gpu):
 
 
 def test_study_reports_name_the_gpu_they_ran_on(fake_gpu):
-    from stable_cnn.studies.ablation import describe_machine
+    from stable_cnn.studies.sweep import describe_machine
 
     assert describe_machine("auto") == f"{H100[0]}, torch {torch.__version__}"

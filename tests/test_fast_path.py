@@ -13,7 +13,7 @@ from stable_cnn.data.build import build_splits
 from stable_cnn.data.datasets import load_tensors
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import FP32, Runtime
-from stable_cnn.training.epoch import evaluate
+from stable_cnn.training.evaluation import evaluate
 from tests.conftest import compose_run
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)

@@ -105,7 +105,7 @@ def test_map_driver_writes_every_variant_and_learning_rate(tmp_path: Path):
     ],
 )
 def test_bad_arguments_stop_in_one_line_before_any_run(args, message, tmp_path, capsys):
-    from stable_cnn.studies.stability_map import cli
+    from stable_cnn.cli.map import cli
 
     with pytest.raises(SystemExit) as stopped:
         cli([*args, "--out", str(tmp_path / "runs")])

@@ -8,12 +8,9 @@ status.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,41 +18,35 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from stable_cnn.cli.conf import config_dir
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
+from stable_cnn.cli.run_folder import continue_log_in, discard_if_unused, output_folder_problem
+from stable_cnn.cli.sweeps import (
+    NOT_HPARAMS,
+    SWEPT_KEYS,
+    register_job_folder_resolver,
+    threads_per_parallel_job,
+)
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.state.resume import find_checkpoint
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
-from stable_cnn.studies.report import short_override, write_report
 from stable_cnn.system.distributed import (
     ALONE,
-    World,
     check_devices,
     join,
     launch_local_workers,
     world_from_environment,
 )
-from stable_cnn.system.hardware import usable_cores
 from stable_cnn.system.signals import EXIT_PREEMPTED
 from stable_cnn.training.fit import RunPreempted, train
 from stable_cnn.training.tracking import Hparams
 
 log = logging.getLogger("stable_cnn")
-
-
-def config_dir() -> str:
-    """conf/ at the repository root (source checkout, editable install), else the copy
-    shipped inside the package (``pip install .``)."""
-    package = Path(__file__).resolve().parents[1]  # stable_cnn/
-    for candidate in (package.parent / "conf", package / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"no conf/config.yaml next to {package}: reinstall stable-cnn")
 
 
 def parse_run_config(cfg: DictConfig) -> RunConfig:
@@ -86,11 +77,6 @@ HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "ex
 DIVERGED_VALUE = 0.0
 
 
-# Overrides that change nothing a run computes: never a reason to compare runs by them.
-NOT_HPARAMS = ("trainer.resume", "trainer.progress_bar", "trainer.num_threads", "hparams_search")
-SWEPT_KEYS = "STABLE_CNN_SWEPT_KEYS"  # set by SweepCallback for the sweep's jobs
-
-
 def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> Hparams:
     """This run's hyperparameters for TensorBoard: group choices and plain values, and
     which of them set it apart: a sweep's swept keys, else its own overrides."""
@@ -111,104 +97,8 @@ def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -
     return Hparams(values, frozenset(swept or overridden) & frozenset(values))
 
 
-def swept_keys(config: DictConfig) -> list[str]:
-    """The keys a multirun sweeps: command-line sweeps (``a=1,2``, ``choice(...)``,
-    ``interval(...)``) and the sweeper's own search space (``hydra.sweeper.params``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    return sorted({*keys, *params.keys()} - set(NOT_HPARAMS))
-
-
-def threads_per_parallel_job(launcher: DictConfig) -> int | None:
-    """Torch threads for each job when the launcher runs jobs side by side (joblib), so
-    that together they use each core once; None when jobs run one at a time."""
-    n_jobs = launcher.get("n_jobs")
-    if "joblib" not in str(launcher.get("_target_", "")) or not isinstance(n_jobs, int):
-        return None
-    cores = usable_cores()
-    side_by_side = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1 = all
-    return max(1, cores // side_by_side)
-
-
-class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml, hydra.callbacks): creates the sweep folder before
-    the first job (an Optuna study file is opened there first) and writes the sweep
-    report (as ``stable-cnn-report <report_root>`` would) when the sweep ends.
-    ``report_root`` defaults to the sweep folder."""
-
-    def __init__(self, report_root: str | None = None) -> None:
-        self.report_root = report_root
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        for folder in (config.hydra.sweep.dir, self.report_root):
-            if folder:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-        # The jobs' HPARAMS records mark these as the keys that set runs apart (an
-        # environment variable reaches jobs in this process, joblib's and SLURM's alike).
-        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        os.environ.pop(SWEPT_KEYS, None)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-            # every job was refused, or went on in the run it resumed: nothing to report
-            log.info("no run of this sweep is in %s: removed it", sweep_dir)
-            discard_if_unused(sweep_dir)
-            return
-        root = Path(self.report_root or config.hydra.sweep.dir).resolve()
-        try:
-            written = write_report(root, root)
-        except Exception as err:  # a report must never turn a finished sweep into a failure
-            log.warning("no sweep report (%s); try stable-cnn-report %s", err, root)
-            return
-        log.info("sweep report: %s", ", ".join(str(path) for path in written))
-
-
-class SharedRunFolder(Callback):
-    """Hydra callback (conf/config.yaml, hydra.callbacks): the processes that torchrun
-    starts each compose the config, and each would resolve ``${now:...}`` in its own
-    second. Before Hydra creates the run folder, they join the process group and take
-    rank 0's folder, so that one run has one folder (with or without hydra.run.dir)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        world = world_from_environment()
-        if world.distributed:
-            join(world)
-            agreed = world.broadcast(str(config.hydra.run.dir))
-            with open_dict(config):
-                config.hydra.run.dir = agreed
-                if not world.is_main:  # rank 0 writes .hydra/ (the same config)
-                    config.hydra.output_subdir = None
-
-
-JOB_FOLDER_LENGTH = 160  # characters of a sweep job's folder name, at most (filesystems: 255)
-
-
-def job_folder(number: int, overrides: str) -> str:
-    """A sweep job's folder: its number and the overrides that set it apart (of
-    ``hydra.job.override_dirname``, the swept ones), made filesystem-safe (a path's
-    ``/`` would nest folders) and cut to a readable length, with a hash of the rest so
-    that names stay unique: ``3_optimizer.lr=0.1``."""
-    swept = {key for key in os.environ.get(SWEPT_KEYS, "").split(",") if key}
-    items = re.split(r",(?=[\w.+~@/-]+=)", overrides) if overrides else []
-    if swept:
-        items = [item for item in items if item.split("=", 1)[0].lstrip("+~") in swept]
-    overrides = ",".join(short_override(item) for item in items)
-    if not overrides:
-        return str(number)
-    safe = re.sub(r"[^A-Za-z0-9._=,+@-]", "_", overrides)
-    name = f"{number}_{safe}"
-    if len(name) > JOB_FOLDER_LENGTH:
-        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
-        name = f"{name[: JOB_FOLDER_LENGTH - 9]}~{digest}"
-    return name
-
-
 register_schemas()
-OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
+register_job_folder_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -232,47 +122,6 @@ def main(cfg: DictConfig) -> float:
     finally:
         if expected and world_from_environment().is_main:
             discard_if_unused(hydra_folder)
-
-
-def discard_if_unused(folder: Path) -> None:
-    """Remove ``folder`` (Hydra's .hydra/ and train.log) when it holds no run, and the
-    empty folders above it up to the current one (outputs/<date>/ of a refused run)."""
-    if holds_a_record(folder) or not folder.is_dir():
-        return
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(
-            folder.resolve()
-        ):
-            handler.close()  # its file is about to go
-    shutil.rmtree(folder, ignore_errors=True)
-    here = Path.cwd().resolve()
-    parent = folder.resolve().parent
-    while parent != here and parent.is_relative_to(here) and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
-
-
-def continue_log_in(run_dir: Path, hydra_folder: Path, world: World = ALONE) -> None:
-    """The command goes on in another run's folder (a resume): its log moves there,
-    after what it logged so far, and goes on in that run's train.log."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if not isinstance(handler, logging.FileHandler):
-            continue
-        old = Path(handler.baseFilename)
-        if not old.is_relative_to(hydra_folder.resolve()):
-            continue
-        handler.flush()
-        new = run_dir / old.name
-        if world.is_main and old.is_file():
-            with new.open("a") as log_file:
-                log_file.write(old.read_text())
-        replacement = logging.FileHandler(new, mode="a")
-        replacement.setFormatter(handler.formatter)
-        replacement.setLevel(handler.level)
-        root.addHandler(replacement)
-        root.removeHandler(handler)
-        handler.close()
 
 
 def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
@@ -379,22 +228,6 @@ def run_local_workers(
     if in_sweep and status != EXIT_PREEMPTED:
         raise UserError(f"the {devices} training processes failed (exit {status}): see above")
     sys.exit(status)
-
-
-def output_folder_problem(args: list[str]) -> str:
-    """Why the run folder cannot be created, or ''. Hydra creates it before ``main`` runs
-    and would answer with a traceback, so the console entry checks first."""
-    folders = [arg.split("=", 1)[1] for arg in args
-               if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]  # fmt: skip
-    for folder in folders or ["outputs"]:
-        existing = Path(folder).expanduser().absolute()
-        while not existing.exists():
-            existing = existing.parent
-        why = "is a file" if not existing.is_dir() else ""
-        why = why or ("is not writable" if not os.access(existing, os.W_OK) else "")
-        if why:
-            return f"cannot create the run folder {folder}: {existing} {why}; set hydra.run.dir"
-    return ""
 
 
 def cli() -> None:

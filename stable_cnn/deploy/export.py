@@ -16,26 +16,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.cli.train import config_dir
 from stable_cnn.deploy.trained_model import (
     EXPORTED,
     PT2_CARD_FILE,
     ModelCard,
     PixelClassifier,
     TrainedModel,
-    checkpoint_path,
-    load_trained_model,
-    run_folder_of,
 )
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.system.atomic import atomic_write
@@ -168,42 +160,3 @@ def export_model(trained: TrainedModel, fmt: str, out: Path) -> ExportResult:
     with atomic_write(card_path(out)) as file:
         file.write((json.dumps(sidecar, indent=2) + "\n").encode())
     return ExportResult(out, fmt, runner, largest)
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
-def main(cfg: DictConfig) -> None:
-    try:
-        if cfg.format not in FORMATS:
-            raise ConfigError(f"format={cfg.format!r} is not known: use format=onnx or "
-                              f"format=pt2")  # fmt: skip
-        path = checkpoint_path(cfg.checkpoint)
-        suffix = FORMATS[cfg.format]
-        default = run_folder_of(path) / "export" / f"{path.stem}{suffix}"
-        out = Path(cfg.out).expanduser() if cfg.out else default
-        if out.suffix != suffix:  # stable-cnn-predict tells the formats apart by it
-            raise ConfigError(f"out={cfg.out} does not end in {suffix}, as format={cfg.format} "
-                              f"files do: name it *{suffix}")  # fmt: skip
-        trained = load_trained_model(path)
-        result = export_model(trained, cfg.format, out)
-    except UserError as err:
-        log.error("error: %s", err)
-        sys.exit(err.exit_code)
-    card = trained.card
-    log.info(
-        "wrote %s (%s, %s weights): float images in [0, 1] of shape (N, %d, %d, %d) -> "
-        "logits for %d classes", result.out, result.format, card.weights, card.in_channels,
-        card.image_size, card.image_size, len(card.class_names),
-    )  # fmt: skip
-    log.info("checked with %s: largest logit difference from the checkpoint %.2e",
-             result.checked_with, result.largest_difference)  # fmt: skip
-    log.info("wrote %s", card_path(result.out))
-
-
-def cli() -> None:
-    run_reporting_hydra_errors(main, "stable-cnn-export")
-
-
-if __name__ == "__main__":
-    from stable_cnn.deploy.export import cli as package_cli
-
-    package_cli()

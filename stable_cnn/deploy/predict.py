@@ -18,19 +18,14 @@ import csv
 import glob
 import io
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.cli.train import config_dir
-from stable_cnn.deploy.trained_model import EXPORTED, ModelCard, checkpoint_path, load_trained_model
-from stable_cnn.errors import ConfigError, DataError, UserError
+from stable_cnn.deploy.trained_model import EXPORTED, ModelCard, load_trained_model
+from stable_cnn.errors import ConfigError
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.hardware import resolve_device
 
@@ -165,40 +160,3 @@ def predict_files(checkpoint: Path, paths: list[Path], top_k: int, device_name: 
         with atomic_write(out) as file:
             file.write(table.getvalue().encode())
     return rows, reader
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
-def main(cfg: DictConfig) -> None:
-    try:
-        path = checkpoint_path(cfg.checkpoint)
-        if cfg.input is None:
-            raise ConfigError("input=... is required: an image file, a folder or a glob")
-        if int(cfg.top_k) < 1:
-            raise ConfigError(f"top_k={cfg.top_k} is not allowed: use top_k=1 or more")
-        if not cfg.out:
-            raise ConfigError("out=... is required: the CSV file to write (predictions.csv)")
-        out = Path(cfg.out).expanduser()
-        paths = find_images(str(cfg.input))
-        rows, reader = predict_files(path, paths, int(cfg.top_k), cfg.device, out)
-        if rows == 0:
-            raise DataError(f"none of the {len(paths)} file(s) in input={cfg.input} is an "
-                            f"image Pillow can read: point input at PNG/JPEG files")  # fmt: skip
-    except UserError as err:
-        log.error("error: %s", err)
-        sys.exit(err.exit_code)
-    size = reader.card.image_size
-    if reader.resized:
-        log.warning("resized %d image(s) to %dx%d, the size the model was trained on",
-                    reader.resized, size, size)  # fmt: skip
-    skipped = f" ({len(reader.skipped)} unreadable file(s) skipped)" if reader.skipped else ""
-    log.info("predicted %d image(s)%s: wrote %s", rows, skipped, out)
-
-
-def cli() -> None:
-    run_reporting_hydra_errors(main, "stable-cnn-predict")
-
-
-if __name__ == "__main__":
-    from stable_cnn.deploy.predict import cli as package_cli
-
-    package_cli()

@@ -14,18 +14,13 @@ skips finished runs.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from stable_cnn.state.run_files import read_metrics
 from stable_cnn.studies.report import RunRecord, find_runs
-from stable_cnn.system.hardware import describe_cpu, resolve_device, usable_cores
+from stable_cnn.studies.sweep import COLLAPSED_BELOW, SeedOutcomes, spread, standard_error
 from stable_cnn.training.evaluation import training_accuracy
 
 # conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the
@@ -47,26 +42,6 @@ RECIPE = "experiment=tutorial"
 SMALL = [RECIPE, "model.width=16", "trainer.epochs=12", "data.limit_train=5000"]
 FULL = [RECIPE, "model.width=64", "trainer.epochs=30"]
 GAP_IMAGES = 5000  # training images used to measure train accuracy (eval mode)
-COLLAPSED_BELOW = 20.0  # test accuracy (%) under twice chance for 10 classes: it learned nothing
-
-
-class SeedOutcomes:
-    """The seeds of one configuration, read back (``runs``): shared by the ablation's rows
-    and the stability map's points."""
-
-    runs: list[RunRecord]
-
-    def accuracies(self) -> list[float]:
-        return [r.results["test_acc"] for r in self.runs if r.status == "finished"]
-
-    @property
-    def diverged(self) -> int:
-        return sum(r.status == "diverged" for r in self.runs)
-
-    @property
-    def collapsed(self) -> int:
-        """Finished runs that learned next to nothing: test accuracy under twice chance."""
-        return sum(accuracy < COLLAPSED_BELOW for accuracy in self.accuracies())
 
 
 @dataclass
@@ -77,24 +52,6 @@ class VariantResult(SeedOutcomes):
     runs: list[RunRecord] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # train acc (eval mode) - val acc, points
     clip_rates: list[float] = field(default_factory=list)
-
-
-def run_variant_sweep(
-    out: Path, base: list[str], names: list[str], learning_rates: list[float], seeds: int,
-    log_name: str,
-) -> int:  # fmt: skip
-    """Every variant x learning rate x seed as one sweep with trainer.resume=auto (a rerun
-    skips what is done), its output appended to ``out/log_name``; returns its exit status
-    (a diverged run is not an error, a failed one is: its row then shows fewer runs).
-    The ablation and the stability map both run this way."""
-    command = [sys.executable, "-m", "stable_cnn.cli.train", "-m", *base,
-               "ablation=" + ",".join(names),
-               "optimizer.lr=" + ",".join(str(lr) for lr in learning_rates),
-               f"trainer.seed=range({seeds})", "trainer.resume=auto",
-               "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / log_name).open("a") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def collect(out: Path, lrs: dict[str, float], device: str) -> list[VariantResult]:
@@ -216,93 +173,3 @@ def plot(rows: list[VariantResult], path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
-
-
-def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="stable-cnn-ablate",
-        description="Train the full recipe and one variant per removed technique, at a normal "
-        "and a stress learning rate, and write a markdown report with a PNG of validation "
-        "curves. The default study takes about 30 minutes on a 2-core CPU.",
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="runs per variant (default 3)")
-    parser.add_argument("--lr", type=float, default=0.05, help="normal learning rate (0.05)")
-    parser.add_argument(
-        "--stress-lr",
-        type=float,
-        default=2.0,
-        help="the too-high learning rate of the stress setting (2.0, 40x the normal one)",
-    )
-    parser.add_argument(
-        "--full",
-        action="store_true",
-        help="the tutorial's size: width 64, 30 epochs, all data (for a GPU)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("outputs/ablation"),
-        help="where the runs go (default outputs/ablation)",
-    )
-    parser.add_argument(
-        "--report",
-        type=Path,
-        default=Path("docs/ablation.md"),
-        help="the markdown report; the PNG goes beside it (docs/ablation.md)",
-    )
-    parser.add_argument("--device", default="auto", help="trainer.device for every run")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="extra stable-cnn-train overrides for every run, e.g. data=mnist",
-    )
-    args = parser.parse_args(argv)
-
-    base = [*(FULL if args.full else SMALL), f"trainer.device={args.device}", *args.overrides]
-    lrs = {"normal": args.lr, "stress": args.stress_lr}
-    print(f"training {len(VARIANTS) * len(lrs) * args.seeds} runs into {args.out} "
-          f"(log: {args.out / 'ablation.log'})", flush=True)  # fmt: skip
-    status = run_variant_sweep(
-        args.out, base, list(VARIANTS), list(lrs.values()), args.seeds, "ablation.log"
-    )
-    if status != 0:
-        print(f"some runs failed (sweep exit {status}): see {args.out / 'ablation.log'}")
-    rows = collect(args.out, lrs, args.device)
-    for row in rows:
-        accuracies = row.accuracies()
-        summary = f"{statistics.fmean(accuracies):.2f}%" if accuracies else "no finished run"
-        print(f"{row.setting:>6} {row.name:<13} {summary}  diverged {row.diverged}/{len(row.runs)}")
-    command = "stable-cnn-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    settings = (f"`{' '.join(base)}`; optimizer.lr {args.lr} (normal) and "
-                f"{args.stress_lr} (stress); {args.seeds} seeds each; otherwise the tutorial's "
-                "recipe")  # fmt: skip
-    machine = describe_machine(args.device)
-    args.report.write_text(render(rows, command.strip(), machine, settings))
-    png = args.report.with_suffix(".png")
-    if plot(rows, png):
-        with args.report.open("a") as out:
-            out.write(f"\n![validation accuracy per variant]({png.name})\n")
-    print(f"wrote {args.report}" + (f" and {png}" if png.exists() else ""))
-
-
-def describe_machine(device: str) -> str:
-    where = resolve_device(device)
-    if where.type == "cuda":
-        return f"{torch.cuda.get_device_name(where)}, torch {torch.__version__}"
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in
-             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]  # fmt: skip
-    cores = usable_cores()
-    model = names[0] if names else "CPU"
-    return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"
-
-
-def standard_error(a: list[float], b: list[float]) -> float:
-    """Standard error of the difference of two means (Welch), at least 0.05 points."""
-    return max((spread(a) ** 2 / len(a) + spread(b) ** 2 / len(b)) ** 0.5, 0.05)
-
-
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0

@@ -8,13 +8,11 @@ and writes report.md, report.csv and a PNG of validation-accuracy curves.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,38 +241,6 @@ def write_report(root: Path, out_dir: Path, metric: str = "best_val_acc") -> lis
     if plot_val_curves(rows, out_dir / "val_acc.png"):
         written.append(out_dir / "val_acc.png")
     return written
-
-
-def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="stable-cnn-report",
-        description="Tabulate the runs below a folder (a sweep, or outputs/): markdown and "
-        "CSV tables with seeds aggregated, and a PNG of validation-accuracy curves.",
-    )
-    parser.add_argument("folder", type=Path, help="a sweep folder, a run folder or outputs/")
-    parser.add_argument(
-        "--metric",
-        choices=METRICS,
-        default="best_val_acc",
-        help="sort by this metric, best first (default: best_val_acc)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="where report.md, report.csv, val_acc.png go (default: FOLDER)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        written = write_report(args.folder, args.out or args.folder, args.metric)
-    except UserError as err:
-        print(f"stable-cnn-report: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    sys.stdout.write(written[0].read_text())
-    if len(written) < 3:
-        print("(no plot: matplotlib is not installed; pip install matplotlib)",
-              file=sys.stderr)  # fmt: skip
-    print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
 
 
 def _logged_error(log_path: Path) -> str | None:

@@ -13,23 +13,18 @@ rule at each learning rate.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stable_cnn.studies.ablation import (
+from stable_cnn.studies.report import RunRecord, find_runs
+from stable_cnn.studies.sweep import (
     COLLAPSED_BELOW,
     SeedOutcomes,
-    describe_machine,
-    run_variant_sweep,
     spread,
     standard_error,
 )
-from stable_cnn.studies.report import RunRecord, find_runs
 
 # conf/ablation/<name>.yaml, applied to the default recipe.
 VARIANTS: dict[str, str] = {
@@ -257,72 +252,3 @@ def plot(variants: list[Variant], path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
-
-
-def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="stable-cnn-map",
-        description="Train each variant of the recipe across a log-spaced grid of learning "
-        "rates, several seeds each, and report where each one trains stably.",
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
-    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
-                        help="comma-separated learning rates (default 0.003 ... 10)")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated variants (default: all)")  # fmt: skip
-    parser.add_argument("--full", action="store_true",
-                        help="width 64, 15 epochs, all data: for a GPU")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("outputs/stability_map"),
-                        help="where the runs go (default outputs/stability_map)")  # fmt: skip
-    parser.add_argument("--report", type=Path, default=Path("docs/stability_map.md"),
-                        help="the markdown report; the PNG goes beside it")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="trainer.device for every run")
-    parser.add_argument("overrides", nargs="*", help="extra stable-cnn-train overrides")
-    args = parser.parse_args(argv)
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants {', '.join(unknown)}: not a variant; use some of "
-                     f"{', '.join(VARIANTS)}")  # fmt: skip
-    if "full" not in names:
-        parser.error("--variants must include full: every variant is judged against it")
-    try:
-        learning_rates = tuple(sorted(float(lr) for lr in args.lrs.split(",")))
-    except ValueError:
-        learning_rates = ()
-    if not learning_rates or min(learning_rates) <= 0:
-        parser.error(f"--lrs {args.lrs}: give positive numbers separated by commas, "
-                     f"e.g. 0.01,0.1,1")  # fmt: skip
-
-    base = [*(FULL if args.full else SMALL), f"trainer.device={args.device}", *args.overrides]
-    total = len(names) * len(learning_rates) * args.seeds
-    print(f"training {total} runs into {args.out} (log: {args.out / 'map.log'})", flush=True)
-    started = time.perf_counter()
-    status = run_variant_sweep(args.out, base, names, list(learning_rates), args.seeds, "map.log")
-    wall = time.perf_counter() - started
-    if status != 0:
-        print(f"some runs failed (sweep exit {status}): see {args.out / 'map.log'}")
-    variants = collect(args.out, learning_rates, names)
-    command = "stable-cnn-map " + " ".join(argv if argv is not None else sys.argv[1:])
-    trained = sum(r.results.get("wall_s", 0.0) for v in variants for p in v.points
-                  for r in p.runs)  # fmt: skip
-    header = [f"Command: `{command.strip()}`  ",
-              f"Machine: {describe_machine(args.device)}  ",
-              f"Settings: `{' '.join(base)}`; SGD learning rates "
-              f"{', '.join(f'{lr:g}' for lr in learning_rates)}; {args.seeds} seed(s) each; "
-              f"otherwise the default recipe  ",
-              f"Wall time: {wall / 60:.0f} min for this invocation ({total} runs; "
-              f"{trained / 60:.0f} min inside the runs' train())"]  # fmt: skip
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(render(variants, header))
-    png = args.report.with_suffix(".png")
-    if plot(variants, png):
-        with args.report.open("a") as report:
-            report.write(f"\n![accuracy against learning rate per variant]({png.name})\n")
-    for variant in variants:
-        print(f"{variant.name:<13} stable {describe_range(stable_range(variant.points))}")
-    print(f"wrote {args.report}" + (f" and {png}" if png.exists() else ""))
-
-
-if __name__ == "__main__":
-    cli()

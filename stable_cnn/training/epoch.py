@@ -13,17 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from stable_cnn.data.augment import flip_averaged_logits
 from stable_cnn.errors import TrainingDiverged
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.state.progress import SLOT, EpochProgress, across_processes
 from stable_cnn.system.distributed import ALONE, World
-from stable_cnn.system.hardware import Runtime
 from stable_cnn.training.schedulers import LRSchedule
-from stable_cnn.training.step import StepOutcome, TrainStep, autocast
+from stable_cnn.training.step import StepOutcome, TrainStep
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -51,14 +48,6 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds
-
-
-@dataclass
-class EvalStats:
-    loss: float
-    accuracy: float  # percent
-    images: int
-    confusion: torch.Tensor  # (classes, classes) counts on the CPU: rows true, columns predicted
 
 
 def ensure_finite(what: str, value: float, global_step: int) -> None:
@@ -214,50 +203,3 @@ def epoch_stats(
         amp_skipped_steps=int(values["amp_skipped_steps"]),
         stop_reason=stop_reason,
     )
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable,
-    runtime: Runtime,
-    flip_tta: bool = False,
-    world: World = ALONE,
-    num_classes: int | None = None,
-) -> EvalStats:
-    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent;
-    with ``flip_tta``, of the mean logits of each image and its mirror image. Sums stay
-    on the device until the end: no host read per batch.
-
-    With several processes, each evaluates its share of the batches and the counts are
-    summed, so the accuracy equals one process's on the same weights exactly; every
-    process needs ``num_classes`` then (a share may hold no batch at all)."""
-    model.eval()
-    device = runtime.device
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum = torch.zeros((), device=device)
-    confusion = None  # (true, predicted) counts, flattened; sized by the first batch
-    if num_classes is not None:
-        confusion = torch.zeros(num_classes**2, device=device, dtype=torch.int64)
-    count = 0
-    with torch.inference_mode():
-        for images, labels in batches:
-            images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device, runtime.precision):
-                logits = flip_averaged_logits(model, images) if flip_tta else model(images)
-            loss_sum += criterion(logits.float(), labels)
-            classes = logits.shape[1]
-            if confusion is None:
-                confusion = torch.zeros(classes * classes, device=device, dtype=torch.int64)
-            # index_add_ rather than bincount: bincount reads the device to size its output.
-            pairs = labels * classes + logits.argmax(1)
-            confusion.index_add_(0, pairs, torch.ones_like(pairs))
-            count += labels.shape[0]
-    if world.distributed:
-        classes = num_classes
-        totals = world.sum(torch.cat([confusion.double(), loss_sum.double().view(1)]))
-        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
-        count = int(confusion.sum().item())
-    confusion = confusion.view(classes, classes).cpu()
-    correct = confusion.diagonal().sum().item()
-    return EvalStats(loss_sum.item() / count, 100.0 * correct / count, count, confusion)

@@ -1,8 +1,5 @@
-"""``stable-cnn-eval``: test a checkpoint on a dataset's test split.
-
-    stable-cnn-eval checkpoint=outputs/<date>/<time>/checkpoints/best.pt
-    stable-cnn-eval checkpoint=... data.root=/data       # any data.* key changes the run's own
-    stable-cnn-eval checkpoint=... data=mnist            # another dataset of the same shape
+"""Evaluation: one pass over a split (validation and test in training), and a trained
+checkpoint tested (stable-cnn-eval, the ablation's overfitting measure).
 
 The model is rebuilt from the checkpoint's own model config; the data, precision and
 memory layout default to the checkpoint's run, so the test accuracy is the run's own.
@@ -14,27 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, ValidationError
+from torch import nn
 
-from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.cli.train import config_dir
-from stable_cnn.config import DataConfig, register_schemas
+from stable_cnn.config import DataConfig
+from stable_cnn.data.augment import flip_averaged_logits
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.deploy.trained_model import checkpoint_path, rebuild_model, run_folder_of
-from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.deploy.trained_model import rebuild_model, run_folder_of
+from stable_cnn.errors import ConfigError
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.system.atomic import atomic_write
+from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import (
     Runtime,
     choose_memory_format,
@@ -42,9 +37,64 @@ from stable_cnn.system.hardware import (
     resolve_device,
 )
 from stable_cnn.training.diagnostics import confusion_figure, per_class_accuracy
-from stable_cnn.training.epoch import evaluate
+from stable_cnn.training.step import autocast
 
 log = logging.getLogger("stable_cnn")
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    accuracy: float  # percent
+    images: int
+    confusion: torch.Tensor  # (classes, classes) counts on the CPU: rows true, columns predicted
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    runtime: Runtime,
+    flip_tta: bool = False,
+    world: World = ALONE,
+    num_classes: int | None = None,
+) -> EvalStats:
+    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent;
+    with ``flip_tta``, of the mean logits of each image and its mirror image. Sums stay
+    on the device until the end: no host read per batch.
+
+    With several processes, each evaluates its share of the batches and the counts are
+    summed, so the accuracy equals one process's on the same weights exactly; every
+    process needs ``num_classes`` then (a share may hold no batch at all)."""
+    model.eval()
+    device = runtime.device
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device)
+    confusion = None  # (true, predicted) counts, flattened; sized by the first batch
+    if num_classes is not None:
+        confusion = torch.zeros(num_classes**2, device=device, dtype=torch.int64)
+    count = 0
+    with torch.inference_mode():
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, runtime.precision):
+                logits = flip_averaged_logits(model, images) if flip_tta else model(images)
+            loss_sum += criterion(logits.float(), labels)
+            classes = logits.shape[1]
+            if confusion is None:
+                confusion = torch.zeros(classes * classes, device=device, dtype=torch.int64)
+            # index_add_ rather than bincount: bincount reads the device to size its output.
+            pairs = labels * classes + logits.argmax(1)
+            confusion.index_add_(0, pairs, torch.ones_like(pairs))
+            count += labels.shape[0]
+    if world.distributed:
+        classes = num_classes
+        totals = world.sum(torch.cat([confusion.double(), loss_sum.double().view(1)]))
+        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
+        count = int(confusion.sum().item())
+    confusion = confusion.view(classes, classes).cpu()
+    correct = confusion.diagonal().sum().item()
+    return EvalStats(loss_sum.item() / count, 100.0 * correct / count, count, confusion)
 
 
 def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) -> None:
@@ -68,30 +118,20 @@ class LoadedCheckpoint:
     averaged: bool  # the weights are the run's average (ema=on), as the run tested them
 
 
-def with_overrides(data: DataConfig, overrides: dict[str, Any]) -> DataConfig:
-    """``data`` with some of its keys changed, type-checked as the command line would be."""
-    if not overrides:
-        return data
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(data), overrides)
-        return OmegaConf.to_object(merged)
-    except ValidationError as err:
-        key = getattr(err, "full_key", None) or "data"
-        raise ConfigError(f"data.{key}: {str(err).splitlines()[0]}") from None
-
-
 def load_for_evaluation(
     path: Path,
     data: DataConfig | None,
     device_name: str,
-    data_overrides: dict[str, Any] | None = None,
+    adjust_data: Callable[[DataConfig], DataConfig] | None = None,
 ) -> LoadedCheckpoint:
-    """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data with
-    ``data_overrides``, e.g. another ``root``)."""
+    """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data, as
+    ``adjust_data`` changes it: another ``root``, say)."""
     state = load_checkpoint(path)
     model, averaged = rebuild_model(state, path)
     saved = state["config"]
-    data = data or with_overrides(DataConfig(**saved["data"]), data_overrides or {})
+    if data is None:
+        data = DataConfig(**saved["data"])
+        data = adjust_data(data) if adjust_data is not None else data
     check_data_fits(state["model_config"], data, path)
 
     device = resolve_device(device_name)
@@ -117,11 +157,11 @@ def evaluate_checkpoint(
     data: DataConfig | None,
     device_name: str,
     out_dir: Path | None,
-    data_overrides: dict[str, Any] | None = None,
+    adjust_data: Callable[[DataConfig], DataConfig] | None = None,
 ) -> dict[str, Any]:
     """Test the checkpoint at ``path``; returns (and writes into ``out_dir``, by default
     eval/<checkpoint>-<data>/ in its run folder) eval.json's content."""
-    loaded = load_for_evaluation(path, data, device_name, data_overrides)
+    loaded = load_for_evaluation(path, data, device_name, adjust_data)
     if out_dir is None:
         out_dir = run_folder_of(path) / "eval" / f"{path.stem}-{loaded.data.name}"
     model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
@@ -174,37 +214,3 @@ def describe(result: dict[str, Any]) -> str:
     width = max(len(name) for name in result["per_class_acc"])
     lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in result["per_class_acc"].items()]
     return "\n".join(lines)
-
-
-register_schemas()
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def main(cfg: DictConfig) -> float:
-    try:
-        path = checkpoint_path(cfg.checkpoint)
-        hydra_config = HydraConfig.get()
-        chosen = hydra_config.runtime.choices.get("data") is not None  # data=<option>
-        data = OmegaConf.to_object(cfg.data) if chosen else None
-        # without data=<option>, the data.* keys given (the rest are ???) change the run's own
-        overrides = {} if chosen else {
-            key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)
-        }  # fmt: skip
-        out_dir = Path(cfg.out).expanduser() if cfg.out else None
-        result = evaluate_checkpoint(path, data, cfg.device, out_dir, overrides)
-    except UserError as err:
-        log.error("error: %s", err)
-        sys.exit(err.exit_code)
-    log.info("%s", describe(result))
-    log.info("wrote %s", result["written"])
-    return result["test_acc"]
-
-
-def cli() -> None:
-    run_reporting_hydra_errors(main, "stable-cnn-eval")
-
-
-if __name__ == "__main__":
-    from stable_cnn.training.evaluation import cli as package_cli
-
-    package_cli()

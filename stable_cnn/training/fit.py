@@ -22,6 +22,7 @@ from stable_cnn.config import RunConfig
 from stable_cnn.data.augment import normalize
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
+from stable_cnn.errors import TrainingDiverged
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.state.resume import earlier_outcome
@@ -43,14 +44,8 @@ from stable_cnn.training.diagnostics import (
     gradient_snapshot,
     model_health,
 )
-from stable_cnn.training.epoch import (
-    EpochStats,
-    EvalStats,
-    TrainingDiverged,
-    ensure_finite,
-    evaluate,
-    train_one_epoch,
-)
+from stable_cnn.training.epoch import EpochStats, ensure_finite, train_one_epoch
+from stable_cnn.training.evaluation import EvalStats, evaluate
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")

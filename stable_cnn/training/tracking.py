@@ -44,7 +44,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failure
 from stable_cnn.system.atomic import atomic_write
-from stable_cnn.training.epoch import EpochStats, EvalStats
+from stable_cnn.training.epoch import EpochStats
+from stable_cnn.training.evaluation import EvalStats
 
 
 @dataclass(frozen=True)
