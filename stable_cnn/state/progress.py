@@ -6,14 +6,26 @@ numbers an uninterrupted one would."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from stable_cnn.system.distributed import ALONE, World
 
-if TYPE_CHECKING:  # the step reports through it; it imports this module
-    from stable_cnn.training.step import StepOutcome
+
+@dataclass
+class StepOutcome:
+    """What one step did; every field is a device tensor (reading one syncs a GPU)."""
+
+    grad_norm: torch.Tensor  # total L2 norm before clipping
+    grad_norm_clipped: torch.Tensor  # after clipping
+    loss_finite: torch.Tensor  # bool
+    grads_finite: torch.Tensor  # bool
+
+    @property
+    def applied(self) -> torch.Tensor:
+        """The weights moved: loss and gradients were finite."""
+        return self.loss_finite & self.grads_finite
+
 
 # Loss-spike detection: the running mean follows the batch loss with this weight per step
 # (an exponential mean over about 1 / LOSS_MEAN_RATE = 50 steps), and counts spikes only

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,8 +23,14 @@ from stable_cnn.state.resume import restore_rng, rng_state
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
 
-if TYPE_CHECKING:  # the schedule is training's; the state only saves and restores it
-    from stable_cnn.training.schedulers import LRSchedule
+
+class Saveable(Protocol):
+    """What the state needs of a part it saves and restores but does not know (the
+    learning-rate schedule, the data stream's position)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -41,9 +47,9 @@ class Counters:
 class RunState:
     model: nn.Module  # the plain model (not the compiled wrapper): its keys have no prefix
     optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
+    schedule: Saveable  # training.schedulers.LRSchedule
     scaler: torch.amp.GradScaler
-    data: Any  # the training batches: TensorBatches or ShuffledLoader (a saveable position)
+    data: Saveable  # the training batches: TensorBatches or ShuffledLoader (their position)
     runtime: Runtime
     model_config: dict[str, Any]  # what it takes to rebuild the model
     config: dict[str, Any]  # the composed config

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
-from stable_cnn.state.progress import EpochProgress
+from stable_cnn.state.progress import EpochProgress, StepOutcome
 from stable_cnn.system.hardware import Precision, Runtime
 
 
@@ -51,21 +50,6 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
         group.get("fused") for group in optimizer.param_groups
     )
-
-
-@dataclass
-class StepOutcome:
-    """What one step did; every field is a device tensor (reading one syncs a GPU)."""
-
-    grad_norm: torch.Tensor  # total L2 norm before clipping
-    grad_norm_clipped: torch.Tensor  # after clipping
-    loss_finite: torch.Tensor  # bool
-    grads_finite: torch.Tensor  # bool
-
-    @property
-    def applied(self) -> torch.Tensor:
-        """The weights moved: loss and gradients were finite."""
-        return self.loss_finite & self.grads_finite
 
 
 def poison_gradients_unless_finite(loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
