@@ -21,6 +21,7 @@ from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.state.checkpoint import save_checkpoint
+from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import check_same_config, find_checkpoint
 from stable_cnn.state.run_lock import LOCK_FILE, RunLock
 from stable_cnn.system.distributed import (
@@ -289,7 +290,7 @@ time.sleep(60)
 def test_resume_auto_never_adopts_a_run_a_live_process_is_writing(tmp_path: Path):
     outputs = tmp_path / "outputs"
     folder = outputs / "unfinished"
-    save_checkpoint({"config": {}}, folder / "checkpoints" / "last.pt")
+    save_checkpoint({"config": {}, "model_config": {}}, folder / "checkpoints" / "last.pt")
     writer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -371,10 +372,10 @@ def test_trainer_devices_workers_get_this_jobs_whole_command(tmp_path: Path):
 def test_a_checkpoint_from_before_sync_batchnorm_existed_still_resumes():
     saved = {"model": {"width": 8, "depth": 2}, "trainer": {"epochs": 3}}
     now = {"model": {"width": 8, "depth": 2, "sync_batchnorm": False}, "trainer": {"epochs": 3}}
-    check_same_config({"config": saved}, now, Path("old.pt"))  # no error
+    old = CheckpointRecord({}, saved, (), None, None, None)
+    check_same_config(old, now, Path("old.pt"))  # no error
     with pytest.raises(UserError, match=r"model\.sync_batchnorm differ"):
-        check_same_config({"config": saved}, {**now, "model": {**now["model"],
-                                                               "sync_batchnorm": True}},
+        check_same_config(old, {**now, "model": {**now["model"], "sync_batchnorm": True}},
                           Path("old.pt"))  # fmt: skip
 
 

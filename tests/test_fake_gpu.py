@@ -93,8 +93,9 @@ def test_a_checkpoint_keeps_and_restores_its_own_gpus_random_state(fake_gpu):
 
 def fake_gpu_checkpoint(run_dir: Path, config: dict, device_type: str, runtime: Runtime) -> None:
     """A resumable checkpoint as far as locate_run reads one (its run is unfinished)."""
-    save_checkpoint({"config": config, "runtime": runtime.record(), "device_type": device_type,
-                     "world_size": 1}, run_dir / "checkpoints" / "last.pt")  # fmt: skip
+    save_checkpoint({"config": config, "model_config": {}, "runtime": runtime.record(),
+                     "device_type": device_type, "world_size": 1},
+                    run_dir / "checkpoints" / "last.pt")  # fmt: skip
 
 
 def test_resume_auto_passes_over_a_run_of_another_device_type(tmp_path, caplog):

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf, ValidationError
 from stable_cnn.cli.conf import config_dir
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.config import DataConfig, register_schemas
-from stable_cnn.deploy.trained_model import checkpoint_path
 from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.state.run_files import checkpoint_path
 from stable_cnn.training.evaluation import describe, evaluate_checkpoint
 
 log = logging.getLogger("stable_cnn")

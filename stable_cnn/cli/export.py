@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 from stable_cnn.cli.conf import config_dir
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.deploy.export import FORMATS, card_path, export_model
-from stable_cnn.deploy.trained_model import checkpoint_path, load_trained_model, run_folder_of
+from stable_cnn.deploy.trained_model import load_trained_model
 from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.state.run_files import checkpoint_path, run_folder_of
 
 log = logging.getLogger("stable_cnn")
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from stable_cnn.cli.conf import config_dir
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.deploy.predict import find_images, predict_files
-from stable_cnn.deploy.trained_model import checkpoint_path
 from stable_cnn.errors import ConfigError, DataError, UserError
+from stable_cnn.state.run_files import checkpoint_path
 
 log = logging.getLogger("stable_cnn")
 

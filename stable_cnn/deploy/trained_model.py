@@ -19,40 +19,10 @@ import torch
 from torch import nn
 
 from stable_cnn.errors import ConfigError
-from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
+from stable_cnn.state.record import CheckpointRecord, rebuild_model
 
 log = logging.getLogger("stable_cnn")
-
-
-def checkpoint_path(given: str | None) -> Path:
-    """``checkpoint=...`` as a path: a .pt file, or a run folder (its checkpoints/best.pt)."""
-    if given is None:
-        raise ConfigError("checkpoint=... is required: the path of a .pt file or run folder")
-    path = Path(given).expanduser()
-    return path / "checkpoints" / "best.pt" if path.is_dir() else path
-
-
-def run_folder_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint belongs to (``<run>/checkpoints/best.pt`` -> ``<run>``),
-    or the folder holding it: where the commands that read a run write by default."""
-    folder = checkpoint.parent
-    return folder.parent if folder.name == "checkpoints" else folder
-
-
-def rebuild_model(state: dict[str, Any], path: Path) -> tuple[SmallCNN, bool]:
-    """The checkpoint's SmallCNN on the CPU with its weights loaded: the average when the
-    run trained with ``ema=on`` (what it validated, kept and tested). Returns the model
-    and whether the weights are the average."""
-    model_config = state.get("model_config")
-    if model_config is None or "data" not in (state.get("config") or {}):
-        raise CheckpointError(f"{path} holds no model config: it was not written by stable-cnn")
-    model = SmallCNN.from_config(model_config)
-    averaged = state.get("ema") is not None
-    if averaged:
-        state = {**state, "model": state["ema"]["model"]}
-    load_model_weights(model, state, path)
-    return model, averaged
 
 
 @dataclass(frozen=True)
@@ -105,22 +75,23 @@ class TrainedModel:
 def load_trained_model(path: Path) -> TrainedModel:
     """The checkpoint at ``path`` as a PixelClassifier in eval mode, with its card."""
     state = load_checkpoint(path)
-    model, averaged = rebuild_model(state, path)
-    data = state["config"]["data"]
-    classes = state["model_config"]["num_classes"]
-    class_names = tuple(state.get("class_names") or ())
+    record = CheckpointRecord.read(state, path)
+    model = rebuild_model(state, record, path)
+    data = record.data
+    classes = record.model_config["num_classes"]
+    class_names = record.class_names
     if len(class_names) != classes:  # written before checkpoints carried the names
         class_names = tuple(f"class_{i}" for i in range(classes))
         log.warning("%s does not name its classes (an older checkpoint): using class_0.."
                     "class_%d", path, classes - 1)  # fmt: skip
     card = ModelCard(
         class_names=class_names,
-        in_channels=state["model_config"]["in_channels"],
-        image_size=int(data["image_size"]),
-        mean=tuple(float(m) for m in data["mean"]),
-        std=tuple(float(s) for s in data["std"]),
-        data=str(data["name"]),
-        weights="ema" if averaged else "last step",
+        in_channels=record.model_config["in_channels"],
+        image_size=data.image_size,
+        mean=tuple(float(m) for m in data.mean),
+        std=tuple(float(s) for s in data.std),
+        data=data.name,
+        weights="ema" if record.averaged else "last step",
     )
     classifier = PixelClassifier(model, card.mean, card.std).eval()
     return TrainedModel(classifier, card, path)

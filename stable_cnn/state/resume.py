@@ -13,6 +13,7 @@ import torch
 
 from stable_cnn.errors import TrainingDiverged, UserError
 from stable_cnn.state.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from stable_cnn.state.record import CheckpointRecord, amp_option
 from stable_cnn.state.run_files import has_diverged, holds_a_run, is_finished, read_failure
 from stable_cnn.state.run_lock import describe_holder, lock_holder
 from stable_cnn.system.hardware import Runtime
@@ -106,28 +107,28 @@ def find_checkpoint(
             log.info("not resuming %s: %s is still writing it", folder, describe_holder(holder))
             continue
         try:
-            state = load_checkpoint(candidate)
+            record = CheckpointRecord.read(load_checkpoint(candidate), candidate)
         except CheckpointError as err:
             log.warning("skipping %s while looking for a run to resume: %s", candidate, err)
             continue
-        if comparable(state.get("config", {})) != wanted:
+        if comparable(record.config) != wanted:
             continue
-        saved_device = state.get("device_type", "cpu")
+        saved_device = record.device_type or "cpu"
         if device_type is not None and saved_device != device_type:
             log.info("not resuming %s: it trained on %s, this run is on %s", folder,
                      saved_device, device_type)  # fmt: skip
             continue
-        same_runtime = runtime is None or state.get("runtime") == runtime
-        if same_runtime and state.get("world_size", 1) == processes:
+        same_runtime = runtime is None or record.runtime == runtime
+        if same_runtime and record.world_size == processes:
             return candidate
     log.info("trainer.resume=auto: no unfinished run of this config under %s to continue: "
              "starting a new run", outputs)  # fmt: skip
     return None
 
 
-def check_same_config(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+def check_same_config(record: CheckpointRecord, config: dict[str, Any], path: Path) -> None:
     """Refuse, in one line, a checkpoint written with settings that change the run."""
-    saved, wanted = comparable(state.get("config", {})), comparable(config)
+    saved, wanted = comparable(record.config), comparable(config)
     differing = sorted(
         f"{group}.{key}"
         for group in wanted.keys() | saved.keys()
@@ -142,10 +143,10 @@ def check_same_config(state: dict[str, Any], config: dict[str, Any], path: Path)
         )
 
 
-def check_same_world(state: dict[str, Any], processes: int, path: Path) -> None:
+def check_same_world(record: CheckpointRecord, processes: int, path: Path) -> None:
     """Every process continues its own data position and random streams: a run resumes
     only with the number of processes it started with."""
-    saved = state.get("world_size", 1)
+    saved = record.world_size
     if saved != processes:
         raise CheckpointError(
             f"checkpoint {path} was written by {saved} process(es), this run has {processes}: "
@@ -154,9 +155,9 @@ def check_same_world(state: dict[str, Any], processes: int, path: Path) -> None:
         )
 
 
-def check_same_device(state: dict[str, Any], device: torch.device, path: Path) -> None:
+def check_same_device(record: CheckpointRecord, device: torch.device, path: Path) -> None:
     """RNG and GradScaler states belong to a device type: refuse to mix them."""
-    saved_device = state.get("device_type", device.type)
+    saved_device = record.device_type or device.type
     if saved_device != device.type:
         raise CheckpointError(
             f"checkpoint {path} was written on {saved_device}, this run is on {device.type}: "
@@ -165,15 +166,15 @@ def check_same_device(state: dict[str, Any], device: torch.device, path: Path) -
 
 
 def check_same_runtime(
-    state: dict[str, Any], runtime: dict[str, Any], path: Path, reason: str
+    record: CheckpointRecord, runtime: dict[str, Any], path: Path, reason: str
 ) -> None:
     """Refuse to continue at another precision or memory layout than the run started with.
     ``amp=auto`` and ``trainer.channels_last=null`` are resolved per machine, so the same
     config can mean fp32 on one machine and bf16 on the next (a requeue onto another node)."""
-    saved = state.get("runtime")
+    saved = record.runtime
     if saved is None or saved == runtime:
         return
-    amp = {"fp32": "off"}.get(saved["precision"], saved["precision"])
+    amp = amp_option(saved["precision"])
     layout = {True: "channels_last", False: "contiguous"}
     raise CheckpointError(
         f"checkpoint {path} trained in {saved['precision']} with the "
@@ -229,10 +230,11 @@ def locate_run(
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_resumable(resume_state, resume_from)
-        check_same_world(resume_state, processes, resume_from)
-        check_same_config(resume_state, composed_config, resume_from)
-        check_same_device(resume_state, runtime.device, resume_from)
-        check_same_runtime(resume_state, runtime.record(), resume_from, runtime.precision.reason)
+        record = CheckpointRecord.read(resume_state, resume_from)
+        check_same_world(record, processes, resume_from)
+        check_same_config(record, composed_config, resume_from)
+        check_same_device(record, runtime.device, resume_from)
+        check_same_runtime(record, runtime.record(), resume_from, runtime.precision.reason)
     if resume_from is not None and resume_from.parent.name == "checkpoints":
         run_dir = resume_from.parent.parent  # a resumed run keeps writing where it started
     elif holds_a_run(run_dir):

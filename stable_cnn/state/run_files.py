@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stable_cnn.errors import ConfigError
 from stable_cnn.system.atomic import atomic_write
 
 FAILURE_FILE = "failure.json"
@@ -64,3 +65,18 @@ def record_failure(run_dir: Path, status: str, reason: str, message: str) -> Non
 def read_failure(run_dir: Path) -> dict[str, str] | None:
     path = run_dir / FAILURE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def checkpoint_path(given: str | None) -> Path:
+    """``checkpoint=...`` as a path: a .pt file, or a run folder (its checkpoints/best.pt)."""
+    if given is None:
+        raise ConfigError("checkpoint=... is required: the path of a .pt file or run folder")
+    path = Path(given).expanduser()
+    return path / "checkpoints" / "best.pt" if path.is_dir() else path
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/best.pt`` -> ``<run>``),
+    or the folder holding it: where the commands that read a run write by default."""
+    folder = checkpoint.parent
+    return folder.parent if folder.name == "checkpoints" else folder

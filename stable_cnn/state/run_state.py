@@ -19,6 +19,7 @@ from torch import nn
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.state.checkpoint import load_model_weights
 from stable_cnn.state.progress import EpochProgress
+from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import restore_rng, rng_state
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
@@ -51,10 +52,8 @@ class RunState:
     scaler: torch.amp.GradScaler
     data: Saveable  # the training batches: TensorBatches or ShuffledLoader (their position)
     runtime: Runtime
-    model_config: dict[str, Any]  # what it takes to rebuild the model
-    config: dict[str, Any]  # the composed config
+    record: CheckpointRecord  # what every checkpoint says about the run
     ema: WeightEMA | None = None  # the weight average (ema=on)
-    class_names: tuple[str, ...] = ()  # for stable-cnn-export and -predict
     counters: Counters = field(default_factory=Counters)
     progress: EpochProgress | None = None  # the running sums of an unfinished epoch
     world: World = ALONE  # the processes training together
@@ -80,13 +79,8 @@ class RunState:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "counters": asdict(self.counters),
             **processes[0],
-            "world_size": self.world.size,
             "other_processes": processes[1:],  # ranks 1, 2, ...
-            "model_config": self.model_config,
-            "class_names": list(self.class_names),
-            "config": self.config,
-            "device_type": self.runtime.device.type,
-            "runtime": self.runtime.record(),
+            **self.record.as_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:

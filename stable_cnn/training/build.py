@@ -22,6 +22,7 @@ from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import load_checkpoint
+from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import locate_run
 from stable_cnn.state.run_lock import RunLock
 from stable_cnn.state.run_state import RunState
@@ -189,9 +190,13 @@ def build_training(
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
     ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
-    state = RunState(model, optimizer, schedule, scaler, data.train, runtime,
-                     model_config(run, data.info), composed_config, ema,
-                     class_names=data.info.class_names, world=world)  # fmt: skip
+    record = CheckpointRecord(
+        model_config(run, data.info), composed_config, data.info.class_names,
+        runtime.device.type, runtime.precision.name, runtime.channels_last, world.size,
+        averaged=ema is not None,
+    )  # fmt: skip
+    state = RunState(model, optimizer, schedule, scaler, data.train, runtime, record, ema,
+                     world=world)  # fmt: skip
     if resume is not None:
         resume_from, resume_state = resume
         state.load_state_dict(resume_state, resume_from)

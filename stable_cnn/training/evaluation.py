@@ -24,10 +24,11 @@ from stable_cnn.data.augment import flip_averaged_logits
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.deploy.trained_model import rebuild_model, run_folder_of
 from stable_cnn.errors import ConfigError
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
+from stable_cnn.state.record import CheckpointRecord, rebuild_model
+from stable_cnn.state.run_files import run_folder_of
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import (
@@ -127,29 +128,22 @@ def load_for_evaluation(
     """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data, as
     ``adjust_data`` changes it: another ``root``, say)."""
     state = load_checkpoint(path)
-    model, averaged = rebuild_model(state, path)
-    saved = state["config"]
+    record = CheckpointRecord.read(state, path)
+    model = rebuild_model(state, record, path)
     if data is None:
-        data = DataConfig(**saved["data"])
-        data = adjust_data(data) if adjust_data is not None else data
-    check_data_fits(state["model_config"], data, path)
+        data = adjust_data(record.data) if adjust_data is not None else record.data
+    check_data_fits(record.model_config, data, path)
 
     device = resolve_device(device_name)
-    amp = saved.get("amp", {}).get("name", "auto")
-    channels_last = saved.get("trainer", {}).get("channels_last")
-    trained = state.get("runtime")
-    if trained is not None and state.get("device_type") == device.type:
-        # the precision and layout the run resolved (on this kind of device), not auto's
-        amp = {"fp32": "off"}.get(trained["precision"], trained["precision"])
-        channels_last = trained["channels_last"]
+    # the precision and layout the run resolved (on this kind of device), not auto's
+    amp, channels_last = record.runtime_settings(device.type)
     precision = choose_precision(amp, device)
     memory_format = choose_memory_format(device, channels_last)
-    seed = saved.get("trainer", {}).get("seed", 0)
     # the training images stay on the CPU: a test needs only its own split on the device
-    splits = build_splits(data, device, seed, train_device=torch.device("cpu"))
+    splits = build_splits(data, device, record.seed, train_device=torch.device("cpu"))
     model.to(device, memory_format=memory_format)
     return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
-                            averaged)  # fmt: skip
+                            record.averaged)  # fmt: skip
 
 
 def evaluate_checkpoint(

@@ -1,0 +1,106 @@
+"""What a checkpoint says about its run, as one typed record: the model spec, the composed
+config (the data's normalisation and image size among it), the class names, where and
+how it trained (device type, resolved precision and layout, processes) and whether it
+holds the weight average. The run's state writes it into every checkpoint through
+``as_state``; resume, eval, export and predict read it through ``read``, so that no one
+digs in a checkpoint's raw dictionary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from stable_cnn.config import DataConfig
+from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
+
+
+def amp_option(precision: str) -> str:
+    """The ``amp=`` option that gives a resolved precision (fp32 is ``amp=off``)."""
+    return "off" if precision == "fp32" else precision
+
+
+def data_config(values: dict[str, Any]) -> DataConfig:
+    """A data config as a checkpoint saved it (keys a newer or older stable-cnn added or
+    dropped are passed over: the data is what it was)."""
+    known = {f.name for f in fields(DataConfig)}
+    return DataConfig(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    model_config: dict[str, Any]  # what it takes to rebuild the model
+    config: dict[str, Any]  # the composed config of the run
+    class_names: tuple[str, ...]  # empty in checkpoints from before they were saved
+    device_type: str | None  # cpu, cuda, mps; None in the oldest checkpoints
+    precision: str | None  # the resolved precision, fp32 | fp16 | bf16 (None: unrecorded)
+    channels_last: bool | None  # the resolved layout (None: unrecorded)
+    world_size: int = 1  # processes that trained it
+    averaged: bool = False  # it holds the weight average (ema=on), which the run tested
+
+    @classmethod
+    def read(cls, state: dict[str, Any], path: Path) -> CheckpointRecord:
+        """The record of a loaded checkpoint (``path`` names it in errors)."""
+        config = state.get("config") or {}
+        if state.get("model_config") is None or not isinstance(config, dict):
+            raise CheckpointError(f"{path} holds no model config: it was not written by "
+                                  f"stable-cnn")  # fmt: skip
+        runtime = state.get("runtime") or {}
+        return cls(
+            model_config=state["model_config"], config=config,
+            class_names=tuple(state.get("class_names") or ()),
+            device_type=state.get("device_type"), precision=runtime.get("precision"),
+            channels_last=runtime.get("channels_last"), world_size=state.get("world_size", 1),
+            averaged=state.get("ema") is not None,
+        )  # fmt: skip
+
+    def as_state(self) -> dict[str, Any]:
+        """The record's part of a checkpoint (the weight average is saved with the weights)."""
+        return {
+            "model_config": self.model_config,
+            "class_names": list(self.class_names),
+            "config": self.config,
+            "device_type": self.device_type,
+            "runtime": self.runtime,
+            "world_size": self.world_size,
+        }
+
+    @property
+    def runtime(self) -> dict[str, Any] | None:
+        """The resolved precision and layout, as hardware.Runtime.record() gives them."""
+        if self.precision is None:
+            return None
+        return {"precision": self.precision, "channels_last": self.channels_last}
+
+    @property
+    def data(self) -> DataConfig:
+        if "data" not in self.config:
+            raise CheckpointError("the checkpoint holds no data config: it was not written by "
+                                  "stable-cnn-train")  # fmt: skip
+        return data_config(self.config["data"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("trainer", {}).get("seed", 0))
+
+    def runtime_settings(self, device_type: str) -> tuple[str, bool | None]:
+        """The ``amp`` and ``trainer.channels_last`` values that give this run's precision
+        and layout on a device of ``device_type``: what it resolved there, where it
+        trained on that kind of device; else what its config asked for."""
+        if self.precision is not None and self.device_type == device_type:
+            return amp_option(self.precision), self.channels_last
+        amp = self.config.get("amp", {}).get("name", "auto")
+        return amp, self.config.get("trainer", {}).get("channels_last")
+
+
+def rebuild_model(state: dict[str, Any], record: CheckpointRecord, path: Path) -> nn.Module:
+    """The checkpoint's model on the CPU with the weights its run tested: the average
+    when it trained with ``ema=on`` (what it validated and kept), else the last step's."""
+    model = SmallCNN.from_config(record.model_config)
+    weights = state["ema"]["model"] if record.averaged else state["model"]
+    load_model_weights(model, {**state, "model": weights}, path)
+    return model
