@@ -153,26 +153,7 @@ def build_training(
 ) -> Training:
     """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
     trainer = run.trainer
-    data_config = run.data
-    if data_config.num_workers is None:  # image_folder's loaders: this process's share of cores
-        workers = loader_workers(threads_per_process(world, usable_cores()))
-        data_config = replace(data_config, num_workers=workers)
-    with world.local_main_first():  # a dataset is extracted once per machine
-        shard = Shard(world.rank, world.size)
-        data = build_splits(data_config, runtime.device, trainer.seed, shard)
-    per_process = (
-        f" per process, {run.data.batch_size * world.size} in all" if world.distributed else ""
-    )
-    if data.info.name == "image_folder":
-        per_process += f", {data_config.num_workers} loader workers"
-    log.info(
-        "data %s: %d train / %d val / %d test images, batch %d%s",
-        data.info.name, data.num_train, data.num_val, data.num_test, run.data.batch_size,
-        per_process,
-    )  # fmt: skip
-    if data.val_is_test:
-        log.warning("%s", data.val_is_test_reason)
-
+    data = build_data(run, world, runtime)
     model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)
     log.info(
@@ -185,8 +166,58 @@ def build_training(
     if trainer.compile:
         network = compile_model(network, runtime.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+    state = build_state(run, world, runtime, data, model, composed_config)
+    if resume is not None:
+        resume_from, resume_state = resume
+        state.load_state_dict(resume_state, resume_from)
+        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
+                 state.counters.global_step)  # fmt: skip
+    train_step = build_train_step(
+        network, criterion, state.optimizer, state.scaler, run.clipping, runtime,
+        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
+        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
+        world=world,
+    )  # fmt: skip
+    tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
+    return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
+                    train_step, tracker)  # fmt: skip
+
+
+def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
+    """This process's share of the run's data, logged in one line (with the global batch
+    and, for image folders, the loader workers: this process's share of the cores)."""
+    data_config = run.data
+    if data_config.num_workers is None:
+        workers = loader_workers(threads_per_process(world, usable_cores()))
+        data_config = replace(data_config, num_workers=workers)
+    with world.local_main_first():  # a dataset is extracted once per machine
+        shard = Shard(world.rank, world.size)
+        data = build_splits(data_config, runtime.device, run.trainer.seed, shard)
+    batch = data_config.batch_size
+    per_process = f" per process, {batch * world.size} in all" if world.distributed else ""
+    if data.info.name == "image_folder":
+        per_process += f", {data_config.num_workers} loader workers"
+    log.info(
+        "data %s: %d train / %d val / %d test images, batch %d%s",
+        data.info.name, data.num_train, data.num_val, data.num_test, batch, per_process,
+    )  # fmt: skip
+    if data.val_is_test:
+        log.warning("%s", data.val_is_test_reason)
+    return data
+
+
+def build_state(
+    run: RunConfig,
+    world: World,
+    runtime: Runtime,
+    data: DataSplits,
+    model: nn.Module,
+    composed_config: dict[str, Any],
+) -> RunState:
+    """The run's state: the model, optimizer, schedule, GradScaler, weight average, data
+    position, and the record every checkpoint keeps."""
     optimizer = build_optimizer(model, run.optimizer)
-    schedule = build_schedule(optimizer, run.scheduler, trainer.epochs, len(data.train))
+    schedule = build_schedule(optimizer, run.scheduler, run.trainer.epochs, len(data.train))
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
     ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
@@ -195,19 +226,5 @@ def build_training(
         runtime.device.type, runtime.precision.name, runtime.channels_last, world.size,
         averaged=ema is not None,
     )  # fmt: skip
-    state = RunState(model, optimizer, schedule, scaler, data.train, runtime, record, ema,
-                     world=world)  # fmt: skip
-    if resume is not None:
-        resume_from, resume_state = resume
-        state.load_state_dict(resume_state, resume_from)
-        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
-                 state.counters.global_step)  # fmt: skip
-    train_step = build_train_step(
-        network, criterion, optimizer, scaler, run.clipping, runtime,
-        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
-        cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
-        world=world,
-    )  # fmt: skip
-    tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
-    return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
-                    train_step, tracker)  # fmt: skip
+    return RunState(model, optimizer, schedule, scaler, data.train, runtime, record, ema,
+                    world=world)  # fmt: skip
