@@ -1,15 +1,12 @@
-"""``stable-cnn-predict``: a trained model's predictions for image files, as CSV.
+"""``stable-cnn-predict``: a trained model's predictions for image files, as CSV
+(deploy/predict.py).
 
-    stable-cnn-predict checkpoint=outputs/<date>/<time> input=photos/ out=predictions.csv
+    stable-cnn-predict checkpoint=outputs/<date>/<time> input=photos/   # predictions.csv
     stable-cnn-predict checkpoint=... input='shots/*.png' top_k=5
     stable-cnn-predict checkpoint=model.onnx input=photos/     # what stable-cnn-export wrote
 
-Reads every image it can (PNG, JPEG, BMP, GIF, TIFF, WebP: whatever Pillow reads),
-converts it to the model's channels and size the way ``data=image_folder`` does in
-training, predicts in batches on the best device, and writes one row per image: path,
-label, confidence, then the top-k classes with their probabilities. A file that is not a
-readable image is named in one line and skipped; the exit status is non-zero only when
-no image could be read.
+A file that is not a readable image is named in one line and skipped; the exit status
+is non-zero only when no image could be read.
 """
 
 from __future__ import annotations

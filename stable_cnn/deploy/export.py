@@ -1,14 +1,11 @@
-"""``stable-cnn-export``: a checkpoint as a file other runtimes load.
-
-    stable-cnn-export checkpoint=outputs/<date>/<time> format=onnx out=model.onnx
-    stable-cnn-export checkpoint=.../best.pt format=pt2 out=model.pt2
+"""A trained model written as a file other runtimes load, then loaded back and checked.
 
 ``onnx`` is for ONNX Runtime and every runtime that reads ONNX; ``pt2`` is
 ``torch.export``'s ExportedProgram (``torch.export.load(path).module()``). Either way the
 model takes float images in [0, 1], shape (N, C, H, W) with any N, and returns logits:
-the data's normalisation is inside. The class names and input size go into the file's
-metadata and into a JSON file beside it. After writing, the file is loaded back and its
-outputs compared with the checkpoint's on a batch; a disagreement fails the command.
+the data's normalisation is inside. The model card (class names, input size) goes into
+the file's metadata and a JSON file beside it. A file whose outputs disagree with the
+checkpoint's is an ExportError.
 """
 
 from __future__ import annotations

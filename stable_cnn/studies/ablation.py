@@ -21,6 +21,7 @@ from pathlib import Path
 from stable_cnn.state.run_files import read_metrics
 from stable_cnn.studies.report import RunRecord, find_runs
 from stable_cnn.studies.sweep import COLLAPSED_BELOW, SeedOutcomes, spread, standard_error
+from stable_cnn.system.plotting import pyplot
 from stable_cnn.training.evaluation import training_accuracy
 
 # conf/ablation/<name>.yaml: each of these removes one technique from the full recipe (the
@@ -146,12 +147,9 @@ def render(rows: list[VariantResult], command: str, machine: str, settings: str)
 
 def plot(rows: list[VariantResult], path: Path) -> bool:
     """Mean validation accuracy per epoch, one line per variant, one panel per setting."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     settings = sorted({row.setting for row in rows})

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from stable_cnn.errors import UserError
 from stable_cnn.state.run_files import holds_a_record, read_failure, read_metrics
+from stable_cnn.system.plotting import pyplot
 
 # Overrides that do not change what a run computes, or only choose how the sweep runs:
 # left out of run names (overrides shared by every run are listed once, above the table).
@@ -192,12 +193,9 @@ def write_csv(rows: list[ConfigRow], path: Path) -> None:
 
 def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
     """Validation accuracy per epoch, one colour per configuration; False without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(9, 5.5))

@@ -25,6 +25,7 @@ from stable_cnn.studies.sweep import (
     spread,
     standard_error,
 )
+from stable_cnn.system.plotting import pyplot
 
 # conf/ablation/<name>.yaml, applied to the default recipe.
 VARIANTS: dict[str, str] = {
@@ -221,12 +222,9 @@ def render(variants: list[Variant], header: list[str]) -> str:
 def plot(variants: list[Variant], path: Path) -> bool:
     """Test accuracy against learning rate (log x), one curve per variant, the seeds'
     range as a band; a learning rate where every seed diverged is marked at chance."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(10, 6))
     colours = plt.get_cmap("tab10")

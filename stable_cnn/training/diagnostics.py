@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stable_cnn.system.hardware import Runtime
+from stable_cnn.system.plotting import pyplot
 from stable_cnn.training.step import autocast
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,9 @@ def gradient_snapshot(
 def confusion_figure(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> Any:
     """A matplotlib figure of the confusion matrix, rows normalised to 1; None where
     matplotlib cannot be imported."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
