@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stable_cnn.config import ClippingConfig, CosineConfig, DataConfig, SGDConfig
+from stable_cnn.config import (
+    ClippingConfig,
+    CosineConfig,
+    DataConfig,
+    SGDConfig,
+    SyntheticDataConfig,
+)
 from stable_cnn.data.build import build_splits
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import (
@@ -65,7 +71,7 @@ class Row:
 
 def data_config(args: argparse.Namespace, limit_train: int) -> DataConfig:
     if args.dataset == "cifar10-synthetic":  # CIFAR-10-shaped, for machines without the data
-        return DataConfig(
+        return SyntheticDataConfig(
             name="synthetic", root=args.data_root, batch_size=args.batch_size, val_size=0,
             in_channels=3, image_size=32, crop_padding=4, mean=[0.5] * 3, std=[0.25] * 3,
             num_train=limit_train, num_test=args.batch_size,

@@ -13,7 +13,7 @@ is precision.py), the whole run's config in run.py; every schema is importable f
 """
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import DataConfig
+from stable_cnn.config.data import DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.model import ModelConfig
@@ -34,6 +34,7 @@ __all__ = [
     "DATA_OVERRIDES", "OPTIMIZER_OPTIONS", "SCHEDULER_OPTIONS", "SCHEMAS", "AdamWConfig",
     "AmpConfig", "ClippingConfig", "CosineConfig", "DataConfig", "DiagnosticsConfig",
     "EmaConfig", "ModelConfig", "OneCycleConfig", "OptimizerConfig", "PlateauConfig",
-    "RunConfig", "SGDConfig", "SchedulerConfig", "StepConfig", "TrainerConfig",
+    "RunConfig", "SGDConfig", "SchedulerConfig", "StepConfig", "SyntheticDataConfig",
+    "TrainerConfig",
     "register_schemas",
 ]  # fmt: skip

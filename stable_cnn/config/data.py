@@ -35,8 +35,6 @@ class DataConfig:
     image_size: int = 28  # height = width, pixels
     mean: list[float] = field(default_factory=lambda: [0.5])  # per channel, for normalisation
     std: list[float] = field(default_factory=lambda: [0.5])
-    num_train: int = 640  # synthetic only: training images generated
-    num_test: int = 256  # synthetic only: test images generated
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
@@ -70,3 +68,16 @@ class DataConfig:
                 f"needs one value per input channel ({self.in_channels})",
             )
         check(all(s > 0 for s in self.std), "data.std", list(self.std), "must be > 0")
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """data=synthetic: images made in memory, for tests and smoke runs."""
+
+    num_train: int = 640  # training images generated (val_size of them are held out)
+    num_test: int = 256  # test images generated
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
+        check(self.num_test >= 1, "data.num_test", self.num_test, "must be >= 1")

@@ -8,7 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import DataConfig
+from stable_cnn.config.data import DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.model import ModelConfig
@@ -25,6 +25,7 @@ from stable_cnn.config.trainer import TrainerConfig
 
 SCHEMAS: dict[str, type] = {
     "schema_data": DataConfig,
+    "schema_data_synthetic": SyntheticDataConfig,
     "schema_model": ModelConfig,
     "schema_sgd": SGDConfig,
     "schema_adamw": AdamWConfig,

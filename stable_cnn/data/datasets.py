@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stable_cnn.config import DataConfig
+from stable_cnn.config import DataConfig, SyntheticDataConfig
 from stable_cnn.errors import DataError
 from stable_cnn.system.atomic import atomic_write
 
@@ -117,7 +117,9 @@ def install_idx_files(system_dir: Path, raw_dir: Path) -> None:
             shutil.copyfileobj(packed, out, length=1 << 20)
 
 
-def synthetic_tensors(config: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def synthetic_tensors(
+    config: SyntheticDataConfig, train: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Class templates plus noise: learnable, deterministic, nothing read from disk."""
     classes = config.num_classes or 10
     shape = (config.in_channels, config.image_size, config.image_size)

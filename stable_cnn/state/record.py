@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from stable_cnn.config import DataConfig
+from stable_cnn.config import DataConfig, SyntheticDataConfig
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
 
@@ -27,8 +27,9 @@ def amp_option(precision: str) -> str:
 def data_config(values: dict[str, Any]) -> DataConfig:
     """A data config as a checkpoint saved it (keys a newer or older stable-cnn added or
     dropped are passed over: the data is what it was)."""
-    known = {f.name for f in fields(DataConfig)}
-    return DataConfig(**{key: value for key, value in values.items() if key in known})
+    schema = SyntheticDataConfig if values.get("name") == "synthetic" else DataConfig
+    known = {f.name for f in fields(schema)}
+    return schema(**{key: value for key, value in values.items() if key in known})
 
 
 @dataclass(frozen=True)
