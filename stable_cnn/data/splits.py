@@ -43,6 +43,28 @@ class DataSplits:
         "validation images out of the training set with data.val_size=N"
     )
 
+    def close(self) -> None:
+        """Stop the splits' DataLoader workers now (in-memory splits have none).
+
+        Workers ignore SIGTERM (see image_folder.py), and multiprocessing's exit handler
+        terminates and then joins whichever are still alive: a loader that outlives its
+        run (any lingering reference to it will do) would hold the process at exit."""
+        for split in (self.train, self.val, self.test):
+            stop_workers(getattr(split, "loader", split))
+
+
+def stop_workers(loader: Any) -> None:
+    """Shut down a DataLoader's persistent workers. DataLoader has no public way to do
+    this; dropping the iterator it keeps for them, after asking that iterator to shut
+    them down, is what its own clean-up does when garbage-collected."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
+
 
 @dataclass(frozen=True)
 class Shard:

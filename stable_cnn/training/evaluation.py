@@ -159,7 +159,10 @@ def evaluate_checkpoint(
     if out_dir is None:
         out_dir = run_folder_of(path) / "eval" / f"{path.stem}-{loaded.data.name}"
     model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
-    stats = evaluate(model, splits.test, runtime, tta)
+    try:
+        stats = evaluate(model, splits.test, runtime, tta)
+    finally:
+        splits.close()
     classes = splits.info.class_names
     per_class = per_class_accuracy(stats.confusion)
     result = {

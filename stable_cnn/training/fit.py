@@ -142,9 +142,12 @@ def train(
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
         training = build_training(run, world, runtime, run_dir, composed_config, resume)
-        log.info("run folder: %s", run_dir)
-        fit(training, hparams or Hparams())
-        return test_best(training, hparams or Hparams(), started)
+        try:
+            log.info("run folder: %s", run_dir)
+            fit(training, hparams or Hparams())
+            return test_best(training, hparams or Hparams(), started)
+        finally:
+            training.data.close()
     finally:
         if lock is not None:
             lock.release()
