@@ -13,7 +13,9 @@
 #   5. the fp16 path on real data (amp=fp16: GradScaler, skipped steps)
 #   6. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
 #      128 and 512, fp16 and bf16, the step in a CUDA graph, torch.compile (512)
-#   7. experiment=fashion_mnist_gpu (95.36% in 30 epochs on a CPU), as far as time allows
+#   7. experiment=fashion_mnist_resnet18 for 2 epochs: torchvision's ResNet-18 (model=resnet)
+#      on the GPU, its images/s
+#   8. experiment=fashion_mnist_gpu (95.36% in 30 epochs on a CPU), as far as time allows
 #
 # Usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]
 #   --dry-run: everything but the CUDA parts, tiny and on the CPU (CI runs it this way).
@@ -90,7 +92,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run within the deadline, log, record
 : >"$work/steps.md"
 
 run_lines() {  # run_lines LOG: the run's own lines (device, precision, epochs, test), no prefix
-    grep -E "device |precision |epoch [0-9]+/|test of best|error" "$1" 2>/dev/null \
+    grep -E "device |precision |- model |epoch [0-9]+/|test of best|error" "$1" 2>/dev/null \
         | sed 's/^.*\] - //' | grep -v "^Traceback" | tail -n 12
 }
 
@@ -133,6 +135,12 @@ write_summary() {  # also on an early exit: whatever ran is in summary.md
         echo
         echo '```'
         run_lines "$logs/fp16.log"
+        echo '```'
+        echo
+        echo "## ${resnet[*]}"
+        echo
+        echo '```'
+        run_lines "$logs/resnet18.log"
         echo '```'
         for name in "${benchmarks[@]}"; do
             echo
@@ -181,6 +189,8 @@ if $dry; then
     default=(experiment=smoke "${on[@]}" data.limit_train=1024 data.limit_test=512 trainer.epochs=1)
     small=("${default[@]}")
     preset=("${default[@]}")
+    resnet=(experiment=fashion_mnist_resnet18 "${on[@]}" data.limit_train=256 data.limit_test=128
+            trainer.epochs=1)
     syncs=(--device cpu --paths eager --precisions bf16)
     bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
     sizes=(32 64)
@@ -191,6 +201,7 @@ else
     default=()  # the README's command as it is: trainer.device=auto finds the GPU
     small=(experiment=smoke)
     preset=(experiment=fashion_mnist_gpu)
+    resnet=(experiment=fashion_mnist_resnet18 trainer.epochs=2)
     syncs=(--device cuda)
     bench=(--device cuda --width 64 --steps 200 --warmup 10 --quick)
     sizes=(128 512)
@@ -226,6 +237,7 @@ if ! $dry; then  # torch.compile: minutes of compiling on a CPU, so only on the 
     step benchmark_b512_compile 90 "$py" scripts/benchmark.py --dataset cifar10-synthetic \
         --precisions bf16 --batch-size 512 --compile "${bench[@]}"
 fi
+step resnet18 75 "$py" -m stable_cnn.train "${resnet[@]}" "${data[@]}" "hydra.run.dir=$runs/resnet18"
 # the preset last, with whatever time is left: the summary says how far it got
 may_time_out=true step time_to_accuracy 600 "$py" -m stable_cnn.train "${preset[@]}" "${data[@]}" \
     "hydra.run.dir=$runs/preset"

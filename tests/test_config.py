@@ -25,7 +25,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{group}={option}" for group in ("optimizer", "scheduler", "clipping", "amp", "model")
+    [f"{group}={option}" for group in ("optimizer", "scheduler", "clipping", "amp")
      for option in options(group)],
 )  # fmt: skip
 def test_every_training_option_composes_and_builds(override: str):
@@ -43,6 +43,19 @@ def test_every_training_option_composes_and_builds(override: str):
     assert optimizer.param_groups[0]["lr"] >= 0
     precision = choose_precision(run.amp.name, torch.device("cpu"))
     assert precision.name in ("fp32", "fp16", "bf16")
+
+
+@pytest.mark.parametrize("option", [o for o in options("model") if o != "custom"])
+def test_every_model_option_composes_and_builds_for_the_data(option: str):
+    """The data's channels, classes and size reach every model (custom: tests/test_models.py)."""
+    from stable_cnn.data.splits import DatasetInfo
+    from stable_cnn.models.build import build_model
+    from stable_cnn.training.build import model_config
+
+    run = compose_run([*(a for a in TINY if not a.startswith("model.")), f"model={option}"])
+    info = DatasetInfo("synthetic", 1, 7, 28, tuple(f"c{k}" for k in range(7)))
+    model = build_model(model_config(run, info))
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 7)
 
 
 @pytest.mark.parametrize("option", options("data"))
@@ -65,7 +78,10 @@ def test_synthetic_data_builds_batches():
 @pytest.mark.parametrize("option", options("experiment"))
 def test_every_experiment_preset_composes(option: str):
     run = compose_run([f"experiment={option}"])
-    assert run.trainer.epochs >= 1 and run.model.width >= 8
+    assert run.trainer.epochs >= 1 and run.data.batch_size >= 1
+    assert run.model.name in ("small_cnn", "resnet")
+    if run.model.name == "small_cnn":
+        assert run.model.width >= 8
 
 
 def test_experiment_tutorial_keeps_the_tutorials_recipe_while_the_defaults_moved_on():

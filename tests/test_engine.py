@@ -91,7 +91,7 @@ def test_one_grad_scaler_per_run_not_per_epoch(tmp_path, monkeypatch):
             created.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train_module.torch.amp, "GradScaler", CountingScaler)
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
     run = compose_run([*TINY, "amp=fp16", "trainer.epochs=3", "data.val_size=64"])
     results = train_module.train(run, tmp_path, {})
     assert results["epochs"] == 3

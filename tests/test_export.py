@@ -23,10 +23,13 @@ pytestmark = pytest.mark.slow
 IMAGES = 1000  # real test images compared
 
 
-def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def command(
+    name: str, *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """A console script as a user runs it."""
     script = str(Path(sys.executable).parent / name)
-    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([script, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

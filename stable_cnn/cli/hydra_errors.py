@@ -33,14 +33,27 @@ def describe(err: BaseException, program: str) -> str:
         known = f"use one of {', '.join(options)}" if options else "check the name"
         return f"{group}={option} is not an option of {group}: {known}"
     cause = err.__cause__
+    variant = re.search(r"In 'ablation/(\w+)'", text)
+    missing_key = re.search(r"Key '(\w+)' not in '(\w+)'", text + str(cause))
+    if variant and missing_key:
+        return (f"ablation={variant.group(1)} changes model.{missing_key.group(1)}, which "
+                f"{missing_key.group(2)} does not have: the ablation's and the stability map's "
+                f"variants are the SmallCNN's (model=small_cnn)")  # fmt: skip
     key = re.search(r"Could not override '([^']+)'", text)
     if isinstance(err, OverrideParseException):
         return (f"cannot read the override {err.override!r} ({_meaningful_lines(text)[0]}): "
                 f"write it as key=value, quoting values with spaces or brackets")  # fmt: skip
     if key and isinstance(cause, ConfigKeyError | ConfigAttributeError):
         name = key.group(1)
-        return (f"{name} is not a key of this config: check the spelling (`{program} --cfg "
-                f"job` lists every key), or add a key of your own with +{name}=...")  # fmt: skip
+        schema = re.search(r"not in '(\w+)'", str(cause))
+        where = f" ({schema.group(1)})" if schema else ""
+        if name.startswith("model.") and schema and schema.group(1) != "SmallCNNConfig":
+            return (f"{name} is not a key of this model{where}: width, depth, dropout, "
+                    f"head_dropout, hidden and batchnorm belong to model=small_cnn; "
+                    f"`{program} --cfg job` lists this model's keys")  # fmt: skip
+        return (f"{name} is not a key of this config{where}: check the spelling "
+                f"(`{program} --cfg job` lists every key), or add a key of your own with "
+                f"+{name}=...")  # fmt: skip
     merging = re.search(r"Error merging override (\S+)", text)
     if merging and isinstance(cause, OmegaConfBaseException):
         reason = _meaningful_lines(str(cause))[0]

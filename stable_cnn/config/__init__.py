@@ -16,7 +16,14 @@ from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
-from stable_cnn.config.model import ModelConfig
+from stable_cnn.config.model import (
+    TAKES_KWARGS,
+    CustomModelConfig,
+    ModelConfig,
+    ResNetConfig,
+    SmallCNNConfig,
+    TimmConfig,
+)
 from stable_cnn.config.optimizer import OPTIMIZER_OPTIONS, AdamWConfig, OptimizerConfig, SGDConfig
 from stable_cnn.config.precision import AmpConfig
 from stable_cnn.config.run import DATA_OVERRIDES, SCHEMAS, RunConfig, register_schemas
@@ -31,10 +38,31 @@ from stable_cnn.config.scheduler import (
 from stable_cnn.config.trainer import TrainerConfig
 
 __all__ = [
-    "DATA_OVERRIDES", "OPTIMIZER_OPTIONS", "SCHEDULER_OPTIONS", "SCHEMAS", "AdamWConfig",
-    "AmpConfig", "ClippingConfig", "CosineConfig", "DataConfig", "DiagnosticsConfig",
-    "EmaConfig", "ModelConfig", "OneCycleConfig", "OptimizerConfig", "PlateauConfig",
-    "RunConfig", "SGDConfig", "SchedulerConfig", "StepConfig", "SyntheticDataConfig",
+    "DATA_OVERRIDES",
+    "OPTIMIZER_OPTIONS",
+    "SCHEDULER_OPTIONS",
+    "SCHEMAS",
+    "TAKES_KWARGS",
+    "AdamWConfig",
+    "AmpConfig",
+    "ClippingConfig",
+    "CosineConfig",
+    "CustomModelConfig",
+    "DataConfig",
+    "DiagnosticsConfig",
+    "EmaConfig",
+    "ModelConfig",
+    "OneCycleConfig",
+    "OptimizerConfig",
+    "PlateauConfig",
+    "ResNetConfig",
+    "RunConfig",
+    "SGDConfig",
+    "SchedulerConfig",
+    "SmallCNNConfig",
+    "StepConfig",
+    "SyntheticDataConfig",
+    "TimmConfig",
     "TrainerConfig",
     "register_schemas",
 ]  # fmt: skip

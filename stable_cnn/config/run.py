@@ -11,7 +11,13 @@ from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
-from stable_cnn.config.model import ModelConfig
+from stable_cnn.config.model import (
+    CustomModelConfig,
+    ModelConfig,
+    ResNetConfig,
+    SmallCNNConfig,
+    TimmConfig,
+)
 from stable_cnn.config.optimizer import AdamWConfig, OptimizerConfig, SGDConfig
 from stable_cnn.config.precision import AmpConfig
 from stable_cnn.config.scheduler import (
@@ -26,7 +32,10 @@ from stable_cnn.config.trainer import TrainerConfig
 SCHEMAS: dict[str, type] = {
     "schema_data": DataConfig,
     "schema_data_synthetic": SyntheticDataConfig,
-    "schema_model": ModelConfig,
+    "schema_model_small_cnn": SmallCNNConfig,
+    "schema_model_resnet": ResNetConfig,
+    "schema_model_timm": TimmConfig,
+    "schema_model_custom": CustomModelConfig,
     "schema_sgd": SGDConfig,
     "schema_adamw": AdamWConfig,
     "schema_cosine": CosineConfig,

@@ -26,6 +26,7 @@ class TrainerConfig:
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradient: skip the step, or stop (and save)
     max_consecutive_nonfinite: int = 10  # with skip: stop after this many skipped in a row
     devices: int = 1  # >1: start this many training processes here (DDP, one per GPU)
+    accumulate_grad_batches: int = 1  # batches whose gradients make one optimizer step
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
@@ -55,6 +56,8 @@ class TrainerConfig:
             "must be >= 1",
         )
         check(self.devices >= 1, "trainer.devices", self.devices, "must be >= 1")
+        check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+              self.accumulate_grad_batches, "must be >= 1")  # fmt: skip
         check(
             self.num_threads is None or self.num_threads >= 1,
             "trainer.num_threads",

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from stable_cnn.config import DataConfig, SyntheticDataConfig
-from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
 
 
@@ -101,7 +101,7 @@ class CheckpointRecord:
 def rebuild_model(state: dict[str, Any], record: CheckpointRecord, path: Path) -> nn.Module:
     """The checkpoint's model on the CPU with the weights its run tested: the average
     when it trained with ``ema=on`` (what it validated and kept), else the last step's."""
-    model = SmallCNN.from_config(record.model_config)
+    model = build_model(record.model_config, pretrained=False)  # its weights are here
     weights = state["ema"]["model"] if record.averaged else state["model"]
     load_model_weights(model, {**state, "model": weights}, path)
     return model

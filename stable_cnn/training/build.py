@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.config import OneCycleConfig, RunConfig
+from stable_cnn.config import CustomModelConfig, OneCycleConfig, ResNetConfig, RunConfig, TimmConfig
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import UserError
+from stable_cnn.models.build import build_model, describe_model
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
-from stable_cnn.models.small_cnn import SmallCNN
+from stable_cnn.models.resnet import SMALL_INPUT_UP_TO
 from stable_cnn.state.checkpoint import load_checkpoint
 from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import locate_run
@@ -54,15 +55,25 @@ from stable_cnn.training.tracking import RunTracker, open_tracker
 log = logging.getLogger("stable_cnn")
 
 
-def build_model(run: RunConfig, info: DatasetInfo) -> SmallCNN:
-    return SmallCNN.from_config(model_config(run, info))
-
-
 def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
-    """What it takes to rebuild the model from a checkpoint (SyncBatchNorm is a way of
-    training it, not a part of it)."""
-    architecture = {k: v for k, v in asdict(run.model).items() if k != "sync_batchnorm"}
-    return {"in_channels": info.in_channels, "num_classes": info.num_classes, **architecture}
+    """The model's spec: what it takes to rebuild it from a checkpoint, the data's input
+    channels, classes and size included (SyncBatchNorm is a way of training it, not a
+    part of it). A SmallCNN's is what checkpoints have always held."""
+    model = run.model
+    data = {"in_channels": info.in_channels, "num_classes": info.num_classes}
+    sized = {**data, "image_size": info.image_size}
+    if isinstance(model, ResNetConfig):
+        small = model.small_input
+        if small is None:
+            small = info.image_size <= SMALL_INPUT_UP_TO
+        return {"kind": "resnet", "arch": model.arch, "small_input": small,
+                "weights": model.weights, **sized}  # fmt: skip
+    if isinstance(model, TimmConfig):
+        return {"kind": "timm", "name": model.name, "pretrained": model.pretrained,
+                "kwargs": dict(model.kwargs), **sized}  # fmt: skip
+    if isinstance(model, CustomModelConfig):
+        return {"kind": "custom", "target": model._target_, "kwargs": dict(model.kwargs), **sized}
+    return {**data, **{k: v for k, v in asdict(model).items() if k != "sync_batchnorm"}}
 
 
 def choose_runtime(run: RunConfig, world: World = ALONE) -> Runtime:
@@ -131,7 +142,7 @@ class Training:
     runtime: Runtime
     run_dir: Path
     data: DataSplits
-    model: SmallCNN  # the plain model: saved, exported, averaged
+    model: nn.Module  # the plain model: saved, exported, averaged
     network: nn.Module  # what trains: the model compiled and/or wrapped in DDP
     criterion: nn.Module
     state: RunState
@@ -154,19 +165,19 @@ def build_training(
     """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
     trainer = run.trainer
     data = build_data(run, world, runtime)
-    model = build_model(run, data.info).to(runtime.device, memory_format=runtime.memory_format)
+    spec = model_config(run, data.info)
+    model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)
-    log.info(
-        "model SmallCNN width %d, %d ConvBlocks per stage: %.2fM parameters",
-        run.model.width, run.model.depth, sum(p.numel() for p in model.parameters()) / 1e6,
-    )  # fmt: skip
+    log.info("model %s: %.2fM parameters", describe_model(spec),
+             sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
     if run.model.sync_batchnorm and world.distributed:  # the global batch's statistics
         model = GlobalBatchNorm.convert(model)
     network = wrap_for_training(model, world, runtime.device)
+    no_sync = getattr(network, "no_sync", None)  # DDP's: micro-batches before the last
     if trainer.compile:
         network = compile_model(network, runtime.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
-    state = build_state(run, world, runtime, data, model, composed_config)
+    state = build_state(run, world, runtime, data, model, spec, composed_config)
     if resume is not None:
         resume_from, resume_state = resume
         state.load_state_dict(resume_state, resume_from)
@@ -176,7 +187,7 @@ def build_training(
         network, criterion, state.optimizer, state.scaler, run.clipping, runtime,
         run.diagnostics.loss_spike_factor, trainer.cuda_graph,
         cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
-        world=world,
+        world=world, accumulate=trainer.accumulate_grad_batches, no_sync=no_sync,
     )  # fmt: skip
     tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
     return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
@@ -212,17 +223,19 @@ def build_state(
     runtime: Runtime,
     data: DataSplits,
     model: nn.Module,
+    spec: dict[str, Any],
     composed_config: dict[str, Any],
 ) -> RunState:
     """The run's state: the model, optimizer, schedule, GradScaler, weight average, data
     position, and the record every checkpoint keeps."""
     optimizer = build_optimizer(model, run.optimizer)
-    schedule = build_schedule(optimizer, run.scheduler, run.trainer.epochs, len(data.train))
+    steps_per_epoch = -(-len(data.train) // run.trainer.accumulate_grad_batches)
+    schedule = build_schedule(optimizer, run.scheduler, run.trainer.epochs, steps_per_epoch)
     # One GradScaler for the whole run: its loss scale is calibrated over many steps.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
     ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
     record = CheckpointRecord(
-        model_config(run, data.info), composed_config, data.info.class_names,
+        spec, composed_config, data.info.class_names,
         runtime.device.type, runtime.precision.name, runtime.channels_last, world.size,
         averaged=ema is not None,
     )  # fmt: skip

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -203,13 +205,18 @@ def build_train_step(
     cuda_graph: bool,
     cycles_momentum: bool,
     world: World = ALONE,
+    accumulate: int = 1,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> TrainStep:
     """The run's TrainStep: captured in a CUDA graph where asked for and possible."""
     kind = TrainStep
     if cuda_graph:
         problem = capture_problem(runtime, scaler, optimizer, cycles_momentum, world)
+        if accumulate > 1:
+            problem = problem or "trainer.accumulate_grad_batches>1 is not captured"
         if problem:
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
             kind = GraphedTrainStep
-    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor)
+    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor,
+                no_sync)  # fmt: skip

@@ -21,19 +21,31 @@ from stable_cnn.training.step import autocast
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stage1", "stage2", "stage3", "classifier")  # SmallCNN's parts, input to output
+
+def stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's parts, input to output, whose diagnostics are shown: its top-level
+    modules that hold weights (the SmallCNN's stage1..3 and classifier; a ResNet's conv1,
+    layer1..4 and fc; the same for any model)."""
+    return {name: child for name, child in model.named_children()
+            if any(p.dim() > 1 for p in child.parameters())}  # fmt: skip
+
+
+def stage_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every stage's conv and linear weights, flattened, on the CPU (for histograms)."""
+    return {name: torch.cat([p.detach().float().flatten().cpu() for p in stage.parameters()
+                             if p.dim() > 1]) for name, stage in stages(model).items()}  # fmt: skip
 
 
 def model_health(model: nn.Module) -> dict[str, float]:
     """L2 norm of each stage's conv/linear weights, and the range of its BatchNorm running
     means and variances (a stage whose variance collapses or explodes shows here first)."""
     names, values = [], []
-    for stage_name in STAGES:
-        stage = getattr(model, stage_name)
+    for stage_name, stage in stages(model).items():
         weights = [p.detach().float() for p in stage.parameters() if p.dim() > 1]
         names.append(f"weights/norm_{stage_name}")
         values.append(torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights])))
-        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.running_mean is not None]  # fmt: skip
         if not norms:  # the head, or an ablation without BatchNorm
             continue
         for statistic in ("running_mean", "running_var"):
@@ -64,9 +76,9 @@ def gradient_snapshot(
             loss = criterion(model(images), labels)
         loss.float().backward()
     grads = {
-        name: torch.cat([p.grad.detach().float().flatten() for p in getattr(model, name)
-                         .parameters() if p.grad is not None and p.dim() > 1]).cpu()
-        for name in STAGES
+        name: torch.cat([p.grad.detach().float().flatten() for p in stage.parameters()
+                         if p.grad is not None and p.dim() > 1]).cpu()
+        for name, stage in stages(model).items()
     }  # fmt: skip
     model.zero_grad(set_to_none=True)
     for buffer, value in zip(norm_buffers, saved, strict=True):

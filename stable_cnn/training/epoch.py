@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +74,7 @@ def train_one_epoch(
     max_consecutive_nonfinite: int = 10,
     ema: WeightEMA | None = None,
     world: World = ALONE,
+    accumulate: int = 1,
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``batches`` with ``train_step``; continue ``progress`` when resuming
     mid-epoch.
@@ -85,6 +86,10 @@ def train_one_epoch(
     each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
     steps in a row. ``ema``, if given, is updated after every step (outside the step, so
     a captured step keeps its graph).
+
+    With ``accumulate`` > 1, each optimizer step accumulates the gradients of that many
+    batches (the epoch's last step those that are left); steps, the schedule, the
+    weight average, log intervals and stops count optimizer steps.
 
     With several processes (``world``) every decision is taken on values they share, at
     the same step: the sums are gathered at log intervals and the epoch's end, and a
@@ -99,10 +104,15 @@ def train_one_epoch(
     stop_reason, signalled = "", False
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
-    for images, labels in bar:
-        images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
-        labels = labels.to(runtime.device, non_blocking=True)
-        step = train_step(images, labels, progress)
+    for micro_batches in chunked(bar, accumulate):
+        on_device = [(images.to(runtime.device, non_blocking=True,
+                                memory_format=runtime.memory_format),
+                      labels.to(runtime.device, non_blocking=True))
+                     for images, labels in micro_batches]  # fmt: skip
+        if accumulate == 1:
+            step = train_step(*on_device[0], progress)  # a captured step replays here
+        else:
+            step = train_step.accumulated(on_device, progress)
         if ema is not None:
             ema.update()
         schedule.after_optimizer_step()
@@ -129,6 +139,18 @@ def train_one_epoch(
     stats = epoch_stats(values, progress.seconds, global_step, stop_reason)
     stats.signalled = signalled
     return stats, progress
+
+
+def chunked(batches: Iterable, size: int) -> Iterator[list]:
+    """``batches`` in lists of ``size`` (the last one shorter when they do not divide)."""
+    chunk: list = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

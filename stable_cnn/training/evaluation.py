@@ -25,7 +25,6 @@ from stable_cnn.data.build import build_splits
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError
-from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
 from stable_cnn.state.record import CheckpointRecord, rebuild_model
 from stable_cnn.state.run_files import run_folder_of
@@ -112,7 +111,7 @@ def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) 
 
 @dataclass
 class LoadedCheckpoint:
-    model: SmallCNN  # weights loaded, on the device
+    model: nn.Module  # weights loaded, on the device
     runtime: Runtime  # the precision and layout its run used
     splits: DataSplits
     data: DataConfig  # what it is evaluated on: the override, else the run's own

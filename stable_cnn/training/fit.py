@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from stable_cnn.config import RunConfig
@@ -23,7 +22,6 @@ from stable_cnn.data.augment import normalize
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import TrainingDiverged
-from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.state.resume import earlier_outcome
 from stable_cnn.state.run_files import FAILURE_FILE
@@ -39,10 +37,10 @@ from stable_cnn.system.seeding import seed_everything
 from stable_cnn.system.signals import GracefulStop
 from stable_cnn.training.build import Training, agree_on_run, build_training, choose_runtime
 from stable_cnn.training.diagnostics import (
-    STAGES,
     confusion_figure,
     gradient_snapshot,
     model_health,
+    stage_weights,
 )
 from stable_cnn.training.epoch import EpochStats, ensure_finite, train_one_epoch
 from stable_cnn.training.evaluation import EvalStats, evaluate
@@ -77,7 +75,7 @@ def epoch_summary(
 
 def log_figures(
     tracker: RunTracker,
-    model: SmallCNN,
+    model: nn.Module,
     data: DataSplits,
     criterion: nn.Module,
     runtime: Runtime,
@@ -96,9 +94,7 @@ def log_figures(
         gradients = gradient_snapshot(model, batch, labels, criterion, runtime)
     if not tracker.writes:
         return
-    weights = {name: torch.cat([p.detach().float().flatten().cpu() for p in
-                                getattr(model, name).parameters() if p.dim() > 1])
-               for name in STAGES}  # fmt: skip
+    weights = stage_weights(model)
     figure = confusion_figure(
         val_stats.confusion, data.info.class_names, f"validation, epoch {epoch}"
     )
@@ -207,7 +203,7 @@ def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStat
         progress_bar=trainer.progress_bar and world.is_main, progress=state.progress,
         stop_requested=lambda: stop.signal_name or "", on_nonfinite=trainer.on_nonfinite,
         max_consecutive_nonfinite=trainer.max_consecutive_nonfinite, ema=state.ema,
-        world=world,
+        world=world, accumulate=trainer.accumulate_grad_batches,
     )  # fmt: skip
     counters.global_step = stats.global_step
     if stats.completed:

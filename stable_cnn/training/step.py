@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -59,28 +61,34 @@ def poison_gradients_unless_finite(loss: torch.Tensor, finite: torch.Tensor) -> 
     return loss * torch.where(finite, 1.0, float("nan"))
 
 
-def optimizer_step(
-    loss: torch.Tensor,
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler, share: float = 1.0) -> torch.Tensor:
+    """Add ``loss``'s gradients (times ``share``: 1/N for one of N accumulated
+    micro-batches) to the parameters'; returns whether the loss was finite (a device
+    tensor). A non-finite loss makes every gradient NaN (``poison_gradients_unless_finite``),
+    so the gradients alone decide the step. With several processes they are already
+    averaged (DDP): one process's NaN or Inf loss reaches every process's gradients, and
+    every process skips the same steps without a collective of its own."""
+    loss_finite = loss.detach().isfinite()
+    scaled = loss * share if share != 1.0 else loss
+    scaler.scale(poison_gradients_unless_finite(scaled, loss_finite)).backward()
+    return loss_finite
+
+
+def update(
     parameters: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     clipping: ClippingConfig,
+    loss_finite: torch.Tensor,
     sync_free: bool | None = None,
     veto: bool = False,
 ) -> StepOutcome:
-    """Backward, clip the unscaled gradients, step; a step whose loss or gradients are
-    NaN/Inf is skipped (the weights and the optimizer state stay as they were).
+    """Clip the unscaled gradients and step; a step whose loss or gradients are NaN/Inf is
+    skipped (the weights and the optimizer state stay as they were).
 
     ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
     optimizer that cannot skip by itself costs one host read of the flag per step.
-    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps).
-
-    A non-finite loss makes every gradient NaN (``poison_gradients_unless_finite``),
-    so the gradients alone decide. With several processes they are already averaged
-    (DDP): one process's NaN or Inf loss reaches every process's gradients, and every
-    process skips the same steps without a collective of its own."""
-    loss_finite = loss.detach().isfinite()
-    scaler.scale(poison_gradients_unless_finite(loss, loss_finite)).backward()
+    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps)."""
     scaler.unscale_(optimizer)
     grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
     outcome = StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grad_norm.isfinite())
@@ -106,6 +114,21 @@ def optimizer_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return outcome
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    parameters: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clipping: ClippingConfig,
+    sync_free: bool | None = None,
+    veto: bool = False,
+) -> StepOutcome:
+    """Backward, clip the unscaled gradients, step (nanoGPT's order: scale -> backward ->
+    unscale -> clip -> step -> update -> zero_grad): ``backward`` then ``update``."""
+    loss_finite = backward(loss, scaler)
+    return update(parameters, optimizer, scaler, clipping, loss_finite, sync_free, veto)
 
 
 def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
@@ -189,9 +212,10 @@ def _flatten_buffers(modules: list[nn.Module], names: tuple[str, ...]) -> torch.
 
 
 class TrainStep:
-    """Everything one training batch does, built once per run: forward and loss under
-    autocast, the optimizer step, the BatchNorm guard, and the step's share of the
-    epoch's sums. Nothing in it reads the device (see ``optimizer_step``)."""
+    """Everything one optimizer step does, built once per run: forward and loss under
+    autocast for each of its micro-batches (one, unless gradients are accumulated), the
+    optimizer step, the BatchNorm guard, and the step's share of the epoch's sums.
+    Nothing in it reads the device (see ``update``)."""
 
     def __init__(
         self,
@@ -202,6 +226,7 @@ class TrainStep:
         clipping: ClippingConfig,
         runtime: Runtime,
         loss_spike_factor: float = 2.0,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         self.model = model  # compiled or not, wrapped in DDP or not
         self.criterion = criterion
@@ -213,6 +238,8 @@ class TrainStep:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.norm_guard = BatchNormGuard.of(model)
         self.sync_free = skips_on_device(optimizer)
+        # DDP's no_sync: the micro-batches before the last keep their gradients local
+        self.no_sync = no_sync or contextlib.nullcontext
 
     def __call__(
         self,
@@ -222,13 +249,39 @@ class TrainStep:
         veto: bool = False,
     ) -> StepOutcome:
         """Train on one batch (already on the device) and add it to ``progress``."""
+        return self.accumulated([(images, labels)], progress, veto)
+
+    def accumulated(
+        self,
+        micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+        progress: EpochProgress,
+        veto: bool = False,
+    ) -> StepOutcome:
+        """One optimizer step over the gradients of several micro-batches (on the device),
+        each weighing as much as its share of the images; the step is judged, clipped and
+        counted once, on the accumulated gradient."""
         self.norm_guard.snapshot()
-        with autocast(self.runtime.device, self.runtime.precision):
-            logits = self.model(images)
-            loss = self.criterion(logits, labels)
-        step = optimizer_step(loss, self.parameters, self.optimizer, self.scaler, self.clipping,
-                              self.sync_free, veto)  # fmt: skip
+        share = 1.0 / len(micro_batches)
+        losses, all_logits, all_labels, finite = [], [], [], None
+        for index, (images, labels) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.no_sync():
+                with autocast(self.runtime.device, self.runtime.precision):
+                    logits = self.model(images)
+                    loss = self.criterion(logits, labels)
+                loss_finite = backward(loss, self.scaler, share)
+            finite = loss_finite if finite is None else finite & loss_finite
+            losses.append(loss.detach())
+            all_logits.append(logits.detach())
+            all_labels.append(labels)
+        step = update(self.parameters, self.optimizer, self.scaler, self.clipping, finite,
+                      self.sync_free, veto)  # fmt: skip
         self.norm_guard.keep_if(step.applied & (not veto))
+        if len(micro_batches) == 1:
+            loss, logits, labels = losses[0], all_logits[0], all_labels[0]
+        else:
+            loss = torch.stack(losses).mean()
+            logits, labels = torch.cat(all_logits), torch.cat(all_labels)
         progress.record(
             step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()
         )

@@ -1,0 +1,180 @@
+"""Your model, your data: torchvision's ResNets, timm's models and a model class of your
+own train, resume exactly, evaluate, export (onnxruntime agrees) and predict, driven
+through the CLI on a small real subset; gradient accumulation equals the large batch;
+what belongs to the SmallCNN is refused for the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stable_cnn.system.signals import EXIT_PREEMPTED
+from tests.conftest import REPO, TINY, run_cli
+from tests.test_export import command
+from tests.test_resume import assert_same_run, wait_for_epochs
+
+pytestmark = pytest.mark.slow
+
+# A model module the package has never seen, written where only PYTHONPATH finds it.
+MY_MODEL = '''
+from torch import nn
+
+
+class PlainNet(nn.Module):
+    """Two convolutions, no BatchNorm: a user's own network."""
+
+    def __init__(self, in_channels, num_classes, image_size, hidden=16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes))
+
+    def forward(self, images):
+        return self.body(images)
+'''
+
+
+def small_real(root: Path) -> list[str]:
+    """512 real Fashion-MNIST training images, 256 to validate and test: an epoch in seconds."""
+    return [f"data.root={root}", "data.limit_train=512", "data.limit_test=256",
+            "data.val_size=256", "data.batch_size=64", "trainer.progress_bar=false",
+            "diagnostics.figures_every_n_epochs=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def my_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("mine")
+    (folder / "my_models.py").write_text(MY_MODEL)
+    return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO}"}
+
+
+def train(args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> str:
+    done = run_cli([*args, f"hydra.run.dir={run_dir}"], run_dir.parent, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def exports_and_predicts(run_dir: Path, env: dict[str, str] | None = None) -> None:
+    """eval reproduces the run's test; the ONNX export is checked by onnxruntime inside
+    stable-cnn-export; predict runs on the exported file."""
+    evaluated = command("stable-cnn-eval", f"checkpoint={run_dir}", cwd=run_dir.parent, env=env)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    result = json.loads(next((run_dir / "eval").glob("*/eval.json")).read_text())
+    assert result["test_acc"] == json.loads((run_dir / "results.json").read_text())["test_acc"]
+    exported = command("stable-cnn-export", f"checkpoint={run_dir}", cwd=run_dir.parent, env=env)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert "checked with onnxruntime" in exported.stdout
+    images = run_dir.parent / "images"
+    if not images.exists():
+        from PIL import Image
+
+        images.mkdir()
+        for k in range(3):
+            Image.new("L", (28, 28), 40 * k).save(images / f"{k}.png")
+    predicted = command("stable-cnn-predict", f"checkpoint={run_dir / 'export' / 'best.onnx'}",
+                        f"input={images}", f"out={run_dir / 'predictions.csv'}",
+                        cwd=run_dir.parent, env=env)  # fmt: skip
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    assert len((run_dir / "predictions.csv").read_text().splitlines()) == 4
+
+
+def resumes_exactly(args: list[str], folder: Path, env: dict[str, str] | None = None) -> None:
+    """An uninterrupted run and one stopped by SIGTERM in its second epoch, then resumed,
+    end with the same metrics, results and weights."""
+    whole, stopped = folder / "whole", folder / "stopped"
+    train(args, whole, env)
+    stopped.parent.mkdir(exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *args, f"hydra.run.dir={stopped}"],
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_epochs(stopped, 1, process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == EXIT_PREEMPTED, output
+    resumed = train([*args, f"trainer.resume={stopped}"], stopped, env)
+    assert "resuming from" in resumed
+    assert_same_run(whole, stopped)
+
+
+def test_a_model_of_your_own_with_gradient_accumulation(
+    my_models: dict[str, str], fashion_mnist_root: Path, tmp_path: Path
+):
+    """model=custom with a class from a module the package never saw (and +model.hidden):
+    trains, resumes exactly mid-accumulation, evaluates, exports and predicts; without
+    its module on PYTHONPATH, eval says so in one line."""
+    args = [*small_real(fashion_mnist_root), "model=custom", "model._target_=my_models.PlainNet",
+            "+model.hidden=12", "trainer.accumulate_grad_batches=3", "trainer.epochs=3",
+            "trainer.deterministic=true", "data.limit_train=1536"]  # fmt: skip
+    resumes_exactly(args, tmp_path, my_models)
+    run_dir = tmp_path / "whole"
+    log = (run_dir / "train.log").read_text()
+    assert "model my_models.PlainNet hidden=12" in log
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 3 * 8  # 24/3
+    exports_and_predicts(run_dir, my_models)
+    lost = command("stable-cnn-eval", f"checkpoint={run_dir}", cwd=tmp_path)
+    assert lost.returncode == 2
+    assert "cannot import my_models" in lost.stdout + lost.stderr
+
+
+def test_a_timm_model_trains_and_exports(fashion_mnist_root: Path, tmp_path: Path):
+    """(Resume is the same for every model: the custom model's test checks it.)"""
+    pytest.importorskip("timm")
+    output = train([*small_real(fashion_mnist_root), "model=timm", "model.name=resnet10t",
+                    "trainer.epochs=1"], tmp_path / "run")  # fmt: skip
+    assert "model timm resnet10t" in output
+    exports_and_predicts(tmp_path / "run")
+
+
+def test_a_torchvision_resnet_with_its_small_input_stem(fashion_mnist_root: Path, tmp_path: Path):
+    output = train([*small_real(fashion_mnist_root), "model=resnet", "trainer.epochs=1"],
+                   tmp_path / "run")  # fmt: skip
+    assert "model torchvision resnet18, 3x3 stem for small images" in output
+    spec = __import__("torch").load(tmp_path / "run" / "checkpoints" / "best.pt",
+                                    weights_only=True)["model_config"]  # fmt: skip
+    assert (spec["kind"], spec["in_channels"], spec["small_input"]) == ("resnet", 1, True)
+    exports_and_predicts(tmp_path / "run")
+
+
+def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
+    """On a model without BatchNorm (whose statistics see the micro-batch) and without
+    random draws: the same steps, to float precision."""
+    same = [*TINY, "model.batchnorm=false", "model.dropout=0", "model.head_dropout=0",
+            "data.augment=false", "amp=off", "trainer.deterministic=true"]  # fmt: skip
+    train([*same, "data.batch_size=128"], tmp_path / "one")
+    train([*same, "data.batch_size=32", "trainer.accumulate_grad_batches=4"], tmp_path / "four")
+    import torch
+
+    one, four = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+                 for name in ("one", "four"))  # fmt: skip
+    assert one["counters"] == four["counters"], "the same optimizer steps, epochs, best"
+    for key, value in one["model"].items():
+        torch.testing.assert_close(four["model"][key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [(["model=resnet", "model.width=32"], "model.width is not a key of this model"),
+     (["model=timm", "ablation=no_batchnorm"], "the ablation's and the stability map's "
+      "variants are the SmallCNN's"),
+     (["+model.depthh=3"], "model.depthh is not a key of model=small_cnn"),
+     (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere"),
+     (["model=timm", "model.name=no_such_net"], "is not a timm model")],
+)  # fmt: skip
+def test_what_belongs_to_the_smallcnn_and_model_mistakes_are_one_line(
+    overrides: list[str], expected: str, tmp_path: Path
+):
+    done = run_cli([*(a for a in TINY if not a.startswith("model.")), *overrides,
+                    "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stdout
+    assert not (tmp_path / "run").exists()
