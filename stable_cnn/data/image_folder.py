@@ -3,15 +3,18 @@ DataLoader workers (the classic path, for data that does not fit in memory)."""
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from stable_cnn.config import DataConfig
+from stable_cnn.data.loaders import (
+    ShuffledLoader,
+    evaluation_share,
+    leave_stop_signals_to_the_trainer,
+)
 from stable_cnn.data.splits import (
     ONE_PROCESS,
     DatasetInfo,
@@ -150,131 +153,3 @@ def folder_datasets(config: DataConfig) -> tuple[Any, Any, Any, tuple[str, ...]]
         val_set = test_set  # no test/ folder: val/ serves as both
     train_set = first(train_set, torch.arange(len(train_set)), config.limit_train)
     return train_set, val_set, test_set, classes
-
-
-def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:
-    """This process's evaluation batches: whole batches of the single-process sequence
-    (batch ``shard.index``, then every ``shard.count``-th), so that each image is
-    evaluated once, in the same company, and the summed counts equal one process's."""
-    if shard.count == 1:
-        return dataset
-    batches = range(shard.index, -(-len(dataset) // batch_size), shard.count)
-    mine = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size,
-                                                                  len(dataset)))]  # fmt: skip
-    return Subset(dataset, mine)
-
-
-class ShuffledLoader:
-    """Training batches of a map-style dataset through DataLoader workers.
-
-    The order is torch's DistributedSampler's (shuffled from the seed and the epoch,
-    each process its own share, the same number of batches on each), and every image's
-    augmentation draws from a seed of its own, chosen by the epoch and the image. So
-    what a batch holds, and how it is augmented, depends neither on ``data.num_workers``
-    nor on where a resumed epoch continues: a checkpoint keeps only the epoch and the
-    position.
-
-    One DataLoader serves the whole run, its workers started once and kept between
-    epochs (``persistent_workers``); each epoch hands it that epoch's batches."""
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        shard: Shard = ONE_PROCESS,
-        pin_memory: bool = False,
-    ) -> None:
-        self.dataset = SeededAugmentation(dataset)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=shard.count, rank=shard.index, shuffle=True,
-            seed=seed % 2**62, drop_last=True,
-        )  # fmt: skip
-        self.epoch = 0  # epochs started
-        self.position = 0  # batches of the current epoch already handed out
-        self.in_epoch = False
-        self.plan = EpochPlan()
-        self.loader = DataLoader(
-            self.dataset,
-            batch_sampler=self.plan,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-            worker_init_fn=leave_stop_signals_to_the_trainer,
-        )
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size  # the last partial batch is dropped
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self.in_epoch:  # a new epoch; a resumed one continues its own
-            self.epoch, self.position, self.in_epoch = self.epoch + 1, 0, True
-        self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)
-        draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
-        image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
-        size = self.batch_size
-        self.plan.batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
-                             for k in range(self.position, len(self))]  # fmt: skip
-        for batch in self.loader:
-            self.position += 1
-            yield batch
-        self.in_epoch = False
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "in_epoch": self.in_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "epoch" not in state:  # a generator and an order: the loader before this one
-            raise DataError(
-                "this image_folder checkpoint was written by an older stable-cnn, whose "
-                "data order and augmentation a run can no longer continue: start a new run"
-            )
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.in_epoch = state["in_epoch"]
-
-
-class EpochPlan:
-    """The batch sampler of ShuffledLoader's DataLoader: the batches of the pass about to
-    start (the loader iterates it anew at every pass, in the main process)."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class SeededAugmentation(Dataset):
-    """Indexed by (image, seed): the image's random transforms draw from that seed, in
-    whichever process or DataLoader worker decodes it (torchvision's transforms draw
-    from torch's global CPU generator, which is put back afterwards). Only that one is
-    seeded: ``torch.manual_seed`` would also reseed every CUDA generator, which
-    ``fork_rng(devices=[])`` does not put back, and with ``data.num_workers=0`` the
-    run's dropout masks on the GPU would follow the last image's seed."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
-
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group and SLURM signals every process: workers
-    ignore both, so the main process can finish its step and save (DataLoader still
-    shuts them down, and they exit when the main process dies)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
