@@ -150,7 +150,8 @@ def test_help_lists_every_group_and_option(tmp_path):
     for line in (
         "amp: auto, bf16, fp16, off",
         "clipping: none, norm, value",
-        "data: cifar10, cifar100, fashion_mnist, image_folder, mnist, svhn, synthetic",
+        "data: cifar10, cifar100, custom, fashion_mnist, image_folder, mnist, svhn, synthetic",
+        "model: custom, resnet, small_cnn, timm",
         "optimizer: adamw, sgd, tutorial_sgd",
         "scheduler: cosine, none, onecycle, plateau, step, tutorial_cosine",
     ):

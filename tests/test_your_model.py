@@ -1,7 +1,8 @@
 """Your model, your data: torchvision's ResNets, timm's models and a model class of your
 own train, resume exactly, evaluate, export (onnxruntime agrees) and predict, driven
-through the CLI on a small real subset; gradient accumulation equals the large batch;
-what belongs to the SmallCNN is refused for the others."""
+through the CLI on a small real subset; a dataset class of your own, in memory and
+through DataLoader workers; gradient accumulation equals the large batch; what belongs
+to the SmallCNN is refused for the others."""
 
 from __future__ import annotations
 
@@ -42,10 +43,41 @@ class PlainNet(nn.Module):
 '''
 
 
-def small_real(root: Path) -> list[str]:
-    """512 real Fashion-MNIST training images, 256 to validate and test: an epoch in seconds."""
-    return [f"data.root={root}", "data.limit_train=512", "data.limit_test=256",
-            "data.val_size=256", "data.batch_size=64", "trainer.progress_bar=false",
+# A dataset module of a user's: the first Fashion-MNIST images behind a class of its own,
+# as PIL images or (as_tensors) float tensors in [0, 1], with named classes.
+MY_DATA = """
+from torchvision import datasets, transforms
+
+
+class Clothes:
+    def __init__(self, folder, train, count, as_tensors):
+        to_tensor = transforms.ToTensor() if as_tensors else None
+        self.source = datasets.FashionMNIST(folder, train=train, transform=to_tensor)
+        self.count, self.classes = count, self.source.classes
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return self.source[index]
+
+
+def load(folder, count=640, as_tensors=False):
+    return Clothes(folder, True, count, as_tensors), Clothes(folder, False, 128, as_tensors)
+
+
+def normalised(folder):
+    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.3], [0.35])])
+    return (datasets.FashionMNIST(folder, train=True, transform=normalise),
+            datasets.FashionMNIST(folder, train=False, transform=normalise))
+"""
+
+
+def small_real(root: Path, images: int = 512) -> list[str]:
+    """``images`` real Fashion-MNIST training images, half as many to validate and to
+    test, with the figures every epoch: an epoch in seconds."""
+    return [f"data.root={root}", f"data.limit_train={images}", f"data.limit_test={images // 2}",
+            f"data.val_size={images // 2}", "data.batch_size=64", "trainer.progress_bar=false",
             "diagnostics.figures_every_n_epochs=1"]  # fmt: skip
 
 
@@ -53,6 +85,7 @@ def small_real(root: Path) -> list[str]:
 def my_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("mine")
     (folder / "my_models.py").write_text(MY_MODEL)
+    (folder / "my_data.py").write_text(MY_DATA)
     return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO}"}
 
 
@@ -126,17 +159,49 @@ def test_a_model_of_your_own_with_gradient_accumulation(
     assert "cannot import my_models" in lost.stdout + lost.stderr
 
 
+def test_a_dataset_of_your_own_in_memory_and_through_workers(
+    my_models: dict[str, str], fashion_mnist_root: Path, tmp_path: Path
+):
+    """data=custom settles channels, size, classes, mean and std from the data, the same
+    in memory (PIL images) and through DataLoader workers (float tensors); the checkpoint
+    records them, so eval, export and predict work without them on the command line;
+    normalised images are refused in one line."""
+    args = ["data=custom", "data._target_=my_data.load", f"+data.folder={fashion_mnist_root}",
+            "model.width=8", "trainer.epochs=1", "data.batch_size=64",
+            "trainer.progress_bar=false"]  # fmt: skip
+    in_memory = train(args, tmp_path / "memory", my_models)
+    workers = train([*args, "+data.as_tensors=true", "data.in_memory=false"],
+                    tmp_path / "workers", my_models)  # fmt: skip
+    settled = [line.split(" - ", 1)[1] for output in (in_memory, workers)
+               for line in output.splitlines() if "settled from the data" in line]  # fmt: skip
+    assert len(settled) == 2 and settled[0] == settled[1], settled
+    assert "in_channels 1, image_size 28, num_classes 10, val_size 64" in settled[0]
+    mean = float(settled[0].split("mean [")[1].split("]")[0])
+    assert abs(mean - 0.2860) < 0.01, "Fashion-MNIST's mean pixel, from 640 of its images"
+    assert "loader workers" in workers and "decoding 640 + 128 images" in in_memory
+
+    exports_and_predicts(tmp_path / "memory", my_models)
+    predictions = (tmp_path / "memory" / "predictions.csv").read_text()
+    assert any(name in predictions for name in ("T-shirt/top", "Trouser", "Bag", "Sandal"))
+
+    refused = run_cli([*args, "data._target_=my_data.normalised", "hydra.run.dir=bad"], tmp_path,
+                      env=my_models)  # fmt: skip
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if "error:" in line]
+    assert refused.returncode == 2 and len(lines) == 1 and "must be in [0, 1]" in lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_timm_model_trains_and_exports(fashion_mnist_root: Path, tmp_path: Path):
     """(Resume is the same for every model: the custom model's test checks it.)"""
     pytest.importorskip("timm")
-    output = train([*small_real(fashion_mnist_root), "model=timm", "model.name=resnet10t",
+    output = train([*small_real(fashion_mnist_root, 128), "model=timm", "model.name=resnet10t",
                     "trainer.epochs=1"], tmp_path / "run")  # fmt: skip
     assert "model timm resnet10t" in output
     exports_and_predicts(tmp_path / "run")
 
 
 def test_a_torchvision_resnet_with_its_small_input_stem(fashion_mnist_root: Path, tmp_path: Path):
-    output = train([*small_real(fashion_mnist_root), "model=resnet", "trainer.epochs=1"],
+    output = train([*small_real(fashion_mnist_root, 128), "model=resnet", "trainer.epochs=1"],
                    tmp_path / "run")  # fmt: skip
     assert "model torchvision resnet18, 3x3 stem for small images" in output
     spec = __import__("torch").load(tmp_path / "run" / "checkpoints" / "best.pt",
@@ -168,7 +233,9 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
       "variants are the SmallCNN's"),
      (["+model.depthh=3"], "model.depthh is not a key of model=small_cnn"),
      (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere"),
-     (["model=timm", "model.name=no_such_net"], "is not a timm model")],
+     (["model=timm", "model.name=no_such_net"], "is not a timm model"),
+     (["data=custom", "data._target_=nowhere.load"], "cannot import nowhere"),
+     (["+data.folder=/data"], "data.folder is not a key of data=synthetic")],
 )  # fmt: skip
 def test_what_belongs_to_the_smallcnn_and_model_mistakes_are_one_line(
     overrides: list[str], expected: str, tmp_path: Path

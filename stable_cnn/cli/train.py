@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from stable_cnn.cli.conf import config_dir
+from stable_cnn.cli.extra_keys import with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.cli.run_folder import continue_log_in, discard_if_unused, output_folder_problem
 from stable_cnn.cli.sweeps import (
@@ -31,7 +32,7 @@ from stable_cnn.cli.sweeps import (
     register_job_folder_resolver,
     threads_per_parallel_job,
 )
-from stable_cnn.config import TAKES_KWARGS, ModelConfig, RunConfig, register_schemas
+from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.state.resume import find_checkpoint
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
@@ -53,7 +54,8 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
     """The composed config as typed objects; range checks run here, before any data."""
     try:
         groups = {name: OmegaConf.to_object(cfg[name]) for name in RunConfig.__dataclass_fields__}
-        groups["model"] = with_model_kwargs(groups["model"], cfg.model)
+        groups["model"] = with_kwargs("model", groups["model"], cfg.model)
+        groups["data"] = with_kwargs("data", groups["data"], cfg.data)
     except MissingMandatoryValue as err:  # a key left as ??? in the YAML
         raise ConfigError(
             f"{err.full_key} is required here and has no value: add {err.full_key}=... "
@@ -63,24 +65,6 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     return RunConfig(**groups)
-
-
-def with_model_kwargs(model: ModelConfig, composed: DictConfig) -> ModelConfig:
-    """The model config with the keys that ``+model.KEY=VALUE`` added: keyword arguments of
-    a timm or custom model; for the others, a key they do not have is one line."""
-    known = {f.name for f in fields(model)}
-    extra = {key: composed[key] for key in composed if key not in known}
-    if not extra:
-        return model
-    if not isinstance(model, TAKES_KWARGS):
-        key = next(iter(extra))
-        raise ConfigError(
-            f"model.{key} is not a key of model={model.name}: check the spelling (`stable-cnn-"
-            f"train --cfg job` lists the keys); model=timm and model=custom take extra "
-            f"keyword arguments this way"
-        )
-    kwargs = {**model.kwargs, **OmegaConf.to_container(OmegaConf.create(extra), resolve=True)}
-    return replace(model, kwargs=kwargs)
 
 
 # Always in the HPARAMS tab (with the config groups' choices and every overridden key),

@@ -13,11 +13,10 @@ is precision.py), the whole run's config in run.py; every schema is importable f
 """
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import DataConfig, SyntheticDataConfig
+from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.model import (
-    TAKES_KWARGS,
     CustomModelConfig,
     ModelConfig,
     ResNetConfig,
@@ -26,7 +25,7 @@ from stable_cnn.config.model import (
 )
 from stable_cnn.config.optimizer import OPTIMIZER_OPTIONS, AdamWConfig, OptimizerConfig, SGDConfig
 from stable_cnn.config.precision import AmpConfig
-from stable_cnn.config.run import DATA_OVERRIDES, SCHEMAS, RunConfig, register_schemas
+from stable_cnn.config.run import DATA_OVERRIDES, SCHEMAS, TAKES_KWARGS, RunConfig, register_schemas
 from stable_cnn.config.scheduler import (
     SCHEDULER_OPTIONS,
     CosineConfig,
@@ -47,6 +46,7 @@ __all__ = [
     "AmpConfig",
     "ClippingConfig",
     "CosineConfig",
+    "CustomDataConfig",
     "CustomModelConfig",
     "DataConfig",
     "DiagnosticsConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -41,7 +42,8 @@ class DataConfig:
         check(
             self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1"
         )
-        check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0 (0 = use test)")
+        if self.val_size is not None:  # data=custom's null: a tenth of the training images
+            check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0 (0 = use test)")
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")
@@ -51,8 +53,15 @@ class DataConfig:
         check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
         check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")
         check_bounds("data.erase_ratio", self.erase_ratio, upper=None, example="[0.3, 3.3]")
-        check(self.in_channels in (1, 3), "data.in_channels", self.in_channels, "must be 1 or 3")
-        check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
+        self.check_shape()
+
+    def check_shape(self) -> None:
+        """The images' channels, size, classes and normalisation (data=custom: those given)."""
+        if self.in_channels is not None:
+            check(self.in_channels in (1, 3), "data.in_channels", self.in_channels,
+                  "must be 1 or 3")  # fmt: skip
+        if self.image_size is not None:
+            check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
         check(
             self.num_classes is None or self.num_classes >= 2,
             "data.num_classes",
@@ -61,13 +70,16 @@ class DataConfig:
         )
         for key in ("mean", "std"):
             values = getattr(self, key)
+            if values is None or self.in_channels is None:
+                continue
             check(
                 len(values) == self.in_channels,
                 f"data.{key}",
                 list(values),
                 f"needs one value per input channel ({self.in_channels})",
             )
-        check(all(s > 0 for s in self.std), "data.std", list(self.std), "must be > 0")
+        if self.std is not None:
+            check(all(s > 0 for s in self.std), "data.std", list(self.std), "must be > 0")
 
 
 @dataclass
@@ -81,3 +93,33 @@ class SyntheticDataConfig(DataConfig):
         super().__post_init__()
         check(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         check(self.num_test >= 1, "data.num_test", self.num_test, "must be >= 1")
+
+
+@dataclass
+class CustomDataConfig(DataConfig):
+    """data=custom: datasets of your own, from a callable (docs/data.md#your-own-dataset).
+    What is left null is found from the data: channels and size from the first training
+    image, classes from the datasets' ``classes`` (else their labels), mean and std from
+    the training images."""
+
+    name: str = "custom"
+    root: str = ""  # unused: the callable knows where its data is
+    download: bool = False
+    # PACKAGE.MODULE.CALLABLE, called with the +data.KEY=VALUE keys; returns the train and
+    # the test dataset, each of (image, label) pairs
+    _target_: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)  # filled from +data.KEY=VALUE
+    # null: decoded into memory (the fast path) when the images take at most a quarter
+    # of the memory available; false: per-image DataLoader workers, as data=image_folder
+    in_memory: bool | None = None
+    val_size: int | None = None  # null: a tenth of the training images
+    in_channels: int | None = None  # null: the first training image's
+    num_classes: int | None = None  # null: the datasets' classes, else the largest label + 1
+    image_size: int | None = None  # null: the first training image's (images are resized to it)
+    mean: list[float] | None = None  # null: computed from the training images
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        check("." in self._target_, "data._target_", self._target_,
+              "must be PACKAGE.MODULE.CALLABLE, importable where the run starts")  # fmt: skip
+        super().__post_init__()

@@ -72,7 +72,3 @@ class CustomModelConfig(ModelConfig):
     def __post_init__(self) -> None:
         check("." in self._target_, "model._target_", self._target_,
               "must be PACKAGE.MODULE.CALLABLE, importable where the run starts")  # fmt: skip
-
-
-# The options whose extra keys (+model.KEY=VALUE) are their model's keyword arguments.
-TAKES_KWARGS = (TimmConfig, CustomModelConfig)

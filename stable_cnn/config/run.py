@@ -8,7 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import DataConfig, SyntheticDataConfig
+from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.model import (
@@ -29,9 +29,14 @@ from stable_cnn.config.scheduler import (
 )
 from stable_cnn.config.trainer import TrainerConfig
 
+# The options whose extra keys (+model.KEY=VALUE, +data.KEY=VALUE) are keyword arguments
+# of their callable: timm's create_model, your model's, your dataset's.
+TAKES_KWARGS = (TimmConfig, CustomModelConfig, CustomDataConfig)
+
 SCHEMAS: dict[str, type] = {
     "schema_data": DataConfig,
     "schema_data_synthetic": SyntheticDataConfig,
+    "schema_data_custom": CustomDataConfig,
     "schema_model_small_cnn": SmallCNNConfig,
     "schema_model_resnet": ResNetConfig,
     "schema_model_timm": TimmConfig,

@@ -2,13 +2,14 @@
 batches. Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
 decoded once into a uint8 tensor on the training device, where whole batches are
 augmented (tensors.py); ``image_folder`` keeps the classic per-image DataLoader path
-(image_folder.py)."""
+(image_folder.py, loaders.py); ``custom`` (custom.py) takes either way, by its size."""
 
 from __future__ import annotations
 
 import torch
 
-from stable_cnn.config import DataConfig
+from stable_cnn.config import CustomDataConfig, DataConfig
+from stable_cnn.data.custom import custom_splits
 from stable_cnn.data.image_folder import image_folder_splits
 from stable_cnn.data.splits import ONE_PROCESS, DataSplits, Shard
 from stable_cnn.data.tensors import tensor_splits
@@ -29,4 +30,6 @@ def build_splits(
     command that only evaluates keeps them off the GPU."""
     if config.name == "image_folder":
         return image_folder_splits(config, stream_seed(seed, "data"), device, shard)
+    if isinstance(config, CustomDataConfig):
+        return custom_splits(config, seed, device, shard, train_device)
     return tensor_splits(config, device, seed, shard, train_device)

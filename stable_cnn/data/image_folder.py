@@ -7,25 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from stable_cnn.config import DataConfig
-from stable_cnn.data.loaders import (
-    ShuffledLoader,
-    evaluation_share,
-    leave_stop_signals_to_the_trainer,
-)
+from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
     DatasetInfo,
     DataSplits,
     Shard,
-    check_batch_size,
     first_n,
     split_indices,
 )
 from stable_cnn.errors import DataError
-from stable_cnn.system.hardware import loader_workers, usable_cores
 
 
 def image_folder_splits(
@@ -38,42 +32,20 @@ def image_folder_splits(
     is the data stream's; ``device`` the run's (batches are pinned for a GPU); ``shard``
     this process's share when several processes train. ``data.num_workers=null`` is
     sized from the cores this process may use."""
-    workers = config.num_workers
-    if workers is None:
-        workers = loader_workers(usable_cores())
-    pin_memory = device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
     train_set, val_set, test_set, classes = folder_datasets(config)
-    check_batch_size(config, len(train_set), shard.count)
-
-    def loader(dataset: Any) -> DataLoader:
-        return DataLoader(
-            evaluation_share(dataset, config.eval_batch_size, shard),
-            batch_size=config.eval_batch_size,
-            num_workers=workers,
-            pin_memory=pin_memory,
-            persistent_workers=workers > 0,
-            worker_init_fn=leave_stop_signals_to_the_trainer,
-        )
-
-    test = loader(test_set)
-    val = test if val_set is test_set else loader(val_set)
     info = DatasetInfo("image_folder", config.in_channels, len(classes), config.image_size, classes)
     root = Path(config.root).expanduser()
-    return DataSplits(
-        ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory),
-        val,
-        test,
-        info,
-        len(train_set),
-        len(val_set),
-        len(test_set),
-        val_is_test=val_set is test_set,
+    splits = loader_splits(
+        config, (train_set, val_set, test_set), info, seed, device, shard,
         val_is_test_reason=(
             f"{root} has no test/ folder: val/ is both the validation and the test set, so "
             f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
             f"of train/ with data.val_size=N"
         ),
-    )
+    )  # fmt: skip
+    if config.num_classes is None:  # settled by the class folders
+        splits.resolved = {"num_classes": len(classes)}
+    return splits
 
 
 def folder_transforms(config: DataConfig) -> tuple[Any, Any]:
@@ -85,17 +57,8 @@ def folder_transforms(config: DataConfig) -> tuple[Any, Any]:
     convert = [transforms.Grayscale(1)] if config.in_channels == 1 else []
     convert += [transforms.Resize((size, size))]
     to_tensor = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-    augment = []
-    if config.augment:
-        augment.append(transforms.RandomCrop(size, padding=config.crop_padding))
-        if config.flip:
-            augment.append(transforms.RandomHorizontalFlip())
-    erase = []
-    if config.augment and config.erase_prob > 0:  # after Normalize: value 0 is the mean
-        erase.append(transforms.RandomErasing(
-            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
-        ))  # fmt: skip
-    return transforms.Compose(convert + augment + to_tensor + erase), transforms.Compose(
+    before, after = augmentations(config)
+    return transforms.Compose(convert + before + to_tensor + after), transforms.Compose(
         convert + to_tensor
     )
 

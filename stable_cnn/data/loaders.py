@@ -1,6 +1,6 @@
 """Training and evaluation batches of map-style datasets through DataLoader workers
-(data=image_folder's way): the training order and every image's augmentation fixed by
-the seed, whatever the workers."""
+(data=image_folder's way, and data=custom's where the images do not fit in memory): the
+training order and every image's augmentation fixed by the seed, whatever the workers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,68 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from stable_cnn.data.splits import ONE_PROCESS, Shard
+from stable_cnn.config import DataConfig
+from stable_cnn.data.splits import ONE_PROCESS, DatasetInfo, DataSplits, Shard, check_batch_size
 from stable_cnn.errors import DataError
+from stable_cnn.system.hardware import loader_workers, usable_cores
+
+
+def loader_splits(
+    config: DataConfig,
+    datasets: tuple[Any, Any, Any],
+    info: DatasetInfo,
+    seed: int,
+    device: torch.device,
+    shard: Shard = ONE_PROCESS,
+    val_is_test_reason: str | None = None,
+) -> DataSplits:
+    """The train, val and test ``datasets`` (val may be test itself), each item an
+    (image tensor, label) pair, as the run's splits. ``seed`` is the data stream's;
+    ``device`` the run's (batches are pinned for a GPU); ``shard`` this process's share.
+    ``data.num_workers=null`` is sized from the cores this process may use."""
+    train_set, val_set, test_set = datasets
+    workers = config.num_workers
+    if workers is None:
+        workers = loader_workers(usable_cores())
+    pin_memory = device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
+    check_batch_size(config, len(train_set), shard.count)
+
+    def loader(dataset: Any) -> DataLoader:
+        return DataLoader(
+            evaluation_share(dataset, config.eval_batch_size, shard),
+            batch_size=config.eval_batch_size,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
+        )
+
+    test = loader(test_set)
+    val = test if val_set is test_set else loader(val_set)
+    reason = {} if val_is_test_reason is None else {"val_is_test_reason": val_is_test_reason}
+    return DataSplits(
+        ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory),
+        val, test, info, len(train_set), len(val_set), len(test_set),
+        val_is_test=val_set is test_set, loader_workers=workers, **reason,
+    )  # fmt: skip
+
+
+def augmentations(config: DataConfig) -> tuple[list, list]:
+    """The training transforms around normalising: crop and flip before (on a PIL image or
+    a tensor), random erasing after (value 0: the mean). None without data.augment."""
+    from torchvision import transforms
+
+    if not config.augment:
+        return [], []
+    before = [transforms.RandomCrop(config.image_size, padding=config.crop_padding)]
+    if config.flip:
+        before.append(transforms.RandomHorizontalFlip())
+    after = []
+    if config.erase_prob > 0:
+        after.append(transforms.RandomErasing(
+            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
+        ))  # fmt: skip
+    return before, after
 
 
 def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:

@@ -3,7 +3,7 @@ the model needs to know about the data, and each process's share of them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,10 @@ class DataSplits:
         "validating on the test set (data.val_size=0): test accuracy is optimistic; hold "
         "validation images out of the training set with data.val_size=N"
     )
+    loader_workers: int = 0  # DataLoader worker processes (0: the data is in memory)
+    # data keys left null that the data settled (data=custom: channels, size, classes,
+    # mean and std, val_size; data=image_folder: num_classes): the checkpoint records them
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         """Stop the splits' DataLoader workers now (in-memory splits have none).

@@ -147,11 +147,28 @@ def tensor_splits(
     shard: Shard = ONE_PROCESS,
     train_device: torch.device | None = None,
 ) -> DataSplits:
-    """An in-memory dataset's splits: validation held out of train (the same images for
-    every run), the training images on ``train_device`` (default ``device``)."""
+    """A built-in in-memory dataset's splits (see tensor_splits_of)."""
     train_images, train_labels, class_names = load_tensors(config, train=True)
     test_images, test_labels, _ = load_tensors(config, train=False)
     check_shape(config, train_images)
+    return tensor_splits_of(config, (train_images, train_labels), (test_images, test_labels),
+                            class_names, device, run_seed, shard, train_device)  # fmt: skip
+
+
+def tensor_splits_of(
+    config: DataConfig,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    class_names: tuple[str, ...],
+    device: torch.device,
+    run_seed: int,
+    shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
+) -> DataSplits:
+    """The splits of ``train`` and ``test`` (uint8 images (N, C, H, W), int64 labels):
+    validation held out of train (the same images for every run), the training images
+    on ``train_device`` (default ``device``)."""
+    (train_images, train_labels), (test_images, test_labels) = train, test
     train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
     train_index = first_n(train_index, config.limit_train)
     check_batch_size(config, len(train_index), shard.count)
@@ -160,15 +177,15 @@ def tensor_splits(
         index = first_n(index, config.limit_test)
         return evaluation_batches(config, images[index], labels[index], device, shard)
 
-    test = evaluation(torch.arange(len(test_labels)), test_images, test_labels)
-    val = test if len(val_index) == 0 else evaluation(val_index, train_images, train_labels)
-    train = training_batches(config, train_images[train_index], train_labels[train_index],
-                             train_device or device, run_seed, shard)  # fmt: skip
+    test_split = evaluation(torch.arange(len(test_labels)), test_images, test_labels)
+    val = test_split if len(val_index) == 0 else evaluation(val_index, train_images, train_labels)
+    train_split = training_batches(config, train_images[train_index], train_labels[train_index],
+                                   train_device or device, run_seed, shard)  # fmt: skip
     info = DatasetInfo(
         config.name, config.in_channels, len(class_names), config.image_size, class_names
     )
-    return DataSplits(train, val, test, info, len(train_index), len(val.labels), len(test.labels),
-                      val_is_test=len(val_index) == 0)  # fmt: skip
+    return DataSplits(train_split, val, test_split, info, len(train_index), len(val.labels),
+                      len(test_split.labels), val_is_test=len(val_index) == 0)  # fmt: skip
 
 
 def training_batches(

@@ -8,13 +8,13 @@ digs in a checkpoint's raw dictionary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from stable_cnn.config import DataConfig, SyntheticDataConfig
+from stable_cnn.config import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
 
@@ -27,9 +27,14 @@ def amp_option(precision: str) -> str:
 def data_config(values: dict[str, Any]) -> DataConfig:
     """A data config as a checkpoint saved it (keys a newer or older stable-cnn added or
     dropped are passed over: the data is what it was)."""
-    schema = SyntheticDataConfig if values.get("name") == "synthetic" else DataConfig
+    schemas = {"synthetic": SyntheticDataConfig, "custom": CustomDataConfig}
+    schema = schemas.get(values.get("name"), DataConfig)
     known = {f.name for f in fields(schema)}
-    return schema(**{key: value for key, value in values.items() if key in known})
+    kept = {key: value for key, value in values.items() if key in known}
+    if schema is CustomDataConfig:  # its +data.KEY=VALUE keys, as the command line gave them
+        extra = {key: value for key, value in values.items() if key not in known}
+        kept["kwargs"] = {**kept.get("kwargs", {}), **extra}
+    return schema(**kept)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class CheckpointRecord:
     channels_last: bool | None  # the resolved layout (None: unrecorded)
     world_size: int = 1  # processes that trained it
     averaged: bool = False  # it holds the weight average (ema=on), which the run tested
+    # data keys the config left null and the data settled (data=custom's mean and std...)
+    data_resolved: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, state: dict[str, Any], path: Path) -> CheckpointRecord:
@@ -57,6 +64,7 @@ class CheckpointRecord:
             device_type=state.get("device_type"), precision=runtime.get("precision"),
             channels_last=runtime.get("channels_last"), world_size=state.get("world_size", 1),
             averaged=state.get("ema") is not None,
+            data_resolved=dict(state.get("data_resolved") or {}),
         )  # fmt: skip
 
     def as_state(self) -> dict[str, Any]:
@@ -68,6 +76,7 @@ class CheckpointRecord:
             "device_type": self.device_type,
             "runtime": self.runtime,
             "world_size": self.world_size,
+            "data_resolved": self.data_resolved,
         }
 
     @property
@@ -79,10 +88,11 @@ class CheckpointRecord:
 
     @property
     def data(self) -> DataConfig:
+        """The run's data config, with what the data settled where it was left null."""
         if "data" not in self.config:
             raise CheckpointError("the checkpoint holds no data config: it was not written by "
                                   "stable-cnn-train")  # fmt: skip
-        return data_config(self.config["data"])
+        return data_config({**self.config["data"], **self.data_resolved})
 
     @property
     def seed(self) -> int:

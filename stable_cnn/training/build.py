@@ -206,12 +206,15 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
         data = build_splits(data_config, runtime.device, run.trainer.seed, shard)
     batch = data_config.batch_size
     per_process = f" per process, {batch * world.size} in all" if world.distributed else ""
-    if data.info.name == "image_folder":
-        per_process += f", {data_config.num_workers} loader workers"
+    if data.loader_workers:
+        per_process += f", {data.loader_workers} loader workers"
     log.info(
         "data %s: %d train / %d val / %d test images, batch %d%s",
         data.info.name, data.num_train, data.num_val, data.num_test, batch, per_process,
     )  # fmt: skip
+    if data.resolved:
+        settled = ", ".join(f"{key} {value}" for key, value in data.resolved.items())
+        log.info("data %s, settled from the data: %s", data.info.name, settled)
     if data.val_is_test:
         log.warning("%s", data.val_is_test_reason)
     return data
@@ -237,7 +240,7 @@ def build_state(
     record = CheckpointRecord(
         spec, composed_config, data.info.class_names,
         runtime.device.type, runtime.precision.name, runtime.channels_last, world.size,
-        averaged=ema is not None,
+        averaged=ema is not None, data_resolved=data.resolved,
     )  # fmt: skip
     return RunState(model, optimizer, schedule, scaler, data.train, runtime, record, ema,
                     world=world)  # fmt: skip

@@ -100,8 +100,8 @@ def evaluate(
 def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) -> None:
     """One line, before any data is read, when the images or classes do not fit the model."""
     trained = (model_config["in_channels"], model_config["num_classes"])
-    given = (data.in_channels, data.num_classes)
-    if given[0] != trained[0] or (given[1] is not None and given[1] != trained[1]):
+    given = (data.in_channels, data.num_classes)  # None: settled by the data (data=custom)
+    if any(g is not None and g != t for g, t in zip(given, trained, strict=True)):
         raise CheckpointError(
             f"checkpoint {path} was trained on {trained[0]}-channel images with {trained[1]} "
             f"classes; data={data.name} has {given[0]} channels and {given[1]} classes: "
