@@ -22,7 +22,7 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (out / "summary.md").read_text()
     steps = ["facts", "default_command", "cuda_tests", "host_syncs", "torchrun_sync_batchnorm",
-             "fp16", "benchmark_b32", "benchmark_b64", "time_to_accuracy"]  # fmt: skip
+             "fp16", "benchmark_b32", "resnet18", "time_to_accuracy"]  # fmt: skip
     listed = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")
               and line.split("|")[1].strip() in steps]  # fmt: skip
     assert listed == steps, "every step ran, in this order: " + summary
