@@ -138,9 +138,9 @@ CLI_BAD_INPUTS = {
     "unknown amp option": (["amp=fp8"], ["amp=fp8", "bf16"]),
     "unknown key": (["optimizer.lrr=0.1"], ["optimizer.lrr", "spelling", "+optimizer.lrr="]),
     "unparsable override": (["optimizer.lr=["], ["'optimizer.lr=['", "key=value"]),
-    "wrong type float": (["optimizer.lr=abc"], ["optimizer.lr", "'abc'", "Float"]),
+    "wrong type float": (["optimizer.momentum=abc"], ["optimizer.momentum", "'abc'", "Float"]),
     "wrong type int": (["trainer.epochs=1.5"], ["trainer.epochs", "1.5", "Integer"]),
-    "lr <= 0": (["optimizer.lr=0"], ["optimizer.lr=0.0", "must be > 0"]),
+    "lr <= 0": (["optimizer.lr=0"], ["optimizer.lr=0", "must be a number > 0 or auto"]),
     "image_folder without root": (["data=image_folder"], ["data.root", "required"]),
 }
 RANGE_CHECKS = {

@@ -77,7 +77,7 @@ def test_map_driver_writes_every_variant_and_learning_rate(tmp_path: Path):
     done = subprocess.run(
         [driver, "--seeds", "1", "--lrs", "0.01,0.1", "--variants", "full,no_batchnorm",
          "--out", str(tmp_path / "runs"), "--report", str(report), "--device", "cpu",
-         "data=synthetic", "model.width=8", "trainer.epochs=1"],
+         "--lr-find", "data=synthetic", "model.width=8", "trainer.epochs=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
@@ -91,6 +91,12 @@ def test_map_driver_writes_every_variant_and_learning_rate(tmp_path: Path):
     assert len(rows) == 2 and all(line.count("|") == 4 and " - " not in line for line in rows)
     for name in ("full", "no_batchnorm"):
         assert f"- **{name}**" in text, "a headline sentence per variant"
+    assert "The learning-rate finder's suggestion" in text and "of 2 variants" in text
+    table = text.split("## Per variant")[1].split("## Every")[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| full")
+            or line.startswith("| no_batchnorm")]  # fmt: skip
+    assert all(float(row[-2]) > 0 and row[-1].rstrip(" |") in ("inside", "in its cells",
+               "outside") for row in rows), table  # fmt: skip
     import matplotlib.image
 
     assert matplotlib.image.imread(report.with_suffix(".png")).shape[1] > 100

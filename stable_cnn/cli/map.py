@@ -13,12 +13,18 @@ from stable_cnn.studies.stability_map import (
     SMALL,
     VARIANTS,
     collect,
+    collect_suggestions,
     describe_range,
     plot,
     render,
     stable_range,
 )
-from stable_cnn.studies.sweep import describe_machine, run_variant_sweep, write_study_report
+from stable_cnn.studies.sweep import (
+    describe_machine,
+    run_finder_sweep,
+    run_variant_sweep,
+    write_study_report,
+)
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -32,6 +38,9 @@ def cli(argv: list[str] | None = None) -> None:
                         help="comma-separated learning rates (default 0.003 ... 10)")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated variants (default: all)")  # fmt: skip
+    parser.add_argument("--lr-find", action="store_true",
+                        help="also run stable-cnn-lr-find per variant at the same settings "
+                             "and judge its suggestion against the stable range")  # fmt: skip
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
@@ -57,6 +66,11 @@ def cli(argv: list[str] | None = None) -> None:
     if status != 0:
         print(f"some runs failed (sweep exit {status}): see {args.out / 'map.log'}")
     variants = collect(args.out, learning_rates, names)
+    if args.lr_find:
+        print(f"the learning-rate finder, per variant, into {args.out / 'lr_find'}", flush=True)
+        if run_finder_sweep(args.out / "lr_find", base, names, "map.log") != 0:
+            print(f"the finder failed for some variants: see {args.out / 'map.log'}")
+        collect_suggestions(args.out / "lr_find", variants)
     command = "stable-cnn-map " + " ".join(argv if argv is not None else sys.argv[1:])
     trained = sum(r.results.get("wall_s", 0.0) for v in variants for p in v.points
                   for r in p.runs)  # fmt: skip

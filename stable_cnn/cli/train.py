@@ -137,6 +137,11 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
             logging.getLogger("stable_cnn").setLevel(logging.WARNING)
         run = parse_run_config(cfg)
         check_devices(world, run.trainer.devices)
+        if run.optimizer.lr == "auto" and (run.trainer.devices > 1 or world.distributed):
+            raise ConfigError(
+                "optimizer.lr=auto finds the learning rate in one process: run "
+                "stable-cnn-lr-find with the same overrides, then pass optimizer.lr=VALUE"
+            )
         threads = threads_per_parallel_job(hydra_config.launcher)
         if in_sweep and threads is not None and run.trainer.num_threads is None:
             log.info("jobs run side by side: %d torch thread(s) each", threads)

@@ -16,6 +16,7 @@ from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
+from stable_cnn.config.lr_find import LRFindConfig
 from stable_cnn.config.model import (
     CustomModelConfig,
     ModelConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "DataConfig",
     "DiagnosticsConfig",
     "EmaConfig",
+    "LRFindConfig",
     "ModelConfig",
     "OneCycleConfig",
     "OptimizerConfig",

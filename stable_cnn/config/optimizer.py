@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -15,21 +16,28 @@ OPTIMIZER_OPTIONS = ("adamw", "sgd", "tutorial_sgd")
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
-    lr: float = MISSING  # peak learning rate
+    # peak learning rate, or auto: the range test's suggestion (stable-cnn-lr-find)
+    lr: Any = MISSING
     weight_decay: float = 0.0  # L2 penalty (SGD) or decoupled decay (AdamW)
     decay_norm_and_bias: bool = False  # also decay BatchNorm weights and all biases
 
     def __post_init__(self) -> None:
         kind = type(self).__dataclass_fields__["name"].default
         check_kind("optimizer", self, kind, OPTIMIZER_OPTIONS)
-        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        number = isinstance(self.lr, int | float) and not isinstance(self.lr, bool)
+        check(
+            self.lr == "auto" or (number and self.lr > 0),
+            "optimizer.lr",
+            self.lr,
+            "must be a number > 0 or auto (the learning-rate range test's suggestion)",
+        )
         check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
     name: str = "sgd"
-    lr: float = 0.1
+    lr: Any = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -48,7 +56,7 @@ class SGDConfig(OptimizerConfig):
 @dataclass
 class AdamWConfig(OptimizerConfig):
     name: str = "adamw"
-    lr: float = 3e-3
+    lr: Any = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.05

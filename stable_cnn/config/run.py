@@ -11,6 +11,7 @@ from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
+from stable_cnn.config.lr_find import LRFindConfig
 from stable_cnn.config.model import (
     CustomModelConfig,
     ModelConfig,
@@ -53,6 +54,7 @@ SCHEMAS: dict[str, type] = {
     "schema_ema": EmaConfig,
     "schema_trainer": TrainerConfig,
     "schema_diagnostics": DiagnosticsConfig,
+    "schema_lr_find": LRFindConfig,  # stable-cnn-lr-find's own keys (conf/lr_find.yaml)
 }
 
 

@@ -37,6 +37,9 @@ IGNORED_KEYS = {
     # The number of processes is checked as such (check_same_world): torchrun's and
     # trainer.devices=N's runs of the same world continue each other.
     ("trainer", "devices"),
+    # optimizer.lr=auto's value, found when the run started; a resume takes it from the
+    # checkpoint (training/lr_finder.py), so the config asks for auto both times.
+    ("optimizer", "lr_found"),
 }
 
 

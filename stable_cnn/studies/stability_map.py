@@ -13,6 +13,7 @@ rule at each learning rate.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Variant:
     name: str
     description: str
     points: list[Point]  # one per learning rate, ascending
+    suggested_lr: float | None = None  # stable-cnn-lr-find's, at the map's settings (--lr-find)
 
     def best(self) -> Point | None:
         scored = [p for p in self.points if p.mean is not None]
@@ -110,6 +112,47 @@ def describe_range(span: tuple[float, float] | None) -> str:
         return "none"
     low, high = span
     return f"{low:g} only" if low == high else f"{low:g} to {high:g}"
+
+
+def judge_suggestion(lr: float, span: tuple[float, float] | None, grid: list[float]) -> str:
+    """Where the finder's suggestion falls against a measured stable range: "inside" (from
+    its lowest to its highest stable learning rate), "in its cells" (nearer, in log, to a
+    stable learning rate of the grid than to an unstable one: the map measures only its
+    grid) or "outside"."""
+    if span is None:
+        return "outside"
+    low, high = span
+    if low <= lr <= high:
+        return "inside"
+    cell = math.sqrt(grid[1] / grid[0]) if len(grid) > 1 else 1.0  # half a grid step
+    return "in its cells" if low / cell <= lr <= high * cell else "outside"
+
+
+def finder_summary(variants: list[Variant]) -> str:
+    """One sentence: how many suggestions fall inside the stable ranges."""
+    grid = [p.lr for p in variants[0].points]
+    judged = [(v.name, judge_suggestion(v.suggested_lr, stable_range(v.points), grid))
+              for v in variants if v.suggested_lr is not None]  # fmt: skip
+    inside = sum(verdict == "inside" for _, verdict in judged)
+    near = sum(verdict != "outside" for _, verdict in judged)
+    missed = [name for name, verdict in judged if verdict == "outside"]
+    return (f"The learning-rate finder's suggestion (`stable-cnn-lr-find`, at the same "
+            f"settings) falls inside the stable range for {inside} of {len(judged)} variants "
+            f"and within its grid cells for {near} of {len(judged)}"
+            + (f"; outside for {', '.join(missed)}." if missed else "."))  # fmt: skip
+
+
+def collect_suggestions(folder: Path, variants: list[Variant]) -> None:
+    """Each variant's suggestion, from the finder's jobs under ``folder`` (lr_find.json,
+    and the job's ablation=NAME in .hydra/overrides.yaml)."""
+    by_name = {variant.name: variant for variant in variants}
+    for found in sorted(folder.glob("*/lr_find.json")):
+        overrides = found.parent / ".hydra" / "overrides.yaml"
+        chosen = [line.split("ablation=", 1)[1].strip() for line in
+                  (overrides.read_text().splitlines() if overrides.exists() else [])
+                  if "ablation=" in line]  # fmt: skip
+        if chosen and chosen[-1] in by_name:
+            by_name[chosen[-1]].suggested_lr = json.loads(found.read_text())["suggested_lr"]
 
 
 def compare_points(variant: Variant, full: Variant) -> tuple[list[float], list[float]]:
@@ -187,19 +230,28 @@ def render(variants: list[Variant], header: list[str]) -> str:
         "## Headline", "",
     ]  # fmt: skip
     lines += [f"- **{v.name}**, {v.description}: {evidence(v, full)}" for v in variants]
+    finder = any(v.suggested_lr is not None for v in variants)
+    if finder:
+        lines += ["", finder_summary(variants)]
     lines += ["", "## Per variant", "",
               "| variant | best test acc (%) | at lr | stable range | decades | diverged "
-              "| collapsed |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+              "| collapsed |" + (" finder's lr | against the range |" if finder else ""),
+              "|---|---:|---:|---|---:|---:|---:|" + ("---:|---|" if finder else "")]  # fmt: skip
     for variant in variants:
         best, span = variant.best(), stable_range(variant.points)
         runs = sum(len(p.runs) for p in variant.points)
         accuracy = f"{best.mean:.2f} ± {spread(best.accuracies()):.2f}" if best else "-"
-        lines.append(
+        row = (
             f"| {variant.name} | {accuracy} | {best.lr if best else '-'} | "
             f"{describe_range(span)} | {decades(span):.1f} | "
             f"{sum(p.diverged for p in variant.points)}/{runs} | "
             f"{sum(p.collapsed for p in variant.points)}/{runs} |"
         )
+        if finder:
+            lr = variant.suggested_lr
+            verdict = "-" if lr is None else judge_suggestion(lr, span, learning_rates)
+            row += f" {'-' if lr is None else f'{lr:.3g}'} | {verdict} |"
+        lines.append(row)
     lines += ["", "## Every learning rate", "",
               "Mean test accuracy (%) ± std over seeds; `d` diverged and `c` collapsed seeds.", "",
               "| variant | " + " | ".join(f"{lr:g}" for lr in learning_rates) + " |",

@@ -55,6 +55,17 @@ def run_variant_sweep(
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+def run_finder_sweep(out: Path, base: list[str], names: list[str], log_name: str) -> int:
+    """``stable-cnn-lr-find`` for every variant at the study's settings, as one sweep into
+    ``out``, its output appended to ``log_name`` beside it; returns its exit status."""
+    command = [sys.executable, "-m", "stable_cnn.cli.lr_find", "-m", *base,
+               "ablation=" + ",".join(names), "trainer.progress_bar=false",
+               f"hydra.sweep.dir={out}"]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with (out.parent / log_name).open("a") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
 def describe_machine(device: str) -> str:
     where = resolve_device(device)
     if where.type == "cuda":

@@ -44,6 +44,7 @@ from stable_cnn.training.diagnostics import (
 )
 from stable_cnn.training.epoch import EpochStats, ensure_finite, train_one_epoch
 from stable_cnn.training.evaluation import EvalStats, evaluate
+from stable_cnn.training.lr_finder import with_found_lr
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -137,6 +138,10 @@ def train(
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
+        if run.optimizer.lr == "auto":
+            run = with_found_lr(run, runtime, run_dir, resume_state, composed_config, world)
+            if hparams is not None:
+                hparams.values["optimizer.lr"] = run.optimizer.lr
         training = build_training(run, world, runtime, run_dir, composed_config, resume)
         try:
             log.info("run folder: %s", run_dir)

@@ -240,6 +240,7 @@ class TrainStep:
         self.sync_free = skips_on_device(optimizer)
         # DDP's no_sync: the micro-batches before the last keep their gradients local
         self.no_sync = no_sync or contextlib.nullcontext
+        self.last_loss: torch.Tensor | None = None  # the last step's (the range test reads it)
 
     def __call__(
         self,
@@ -282,6 +283,7 @@ class TrainStep:
         else:
             loss = torch.stack(losses).mean()
             logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        self.last_loss = loss
         progress.record(
             step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()
         )

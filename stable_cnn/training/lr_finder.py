@@ -1,0 +1,311 @@
+"""The learning-rate range test (Smith, "Cyclical Learning Rates for Training Neural
+Networks", 2017; fastai's ``lr_find``; Lightning's LearningRateFinder), on the run's own
+model, data, augmentation, precision, clipping and gradient accumulation: the learning
+rate grows exponentially from ``min_lr`` to ``max_lr``, one value per optimizer step,
+until the loss has clearly diverged. Where the smoothed loss turns upwards is the edge of
+stability; the suggestion keeps half a decade below it (``suggest``).
+
+Everything it trains is its own and is thrown away: a run that uses its suggestion starts
+from the initial weights, data order and random streams it would have had anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stable_cnn.config import RunConfig
+from stable_cnn.config.lr_find import LRFindConfig
+from stable_cnn.models.build import build_model
+from stable_cnn.state.checkpoint import CheckpointError
+from stable_cnn.state.progress import EpochProgress
+from stable_cnn.state.record import CheckpointRecord
+from stable_cnn.system.distributed import ALONE, World, wrap_for_training
+from stable_cnn.system.hardware import Runtime, compile_model
+from stable_cnn.system.plotting import pyplot
+from stable_cnn.system.seeding import seed_everything
+from stable_cnn.training.build import build_data, choose_runtime, model_config
+from stable_cnn.training.epoch import chunked
+from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.step import TrainStep
+
+log = logging.getLogger("stable_cnn")
+
+# The host reads the losses every this many steps (one read, not one per step: a GPU never
+# waits for Python in between); divergence is noticed at most this many steps late.
+READ_EVERY = 10
+# The loss is smoothed over a quarter of a decade of learning rates, centred (no lag: a
+# turn of the curve stays at the learning rate where it happened): 15 steps of the
+# default sweep. Measured on the default recipe, seeds 0-3: with this window the edge
+# below moved between 0.25 and 0.30; with a tenth of a decade, between 0.21 and 0.42.
+SMOOTHING_DECADES = 0.25
+# The edge of stability: the largest learning rate, from the smoothed loss's minimum on,
+# at which the smoothed loss is still within this fraction of that minimum. Past it the
+# loss grows: the steps have become too large for the curvature the weights meet. (The
+# minimum itself sits anywhere on a flat bottom; the rise after it is steep, so the edge
+# moves less from one seed or machine to the next.)
+EDGE_TOLERANCE = 0.05
+# The suggestion: a factor of two below the edge. Smith's one-cycle policy peaks at the
+# edge itself, and our schedules warm up to their peak as it does; the factor of two
+# keeps the suggestion on the safe side of one sweep's noise. fastai's "minimum / 10"
+# keeps a whole decade, which costs a clipped, warmed-up recipe accuracy
+# (docs/lr_find.md compares the rules on the stability map).
+MARGIN_BELOW_EDGE = 2.0
+RULE = (
+    "max_stable_lr / 2, where max_stable_lr is the largest learning rate, from the "
+    f"minimum of the smoothed loss on, at which the smoothed loss is within "
+    f"{EDGE_TOLERANCE:.0%} of that minimum"
+)
+
+
+@dataclass
+class LRCurve:
+    """What the sweep measured: one loss per optimizer step, at its learning rate."""
+
+    lrs: list[float]
+    losses: list[float]
+    diverged: bool  # the sweep stopped before max_lr: the loss had clearly diverged
+    seconds: float
+
+    def smoothed(self) -> list[float]:
+        """The centred running mean of the finite losses (the window shrinks at the ends)."""
+        half = 0
+        if len(self.lrs) > 1:
+            steps_per_decade = 1 / math.log10(self.lrs[1] / self.lrs[0])
+            half = int(SMOOTHING_DECADES * steps_per_decade / 2)
+        smooth = []
+        for index in range(len(self.losses)):
+            window = self.losses[max(0, index - half) : index + half + 1]
+            finite = [value for value in window if math.isfinite(value)]
+            smooth.append(sum(finite) / len(finite) if finite else math.inf)
+        return smooth
+
+
+@dataclass
+class LRFinding:
+    suggested_lr: float
+    max_stable_lr: float
+    curve: LRCurve
+
+    def record(self, settings: LRFindConfig) -> dict:
+        """lr_find.json's content."""
+        smooth = self.curve.smoothed()
+        return {
+            "suggested_lr": self.suggested_lr,
+            "max_stable_lr": self.max_stable_lr,
+            "rule": RULE,
+            "settings": asdict(settings),
+            "steps": len(self.curve.lrs),
+            "stopped_at_divergence": self.curve.diverged,
+            "seconds": round(self.curve.seconds, 2),
+            "curve": [
+                {"lr": lr, "loss": loss, "smoothed_loss": smoothed}
+                for lr, loss, smoothed in zip(
+                    self.curve.lrs, self.curve.losses, smooth, strict=True
+                )
+            ],
+        }
+
+
+def learning_rates(settings: LRFindConfig) -> list[float]:
+    """``num_steps`` learning rates from ``min_lr`` to ``max_lr``, evenly spaced in log."""
+    ratio = settings.max_lr / settings.min_lr
+    last = settings.num_steps - 1
+    return [settings.min_lr * ratio ** (step / last) for step in range(settings.num_steps)]
+
+
+def endless(batches: Iterable) -> Iterator:
+    """The training batches, epoch after epoch (each epoch in its own shuffled order)."""
+    while True:
+        yield from batches
+
+
+def sweep(
+    train_step: TrainStep,
+    batches: Iterable,
+    settings: LRFindConfig,
+    accumulate: int = 1,
+) -> LRCurve:
+    """Train one optimizer step per learning rate of ``learning_rates(settings)``; stop
+    early once the smoothed loss exceeds ``diverge_factor`` x its minimum so far, or is
+    NaN/Inf (the step's guard has skipped it: the loss says so)."""
+    runtime, optimizer = train_step.runtime, train_step.optimizer
+    train_step.model.train()
+    progress = EpochProgress.start(runtime.device)
+    rates = learning_rates(settings)
+    pending: list[torch.Tensor] = []
+    losses: list[float] = []
+    started = time.perf_counter()
+    diverged = False
+    for lr, micro_batches in zip(rates, chunked(endless(batches), accumulate), strict=False):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        on_device = [(images.to(runtime.device, non_blocking=True,
+                                memory_format=runtime.memory_format),
+                      labels.to(runtime.device, non_blocking=True))
+                     for images, labels in micro_batches]  # fmt: skip
+        train_step.accumulated(on_device, progress)
+        pending.append(train_step.last_loss.float())
+        if len(pending) == READ_EVERY or len(losses) + len(pending) == len(rates):
+            losses += torch.stack(pending).tolist()  # the one host read per READ_EVERY steps
+            pending.clear()
+            if has_diverged(
+                LRCurve(rates[: len(losses)], losses, False, 0.0), settings.diverge_factor
+            ):
+                diverged = True
+                break
+    return LRCurve(rates[: len(losses)], losses, diverged, time.perf_counter() - started)
+
+
+def has_diverged(curve: LRCurve, factor: float) -> bool:
+    """The last step's loss is NaN/Inf, or the smoothed loss of the last READ_EVERY steps
+    exceeds ``factor`` x the lowest smoothed loss before them, or is above where the sweep
+    started: it has lost all it learnt (clipping bounds each step, so a clipped recipe's
+    loss climbs back to chance rather than exploding)."""
+    if not math.isfinite(curve.losses[-1]):
+        return True
+    smooth = curve.smoothed()
+    if len(smooth) <= 2 * READ_EVERY:
+        return False
+    lowest = min(smooth[:-READ_EVERY])
+    return smooth[-1] > factor * lowest or (lowest < 0.9 * smooth[0] < 0.9 * smooth[-1])
+
+
+def suggest(curve: LRCurve) -> LRFinding:
+    """The suggestion by ``RULE``, and the edge of stability it keeps away from."""
+    smooth = curve.smoothed()
+    lowest = min(range(len(smooth)), key=smooth.__getitem__)
+    edge = lowest
+    while edge + 1 < len(smooth) and smooth[edge + 1] <= smooth[lowest] * (1 + EDGE_TOLERANCE):
+        edge += 1
+    max_stable = curve.lrs[edge]
+    return LRFinding(max_stable / MARGIN_BELOW_EDGE, max_stable, curve)
+
+
+def with_found_lr(
+    run: RunConfig,
+    runtime: Runtime,
+    run_dir: Path,
+    resume_state: dict | None,
+    composed_config: dict,
+    world: World = ALONE,
+) -> RunConfig:
+    """``optimizer.lr=auto``: the run with the value it found when it started (a resumed
+    run goes on with it), else with the range test's suggestion, found now (its files in
+    ``run_dir``/lr_find/). The run's config records the value as ``optimizer.lr_found``."""
+    if resume_state is not None:
+        found = CheckpointRecord.read(resume_state, run_dir).config["optimizer"].get("lr_found")
+        if found is None:
+            raise CheckpointError(
+                "optimizer.lr=auto: the checkpoint holds no learning rate found by the range "
+                "test; resume with the optimizer.lr the run started with"
+            )
+        log.info("optimizer.lr=auto: %.4g, found when the run started", found)
+    else:
+        finding = find_learning_rate(run, runtime, LRFindConfig(), run_dir / "lr_find", world)
+        found = finding.suggested_lr
+        # From the same seeds again: the run starts with the initial weights, data order
+        # and dropout masks it would have had with optimizer.lr given by hand.
+        seed_everything(run.trainer.seed, run.trainer.deterministic)
+        log.info("optimizer.lr=auto: %.4g (the range test's suggestion; its curve: %s)",
+                 found, run_dir / "lr_find" / "lr_find.png")  # fmt: skip
+    composed_config["optimizer"]["lr_found"] = found
+    return replace(run, optimizer=replace(run.optimizer, lr=found))
+
+
+def run_range_test(run: RunConfig, settings: LRFindConfig, folder: Path) -> LRFinding:
+    """``stable-cnn-lr-find``: seeded and placed as the run would be, in one process."""
+    seed_everything(run.trainer.seed, run.trainer.deterministic)
+    return find_learning_rate(run, choose_runtime(run), settings, folder)
+
+
+def find_learning_rate(
+    run: RunConfig,
+    runtime: Runtime,
+    settings: LRFindConfig,
+    folder: Path,
+    world: World = ALONE,
+) -> LRFinding:
+    """Build the run's data and model as training would (from the run's seed: the caller
+    reseeds before it builds the run itself), sweep, and write the findings to ``folder``."""
+    data = build_data(run, world, runtime)
+    try:
+        spec = model_config(run, data.info)
+        model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
+        network: nn.Module = wrap_for_training(model, world, runtime.device)
+        if run.trainer.compile:
+            network = compile_model(network, runtime.device)
+        criterion = nn.CrossEntropyLoss(label_smoothing=run.trainer.label_smoothing)
+        optimizer = build_optimizer(model, replace(run.optimizer, lr=settings.min_lr))
+        scaler = torch.amp.GradScaler(
+            runtime.device.type, enabled=runtime.precision.use_grad_scaler
+        )
+        train_step = TrainStep(network, criterion, optimizer, scaler, run.clipping, runtime)
+        log.info(
+            "lr_find: %d steps from lr %g to %g (stops once the loss has diverged)",
+            settings.num_steps, settings.min_lr, settings.max_lr,
+        )  # fmt: skip
+        curve = sweep(train_step, data.train, settings, run.trainer.accumulate_grad_batches)
+    finally:
+        data.close()
+    finding = suggest(curve)
+    write_findings(finding, settings, folder)
+    return finding
+
+
+def write_findings(finding: LRFinding, settings: LRFindConfig, folder: Path) -> None:
+    """lr_find.json, lr_find.png and TensorBoard scalars (lr_find/*, by step) in ``folder``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lr_find.json").write_text(json.dumps(finding.record(settings), indent=1) + "\n")
+    curve, smooth = finding.curve, finding.curve.smoothed()
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        for step, (lr, loss, smoothed) in enumerate(
+            zip(curve.lrs, curve.losses, smooth, strict=True)
+        ):
+            writer.add_scalar("lr_find/lr", lr, step)
+            if math.isfinite(loss):
+                writer.add_scalar("lr_find/loss", loss, step)
+            if math.isfinite(smoothed):
+                writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
+        writer.add_text("lr_find/suggestion", f"suggested_lr {finding.suggested_lr:.4g}: {RULE}")
+    finally:
+        writer.close()
+    plot_curve(finding, folder / "lr_find.png")
+
+
+def plot_curve(finding: LRFinding, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        log.warning("no lr_find.png: matplotlib is missing (pip install matplotlib)")
+        return
+    curve, smooth = finding.curve, finding.curve.smoothed()
+    finite = [value for value in smooth if math.isfinite(value)]
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    axes.plot(curve.lrs, curve.losses, color="0.75", linewidth=0.8, label="loss per step")
+    axes.plot(curve.lrs, smooth, color="C0", label="smoothed")
+    axes.axvline(finding.max_stable_lr, color="C3", linestyle=":",
+                 label=f"max_stable_lr {finding.max_stable_lr:.3g}")  # fmt: skip
+    axes.axvline(finding.suggested_lr, color="C2",
+                 label=f"suggested_lr {finding.suggested_lr:.3g}")  # fmt: skip
+    axes.set_xscale("log")
+    if finite:  # the diverging tail would flatten the rest
+        low = min(finite)
+        axes.set_ylim(low - 0.05 * abs(low), max(finite[0], low) * 1.5)
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_title("learning-rate range test")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,106 @@
+"""The learning-rate range test: ``stable-cnn-lr-find`` on the default recipe suggests a
+learning rate inside the full recipe's measured stable range and leaves its curve as
+JSON, PNG and TensorBoard scalars in one folder; ``optimizer.lr=auto`` trains exactly as
+the found value given by hand would, and a resumed run keeps the value it found."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stable_cnn.system.signals import EXIT_PREEMPTED
+from tests.conftest import REPO, TINY, run_cli
+from tests.test_export import command
+from tests.test_resume import RESUMABLE, assert_same_run, wait_for_epochs
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_default_recipe_gets_a_stable_learning_rate_and_its_curve(
+    fashion_mnist_root: Path, tmp_path: Path
+):
+    """On real Fashion-MNIST at the stability map's size (10,000 training images), the
+    suggestion falls inside the full recipe's stable range, 0.1 to 1 (docs/stability_map.md)."""
+    done = command("stable-cnn-lr-find", f"data.root={fashion_mnist_root}",
+                   "data.limit_train=10000", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (folder,) = (tmp_path / "outputs" / "lr_find").glob("*/*")
+    said = [line for line in done.stdout.splitlines() if line.startswith("suggested optimizer.lr=")]
+    assert len(said) == 1 and str(folder) in said[0], done.stdout
+
+    found = json.loads((folder / "lr_find.json").read_text())
+    assert 0.1 <= found["suggested_lr"] <= 1.0, found["suggested_lr"]
+    assert found["suggested_lr"] < found["max_stable_lr"], "a margin below the edge"
+    assert "minimum of the smoothed loss" in found["rule"]
+    lrs = [point["lr"] for point in found["curve"]]
+    assert lrs[0] == pytest.approx(1e-4) and lrs == sorted(lrs) and len(lrs) == found["steps"]
+    assert found["stopped_at_divergence"] and lrs[-1] < 10, "it stops once the loss diverged"
+    assert (folder / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    assert {"lr_find/loss", "lr_find/smoothed_loss", "lr_find/lr"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("lr_find/lr")) == found["steps"]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("events.")) == [
+        ".hydra", "lr_find.json", "lr_find.log", "lr_find.png"]  # fmt: skip
+
+
+def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Path):
+    """optimizer.lr=auto, stopped by SIGTERM and resumed, ends with the same metrics and
+    weights as an uninterrupted run given the found value by hand: the finder's training
+    is thrown away (same initial weights, data order, dropout), and the resume takes the
+    value from the checkpoint instead of searching again."""
+    auto = tmp_path / "auto"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *RESUMABLE, "optimizer.lr=auto",
+         f"hydra.run.dir={auto}"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_epochs(auto, 1, process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == EXIT_PREEMPTED, output
+    found = json.loads((auto / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
+    assert f"optimizer.lr=auto: {found:.4g}" in output
+
+    resumed = run_cli([*RESUMABLE, "optimizer.lr=auto", f"trainer.resume={auto}",
+                       f"hydra.run.dir={auto}"], tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "lr_find:" not in resumed.stdout, "no second search"
+    assert f"optimizer.lr=auto: {found:.4g}, found when the run started" in resumed.stdout
+
+    by_hand = run_cli([*RESUMABLE, f"optimizer.lr={found!r}", f"hydra.run.dir={tmp_path / 'hand'}"],
+                      tmp_path)  # fmt: skip
+    assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
+    assert_same_run(auto, tmp_path / "hand")
+    record = (auto / "train.log").read_text()
+    assert "lr_find: 300 steps" in record
+
+
+@pytest.mark.parametrize(
+    ("cli", "overrides", "expected"),
+    [("stable-cnn-train", ["optimizer.lr=fast"],
+      "optimizer.lr='fast' is not allowed: must be a number > 0 or auto"),
+     ("stable-cnn-train", ["optimizer.lr=auto", "trainer.devices=2"],
+      "optimizer.lr=auto finds the learning rate in one process"),
+     ("stable-cnn-lr-find", ["lr_find.max_lr=1e-4"],
+      "lr_find.max_lr=0.0001 is not allowed: must be more than")],
+)  # fmt: skip
+def test_lr_mistakes_are_one_line(cli: str, overrides: list[str], expected: str, tmp_path: Path):
+    done = command(cli, *TINY, *overrides, "hydra.run.dir=run", cwd=tmp_path)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_finder_is_a_console_script():
+    scripts = (REPO / "pyproject.toml").read_text()
+    assert 'stable-cnn-lr-find = "stable_cnn.cli.lr_find:cli"' in scripts
