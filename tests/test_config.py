@@ -165,6 +165,7 @@ RANGE_CHECKS = {
         ["scheduler.warmup_epochs=0.3", "scheduler.warmup_epochs=0"],
     ),
     "limit_train=0": (["data.limit_train=0"], ["data.limit_train=0", ">= 1"]),
+    "lr neither a number nor auto": (["optimizer.lr=fast"], ["optimizer.lr='fast'", "or auto"]),
     "mean per channel": (["data=cifar10", "data.mean=[0.5]"], ["data.mean", "per input channel"]),
 }
 
