@@ -90,10 +90,31 @@ def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Pa
     [("stable-cnn-train", ["optimizer.lr=auto", "trainer.devices=2"],
       "optimizer.lr=auto finds the learning rate in one process"),
      ("stable-cnn-lr-find", ["lr_find.max_lr=1e-4"],
-      "lr_find.max_lr=0.0001 is not allowed: must be more than")],
+      "lr_find.max_lr=0.0001 is not allowed: must be more than"),
+     ("stable-cnn-lr-find", ["lr_find.min_lr=1e-6", "lr_find.max_lr=1e-3"],
+      "the loss was still falling at lr_find.max_lr=0.001: raise lr_find.max_lr")],
 )  # fmt: skip
 def test_lr_mistakes_are_one_line(cli: str, overrides: list[str], expected: str, tmp_path: Path):
     done = command(cli, *TINY, *overrides, "hydra.run.dir=run", cwd=tmp_path)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_the_rule_on_made_up_curves():
+    """The edge is where the smoothed loss leaves 5% above its minimum; the suggestion
+    half of it; a curve that never turns upwards is one line, not a guess."""
+    from stable_cnn.config.lr_find import LRFindConfig
+    from stable_cnn.errors import ConfigError
+    from stable_cnn.training.lr_finder import LRCurve, learning_rates, suggest
+
+    settings = LRFindConfig()
+    rates = learning_rates(settings)  # a valley whose floor ends at 0.3 (smoothing blurs it)
+    valley = [2.3 - min(lr, 0.3) * 3 + max(0.0, lr - 0.3) * 10 for lr in rates]
+    finding = suggest(LRCurve(rates, valley, True, 1.0), settings)
+    assert (
+        0.25 <= finding.max_stable_lr <= 0.32 and finding.suggested_lr == finding.max_stable_lr / 2
+    )
+    falling = [2.3 - 0.2 * index / len(rates) for index in range(len(rates))]
+    with pytest.raises(ConfigError, match=r"still falling at lr_find\.max_lr=10:"):
+        suggest(LRCurve(rates, falling, False, 1.0), settings)

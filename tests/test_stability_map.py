@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from stable_cnn.studies.report import RunRecord
-from stable_cnn.studies.stability_map import Point, Variant, decades, evidence, stable_range
+from stable_cnn.studies.stability_map import (
+    LEARNING_RATES,
+    Point,
+    Variant,
+    decades,
+    evidence,
+    judge_suggestion,
+    stable_range,
+)
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -117,3 +125,16 @@ def test_bad_arguments_stop_in_one_line_before_any_run(args, message, tmp_path, 
         cli([*args, "--out", str(tmp_path / "runs")])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_finders_suggestion_is_judged_by_the_grids_cells():
+    """Inside the stable range, nearer (in log) to a stable grid point than to an unstable
+    one, or outside: the verdicts of docs/stability_map.md's finder column."""
+
+    grid = list(LEARNING_RATES)
+    assert judge_suggestion(0.145, (0.1, 1.0), grid) == "inside"
+    assert judge_suggestion(0.115, (0.1, 0.1), grid) == "in its cells"  # below sqrt(0.03)
+    assert judge_suggestion(0.409, (0.1, 0.3), grid) == "in its cells"  # below sqrt(0.3)
+    assert judge_suggestion(0.156, (0.3, 0.3), grid) == "outside"  # below sqrt(0.03)
+    assert judge_suggestion(0.6, (0.1, 0.3), grid) == "outside"
+    assert judge_suggestion(0.2, None, grid) == "outside"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stable_cnn.cli.conf import config_dir
@@ -48,6 +49,8 @@ def main(cfg: DictConfig) -> float:
     except UserError as err:
         log.error("error: %s", err)
         discard_if_unused(folder)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # this job fails alone; the sweep's other jobs go on
         sys.exit(err.exit_code)
     print(
         f"suggested optimizer.lr={finding.suggested_lr:.3g} (max stable "

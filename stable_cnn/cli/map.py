@@ -3,6 +3,7 @@ stably (studies/stability_map.py does the work; its report: docs/stability_map.m
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 
@@ -68,6 +69,7 @@ def cli(argv: list[str] | None = None) -> None:
     variants = collect(args.out, learning_rates, names)
     if args.lr_find:
         print(f"the learning-rate finder, per variant, into {args.out / 'lr_find'}", flush=True)
+        shutil.rmtree(args.out / "lr_find", ignore_errors=True)  # no earlier suggestions
         if run_finder_sweep(args.out / "lr_find", base, names, "map.log") != 0:
             print(f"the finder failed for some variants: see {args.out / 'map.log'}")
         collect_suggestions(args.out / "lr_find", variants)

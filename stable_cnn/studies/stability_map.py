@@ -124,8 +124,11 @@ def judge_suggestion(lr: float, span: tuple[float, float] | None, grid: list[flo
     low, high = span
     if low <= lr <= high:
         return "inside"
-    cell = math.sqrt(grid[1] / grid[0]) if len(grid) > 1 else 1.0  # half a grid step
-    return "in its cells" if low / cell <= lr <= high * cell else "outside"
+    below = [g for g in grid if g < low]  # the cells end halfway (in log) to the neighbours
+    above = [g for g in grid if g > high]
+    floor = math.sqrt(low * max(below)) if below else low
+    ceiling = math.sqrt(high * min(above)) if above else high
+    return "in its cells" if floor <= lr <= ceiling else "outside"
 
 
 def finder_summary(variants: list[Variant]) -> str:

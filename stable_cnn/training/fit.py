@@ -139,7 +139,15 @@ def train(
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
         if run.optimizer.lr == "auto":
-            run = with_found_lr(run, runtime, run_dir, resume_state, composed_config, world)
+            with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
+                found = with_found_lr(run, runtime, run_dir, resume_state, composed_config,
+                                      world, lambda: stop.signal_name or "")  # fmt: skip
+            if isinstance(found, str):
+                raise RunPreempted(
+                    f"{found}: stopped while finding the learning rate "
+                    "(optimizer.lr=auto); nothing to save: run the command again"
+                )
+            run = found
             if hparams is not None:
                 hparams.values["optimizer.lr"] = run.optimizer.lr
         training = build_training(run, world, runtime, run_dir, composed_config, resume)

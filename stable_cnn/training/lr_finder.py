@@ -3,7 +3,7 @@ Networks", 2017; fastai's ``lr_find``; Lightning's LearningRateFinder), on the r
 model, data, augmentation, precision, clipping and gradient accumulation: the learning
 rate grows exponentially from ``min_lr`` to ``max_lr``, one value per optimizer step,
 until the loss has clearly diverged. Where the smoothed loss turns upwards is the edge of
-stability; the suggestion keeps half a decade below it (``suggest``).
+stability; the suggestion keeps a factor of two below it (``suggest``).
 
 Everything it trains is its own and is thrown away: a run that uses its suggestion starts
 from the initial weights, data order and random streams it would have had anyway.
@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from stable_cnn.config import RunConfig
 from stable_cnn.config.lr_find import LRFindConfig
+from stable_cnn.errors import ConfigError
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError
 from stable_cnn.state.progress import EpochProgress
@@ -74,6 +75,7 @@ class LRCurve:
     losses: list[float]
     diverged: bool  # the sweep stopped before max_lr: the loss had clearly diverged
     seconds: float
+    stopped_by: str = ""  # a signal's name, when one stopped the sweep
 
     def smoothed(self) -> list[float]:
         """The centred running mean of the finite losses (the window shrinks at the ends)."""
@@ -133,10 +135,11 @@ def sweep(
     batches: Iterable,
     settings: LRFindConfig,
     accumulate: int = 1,
+    stop_requested: Callable[[], str] = lambda: "",
 ) -> LRCurve:
     """Train one optimizer step per learning rate of ``learning_rates(settings)``; stop
-    early once the smoothed loss exceeds ``diverge_factor`` x its minimum so far, or is
-    NaN/Inf (the step's guard has skipped it: the loss says so)."""
+    early once the loss has clearly diverged (``has_diverged``), or when
+    ``stop_requested()`` names a signal (checked where the host reads the losses)."""
     runtime, optimizer = train_step.runtime, train_step.optimizer
     train_step.model.train()
     progress = EpochProgress.start(runtime.device)
@@ -144,7 +147,7 @@ def sweep(
     pending: list[torch.Tensor] = []
     losses: list[float] = []
     started = time.perf_counter()
-    diverged = False
+    diverged, stopped_by = False, ""
     for lr, micro_batches in zip(rates, chunked(endless(batches), accumulate), strict=False):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -162,16 +165,21 @@ def sweep(
             ):
                 diverged = True
                 break
-    return LRCurve(rates[: len(losses)], losses, diverged, time.perf_counter() - started)
+            stopped_by = stop_requested()
+            if stopped_by:
+                break
+    seconds = time.perf_counter() - started
+    return LRCurve(rates[: len(losses)], losses, diverged, seconds, stopped_by)
 
 
 def has_diverged(curve: LRCurve, factor: float) -> bool:
-    """The last step's loss is NaN/Inf, or the smoothed loss of the last READ_EVERY steps
+    """Most of the last READ_EVERY steps' losses are NaN/Inf, or their smoothed loss
     exceeds ``factor`` x the lowest smoothed loss before them, or is above where the sweep
     started: it has lost all it learnt (clipping bounds each step, so a clipped recipe's
     loss climbs back to chance rather than exploding)."""
-    if not math.isfinite(curve.losses[-1]):
-        return True
+    block = curve.losses[-READ_EVERY:]
+    if sum(not math.isfinite(loss) for loss in block) * 2 > len(block):
+        return True  # the step's guard skipped them, but the rates are past any use
     smooth = curve.smoothed()
     if len(smooth) <= 2 * READ_EVERY:
         return False
@@ -179,13 +187,24 @@ def has_diverged(curve: LRCurve, factor: float) -> bool:
     return smooth[-1] > factor * lowest or (lowest < 0.9 * smooth[0] < 0.9 * smooth[-1])
 
 
-def suggest(curve: LRCurve) -> LRFinding:
-    """The suggestion by ``RULE``, and the edge of stability it keeps away from."""
+def suggest(curve: LRCurve, settings: LRFindConfig) -> LRFinding:
+    """The suggestion by ``RULE``, and the edge of stability it keeps away from; a curve
+    that never turned upwards (or never was finite) is one line asking for other bounds."""
     smooth = curve.smoothed()
+    if not any(math.isfinite(value) for value in smooth):
+        raise ConfigError(
+            f"lr_find: every loss was NaN/Inf from lr {settings.min_lr:g} on: lower "
+            f"lr_find.min_lr, or give optimizer.lr by hand"
+        )
     lowest = min(range(len(smooth)), key=smooth.__getitem__)
     edge = lowest
     while edge + 1 < len(smooth) and smooth[edge + 1] <= smooth[lowest] * (1 + EDGE_TOLERANCE):
         edge += 1
+    if edge == len(smooth) - 1 and not curve.diverged:
+        raise ConfigError(
+            f"lr_find: the loss was still falling at lr_find.max_lr={settings.max_lr:g}: "
+            f"raise lr_find.max_lr (or lr_find.num_steps), or give optimizer.lr by hand"
+        )
     max_stable = curve.lrs[edge]
     return LRFinding(max_stable / MARGIN_BELOW_EDGE, max_stable, curve)
 
@@ -197,10 +216,12 @@ def with_found_lr(
     resume_state: dict | None,
     composed_config: dict,
     world: World = ALONE,
-) -> RunConfig:
+    stop_requested: Callable[[], str] = lambda: "",
+) -> RunConfig | str:
     """``optimizer.lr=auto``: the run with the value it found when it started (a resumed
     run goes on with it), else with the range test's suggestion, found now (its files in
-    ``run_dir``/lr_find/). The run's config records the value as ``optimizer.lr_found``."""
+    ``run_dir``/lr_find/); a signal's name if one stopped the search. The checkpoint's copy
+    of the run's config records the value as ``optimizer.lr_found``."""
     if resume_state is not None:
         found = CheckpointRecord.read(resume_state, run_dir).config["optimizer"].get("lr_found")
         if found is None:
@@ -210,7 +231,10 @@ def with_found_lr(
             )
         log.info("optimizer.lr=auto: %.4g, found when the run started", found)
     else:
-        finding = find_learning_rate(run, runtime, LRFindConfig(), run_dir / "lr_find", world)
+        finding = find_learning_rate(run, runtime, LRFindConfig(), run_dir / "lr_find", world,
+                                     stop_requested)  # fmt: skip
+        if isinstance(finding, str):
+            return finding
         found = finding.suggested_lr
         # From the same seeds again: the run starts with the initial weights, data order
         # and dropout masks it would have had with optimizer.lr given by hand.
@@ -222,9 +246,12 @@ def with_found_lr(
 
 
 def run_range_test(run: RunConfig, settings: LRFindConfig, folder: Path) -> LRFinding:
-    """``stable-cnn-lr-find``: seeded and placed as the run would be, in one process."""
+    """``stable-cnn-lr-find``: seeded and placed as the run would be, in one process
+    (Ctrl-C ends it at once: there is nothing to save)."""
     seed_everything(run.trainer.seed, run.trainer.deterministic)
-    return find_learning_rate(run, choose_runtime(run), settings, folder)
+    finding = find_learning_rate(run, choose_runtime(run), settings, folder)
+    assert isinstance(finding, LRFinding)  # no stop_requested: only a signal's default ends it
+    return finding
 
 
 def find_learning_rate(
@@ -233,9 +260,11 @@ def find_learning_rate(
     settings: LRFindConfig,
     folder: Path,
     world: World = ALONE,
-) -> LRFinding:
+    stop_requested: Callable[[], str] = lambda: "",
+) -> LRFinding | str:
     """Build the run's data and model as training would (from the run's seed: the caller
-    reseeds before it builds the run itself), sweep, and write the findings to ``folder``."""
+    reseeds before it builds the run itself), sweep, and write the findings to ``folder``;
+    a signal (``stop_requested()`` names it) ends it early: then its name is returned."""
     data = build_data(run, world, runtime)
     try:
         spec = model_config(run, data.info)
@@ -253,10 +282,13 @@ def find_learning_rate(
             "lr_find: %d steps from lr %g to %g (stops once the loss has diverged)",
             settings.num_steps, settings.min_lr, settings.max_lr,
         )  # fmt: skip
-        curve = sweep(train_step, data.train, settings, run.trainer.accumulate_grad_batches)
+        curve = sweep(train_step, data.train, settings, run.trainer.accumulate_grad_batches,
+                      stop_requested)  # fmt: skip
     finally:
         data.close()
-    finding = suggest(curve)
+    if curve.stopped_by:
+        return curve.stopped_by
+    finding = suggest(curve, settings)
     write_findings(finding, settings, folder)
     return finding
 
@@ -266,6 +298,8 @@ def write_findings(finding: LRFinding, settings: LRFindConfig, folder: Path) -> 
     from torch.utils.tensorboard import SummaryWriter
 
     folder.mkdir(parents=True, exist_ok=True)
+    for earlier in folder.glob("events.out.tfevents.*"):  # one curve: an interrupted search's goes
+        earlier.unlink()
     (folder / "lr_find.json").write_text(json.dumps(finding.record(settings), indent=1) + "\n")
     curve, smooth = finding.curve, finding.curve.smoothed()
     writer = SummaryWriter(log_dir=str(folder))
