@@ -6,18 +6,13 @@ the found value given by hand would, and a resumed run keeps the value it found.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, run_cli
 from tests.test_export import command
-from tests.test_resume import RESUMABLE, assert_same_run, wait_for_epochs
+from tests.test_resume import RESUMABLE, assert_same_run, stop_in_second_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +53,7 @@ def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Pa
     is thrown away (same initial weights, data order, dropout), and the resume takes the
     value from the checkpoint instead of searching again."""
     auto = tmp_path / "auto"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stable_cnn.train", *RESUMABLE, "optimizer.lr=auto",
-         f"hydra.run.dir={auto}"], cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    wait_for_epochs(auto, 1, process)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == EXIT_PREEMPTED, output
+    output = stop_in_second_epoch([*RESUMABLE, "optimizer.lr=auto"], auto, tmp_path)
     found = json.loads((auto / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
     assert f"optimizer.lr=auto: {found:.4g}" in output
 

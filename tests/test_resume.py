@@ -48,6 +48,23 @@ def wait_for_epochs(run_dir: Path, epochs: int, process: subprocess.Popen) -> No
     raise AssertionError("the run did not get far enough")
 
 
+def stop_in_second_epoch(
+    args: list[str], run_dir: Path, cwd: Path, env: dict[str, str] | None = None
+) -> str:
+    """Start a run in ``run_dir`` and SIGTERM it just after its first epoch is logged;
+    returns what it printed (it must have exited as preempted)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_epochs(run_dir, 1, process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == EXIT_PREEMPTED, output
+    return output
+
+
 def outcome(run_dir: Path) -> tuple[list[dict], dict, dict[str, torch.Tensor]]:
     metrics = [{k: v for k, v in e.items() if k not in TIMING}
                for e in read_jsonl(run_dir / "metrics.jsonl")]  # fmt: skip

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import REPO, TINY, run_cli
 from tests.test_export import command
-from tests.test_resume import assert_same_run, wait_for_epochs
+from tests.test_resume import assert_same_run, stop_in_second_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -124,16 +119,7 @@ def resumes_exactly(args: list[str], folder: Path, env: dict[str, str] | None = 
     end with the same metrics, results and weights."""
     whole, stopped = folder / "whole", folder / "stopped"
     train(args, whole, env)
-    stopped.parent.mkdir(exist_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stable_cnn.train", *args, f"hydra.run.dir={stopped}"],
-        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    wait_for_epochs(stopped, 1, process)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == EXIT_PREEMPTED, output
+    stop_in_second_epoch(args, stopped, folder, env)
     resumed = train([*args, f"trainer.resume={stopped}"], stopped, env)
     assert "resuming from" in resumed
     assert_same_run(whole, stopped)

@@ -19,6 +19,7 @@ from stable_cnn.errors import TrainingDiverged
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.state.progress import SLOT, EpochProgress, across_processes
 from stable_cnn.system.distributed import ALONE, World
+from stable_cnn.system.hardware import Runtime
 from stable_cnn.training.schedulers import LRSchedule
 from stable_cnn.training.step import StepOutcome, TrainStep
 
@@ -105,10 +106,7 @@ def train_one_epoch(
     bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
     started = time.perf_counter()
     for micro_batches in chunked(bar, accumulate):
-        on_device = [(images.to(runtime.device, non_blocking=True,
-                                memory_format=runtime.memory_format),
-                      labels.to(runtime.device, non_blocking=True))
-                     for images, labels in micro_batches]  # fmt: skip
+        on_device = to_device(micro_batches, runtime)
         if accumulate == 1:
             step = train_step(*on_device[0], progress)  # a captured step replays here
         else:
@@ -139,6 +137,15 @@ def train_one_epoch(
     stats = epoch_stats(values, progress.seconds, global_step, stop_reason)
     stats.signalled = signalled
     return stats, progress
+
+
+def to_device(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A step's batches on the run's device, images in its memory layout (no host wait)."""
+    return [(images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format),
+             labels.to(runtime.device, non_blocking=True))
+            for images, labels in micro_batches]  # fmt: skip
 
 
 def chunked(batches: Iterable, size: int) -> Iterator[list]:

@@ -142,9 +142,9 @@ def train(
             with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
                 found = with_found_lr(run, runtime, run_dir, resume_state, composed_config,
                                       world, lambda: stop.signal_name or "")  # fmt: skip
-            if isinstance(found, str):
+            if found is None:
                 raise RunPreempted(
-                    f"{found}: stopped while finding the learning rate "
+                    f"{stop.signal_name}: stopped while finding the learning rate "
                     "(optimizer.lr=auto); nothing to save: run the command again"
                 )
             run = found

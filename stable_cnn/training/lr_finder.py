@@ -34,7 +34,7 @@ from stable_cnn.system.hardware import Runtime, compile_model
 from stable_cnn.system.plotting import pyplot
 from stable_cnn.system.seeding import seed_everything
 from stable_cnn.training.build import build_data, choose_runtime, model_config
-from stable_cnn.training.epoch import chunked
+from stable_cnn.training.epoch import chunked, to_device
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.step import TrainStep
 
@@ -151,11 +151,7 @@ def sweep(
     for lr, micro_batches in zip(rates, chunked(endless(batches), accumulate), strict=False):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        on_device = [(images.to(runtime.device, non_blocking=True,
-                                memory_format=runtime.memory_format),
-                      labels.to(runtime.device, non_blocking=True))
-                     for images, labels in micro_batches]  # fmt: skip
-        train_step.accumulated(on_device, progress)
+        train_step.accumulated(to_device(micro_batches, runtime), progress)
         pending.append(train_step.last_loss.float())
         if len(pending) == READ_EVERY or len(losses) + len(pending) == len(rates):
             losses += torch.stack(pending).tolist()  # the one host read per READ_EVERY steps
@@ -183,8 +179,9 @@ def has_diverged(curve: LRCurve, factor: float) -> bool:
     smooth = curve.smoothed()
     if len(smooth) <= 2 * READ_EVERY:
         return False
-    lowest = min(smooth[:-READ_EVERY])
-    return smooth[-1] > factor * lowest or (lowest < 0.9 * smooth[0] < 0.9 * smooth[-1])
+    start, lowest, latest = smooth[0], min(smooth[:-READ_EVERY]), smooth[-1]
+    learnt = lowest < 0.9 * start  # the curve did come down before
+    return latest > factor * lowest or (learnt and latest > start)
 
 
 def suggest(curve: LRCurve, settings: LRFindConfig) -> LRFinding:
@@ -217,10 +214,10 @@ def with_found_lr(
     composed_config: dict,
     world: World = ALONE,
     stop_requested: Callable[[], str] = lambda: "",
-) -> RunConfig | str:
+) -> RunConfig | None:
     """``optimizer.lr=auto``: the run with the value it found when it started (a resumed
     run goes on with it), else with the range test's suggestion, found now (its files in
-    ``run_dir``/lr_find/); a signal's name if one stopped the search. The checkpoint's copy
+    ``run_dir``/lr_find/); None if a signal stopped the search. The checkpoint's copy
     of the run's config records the value as ``optimizer.lr_found``."""
     if resume_state is not None:
         found = CheckpointRecord.read(resume_state, run_dir).config["optimizer"].get("lr_found")
@@ -233,8 +230,8 @@ def with_found_lr(
     else:
         finding = find_learning_rate(run, runtime, LRFindConfig(), run_dir / "lr_find", world,
                                      stop_requested)  # fmt: skip
-        if isinstance(finding, str):
-            return finding
+        if finding is None:
+            return None
         found = finding.suggested_lr
         # From the same seeds again: the run starts with the initial weights, data order
         # and dropout masks it would have had with optimizer.lr given by hand.
@@ -250,7 +247,7 @@ def run_range_test(run: RunConfig, settings: LRFindConfig, folder: Path) -> LRFi
     (Ctrl-C ends it at once: there is nothing to save)."""
     seed_everything(run.trainer.seed, run.trainer.deterministic)
     finding = find_learning_rate(run, choose_runtime(run), settings, folder)
-    assert isinstance(finding, LRFinding)  # no stop_requested: only a signal's default ends it
+    assert finding is not None  # no stop_requested: only a signal's default action ends it
     return finding
 
 
@@ -261,10 +258,10 @@ def find_learning_rate(
     folder: Path,
     world: World = ALONE,
     stop_requested: Callable[[], str] = lambda: "",
-) -> LRFinding | str:
+) -> LRFinding | None:
     """Build the run's data and model as training would (from the run's seed: the caller
     reseeds before it builds the run itself), sweep, and write the findings to ``folder``;
-    a signal (``stop_requested()`` names it) ends it early: then its name is returned."""
+    a signal (``stop_requested()`` names it) ends it early, with None."""
     data = build_data(run, world, runtime)
     try:
         spec = model_config(run, data.info)
@@ -287,7 +284,7 @@ def find_learning_rate(
     finally:
         data.close()
     if curve.stopped_by:
-        return curve.stopped_by
+        return None
     finding = suggest(curve, settings)
     write_findings(finding, settings, folder)
     return finding
