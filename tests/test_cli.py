@@ -152,7 +152,7 @@ def test_help_lists_every_group_and_option(tmp_path):
         "clipping: none, norm, value",
         "data: cifar10, cifar100, custom, fashion_mnist, image_folder, mnist, svhn, synthetic",
         "model: custom, resnet, small_cnn, timm",
-        "optimizer: adamw, sgd, tutorial_sgd",
+        "optimizer: adamw, muon, sgd, tutorial_sgd",
         "scheduler: cosine, none, onecycle, plateau, step, tutorial_cosine",
     ):
         assert line in done.stdout

@@ -134,7 +134,10 @@ def test_amp_off_is_the_string_off_not_yaml_false():
 # through the CLI as a user meets them; the rest of ours come from the same range checks
 # (config/*.py) on the way to the same one line, so they are checked where they are made.
 CLI_BAD_INPUTS = {
-    "unknown group option": (["optimizer=foo"], ["optimizer=foo", "adamw, sgd, tutorial_sgd"]),
+    "unknown group option": (
+        ["optimizer=foo"],
+        ["optimizer=foo", "adamw, muon, sgd, tutorial_sgd"],
+    ),
     "unknown amp option": (["amp=fp8"], ["amp=fp8", "bf16"]),
     "unknown key": (["optimizer.lrr=0.1"], ["optimizer.lrr", "spelling", "+optimizer.lrr="]),
     "unparsable override": (["optimizer.lr=["], ["'optimizer.lr=['", "key=value"]),
@@ -146,7 +149,7 @@ CLI_BAD_INPUTS = {
 RANGE_CHECKS = {
     "optimizer.name": (
         ["optimizer.name=foo"],
-        ["optimizer.name='foo'", "optimizer=<option>", "adamw, sgd, tutorial_sgd"],
+        ["optimizer.name='foo'", "optimizer=<option>", "adamw, muon, sgd, tutorial_sgd"],
     ),
     "scheduler.name": (
         ["scheduler.name=foo"],
@@ -167,6 +170,17 @@ RANGE_CHECKS = {
     "limit_train=0": (["data.limit_train=0"], ["data.limit_train=0", ">= 1"]),
     "lr neither a number nor auto": (["optimizer.lr=fast"], ["optimizer.lr='fast'", "or auto"]),
     "mean per channel": (["data=cifar10", "data.mean=[0.5]"], ["data.mean", "per input channel"]),
+    "negative mixup": (["data.mixup_alpha=-1"], ["data.mixup_alpha=-1.0", "0 = off"]),
+    "mix_prob > 1": (["data.mix_prob=2"], ["data.mix_prob=2.0", "[0, 1]"]),
+    "negative translate": (["data.tta_translate=-1"], ["data.tta_translate=-1", "pixels"]),
+    "muon's auxiliary": (
+        ["optimizer=muon", "optimizer.auxiliary=lamb"],
+        ["optimizer.auxiliary='lamb'", "sgd or adamw"],
+    ),
+    "muon's adjust_lr": (
+        ["optimizer=muon", "optimizer.adjust_lr=foo"],
+        ["optimizer.adjust_lr='foo'", "match_rms_adamw"],
+    ),
 }
 
 

@@ -258,6 +258,7 @@ def test_erasing_off_draws_nothing_and_changes_nothing():
 
 
 def test_flip_tta_averages_the_logits_of_both_mirror_images():
+    from stable_cnn.data.augment import TestTimeAugmentation
     from stable_cnn.models.small_cnn import SmallCNN
     from stable_cnn.system.hardware import FP32, Runtime
     from stable_cnn.training.evaluation import evaluate
@@ -269,7 +270,7 @@ def test_flip_tta_averages_the_logits_of_both_mirror_images():
     with torch.no_grad():
         logits = (model(images) + model(images.flip(3))) / 2
     expected = 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    stats = evaluate(model, [(images, labels)], runtime, flip_tta=True)
+    stats = evaluate(model, [(images, labels)], runtime, TestTimeAugmentation(flip=True))
     assert stats.accuracy == pytest.approx(expected)
     plain = evaluate(model, [(images, labels)], runtime)
     assert plain.loss != pytest.approx(stats.loss), "the mirror images changed the logits"

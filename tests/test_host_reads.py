@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
+from stable_cnn.config import ClippingConfig, CosineConfig, MuonConfig, SGDConfig
+from stable_cnn.data.augment import BatchMixing
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import FP32, Runtime
 from stable_cnn.training import fit as train_module
@@ -24,19 +25,25 @@ from stable_cnn.training.step import TrainStep
 from tests.conftest import compose_run
 
 
-def epoch_reads(host_reads: Counter, batches: int, log_every: int, policy: str = "skip") -> int:
+def epoch_reads(
+    host_reads: Counter, batches: int, log_every: int, policy: str = "skip", tools: bool = False
+) -> int:
+    """Host reads in one epoch of ``batches`` steps; ``tools``: with optimizer=muon and
+    mixup/cutmix (the speedrun's recipe tools)."""
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, width=4)
     generator = torch.Generator().manual_seed(0)
     data = [(torch.randn(16, 1, 16, 16, generator=generator),
              torch.randint(0, 10, (16,), generator=generator)) for _ in range(batches)]  # fmt: skip
-    optimizer = build_optimizer(model, SGDConfig())
+    optimizer = build_optimizer(model, MuonConfig() if tools else SGDConfig())
+    mixing = BatchMixing(10, mixup_alpha=0.2, cutmix_alpha=1.0) if tools else None
     schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, batches)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     host_reads.clear()
-    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
-                           ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
+    clipping = ClippingConfig("norm", max_norm=1.0)
+    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler, clipping, runtime,
+                           mixing=mixing)  # fmt: skip
     train_one_epoch(
         train_step, data, schedule, 0, log_every, lambda step, scalars: None,
         progress_bar=False, on_nonfinite=policy,
@@ -52,6 +59,10 @@ def test_an_epoch_reads_the_same_whatever_its_length(host_reads: Counter):
     # one read per log interval: 40 steps logged every 10 read 4 more times
     assert (
         epoch_reads(host_reads, 40, log_every=10) == epoch_reads(host_reads, 40, log_every=1000) + 4
+    )
+    # Muon's step (judged on the device like a fused one) and the mixing's draws: none
+    assert epoch_reads(host_reads, 10, 1000, tools=True) == epoch_reads(
+        host_reads, 40, 1000, tools=True
     )
     # on_nonfinite=stop must look at every step, and says so in the README
     assert (

@@ -47,28 +47,45 @@ def test_the_default_recipe_gets_a_stable_learning_rate_and_its_curve(
         ".hydra", "lr_find.json", "lr_find.log", "lr_find.png"]  # fmt: skip
 
 
+# The speedrun's recipe tools, all at once (test_recipe_tools.py checks each against its
+# definition): the resume below must bring back Muon's momentum, the auxiliary SGD's and
+# the mixing's draws, and the test must see the shifted copies.
+RECIPE_TOOLS = ["optimizer=muon", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+                "data.tta_flip=true", "data.tta_translate=1"]  # fmt: skip
+
+
 def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Path):
     """optimizer.lr=auto, stopped by SIGTERM and resumed, ends with the same metrics and
     weights as an uninterrupted run given the found value by hand: the finder's training
     is thrown away (same initial weights, data order, dropout), and the resume takes the
-    value from the checkpoint instead of searching again."""
+    value from the checkpoint instead of searching again. With optimizer=muon, mixup,
+    cutmix and translate TTA, whose state and draws a resume must bring back."""
+    recipe = [*RESUMABLE, *RECIPE_TOOLS]
     auto = tmp_path / "auto"
-    output = stop_in_second_epoch([*RESUMABLE, "optimizer.lr=auto"], auto, tmp_path)
+    output = stop_in_second_epoch([*recipe, "optimizer.lr=auto"], auto, tmp_path)
     found = json.loads((auto / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
     assert f"optimizer.lr=auto: {found:.4g}" in output
 
-    resumed = run_cli([*RESUMABLE, "optimizer.lr=auto", f"trainer.resume={auto}",
+    resumed = run_cli([*recipe, "optimizer.lr=auto", f"trainer.resume={auto}",
                        f"hydra.run.dir={auto}"], tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "lr_find:" not in resumed.stdout, "no second search"
     assert f"optimizer.lr=auto: {found:.4g}, found when the run started" in resumed.stdout
 
-    by_hand = run_cli([*RESUMABLE, f"optimizer.lr={found!r}", f"hydra.run.dir={tmp_path / 'hand'}"],
+    by_hand = run_cli([*recipe, f"optimizer.lr={found!r}", f"hydra.run.dir={tmp_path / 'hand'}"],
                       tmp_path)  # fmt: skip
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert_same_run(auto, tmp_path / "hand")
     record = (auto / "train.log").read_text()
     assert "lr_find: 300 steps" in record
+
+    evaluated = command("stable-cnn-eval", f"checkpoint={auto}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    (written,) = (auto / "eval").glob("*/eval.json")
+    seen = json.loads(written.read_text())
+    results = json.loads((auto / "results.json").read_text())
+    assert seen["tta_translate"] == 1 and seen["tta_flip"]
+    assert seen["test_acc"] == results["test_acc"], "eval sees the test as the run did"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,13 @@ from stable_cnn.config.model import (
     SmallCNNConfig,
     TimmConfig,
 )
-from stable_cnn.config.optimizer import OPTIMIZER_OPTIONS, AdamWConfig, OptimizerConfig, SGDConfig
+from stable_cnn.config.optimizer import (
+    OPTIMIZER_OPTIONS,
+    AdamWConfig,
+    MuonConfig,
+    OptimizerConfig,
+    SGDConfig,
+)
 from stable_cnn.config.precision import AmpConfig
 from stable_cnn.config.run import DATA_OVERRIDES, SCHEMAS, TAKES_KWARGS, RunConfig, register_schemas
 from stable_cnn.config.scheduler import (
@@ -54,6 +60,7 @@ __all__ = [
     "EmaConfig",
     "LRFindConfig",
     "ModelConfig",
+    "MuonConfig",
     "OneCycleConfig",
     "OptimizerConfig",
     "PlateauConfig",

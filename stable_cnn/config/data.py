@@ -30,7 +30,11 @@ class DataConfig:
     erase_prob: float = 0.0  # random erasing (cutout): chance per training image; 0 = off
     erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # area fraction
     erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # box aspect ratio
+    mixup_alpha: float = 0.0  # mixup: blend each image with another, Beta(a, a) share; 0 = off
+    cutmix_alpha: float = 0.0  # cutmix: paste a box of another image, Beta(a, a) area; 0 = off
+    mix_prob: float = 1.0  # the fraction of training batches mixed (mixup or cutmix)
     tta_flip: bool = False  # evaluate on each image and its mirror image (mean of logits)
+    tta_translate: int = 0  # pixels: also evaluate copies shifted by +-N (half the weight)
     in_channels: int = 1
     num_classes: int | None = 10  # null = infer (image_folder)
     image_size: int = 28  # height = width, pixels
@@ -51,6 +55,12 @@ class DataConfig:
                self.num_workers, "must be null (sized from the CPU cores) or >= 0")  # fmt: skip
         check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
         check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, key)
+            check(value >= 0, f"data.{key}", value, "must be >= 0 (0 = off; try 0.2 or 1.0)")
+        check(0 <= self.mix_prob <= 1, "data.mix_prob", self.mix_prob, "must be in [0, 1]")
+        check(self.tta_translate >= 0, "data.tta_translate", self.tta_translate,
+              "must be >= 0 (pixels; 0 = off)")  # fmt: skip
         check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")
         check_bounds("data.erase_ratio", self.erase_ratio, upper=None, example="[0.3, 3.3]")
         self.check_shape()

@@ -19,7 +19,7 @@ from stable_cnn.config.model import (
     SmallCNNConfig,
     TimmConfig,
 )
-from stable_cnn.config.optimizer import AdamWConfig, OptimizerConfig, SGDConfig
+from stable_cnn.config.optimizer import AdamWConfig, MuonConfig, OptimizerConfig, SGDConfig
 from stable_cnn.config.precision import AmpConfig
 from stable_cnn.config.scheduler import (
     CosineConfig,
@@ -44,6 +44,7 @@ SCHEMAS: dict[str, type] = {
     "schema_model_custom": CustomModelConfig,
     "schema_sgd": SGDConfig,
     "schema_adamw": AdamWConfig,
+    "schema_muon": MuonConfig,
     "schema_cosine": CosineConfig,
     "schema_plateau": PlateauConfig,
     "schema_step": StepConfig,

@@ -8,6 +8,8 @@ distribution, without a Python loop over images and without reading the device.
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,97 @@ def random_erase(
     return images.masked_fill(mask, 0.0)
 
 
-def flip_averaged_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Flip test-time augmentation: the mean of the logits for the images and their
-    mirror images (for data whose classes do not change when mirrored)."""
-    return (model(images) + model(images.flip(3))) / 2
+def soft_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N,) class indices -> (N, num_classes) one-hot rows (scatter: F.one_hot reads the
+    device to check the labels)."""
+    rows = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    return rows.scatter_(1, labels[:, None], 1.0)
+
+
+@dataclass(frozen=True)
+class BatchMixing:
+    """Mixup and CutMix (torchvision.transforms.v2's MixUp and CutMix, for a whole batch on
+    its device): each image is mixed with the next one in the batch, by a weight
+    lambda ~ Beta(alpha, alpha) drawn once per batch; mixup blends the two images, cutmix
+    pastes a box of area 1 - lambda from the other. The targets are the labels mixed in
+    the same proportion, which the loss's label smoothing then smooths. With both alphas
+    set, a batch gets one or the other, half the time each.
+
+    The draws come from Python's generator, seeded with the run and saved in its
+    checkpoints (exact resume), so nothing here reads the device."""
+
+    num_classes: int
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    probability: float = 1.0  # the fraction of batches mixed
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, targets for the loss, each image's larger share's label for
+        accuracy); targets are the labels themselves for a batch left unmixed."""
+        if random.random() >= self.probability:
+            return images, labels, labels
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or random.random() < 0.5)
+        alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
+        weight = random.betavariate(alpha, alpha)
+        partner, partner_labels = images.roll(1, 0), labels.roll(1, 0)
+        if cutmix:
+            images, weight = paste_box(images, partner, weight)
+        else:
+            images = images * weight + partner * (1 - weight)
+        targets = soft_targets(labels, self.num_classes).mul_(weight)
+        targets.add_(soft_targets(partner_labels, self.num_classes), alpha=1 - weight)
+        return images, targets, labels if weight >= 0.5 else partner_labels
+
+
+def paste_box(
+    images: torch.Tensor, partner: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, float]:
+    """CutMix's box: area (1 - weight) of the image, centred at a uniform pixel and cut
+    at the borders; returns the images with ``partner``'s box pasted in and the share
+    of each image that is still its own."""
+    height, width = images.shape[-2:]
+    half_h = height * math.sqrt(1 - weight) / 2
+    half_w = width * math.sqrt(1 - weight) / 2
+    centre_y, centre_x = random.randrange(height), random.randrange(width)
+    top, bottom = max(round(centre_y - half_h), 0), min(round(centre_y + half_h), height)
+    left, right = max(round(centre_x - half_w), 0), min(round(centre_x + half_w), width)
+    images = images.clone()
+    images[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+    return images, 1 - (bottom - top) * (right - left) / (height * width)
+
+
+def shifted(images: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """The images moved by (down, right) pixels, the uncovered edge repeated."""
+    pad = max(abs(down), abs(right))
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    return padded[..., pad - down : pad - down + height, pad - right : pad - right + width]
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """The logits a test sees: the model's on the images, or with ``flip`` the mean of
+    the images' and their mirror images', and with ``translate`` pixels, half of that
+    and half the mean over copies shifted diagonally by +-translate pixels (flipped
+    too where ``flip``): airbench's test-time augmentation."""
+
+    flip: bool = False
+    translate: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0
+
+    def views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images, images.flip(3)] if self.flip else [images]
+
+    def __call__(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        centred = torch.stack([model(view) for view in self.views(images)]).mean(0)
+        if self.translate == 0:
+            return centred
+        step = self.translate
+        moved = [shifted(images, step, step), shifted(images, -step, -step)]
+        others = torch.stack([model(view) for image in moved for view in self.views(image)])
+        return (centred + others.mean(0)) / 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from stable_cnn.config import CustomDataConfig, DataConfig
+from stable_cnn.data.augment import BatchMixing, TestTimeAugmentation
 from stable_cnn.data.custom import custom_splits
 from stable_cnn.data.image_folder import image_folder_splits
 from stable_cnn.data.splits import ONE_PROCESS, DataSplits, Shard
@@ -33,3 +34,15 @@ def build_splits(
     if isinstance(config, CustomDataConfig):
         return custom_splits(config, seed, device, shard, train_device)
     return tensor_splits(config, device, seed, shard, train_device)
+
+
+def batch_mixing(config: DataConfig, num_classes: int) -> BatchMixing | None:
+    """The training batches' mixup or cutmix, or None (off, or data.augment=false)."""
+    if not config.augment or (config.mixup_alpha == 0 and config.cutmix_alpha == 0):
+        return None
+    return BatchMixing(num_classes, config.mixup_alpha, config.cutmix_alpha, config.mix_prob)
+
+
+def test_time_augmentation(config: DataConfig) -> TestTimeAugmentation:
+    """How validation and test images are seen: as they are, flipped, shifted."""
+    return TestTimeAugmentation(config.tta_flip, config.tta_translate)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import CustomModelConfig, OneCycleConfig, ResNetConfig, RunConfig, TimmConfig
-from stable_cnn.data.build import build_splits
+from stable_cnn.data.build import batch_mixing, build_splits
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import UserError
 from stable_cnn.models.build import build_model, describe_model
@@ -188,6 +188,7 @@ def build_training(
         run.diagnostics.loss_spike_factor, trainer.cuda_graph,
         cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
         world=world, accumulate=trainer.accumulate_grad_batches, no_sync=no_sync,
+        mixing=batch_mixing(run.data, data.info.num_classes),
     )  # fmt: skip
     tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
     return Training(run, world, runtime, run_dir, data, model, network, criterion, state,

@@ -7,10 +7,11 @@ the epoch's sums) and replayed per batch, the step is one launch. Shapes are sta
 (training batches are all full: the last partial one is dropped), as graphs require.
 
 What it needs, and falls back to eager (with one warning) without: a CUDA device; no
-GradScaler (bf16 or fp32: fp16's scaler decides on the host); a fused optimizer; and a
-schedule that changes only the learning rate (OneCycle also cycles the momentum, which
-a graph would freeze). The learning rate goes in as a tensor the host refills before
-each replay, so every schedule step still takes effect.
+GradScaler (bf16 or fp32: fp16's scaler decides on the host); a fused optimizer (not
+Muon); no mixup or cutmix (drawn on the host); and a schedule that changes only the
+learning rate (OneCycle also cycles the momentum, which a graph would freeze). The
+learning rate goes in as a tensor the host refills before each replay, so every
+schedule step still takes effect.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from contextlib import AbstractContextManager
 import torch
 
 from stable_cnn.config import ClippingConfig
+from stable_cnn.data.augment import BatchMixing
 from stable_cnn.state.progress import EpochProgress
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
+from stable_cnn.training.muon import MuonWithAuxiliary
 from stable_cnn.training.step import StepOutcome, TrainStep, skips_on_device
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ def capture_problem(
         return "fp16's GradScaler decides on the host: use amp=bf16 (or off)"
     if not skips_on_device(optimizer):
         return "the optimizer is not fused"
+    if isinstance(optimizer, MuonWithAuxiliary):  # Muon's step reads its lr on the host
+        return "optimizer=muon steps with a learning rate the graph cannot change"
     if cycles_momentum:
         return "scheduler=onecycle changes the momentum every step"
     return ""
@@ -207,6 +212,7 @@ def build_train_step(
     world: World = ALONE,
     accumulate: int = 1,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    mixing: BatchMixing | None = None,
 ) -> TrainStep:
     """The run's TrainStep: captured in a CUDA graph where asked for and possible."""
     kind = TrainStep
@@ -214,9 +220,11 @@ def build_train_step(
         problem = capture_problem(runtime, scaler, optimizer, cycles_momentum, world)
         if accumulate > 1:
             problem = problem or "trainer.accumulate_grad_batches>1 is not captured"
+        if mixing is not None:  # a graph would replay the first batch's draws for ever
+            problem = problem or "mixup and cutmix draw their mix on the host every step"
         if problem:
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
             kind = GraphedTrainStep
     return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor,
-                no_sync)  # fmt: skip
+                no_sync, mixing)  # fmt: skip

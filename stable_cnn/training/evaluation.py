@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from stable_cnn.config import DataConfig
-from stable_cnn.data.augment import flip_averaged_logits
-from stable_cnn.data.build import build_splits
+from stable_cnn.data.augment import TestTimeAugmentation
+from stable_cnn.data.build import build_splits, test_time_augmentation
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError
@@ -40,6 +40,7 @@ from stable_cnn.training.diagnostics import confusion_figure, per_class_accuracy
 from stable_cnn.training.step import autocast
 
 log = logging.getLogger("stable_cnn")
+AS_THEY_ARE = TestTimeAugmentation()  # no test-time augmentation
 
 
 @dataclass
@@ -54,13 +55,14 @@ def evaluate(
     model: nn.Module,
     batches: Iterable,
     runtime: Runtime,
-    flip_tta: bool = False,
+    tta: TestTimeAugmentation = AS_THEY_ARE,
     world: World = ALONE,
     num_classes: int | None = None,
 ) -> EvalStats:
-    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent;
-    with ``flip_tta``, of the mean logits of each image and its mirror image. Sums stay
-    on the device until the end: no host read per batch.
+    """Mean cross-entropy (no label smoothing, so runs compare) and accuracy in percent,
+    of the logits ``tta`` makes (the model's own by default; flip and translate
+    test-time augmentation). Sums stay on the device until the end: no host read per
+    batch.
 
     With several processes, each evaluates its share of the batches and the counts are
     summed, so the accuracy equals one process's on the same weights exactly; every
@@ -78,7 +80,7 @@ def evaluate(
             images = images.to(device, non_blocking=True, memory_format=runtime.memory_format)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, runtime.precision):
-                logits = flip_averaged_logits(model, images) if flip_tta else model(images)
+                logits = tta(model, images)
             loss_sum += criterion(logits.float(), labels)
             classes = logits.shape[1]
             if confusion is None:
@@ -157,7 +159,8 @@ def evaluate_checkpoint(
     loaded = load_for_evaluation(path, data, device_name, adjust_data)
     if out_dir is None:
         out_dir = run_folder_of(path) / "eval" / f"{path.stem}-{loaded.data.name}"
-    model, runtime, splits, tta = loaded.model, loaded.runtime, loaded.splits, loaded.data.tta_flip
+    model, runtime, splits = loaded.model, loaded.runtime, loaded.splits
+    tta = test_time_augmentation(loaded.data)
     try:
         stats = evaluate(model, splits.test, runtime, tta)
     finally:
@@ -172,7 +175,8 @@ def evaluate_checkpoint(
         "images": stats.images,
         "precision": runtime.precision.name,
         "weights": "ema" if loaded.averaged else "last step",
-        "tta_flip": tta,
+        "tta_flip": tta.flip,
+        "tta_translate": tta.translate,
         "per_class_acc": dict(zip(classes, per_class, strict=True)),
         "confusion": stats.confusion.tolist(),  # rows: true class, columns: predicted
     }

@@ -19,6 +19,7 @@ from torch import nn
 
 from stable_cnn.config import RunConfig
 from stable_cnn.data.augment import normalize
+from stable_cnn.data.build import test_time_augmentation
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import TrainingDiverged
@@ -239,7 +240,7 @@ def validate(training: Training) -> tuple[EvalStats, EvalStats]:
     """The validation of the weights the run keeps, selects by and tests (the average
     with ema=on), and of the last step's weights (the same object without EMA)."""
     world, runtime, data = training.world, training.runtime, training.data
-    tta, classes = training.run.data.tta_flip, data.info.num_classes
+    tta, classes = test_time_augmentation(training.run.data), data.info.num_classes
     step = training.state.counters.global_step
     world.share_batchnorm_statistics(training.model)  # everyone evaluates rank 0's model
     raw_stats = evaluate(training.network, data.val, runtime, tta, world, classes)
@@ -298,8 +299,15 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
     if ema is not None:
         ema.load_state_dict(best["ema"])
     tested = training.network if ema is None else ema.model
-    test_stats = evaluate(tested, training.data.test, training.runtime, training.run.data.tta_flip,
-                          training.world, training.data.info.num_classes)  # fmt: skip
+    tta = test_time_augmentation(training.run.data)
+    test_stats = evaluate(
+        tested,
+        training.data.test,
+        training.runtime,
+        tta,
+        training.world,
+        training.data.info.num_classes,
+    )
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,

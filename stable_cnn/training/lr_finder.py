@@ -24,6 +24,7 @@ from torch import nn
 
 from stable_cnn.config import RunConfig
 from stable_cnn.config.lr_find import LRFindConfig
+from stable_cnn.data.build import batch_mixing
 from stable_cnn.errors import ConfigError
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError
@@ -148,8 +149,10 @@ def sweep(
     losses: list[float] = []
     started = time.perf_counter()
     diverged, stopped_by = False, ""
+    # optimizer=muon: only Muon's groups, whose lr is optimizer.lr; the rest keep theirs
+    swept = getattr(optimizer, "swept_groups", optimizer.param_groups)
     for lr, micro_batches in zip(rates, chunked(endless(batches), accumulate), strict=False):
-        for group in optimizer.param_groups:
+        for group in swept:
             group["lr"] = lr
         train_step.accumulated(to_device(micro_batches, runtime), progress)
         pending.append(train_step.last_loss.float())
@@ -274,7 +277,9 @@ def find_learning_rate(
         scaler = torch.amp.GradScaler(
             runtime.device.type, enabled=runtime.precision.use_grad_scaler
         )
-        train_step = TrainStep(network, criterion, optimizer, scaler, run.clipping, runtime)
+        mixing = batch_mixing(run.data, data.info.num_classes)
+        train_step = TrainStep(network, criterion, optimizer, scaler, run.clipping, runtime,
+                               mixing=mixing)  # fmt: skip
         log.info(
             "lr_find: %d steps from lr %g to %g (stops once the loss has diverged)",
             settings.num_steps, settings.min_lr, settings.max_lr,

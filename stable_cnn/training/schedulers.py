@@ -95,7 +95,7 @@ def build_schedule(
     if isinstance(config, OneCycleConfig):
         one_cycle = OneCycleLR(
             optimizer,
-            max_lr=peak_lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],  # muon: two peaks
             total_steps=epochs * steps_per_epoch,
             pct_start=config.pct_start,
             div_factor=config.div_factor,

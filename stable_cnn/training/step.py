@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig
+from stable_cnn.data.augment import BatchMixing
 from stable_cnn.state.progress import EpochProgress, StepOutcome
 from stable_cnn.system.hardware import Precision, Runtime
 
@@ -48,7 +49,10 @@ def clip_gradients(
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused optimizers skip their update when ``found_inf`` is set, inside the kernel."""
+    """Fused optimizers skip their update when ``found_inf`` is set, inside the kernel;
+    so does an optimizer that says it ``skips_on_device`` (optimizer=muon's)."""
+    if getattr(optimizer, "skips_on_device", False):
+        return True
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
         group.get("fused") for group in optimizer.param_groups
     )
@@ -213,9 +217,10 @@ def _flatten_buffers(modules: list[nn.Module], names: tuple[str, ...]) -> torch.
 
 class TrainStep:
     """Everything one optimizer step does, built once per run: forward and loss under
-    autocast for each of its micro-batches (one, unless gradients are accumulated), the
-    optimizer step, the BatchNorm guard, and the step's share of the epoch's sums.
-    Nothing in it reads the device (see ``update``)."""
+    autocast for each of its micro-batches (one, unless gradients are accumulated, each
+    mixed first by ``mixing``: mixup or cutmix), the optimizer step, the BatchNorm
+    guard, and the step's share of the epoch's sums. Nothing in it reads the device
+    (see ``update``)."""
 
     def __init__(
         self,
@@ -227,6 +232,7 @@ class TrainStep:
         runtime: Runtime,
         loss_spike_factor: float = 2.0,
         no_sync: Callable[[], AbstractContextManager] | None = None,
+        mixing: BatchMixing | None = None,
     ) -> None:
         self.model = model  # compiled or not, wrapped in DDP or not
         self.criterion = criterion
@@ -241,6 +247,7 @@ class TrainStep:
         # DDP's no_sync: the micro-batches before the last keep their gradients local
         self.no_sync = no_sync or contextlib.nullcontext
         self.last_loss: torch.Tensor | None = None  # the last step's (the range test reads it)
+        self.mixing = mixing
 
     def __call__(
         self,
@@ -266,10 +273,13 @@ class TrainStep:
         losses, all_logits, all_labels, finite = [], [], [], None
         for index, (images, labels) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
+            targets = labels
+            if self.mixing is not None:  # labels: each image's larger share's, for accuracy
+                images, targets, labels = self.mixing(images, labels)
             with contextlib.nullcontext() if last else self.no_sync():
                 with autocast(self.runtime.device, self.runtime.precision):
                     logits = self.model(images)
-                    loss = self.criterion(logits, labels)
+                    loss = self.criterion(logits, targets)
                 loss_finite = backward(loss, self.scaler, share)
             finite = loss_finite if finite is None else finite & loss_finite
             losses.append(loss.detach())
