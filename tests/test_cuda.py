@@ -23,6 +23,7 @@ from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
 from tests.conftest import TINY, run_cli
+from tests.test_lr_find import RECIPE_TOOLS
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 
 pytestmark = [
@@ -44,6 +45,15 @@ def test_a_short_real_run_on_cuda(amp: str, tmp_path: Path):
     expected = choose_precision(amp, torch.device("cuda")).name
     assert results["device"].startswith("cuda") and results["precision"] == expected
     assert results["test_acc"] > 30  # chance is 10%
+
+
+def test_the_speedruns_recipe_tools_on_cuda(tmp_path: Path):
+    """optimizer=muon (its Newton-Schulz in bf16 on the GPU, its skip on the device),
+    mixup and cutmix, flip and translate TTA: a real run that learns."""
+    done = run_cli([*ON_CUDA, *RECIPE_TOOLS, "amp=bf16", "hydra.run.dir=run"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["device"].startswith("cuda") and results["test_acc"] > 30
 
 
 def test_channels_last_and_compile_on_cuda(tmp_path: Path):

@@ -78,6 +78,26 @@ def test_muon_trains_hidden_weights_and_leaves_the_rest_to_its_auxiliary(muon_he
     assert len(optimizer.param_groups) == 1 + len(auxiliary.param_groups)
 
 
+def test_muon_alone_when_every_parameter_is_a_matrix():
+    """A model without biases or BatchNorm, its classifier given to Muon too: no
+    auxiliary at all, and it still steps, skips and saves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 10, bias=False))  # fmt: skip
+    optimizer = build_optimizer(model, MuonConfig(muon_head=True))
+    assert optimizer.auxiliary is None and len(optimizer.param_groups) == 1
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, labels = torch.randn(4, 1, 28, 28), torch.randint(10, (4,))
+    loss = nn.functional.cross_entropy(model(images), labels)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not optimizer_step(loss * float("nan"), list(model.parameters()), optimizer, scaler,
+                              NO_CLIPPING).applied  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    loss = nn.functional.cross_entropy(model(images), labels)
+    assert optimizer_step(loss, list(model.parameters()), optimizer, scaler, NO_CLIPPING).applied
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
 def test_a_nonfinite_muon_step_changes_nothing_and_the_next_one_trains():
     """The step is judged on the device (found_inf), as with a fused SGD: a NaN loss
     leaves every weight and momentum as it was, without the host reading a flag."""

@@ -72,8 +72,9 @@ class AdamWConfig(OptimizerConfig):
         check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0")
 
 
-# torch.optim.Muon's ways of scaling an update to the weight's shape (its adjust_lr_fn)
-MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw", "spectral_unclamped")
+# torch.optim.Muon's ways of scaling an update to the weight's shape (its adjust_lr_fn;
+# newer torch has a third, spectral_unclamped, that the torch on GPU machines lacks)
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class MuonConfig(OptimizerConfig):
     nesterov: bool = True
     weight_decay: float = 0.0  # decoupled: each step shrinks the weights by lr x this
     ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise the update
-    adjust_lr: str = "original"  # original | match_rms_adamw | spectral_unclamped
+    adjust_lr: str = "original"  # original | match_rms_adamw
     muon_head: bool = False  # true: the classifier's weights train with Muon too
     auxiliary: str = "sgd"  # sgd | adamw, for what Muon does not train
     auxiliary_lr: float = 0.1

@@ -31,7 +31,12 @@ def as_matrix(tensor: torch.Tensor, order: list[int]) -> torch.Tensor:
     return tensor.permute(order).reshape(tensor.shape[0], -1)
 
 
-class MatrixMuon(torch.optim.Muon):
+# torch.optim.Muon came with torch 2.9; on an older torch build_muon says so in one line
+# before this class is ever made.
+MUON = getattr(torch.optim, "Muon", torch.optim.Optimizer)
+
+
+class MatrixMuon(MUON):
     """torch.optim.Muon for weights of rank 2 or more, each updated as a matrix (a 3x3
     convolution's filters: out x (in x 9)), in place through a view of the weight."""
 
@@ -77,13 +82,17 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
     # update() hands a fused optimizer the step's verdict as found_inf; so can it be this
     skips_on_device = True
 
-    def __init__(self, muon: MatrixMuon, auxiliary: torch.optim.Optimizer) -> None:
-        everything = [p for part in (muon, auxiliary) for g in part.param_groups
-                      for p in g["params"]]  # fmt: skip
+    def __init__(self, muon: MatrixMuon, auxiliary: torch.optim.Optimizer | None) -> None:
+        """``auxiliary``: None when Muon trains every parameter (a model without biases
+        or BatchNorm, with optimizer.muon_head=true)."""
+        self.muon, self.auxiliary = muon, auxiliary
+        everything = [p for group in self.groups_of_both() for p in group["params"]]
         # Muon's defaults: a one-cycle schedule finds "momentum" there, and cycles it
         super().__init__(everything, dict(muon.defaults))
-        self.muon, self.auxiliary = muon, auxiliary
-        self.param_groups = muon.param_groups + auxiliary.param_groups
+        self.param_groups = self.groups_of_both()
+
+    def groups_of_both(self) -> list[dict]:
+        return self.muon.param_groups + (self.auxiliary.param_groups if self.auxiliary else [])
 
     @property
     def swept_groups(self) -> list[dict]:
@@ -98,13 +107,16 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
         skip = getattr(self, "found_inf", None)  # set by update() for one step
         if skip is None:
             self.muon.step()
-            self.auxiliary.step()
+            if self.auxiliary is not None:
+                self.auxiliary.step()
             return
         before = [t.clone() for t in self.muon.updated_tensors()]
         self.muon.step()
         keep = skip.bool()
         for now, then in zip(self.muon.updated_tensors(), before, strict=True):
             now.copy_(torch.where(keep, then, now))
+        if self.auxiliary is None:
+            return
         self.auxiliary.found_inf = skip
         try:
             self.auxiliary.step()
@@ -112,12 +124,14 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
             del self.auxiliary.found_inf
 
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "auxiliary": self.auxiliary.state_dict()}
+        auxiliary = None if self.auxiliary is None else self.auxiliary.state_dict()
+        return {"muon": self.muon.state_dict(), "auxiliary": auxiliary}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if set(state_dict) != {"muon", "auxiliary"}:
             raise ValueError("this optimizer state is not optimizer=muon's")
         self.muon.load_state_dict(state_dict["muon"])
-        self.auxiliary.load_state_dict(state_dict["auxiliary"])
+        if self.auxiliary is not None:
+            self.auxiliary.load_state_dict(state_dict["auxiliary"])
         # load_state_dict replaces the parts' group dicts: share the new ones again
-        self.param_groups = self.muon.param_groups + self.auxiliary.param_groups
+        self.param_groups = self.groups_of_both()

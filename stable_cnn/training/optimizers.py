@@ -69,6 +69,9 @@ def muon_weights(model: nn.Module, include_head: bool) -> list[nn.Parameter]:
 
 def build_muon(model: nn.Module, config: MuonConfig) -> MuonWithAuxiliary:
     """Muon for the hidden layers' weights, a fused SGD or AdamW for everything else."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch 2.9 on; this is "
+                          f"{torch.__version__}): upgrade torch, or use optimizer=sgd")  # fmt: skip
     weights = muon_weights(model, config.muon_head)
     if not weights:
         raise ConfigError("optimizer=muon found no convolution or hidden linear weights in "
@@ -81,7 +84,9 @@ def build_muon(model: nn.Module, config: MuonConfig) -> MuonWithAuxiliary:
     groups = parameter_groups(rest, config.auxiliary_weight_decay, config.decay_norm_and_bias)
     groups = [g for g in groups if g["params"]]
     fused = fused_where_possible(model)
-    if config.auxiliary == "adamw":
+    if not groups:  # Muon trains every parameter
+        auxiliary = None
+    elif config.auxiliary == "adamw":
         betas = (config.auxiliary_momentum, 0.999)
         auxiliary = torch.optim.AdamW(groups, lr=config.auxiliary_lr, betas=betas, fused=fused)
     else:
