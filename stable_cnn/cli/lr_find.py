@@ -24,8 +24,6 @@ from stable_cnn.cli.run_folder import discard_if_unused
 from stable_cnn.cli.train import parse_run_config
 from stable_cnn.config import register_schemas
 from stable_cnn.errors import ConfigError, UserError
-from stable_cnn.system.distributed import world_from_environment
-from stable_cnn.training.lr_finder import run_range_test
 
 log = logging.getLogger("stable_cnn")
 
@@ -34,6 +32,9 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="lr_find")
 def main(cfg: DictConfig) -> float:
+    from stable_cnn.system.distributed import world_from_environment  # torch: after composing
+    from stable_cnn.training.lr_finder import run_range_test
+
     folder = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = parse_run_config(cfg)

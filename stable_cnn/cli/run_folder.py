@@ -8,13 +8,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from stable_cnn.state.run_files import holds_a_record
-from stable_cnn.system.distributed import ALONE, World, join, world_from_environment
+
+if TYPE_CHECKING:  # the process-group module needs torch: imported where it is used
+    from stable_cnn.system.distributed import World
 
 
 def discard_if_unused(folder: Path) -> None:
@@ -35,9 +37,11 @@ def discard_if_unused(folder: Path) -> None:
         parent = parent.parent
 
 
-def continue_log_in(run_dir: Path, hydra_folder: Path, world: World = ALONE) -> None:
+def continue_log_in(run_dir: Path, hydra_folder: Path, world: World | None = None) -> None:
     """The command goes on in another run's folder (a resume): its log moves there,
-    after what it logged so far, and goes on in that run's train.log."""
+    after what it logged so far, and goes on in that run's train.log (``world``: the
+    processes of the run, of which the first moves the log; None: this one alone)."""
+    is_main = world is None or world.is_main
     root = logging.getLogger()
     for handler in list(root.handlers):
         if not isinstance(handler, logging.FileHandler):
@@ -47,7 +51,7 @@ def continue_log_in(run_dir: Path, hydra_folder: Path, world: World = ALONE) -> 
             continue
         handler.flush()
         new = run_dir / old.name
-        if world.is_main and old.is_file():
+        if is_main and old.is_file():
             with new.open("a") as log_file:
                 log_file.write(old.read_text())
         replacement = logging.FileHandler(new, mode="a")
@@ -65,6 +69,8 @@ class SharedRunFolder(Callback):
     rank 0's folder, so that one run has one folder (with or without hydra.run.dir)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from stable_cnn.system.distributed import join, world_from_environment
+
         world = world_from_environment()
         if world.distributed:
             join(world)

@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from stable_cnn.cli.run_folder import discard_if_unused
 from stable_cnn.studies.report import short_override, write_report
-from stable_cnn.system.hardware import usable_cores
 
 log = logging.getLogger("stable_cnn")
 
@@ -42,6 +41,8 @@ def threads_per_parallel_job(launcher: DictConfig) -> int | None:
     n_jobs = launcher.get("n_jobs")
     if "joblib" not in str(launcher.get("_target_", "")) or not isinstance(n_jobs, int):
         return None
+    from stable_cnn.system.hardware import usable_cores  # torch: only where jobs run side by side
+
     cores = usable_cores()
     side_by_side = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1 = all
     return max(1, cores // side_by_side)

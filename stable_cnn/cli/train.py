@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,18 +34,14 @@ from stable_cnn.cli.sweeps import (
 )
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
-from stable_cnn.state.resume import find_checkpoint
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
-from stable_cnn.system.distributed import (
-    ALONE,
-    check_devices,
-    join,
-    launch_local_workers,
-    world_from_environment,
-)
 from stable_cnn.system.signals import EXIT_PREEMPTED
-from stable_cnn.training.fit import RunPreempted, train
-from stable_cnn.training.tracking import Hparams
+
+if TYPE_CHECKING:
+    from stable_cnn.training.tracking import Hparams
+
+# What needs torch is imported where it is used, once Hydra has composed the config:
+# --help, --cfg and a mistyped override answer in half a second instead of four.
 
 log = logging.getLogger("stable_cnn")
 
@@ -83,6 +79,8 @@ DIVERGED_VALUE = 0.0
 def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> Hparams:
     """This run's hyperparameters for TensorBoard: group choices and plain values, and
     which of them set it apart: a sweep's swept keys, else its own overrides."""
+    from stable_cnn.training.tracking import Hparams
+
     values: dict[str, str | float | int | bool] = {
         group: str(choices.get(group)) for group in HPARAM_GROUPS
     }
@@ -109,6 +107,8 @@ def main(cfg: DictConfig) -> float:
     """Compose, train, and return the best validation accuracy (what sweepers maximise).
     A command that ends without a run of its own in the folder Hydra made for it (it was
     refused, continued a run elsewhere, or found it finished) removes that folder."""
+    from stable_cnn.system.distributed import world_from_environment
+
     hydra_folder = Path(HydraConfig.get().runtime.output_dir)
     expected = True  # False for a crash: its folder keeps train.log and the traceback
     try:
@@ -128,6 +128,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
+    from stable_cnn.system.distributed import ALONE, check_devices, join, world_from_environment
+    from stable_cnn.training.fit import RunPreempted, train
+
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     world = ALONE
@@ -216,6 +219,9 @@ def run_local_workers(
     this run's folder (or the run it resumes); returns what rank 0 found. A failed run
     exits with the workers' status (in a sweep: fails this job alone), a preempted one
     with 75 (the whole sweep), a diverged one in a sweep returns the worst value."""
+    from stable_cnn.state.resume import find_checkpoint
+    from stable_cnn.system.distributed import launch_local_workers
+
     devices = run.trainer.devices
     resumed = find_checkpoint(
         run.trainer.resume, run_dir, Path("outputs"), composed_config, processes=devices
