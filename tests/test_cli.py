@@ -136,14 +136,6 @@ def test_multirun_gives_one_folder_per_value(tmp_path):
         assert read_jsonl(sweep / job / "metrics.jsonl")[0]["lr"] == pytest.approx(lr)
 
 
-def test_default_run_dir_is_outputs_date_time(tmp_path):
-    done = run_cli([*TINY, "trainer.epochs=1"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr + done.stdout
-    (results,) = (tmp_path / "outputs").glob("*/*/results.json")
-    date, time = results.parent.parent.name, results.parent.name
-    assert len(date) == 10 and date.count("-") == 2 and time.count("-") == 2
-
-
 def test_help_lists_every_group_and_option(tmp_path):
     done = run_cli(["--help"], cwd=tmp_path)
     assert done.returncode == 0

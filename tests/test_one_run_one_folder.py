@@ -44,6 +44,9 @@ def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
     finished = run_cli([*TINY, "trainer.epochs=1"], tmp_path)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     (first,) = run_folders(tmp_path)
+    date, time_of_day = first.parent.name, first.name  # Hydra's outputs/<date>/<time>
+    assert first.parent.parent == tmp_path / "outputs"
+    assert len(date) == 10 and date.count("-") == 2 and time_of_day.count("-") == 2
 
     refused = run_cli([*TINY, "optimizer.lr=-1"], tmp_path)
     assert refused.returncode == 2 and run_folders(tmp_path) == [first]
