@@ -9,8 +9,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+# Under pytest-xdist (`pytest -n 2`) the test processes share the cores: each of them,
+# and every command it starts, computes on one thread, so that two processes on two
+# cores do not fight over them (two threads each ran the suite slower than one process).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
-import torch
+import torch  # after the thread setting above: torch reads it when imported
 from hydra import compose, initialize_config_dir
 
 from stable_cnn.cli.conf import config_dir

@@ -87,10 +87,11 @@ def test_two_processes_with_sync_batchnorm_step_like_one_with_twice_the_batch(tm
     the rounding (at lr 0.1 with clipping, 1 vs 2 threads differ by 2e-4)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # trainer.num_threads=1: every process alike, torchrun's and the plain one's
     same = [*TINY, "trainer.epochs=1", "data.limit_train=384", "model.sync_batchnorm=true",
             "model.dropout=0", "model.head_dropout=0", "data.augment=false", "amp=off",
             "trainer.deterministic=true", "optimizer.lr=0.02", "clipping=none",
-            "diagnostics.figures_every_n_epochs=1"]  # fmt: skip
+            "diagnostics.figures_every_n_epochs=1", "trainer.num_threads=1"]  # fmt: skip
     two = run_cli([*same, "data.batch_size=64", "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
     one = run_cli([*same, "data.batch_size=128", "hydra.run.dir=one"], tmp_path)
     launched = subprocess.run(

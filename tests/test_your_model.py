@@ -200,7 +200,8 @@ def test_a_torchvision_resnet_with_its_small_input_stem(fashion_mnist_root: Path
 
 def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
     """On a model without BatchNorm (whose statistics see the micro-batch) and without
-    random draws: the same steps, to float precision."""
+    random draws: the same steps, to float precision (the gradient summed in another
+    order: measured 1.1e-5 at most with one thread, under 1e-5 with two)."""
     same = [*TINY, "model.batchnorm=false", "model.dropout=0", "model.head_dropout=0",
             "data.augment=false", "amp=off", "trainer.deterministic=true"]  # fmt: skip
     train([*same, "data.batch_size=128"], tmp_path / "one")
@@ -211,7 +212,7 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
                  for name in ("one", "four"))  # fmt: skip
     assert one["counters"] == four["counters"], "the same optimizer steps, epochs, best"
     for key, value in one["model"].items():
-        torch.testing.assert_close(four["model"][key], value, rtol=0, atol=1e-5)
+        torch.testing.assert_close(four["model"][key], value, rtol=0, atol=3e-5)
 
 
 # Hydra's own mistakes (rewritten by cli/hydra_errors.py) and one made while building go
