@@ -5,8 +5,12 @@ run that uses all three is in test_lr_find.py (one run serves both)."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,7 @@ from stable_cnn.training.captured_step import build_train_step
 from stable_cnn.training.lr_finder import sweep
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.step import TrainStep, optimizer_step
-from tests.conftest import TINY, compose_run
+from tests.conftest import REPO, TINY, compose_run
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.channels_last)
 NO_CLIPPING = ClippingConfig(name="none")
@@ -264,3 +268,27 @@ def test_a_cuda_graph_is_declined_for_muon_and_for_mixing(caplog: pytest.LogCapt
                                     cycles_momentum=False, mixing=mixing)  # fmt: skip
         assert type(step) is TrainStep
         assert "cuda_graph=true ignored" in caplog.text and reason in caplog.text
+
+
+# --- the speedrun's script ----------------------------------------------------------
+
+
+def test_the_speedrun_script_tables_and_plots_recorded_runs(tmp_path: Path):
+    """scripts/speedrun.py --from: the docs' table (mean and each seed) and plot from the
+    figures it recorded, without training."""
+    recorded = tmp_path / "speedrun.jsonl"
+    runs = [{"point": "speedrun", "seed": seed, "command_s": 44.0 + seed, "train_s": 41.0,
+             "test_acc": acc} for seed, acc in enumerate((93.16, 93.01, 92.98))]  # fmt: skip
+    runs.append({"point": "muon_6_epochs", "seed": 0, "command_s": 62.0, "train_s": 60.0,
+                 "test_acc": 93.41})  # fmt: skip
+    recorded.write_text("".join(json.dumps(run) + "\n" for run in runs))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "speedrun.py"), "--from",
+                           str(recorded), "--points", "speedrun", "--plot",
+                           str(tmp_path / "frontier.png")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| speedrun |")]
+    assert "`stable-cnn-train experiment=fashion_mnist_speedrun`" in row
+    assert "93.05% (93.16, 93.01, 92.98) | 45.0 s |" in row
+    assert "muon_6_epochs" not in done.stdout, "only the points asked for"
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
