@@ -26,7 +26,7 @@ from stable_cnn.training.captured_step import build_train_step
 from stable_cnn.training.lr_finder import sweep
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.step import TrainStep, optimizer_step
-from tests.conftest import REPO, TINY, compose_run
+from tests.conftest import REPO, TINY, compose_config, compose_run
 
 CPU = Runtime(torch.device("cpu"), FP32, torch.channels_last)
 NO_CLIPPING = ClippingConfig(name="none")
@@ -80,6 +80,27 @@ def test_muon_trains_hidden_weights_and_leaves_the_rest_to_its_auxiliary(muon_he
     decayed = [p for g in auxiliary.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert decayed == ([] if muon_head else [head]), "BatchNorm weights and biases: no decay"
     assert len(optimizer.param_groups) == 1 + len(auxiliary.param_groups)
+
+
+def test_muon_judges_steps_on_the_device_only_beside_a_fused_auxiliary(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """On MPS the auxiliary SGD is not fused and cannot take found_inf: the step is then
+    judged on the host, and trains (with auxiliary_momentum=0 too: plain SGD, no
+    Nesterov). Fakes only the list of devices with fused kernels, to take MPS's path."""
+    from stable_cnn.training import optimizers
+    from stable_cnn.training.step import skips_on_device
+
+    assert skips_on_device(build_optimizer(small_model(), MuonConfig()))
+    monkeypatch.setattr(optimizers, "FUSED_DEVICES", ())  # as on MPS
+    model = small_model()
+    optimizer = build_optimizer(model, MuonConfig(auxiliary_momentum=0.0))
+    assert not skips_on_device(optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert optimizer_step(loss_of(model), list(model.parameters()), optimizer, scaler,
+                          NO_CLIPPING).applied  # fmt: skip
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_muon_alone_when_every_parameter_is_a_matrix():
@@ -292,3 +313,24 @@ def test_the_speedrun_script_tables_and_plots_recorded_runs(tmp_path: Path):
     assert "93.05% (93.16, 93.01, 92.98) | 45.0 s |" in row
     assert "muon_6_epochs" not in done.stdout, "only the points asked for"
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_checkpoint_from_before_these_keys_existed_still_resumes():
+    """An older run's recorded config lacks the recipe tools' keys (and accumulation's):
+    it resumes with them at the values it ran with, and is refused with any other."""
+    from omegaconf import OmegaConf
+
+    from stable_cnn.errors import UserError
+    from stable_cnn.state.record import CheckpointRecord
+    from stable_cnn.state.resume import check_same_config
+
+    now = OmegaConf.to_container(compose_config(TINY), resolve=True)
+    before = copy.deepcopy(now)
+    for key in ("mixup_alpha", "cutmix_alpha", "mix_prob", "tta_translate"):
+        del before["data"][key]
+    del before["trainer"]["accumulate_grad_batches"]
+    old = CheckpointRecord({}, before, (), None, None, None)
+    check_same_config(old, now, Path("old.pt"))  # no error
+    mixed = {**now, "data": {**now["data"], "mixup_alpha": 0.2}}
+    with pytest.raises(UserError, match=r"data\.mixup_alpha differ"):
+        check_same_config(old, mixed, Path("old.pt"))

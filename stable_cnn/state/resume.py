@@ -45,7 +45,14 @@ IGNORED_KEYS = {
 
 # Keys added since checkpoints began recording the config, with the value that an older
 # checkpoint's run had in effect: a run written before a key existed still resumes.
-ADDED_KEYS = {("model", "sync_batchnorm"): False}
+ADDED_KEYS = {
+    ("model", "sync_batchnorm"): False,
+    ("trainer", "accumulate_grad_batches"): 1,
+    ("data", "mixup_alpha"): 0.0,
+    ("data", "cutmix_alpha"): 0.0,
+    ("data", "mix_prob"): 1.0,
+    ("data", "tta_translate"): 0,
+}
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:

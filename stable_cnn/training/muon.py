@@ -16,6 +16,8 @@ from collections.abc import MutableMapping
 import torch
 from torch import nn
 
+from stable_cnn.training.step import skips_on_device
+
 
 def matrix_order(weight: torch.Tensor) -> list[int]:
     """The weight's dimensions, output first, the rest in memory order (outermost first):
@@ -79,9 +81,6 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
     optimizer: ``param_groups`` are Muon's group followed by the auxiliary's (the same
     dicts, so a schedule that sets a group's lr sets it where it is used)."""
 
-    # update() hands a fused optimizer the step's verdict as found_inf; so can it be this
-    skips_on_device = True
-
     def __init__(self, muon: MatrixMuon, auxiliary: torch.optim.Optimizer | None) -> None:
         """``auxiliary``: None when Muon trains every parameter (a model without biases
         or BatchNorm, with optimizer.muon_head=true)."""
@@ -90,6 +89,13 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
         # Muon's defaults: a one-cycle schedule finds "momentum" there, and cycles it
         super().__init__(everything, dict(muon.defaults))
         self.param_groups = self.groups_of_both()
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether update() may hand it the step's verdict as ``found_inf`` (Muon's part is
+        put back by a select; the auxiliary must be fused to skip inside its kernel: not
+        on MPS, where update() reads the verdict on the host instead)."""
+        return self.auxiliary is None or skips_on_device(self.auxiliary)
 
     def groups_of_both(self) -> list[dict]:
         return self.muon.param_groups + (self.auxiliary.param_groups if self.auxiliary else [])

@@ -90,8 +90,8 @@ def build_muon(model: nn.Module, config: MuonConfig) -> MuonWithAuxiliary:
         betas = (config.auxiliary_momentum, 0.999)
         auxiliary = torch.optim.AdamW(groups, lr=config.auxiliary_lr, betas=betas, fused=fused)
     else:
-        auxiliary = torch.optim.SGD(groups, lr=config.auxiliary_lr,
-                                    momentum=config.auxiliary_momentum, nesterov=True,
-                                    fused=fused)  # fmt: skip
+        momentum = config.auxiliary_momentum
+        auxiliary = torch.optim.SGD(groups, lr=config.auxiliary_lr, momentum=momentum,
+                                    nesterov=momentum > 0, fused=fused)  # fmt: skip
         start_momentum_at_zero(auxiliary)
     return MuonWithAuxiliary(muon, auxiliary)
