@@ -164,14 +164,12 @@ class TestTimeAugmentation:
     flip: bool = False
     translate: int = 0
 
-    @property
-    def active(self) -> bool:
-        return self.flip or self.translate > 0
-
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [images, images.flip(3)] if self.flip else [images]
 
     def __call__(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if not self.flip and self.translate == 0:
+            return model(images)  # no augmentation: no copy of the logits either
         centred = torch.stack([model(view) for view in self.views(images)]).mean(0)
         if self.translate == 0:
             return centred

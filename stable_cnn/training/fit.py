@@ -299,15 +299,9 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
     if ema is not None:
         ema.load_state_dict(best["ema"])
     tested = training.network if ema is None else ema.model
-    tta = test_time_augmentation(training.run.data)
-    test_stats = evaluate(
-        tested,
-        training.data.test,
-        training.runtime,
-        tta,
-        training.world,
-        training.data.info.num_classes,
-    )
+    data, tta = training.data, test_time_augmentation(training.run.data)
+    test_stats = evaluate(tested, data.test, training.runtime, tta, training.world,
+                          data.info.num_classes)  # fmt: skip
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,
