@@ -22,7 +22,13 @@ pytestmark = pytest.mark.slow
 
 # A model module the package has never seen, written where only PYTHONPATH finds it.
 MY_MODEL = '''
+import os
+from pathlib import Path
+
 from torch import nn
+
+if os.environ.get("MY_CODE_IMPORTED"):  # a trace of every import, for the trust tests
+    Path(os.environ["MY_CODE_IMPORTED"]).touch()
 
 
 class PlainNet(nn.Module):
@@ -43,7 +49,13 @@ class PlainNet(nn.Module):
 # A dataset module of a user's: the first Fashion-MNIST images behind a class of its own,
 # as PIL images or (as_tensors) float tensors in [0, 1], with named classes.
 MY_DATA = """
+import os
+from pathlib import Path
+
 from torchvision import datasets, transforms
+
+if os.environ.get("MY_CODE_IMPORTED"):  # a trace of every import, for the trust tests
+    Path(os.environ["MY_CODE_IMPORTED"]).touch()
 
 
 class Clothes:
@@ -92,14 +104,17 @@ def train(args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> 
     return done.stdout
 
 
-def exports_and_predicts(run_dir: Path, env: dict[str, str] | None = None) -> None:
+def exports_and_predicts(run_dir: Path, env: dict[str, str] | None = None, *trust: str) -> None:
     """eval reproduces the run's test; the ONNX export is checked by onnxruntime inside
-    stable-cnn-export; predict runs on the exported file."""
-    evaluated = command("stable-cnn-eval", f"checkpoint={run_dir}", cwd=run_dir.parent, env=env)
+    stable-cnn-export; predict runs on the exported file. ``trust``: trust_code=true for
+    a checkpoint that names code of the user's."""
+    evaluated = command("stable-cnn-eval", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent,
+                        env=env)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     result = json.loads(next((run_dir / "eval").glob("*/eval.json")).read_text())
     assert result["test_acc"] == json.loads((run_dir / "results.json").read_text())["test_acc"]
-    exported = command("stable-cnn-export", f"checkpoint={run_dir}", cwd=run_dir.parent, env=env)
+    exported = command("stable-cnn-export", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent,
+                       env=env)  # fmt: skip
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert "checked with onnxruntime" in exported.stdout
     images = run_dir.parent / "images"
@@ -141,10 +156,29 @@ def test_a_model_of_your_own_with_gradient_accumulation(
     log = (run_dir / "train.log").read_text()
     assert "model my_models.PlainNet hidden=12" in log
     assert json.loads((run_dir / "results.json").read_text())["global_step"] == 3 * 8  # 24/3
-    exports_and_predicts(run_dir, my_models)
-    lost = command("stable-cnn-eval", f"checkpoint={run_dir}", cwd=tmp_path)
+    refuses_to_run_its_code(run_dir, my_models, "model._target_=my_models.PlainNet",
+                            "stable-cnn-eval", "stable-cnn-export", "stable-cnn-predict")
+    exports_and_predicts(run_dir, my_models, "trust_code=true")
+    lost = command("stable-cnn-eval", f"checkpoint={run_dir}", "trust_code=true", cwd=tmp_path)
     assert lost.returncode == 2
     assert "cannot import my_models" in lost.stdout + lost.stderr
+
+
+def refuses_to_run_its_code(run_dir: Path, env: dict[str, str], named: str, *names: str) -> None:
+    """A checkpoint is data: without trust_code=true, the commands ``names`` refuse in one
+    line naming the code, import none of it, and write nothing."""
+    imported = run_dir.parent / "my_code_imported"
+    env = {**env, "MY_CODE_IMPORTED": str(imported)}
+    predict_args = [f"input={run_dir / 'train.log'}", f"out={run_dir / 'refused.csv'}"]
+    for name in names:
+        args = predict_args if name == "stable-cnn-predict" else []
+        refused = command(name, f"checkpoint={run_dir}", *args, cwd=run_dir.parent, env=env)
+        lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1, (name, lines)
+        assert named in lines[0] and "trust_code=true" in lines[0], lines[0]
+        assert not imported.exists(), f"{name} imported the checkpoint's module"
+    assert not (run_dir / "refused.csv").exists() and not (run_dir / "export").exists()
+    assert not (run_dir / "eval").exists()
 
 
 def test_a_dataset_of_your_own_in_memory_and_through_workers(
@@ -168,7 +202,9 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
     assert abs(mean - 0.2860) < 0.01, "Fashion-MNIST's mean pixel, from 640 of its images"
     assert "loader workers" in workers and "decoding 640 + 128 images" in in_memory
 
-    exports_and_predicts(tmp_path / "memory", my_models)
+    refuses_to_run_its_code(tmp_path / "memory", my_models, "data._target_=my_data.load",
+                            "stable-cnn-eval")  # export and predict need no data
+    exports_and_predicts(tmp_path / "memory", my_models, "trust_code=true")
     predictions = (tmp_path / "memory" / "predictions.csv").read_text()
     assert any(name in predictions for name in ("T-shirt/top", "Trouser", "Bag", "Sandal"))
 

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
-from stable_cnn.cli.conf import config_dir
+from stable_cnn.cli.conf import config_dir, trust_code
 from stable_cnn.cli.extra_keys import with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.config import DataConfig, register_schemas
@@ -57,8 +57,14 @@ def main(cfg: DictConfig) -> float:
             key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)
         }  # fmt: skip
         out_dir = Path(cfg.out).expanduser() if cfg.out else None
-        result = evaluate_checkpoint(path, data, cfg.device, out_dir,
-                                     lambda saved: with_overrides(saved, overrides))  # fmt: skip
+        result = evaluate_checkpoint(
+            path,
+            data,
+            cfg.device,
+            out_dir,
+            lambda saved: with_overrides(saved, overrides),
+            trust_code(cfg.trust_code),
+        )
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_code)

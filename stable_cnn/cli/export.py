@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from stable_cnn.cli.conf import config_dir
+from stable_cnn.cli.conf import config_dir, trust_code
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.deploy.export import FORMATS, card_path, export_model
 from stable_cnn.deploy.trained_model import load_trained_model
@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
         if out.suffix != suffix:  # stable-cnn-predict tells the formats apart by it
             raise ConfigError(f"out={cfg.out} does not end in {suffix}, as format={cfg.format} "
                               f"files do: name it *{suffix}")  # fmt: skip
-        trained = load_trained_model(path)
+        trained = load_trained_model(path, trust_code(cfg.trust_code))
         result = export_model(trained, cfg.format, out)
     except UserError as err:
         log.error("error: %s", err)

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from stable_cnn.cli.conf import config_dir
+from stable_cnn.cli.conf import config_dir, trust_code
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.deploy.predict import find_images, predict_files
 from stable_cnn.errors import ConfigError, DataError, UserError
@@ -39,7 +39,9 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("out=... is required: the CSV file to write (predictions.csv)")
         out = Path(cfg.out).expanduser()
         paths = find_images(str(cfg.input))
-        rows, reader = predict_files(path, paths, int(cfg.top_k), cfg.device, out)
+        rows, reader = predict_files(
+            path, paths, int(cfg.top_k), cfg.device, out, trust_code(cfg.trust_code)
+        )
         if rows == 0:
             raise DataError(f"none of the {len(paths)} file(s) in input={cfg.input} is an "
                             f"image Pillow can read: point input at PNG/JPEG files")  # fmt: skip

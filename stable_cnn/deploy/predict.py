@@ -99,9 +99,10 @@ class Predictor:
     card: ModelCard
 
 
-def open_predictor(path: Path, device_name: str) -> Predictor:
-    """A checkpoint (run on ``device_name``), or a file stable-cnn-export wrote (.onnx
-    through ONNX Runtime, .pt2 through torch.export; on the CPU)."""
+def open_predictor(path: Path, device_name: str, trust_code: bool = False) -> Predictor:
+    """A checkpoint (run on ``device_name``; a model of the user's own only with
+    ``trust_code``), or a file stable-cnn-export wrote (.onnx through ONNX Runtime, .pt2
+    through torch.export; on the CPU)."""
     opener = EXPORTED.get(path.suffix)
     if opener is not None:
         if not path.is_file():
@@ -109,7 +110,7 @@ def open_predictor(path: Path, device_name: str) -> Predictor:
         exported = opener(path)
         log.info("running %s with %s", path, exported.runner)
         return Predictor(exported.run, exported.card)
-    trained = load_trained_model(path)
+    trained = load_trained_model(path, trust_code)
     device = resolve_device(device_name)
     classifier = trained.classifier.to(device)
 
@@ -120,11 +121,17 @@ def open_predictor(path: Path, device_name: str) -> Predictor:
     return Predictor(logits, trained.card)
 
 
-def predict_files(checkpoint: Path, paths: list[Path], top_k: int, device_name: str,
-                  out: Path) -> tuple[int, ImageReader]:  # fmt: skip
+def predict_files(
+    checkpoint: Path,
+    paths: list[Path],
+    top_k: int,
+    device_name: str,
+    out: Path,
+    trust_code: bool = False,
+) -> tuple[int, ImageReader]:
     """Write ``out`` (CSV) with one row per readable image; returns the rows written and
     the reader (what it skipped and resized)."""
-    predictor = open_predictor(checkpoint, device_name)
+    predictor = open_predictor(checkpoint, device_name, trust_code)
     names = predictor.card.class_names
     top_k = min(top_k, len(names))
     reader = ImageReader(predictor.card)

@@ -72,11 +72,12 @@ class TrainedModel:
     path: Path  # the checkpoint it came from
 
 
-def load_trained_model(path: Path) -> TrainedModel:
-    """The checkpoint at ``path`` as a PixelClassifier in eval mode, with its card."""
+def load_trained_model(path: Path, trust_code: bool = False) -> TrainedModel:
+    """The checkpoint at ``path`` as a PixelClassifier in eval mode, with its card; a
+    model of the user's own that it names is imported and called only with ``trust_code``."""
     state = load_checkpoint(path)
     record = CheckpointRecord.read(state, path)
-    model = rebuild_model(state, record, path)
+    model = rebuild_model(state, record, path, trust_code)
     data = record.data
     classes = record.model_config["num_classes"]
     class_names = record.class_names

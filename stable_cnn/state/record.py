@@ -18,6 +18,9 @@ from stable_cnn.config import CustomDataConfig, DataConfig, SyntheticDataConfig
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
 
+# timm keyword arguments that make timm read a file or fetch one when it builds a model
+TIMM_FILE_KWARGS = ("checkpoint_path", "cache_dir", "pretrained_cfg", "pretrained_cfg_overlay")
+
 
 def amp_option(precision: str) -> str:
     """The ``amp=`` option that gives a resolved precision (fp32 is ``amp=off``)."""
@@ -54,7 +57,7 @@ class CheckpointRecord:
     def read(cls, state: dict[str, Any], path: Path) -> CheckpointRecord:
         """The record of a loaded checkpoint (``path`` names it in errors)."""
         config = state.get("config") or {}
-        if state.get("model_config") is None or not isinstance(config, dict):
+        if not isinstance(state.get("model_config"), dict) or not isinstance(config, dict):
             raise CheckpointError(f"{path} holds no model config: it was not written by "
                                   f"stable-cnn")  # fmt: skip
         runtime = state.get("runtime") or {}
@@ -92,11 +95,27 @@ class CheckpointRecord:
         if "data" not in self.config:
             raise CheckpointError("the checkpoint holds no data config: it was not written by "
                                   "stable-cnn-train")  # fmt: skip
-        return data_config({**self.config["data"], **self.data_resolved})
+        # a checkpoint never makes us fetch into a folder it names (data.download=true on
+        # the command line still may)
+        return data_config({**self.config["data"], **self.data_resolved, "download": False})
 
     @property
     def seed(self) -> int:
         return int(self.config.get("trainer", {}).get("seed", 0))
+
+    def model_code(self) -> list[str]:
+        """What rebuilding the model would import and call, or open, beyond stable-cnn's
+        own models: a model callable of the user's, a file timm would read."""
+        kind = self.model_config.get("kind", "small_cnn")
+        if kind == "custom":
+            return [f"model._target_={self.model_config.get('target')}"]
+        kwargs = (self.model_config.get("kwargs") or {}) if kind == "timm" else {}
+        return [f"+model.{key}={kwargs[key]}" for key in TIMM_FILE_KWARGS if key in kwargs]
+
+    def data_code(self) -> list[str]:
+        """What opening the run's own data would import and call (data=custom's callable)."""
+        data = self.config.get("data") or {}
+        return [f"data._target_={data.get('_target_')}"] if data.get("name") == "custom" else []
 
     def runtime_settings(self, device_type: str) -> tuple[str, bool | None]:
         """The ``amp`` and ``trainer.channels_last`` values that give this run's precision
@@ -108,9 +127,25 @@ class CheckpointRecord:
         return amp, self.config.get("trainer", {}).get("channels_last")
 
 
-def rebuild_model(state: dict[str, Any], record: CheckpointRecord, path: Path) -> nn.Module:
+def refuse_untrusted(named: list[str], path: Path) -> None:
+    """One line when a checkpoint names code of its own (``named``): it is data, and runs
+    nothing its user did not allow with ``trust_code=true``."""
+    if named:
+        raise CheckpointError(
+            f"checkpoint {path} names code that rebuilding it would run "
+            f"({', '.join(named)}): if you trust the checkpoint and that code, run again "
+            f"with trust_code=true"
+        )
+
+
+def rebuild_model(
+    state: dict[str, Any], record: CheckpointRecord, path: Path, trust_code: bool = False
+) -> nn.Module:
     """The checkpoint's model on the CPU with the weights its run tested: the average
-    when it trained with ``ema=on`` (what it validated and kept), else the last step's."""
+    when it trained with ``ema=on`` (what it validated and kept), else the last step's.
+    A model of the user's own is imported and called only with ``trust_code``."""
+    if not trust_code:
+        refuse_untrusted(record.model_code(), path)
     model = build_model(record.model_config, pretrained=False)  # its weights are here
     weights = state["ema"]["model"] if record.averaged else state["model"]
     load_model_weights(model, {**state, "model": weights}, path)

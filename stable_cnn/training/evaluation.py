@@ -26,7 +26,7 @@ from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError
 from stable_cnn.state.checkpoint import CheckpointError, load_checkpoint
-from stable_cnn.state.record import CheckpointRecord, rebuild_model
+from stable_cnn.state.record import CheckpointRecord, rebuild_model, refuse_untrusted
 from stable_cnn.state.run_files import run_folder_of
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.system.distributed import ALONE, World
@@ -125,12 +125,16 @@ def load_for_evaluation(
     data: DataConfig | None,
     device_name: str,
     adjust_data: Callable[[DataConfig], DataConfig] | None = None,
+    trust_code: bool = False,
 ) -> LoadedCheckpoint:
     """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data, as
-    ``adjust_data`` changes it: another ``root``, say)."""
+    ``adjust_data`` changes it: another ``root``, say). Code the checkpoint names (a model
+    or dataset callable of the user's) runs only with ``trust_code``."""
     state = load_checkpoint(path)
     record = CheckpointRecord.read(state, path)
-    model = rebuild_model(state, record, path)
+    if not trust_code:  # everything it names in one line, before anything is built
+        refuse_untrusted(record.model_code() + (record.data_code() if data is None else []), path)
+    model = rebuild_model(state, record, path, trust_code)
     if data is None:
         data = adjust_data(record.data) if adjust_data is not None else record.data
     check_data_fits(record.model_config, data, path)
@@ -153,10 +157,11 @@ def evaluate_checkpoint(
     device_name: str,
     out_dir: Path | None,
     adjust_data: Callable[[DataConfig], DataConfig] | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Test the checkpoint at ``path``; returns (and writes into ``out_dir``, by default
     eval/<checkpoint>-<data>/ in its run folder) eval.json's content."""
-    loaded = load_for_evaluation(path, data, device_name, adjust_data)
+    loaded = load_for_evaluation(path, data, device_name, adjust_data, trust_code)
     if out_dir is None:
         out_dir = run_folder_of(path) / "eval" / f"{path.stem}-{loaded.data.name}"
     model, runtime, splits = loaded.model, loaded.runtime, loaded.splits
@@ -196,7 +201,7 @@ def evaluate_checkpoint(
 def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") -> float:
     """Accuracy on the first ``count`` training images as a test sees them: no
     augmentation, dropout off. Minus validation accuracy, it measures overfitting."""
-    loaded = load_for_evaluation(path, None, device_name)
+    loaded = load_for_evaluation(path, None, device_name, trust_code=True)  # a run of ours
     model, runtime, splits = loaded.model, loaded.runtime, loaded.splits
     train = splits.train
     if not isinstance(train, TensorBatches):
