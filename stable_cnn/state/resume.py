@@ -54,10 +54,20 @@ ADDED_KEYS = {
     ("data", "tta_translate"): 0,
 }
 
+# Keys that options of a group have dropped since, with the options that still have
+# them: an older checkpoint of another option recorded them, and still resumes. A key
+# that moves gets an entry here, and a run of the last version that had it goes into
+# tests/fixtures/old_runs (scripts/old_run_fixture.py) to check it.
+DROPPED_KEYS = {
+    ("data", "num_train"): {"synthetic"},  # every data option had it before 2026-11-28
+    ("data", "num_test"): {"synthetic"},
+}
+
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys that a resumed run may change (and with the keys
-    added since, where an older checkpoint's config lacks them)."""
+    added since, where an older checkpoint's config lacks them, and without those
+    dropped since, where an older one has them)."""
     comparable_config = {
         group: (
             {k: v for k, v in values.items() if (group, k) not in IGNORED_KEYS}
@@ -69,6 +79,10 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     for (group, key), value in ADDED_KEYS.items():
         if isinstance(comparable_config.get(group), dict):
             comparable_config[group].setdefault(key, value)
+    for (group, key), options in DROPPED_KEYS.items():
+        values = comparable_config.get(group)
+        if isinstance(values, dict) and values.get("name") not in options:
+            values.pop(key, None)
     return comparable_config
 
 

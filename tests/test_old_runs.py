@@ -1,0 +1,44 @@
+"""Runs written by earlier stable-cnn versions resume: each fixture in fixtures/old_runs/
+is the folder of a real run that a landed version started and SIGTERM stopped after its
+first epoch (scripts/old_run_fixture.py made them; none is written by hand). Today's
+stable-cnn-train, given the run's own overrides and trainer.resume=auto, finds it and
+finishes it in its own folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = Path(__file__).parent / "fixtures" / "old_runs"
+OLD_RUNS = sorted(FIXTURES.iterdir())
+
+
+def test_there_are_runs_of_the_last_two_landed_versions():
+    assert len(OLD_RUNS) >= 2
+
+
+@pytest.mark.parametrize("old_run", OLD_RUNS, ids=lambda path: path.name)
+def test_a_run_of_an_earlier_version_resumes(old_run: Path, fashion_mnist_root: Path,
+                                             tmp_path: Path):  # fmt: skip
+    date = old_run.name[:10]
+    run_dir = tmp_path / "outputs" / date / "12-00-00"
+    shutil.copytree(old_run, run_dir)
+    overrides = yaml.safe_load((old_run / ".hydra" / "overrides.yaml").read_text())
+    overrides = [o for o in overrides if not o.startswith("data.root=")]
+    done = run_cli([*overrides, f"data.root={fashion_mnist_root}", "trainer.resume=auto"],
+                   tmp_path, module=False)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "resuming from" in output, output
+    epochs = [entry["epoch"] for entry in read_jsonl(run_dir / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+    assert json.loads((run_dir / "results.json").read_text())["test_acc"] > 30
+    assert [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir] == []
