@@ -139,7 +139,7 @@ CLI_BAD_INPUTS = {
         ["optimizer=foo", "adamw, muon, sgd, tutorial_sgd"],
     ),
     "unknown amp option": (["amp=fp8"], ["amp=fp8", "bf16"]),
-    "unknown key": (["optimizer.lrr=0.1"], ["optimizer.lrr", "spelling", "+optimizer.lrr="]),
+    "unknown key": (["optimizer.lrr=0.1"], ["optimizer.lrr", "did you mean optimizer.lr?"]),
     "unparsable override": (["optimizer.lr=["], ["'optimizer.lr=['", "key=value"]),
     "wrong type float": (["optimizer.momentum=abc"], ["optimizer.momentum", "'abc'", "Float"]),
     "wrong type int": (["trainer.epochs=1.5"], ["trainer.epochs", "1.5", "Integer"]),

@@ -258,7 +258,9 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
     [(["model=resnet", "model.width=32"], "model.width is not a key of this model"),
      (["model=timm", "ablation=no_batchnorm"], "the ablation's and the stability map's "
       "variants are the SmallCNN's"),
-     (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere")],
+     (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere"),
+     (["trainer.patience=2"], "trainer.patience is not a key of this config (TrainerConfig): "
+      "did you mean trainer.early_stopping_patience?")],
 )  # fmt: skip
 def test_what_belongs_to_the_smallcnn_and_model_mistakes_are_one_line(
     overrides: list[str], expected: str, tmp_path: Path
@@ -277,8 +279,17 @@ def test_other_model_and_data_mistakes_are_one_line():
     from stable_cnn.errors import ConfigError
     from stable_cnn.models.external import timm_model
 
-    extra_keys = {"+model.depthh=3": "model.depthh is not a key of model=small_cnn",
-                  "+data.folder=/data": "data.folder is not a key of data=synthetic"}  # fmt: skip
+    extra_keys = {
+        "+model.depthh=3": "model.depthh is not a key of model=small_cnn: did you mean "
+        "model.depth?",
+        "+data.folder=/data": "data.folder is not a key of data=synthetic",
+        "+trainer.patience=2": "trainer.patience is not a key of trainer: did you mean "
+        "trainer.early_stopping_patience?",
+        "+optimizer.weight_decy=0": "did you mean optimizer.weight_decay?",
+        "+scheduler.warmup=1": "scheduler.warmup is not a key of scheduler=cosine",
+        "+clipping.max=1": "did you mean clipping.max_norm?",
+        "+ema.decay_rate=0.9": "did you mean ema.decay?",
+    }
     for override, expected in extra_keys.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
             compose_run([*TINY, override])

@@ -1,9 +1,11 @@
 """Keys a command line adds to a group (``+model.KEY=VALUE``, ``+data.KEY=VALUE``): the
-keyword arguments of the options that call something (timm, your model, your dataset)."""
+keyword arguments of the options that call something (timm, your model, your dataset).
+Every other group refuses a key of its own like a misspelt one, naming the nearest key."""
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+import difflib
+from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,21 +14,36 @@ from stable_cnn.config import TAKES_KWARGS
 from stable_cnn.errors import ConfigError
 
 
+def nearest_key(name: str, known: list[str]) -> str | None:
+    """The key ``name`` was probably meant as: one that contains it (patience ->
+    early_stopping_patience), else the closest spelling."""
+    containing = [key for key in known if name in key or key in name]
+    if containing:
+        return min(containing, key=len)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def with_kwargs(group: str, config: Any, composed: DictConfig) -> Any:
     """The group's config with the keys that ``+GROUP.KEY=VALUE`` added: keyword arguments
-    of a timm or custom model, or of a custom dataset's callable; for the other options,
-    a key they do not have is one line."""
-    known = {f.name for f in fields(config)}
-    extra = {key: composed[key] for key in composed if key not in known}
+    of a timm or custom model, or of a custom dataset's callable; for the other options
+    and groups, a key they do not have is one line."""
+    if not is_dataclass(config):
+        return config
+    known = [f.name for f in fields(config) if not f.name.startswith("_")]
+    extra = {key: composed[key] for key in composed if key not in known and key != "_target_"}
     if not extra:
         return config
     if not isinstance(config, TAKES_KWARGS):
         key = next(iter(extra))
-        takers = "model=timm and model=custom take" if group == "model" else "data=custom takes"
+        option = f"{group}={config.name}" if hasattr(config, "name") else group
+        near = nearest_key(key, known)
+        meant = f"did you mean {group}.{near}? " if near else "check the spelling "
+        takers = {"model": "; model=timm and model=custom take extra keyword arguments this way",
+                  "data": "; data=custom takes extra keyword arguments this way"}  # fmt: skip
         raise ConfigError(
-            f"{group}.{key} is not a key of {group}={config.name}: check the spelling "
-            f"(`stable-cnn-train --cfg job` lists the keys); {takers} extra keyword "
-            f"arguments this way"
+            f"{group}.{key} is not a key of {option}: {meant}(`stable-cnn-train --cfg job` "
+            f"lists the keys){takers.get(group, '')}"
         )
     kwargs = {**config.kwargs, **OmegaConf.to_container(OmegaConf.create(extra), resolve=True)}
     return replace(config, kwargs=kwargs)

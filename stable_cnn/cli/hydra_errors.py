@@ -13,9 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+import stable_cnn.config
+from stable_cnn.cli.extra_keys import nearest_key
 
 # Lines of Hydra's messages that are about Hydra, not about the mistake.
 NOISE = ("Set the environment variable", "Config search path", "provider=", "full_key:",
@@ -51,9 +55,13 @@ def describe(err: BaseException, program: str) -> str:
             return (f"{name} is not a key of this model{where}: width, depth, dropout, "
                     f"head_dropout, hidden and batchnorm belong to model=small_cnn; "
                     f"`{program} --cfg job` lists this model's keys")  # fmt: skip
-        return (f"{name} is not a key of this config{where}: check the spelling "
-                f"(`{program} --cfg job` lists every key), or add a key of your own with "
-                f"+{name}=...")  # fmt: skip
+        group, _, leaf = name.rpartition(".")
+        schema_class = getattr(stable_cnn.config, schema.group(1), None) if schema else None
+        known = [f.name for f in fields(schema_class)] if is_dataclass(schema_class) else []
+        near = nearest_key(leaf, known)
+        meant = f"did you mean {group}.{near}?" if near and group else "check the spelling"
+        return (f"{name} is not a key of this config{where}: {meant} (`{program} --cfg job` "
+                f"lists every key)")  # fmt: skip
     merging = re.search(r"Error merging override (\S+)", text)
     if merging and isinstance(cause, OmegaConfBaseException):
         reason = _meaningful_lines(str(cause))[0]

@@ -49,9 +49,10 @@ log = logging.getLogger("stable_cnn")
 def parse_run_config(cfg: DictConfig) -> RunConfig:
     """The composed config as typed objects; range checks run here, before any data."""
     try:
-        groups = {name: OmegaConf.to_object(cfg[name]) for name in RunConfig.__dataclass_fields__}
-        groups["model"] = with_kwargs("model", groups["model"], cfg.model)
-        groups["data"] = with_kwargs("data", groups["data"], cfg.data)
+        groups = {
+            name: with_kwargs(name, OmegaConf.to_object(cfg[name]), cfg[name])
+            for name in RunConfig.__dataclass_fields__
+        }
     except MissingMandatoryValue as err:  # a key left as ??? in the YAML
         raise ConfigError(
             f"{err.full_key} is required here and has no value: add {err.full_key}=... "
