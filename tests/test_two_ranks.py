@@ -5,16 +5,20 @@ in either fails the test, with the rank's traceback)."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stable_cnn.config import ClippingConfig, SGDConfig
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
@@ -52,8 +56,41 @@ def _join_and_run(rank: int, body: Callable[[int], None], port: int) -> None:
     os._exit(0)
 
 
+# The namespaces of torch's collective ops: every collective dispatches one of them, be it
+# torch.distributed's functions, the functional collectives, or DDP's reducer (C++).
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
+
+
+class _RecordCollectives(TorchDispatchMode):
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in COLLECTIVE_NAMESPACES:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def counting_collectives() -> Iterator[list[str]]:
+    """The ops of every collective the body's thread issues (the backward it runs
+    included), in order, from Python or C++, on any process group."""
+    seen: list[str] = []
+    with _RecordCollectives(seen):
+        yield seen
+
+
 class ScaledBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm subclass, as libraries define them (converted like torch's own)."""
+
+
+def batchnorm_act(channels: int, momentum: float | None) -> nn.Module:
+    """timm's BatchNorm with its activation applied in its own forward (EfficientNet's,
+    RegNet's): the conversion must keep the activation."""
+    from timm.layers import BatchNormAct2d
+
+    return BatchNormAct2d(channels, momentum=momentum, act_layer=nn.SiLU)
 
 
 def global_batchnorm_matches_one_process_with_the_whole_batch(rank: int) -> None:
@@ -63,15 +100,12 @@ def global_batchnorm_matches_one_process_with_the_whole_batch(rank: int) -> None
     # a loss of the outputs that BatchNorm does not normalise away (a sum of squares
     # would be nearly constant, its gradients rounding noise)
     probe = torch.randn(8, 3, 5, 5, generator=generator)
-    for momentum in (0.1, None):  # None: the cumulative average of every batch
+    momenta = (0.1, None)  # None: the cumulative average of every batch
+    for layer, momentum in itertools.product((ScaledBatchNorm2d, batchnorm_act), momenta):
         torch.manual_seed(1)
-        reference = nn.Sequential(
-            nn.Conv2d(3, 3, 1, bias=False), ScaledBatchNorm2d(3, momentum=momentum)
-        )
+        reference = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), layer(3, momentum=momentum))
         torch.manual_seed(1)
-        local = nn.Sequential(
-            nn.Conv2d(3, 3, 1, bias=False), ScaledBatchNorm2d(3, momentum=momentum)
-        )
+        local = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), layer(3, momentum=momentum))
         converted = GlobalBatchNorm.convert(local)
         assert isinstance(converted[1], GlobalBatchNorm), "subclasses are converted too"
         assert converted[1].weight is local[1].weight, "the parameters are shared, not copied"
@@ -95,7 +129,9 @@ def global_batchnorm_matches_one_process_with_the_whole_batch(rank: int) -> None
 def test_global_batchnorm_matches_one_process_with_the_whole_batch():
     """Outputs, gradients and running statistics (momentum and the cumulative
     average) of two processes with half the batch each equal one process's with the
-    whole batch, for BatchNorm subclasses and inputs of any rank."""
+    whole batch, for BatchNorm subclasses (timm's with its activation too) and inputs of
+    any rank."""
+    pytest.importorskip("timm")
     in_two_ranks(global_batchnorm_matches_one_process_with_the_whole_batch)
 
 
@@ -120,29 +156,35 @@ def a_bad_loss_on_one_rank_skips_the_step_on_both(rank: int) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
     network = nn.parallel.DistributedDataParallel(model)
+    # DDP alone, forward and backward: the collectives that are DDP's, not the step's
+    ddp_alone = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
     optimizer = build_optimizer(model, SGDConfig(lr=0.1))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
-    step = TrainStep(network, InfOnRankOne(rank), optimizer, scaler,
-                     ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
-    collectives = []
-    original = dist.all_reduce
-    dist.all_reduce = lambda *args, **kwargs: collectives.append(1) or original(*args, **kwargs)
+    clipping = ClippingConfig("norm", max_norm=1.0)
+    step = TrainStep(network, InfOnRankOne(rank), optimizer, scaler, clipping, runtime)
     generator = torch.Generator().manual_seed(rank)
-    weights, applied = [], []
+    batches = []
     for _ in range(3):
         images = torch.randn(5, 3, 2, 2, generator=generator)
-        outcome = step(images, torch.randint(0, 4, (5,), generator=generator),
-                       EpochProgress.start(runtime.device))  # fmt: skip
-        applied.append(bool(outcome.applied))
-        weights.append(model[1].weight.detach().clone())
-    dist.all_reduce = original
+        batches.append((images, torch.randint(0, 4, (5,), generator=generator)))
+    with counting_collectives() as ddp_own:
+        criterion = InfOnRankOne(rank)
+        for images, labels in batches:
+            criterion(ddp_alone(images), labels).backward()
+    assert ddp_own, "the count sees DDP's own all-reduce, issued from C++"
+    weights, applied = [], []
+    with counting_collectives() as collectives:
+        for images, labels in batches:
+            outcome = step(images, labels, EpochProgress.start(runtime.device))
+            applied.append(bool(outcome.applied))
+            weights.append(model[1].weight.detach().clone())
     assert applied == [True, False, True], f"rank {rank}: {applied}"
     assert torch.equal(weights[1], weights[0]), "the skipped step left the weights alone"
     both = [torch.empty_like(weights[2]) for _ in range(2)]
     dist.all_gather(both, weights[2])
     assert torch.equal(both[0], both[1]), "the two processes hold the same model"
-    assert collectives == [], "no collective of the step's own: DDP's average decides"
+    assert collectives == ddp_own, "no collective of the step's own: DDP's average decides"
 
 
 def test_a_bad_loss_on_one_rank_skips_the_step_on_both():
