@@ -6,10 +6,14 @@ the found value given by hand would, and a resumed run keeps the value it found.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
+from stable_cnn.config.lr_find import LRFindConfig
+from stable_cnn.errors import ConfigError
+from stable_cnn.training.lr_finder import LRCurve, has_diverged, learning_rates, suggest
 from tests.conftest import TINY, run_cli
 from tests.test_export import command
 from tests.test_resume import RESUMABLE, assert_same_run, stop_in_second_epoch
@@ -107,10 +111,6 @@ def test_lr_mistakes_are_one_line(cli: str, overrides: list[str], expected: str,
 def test_the_rule_on_made_up_curves():
     """The edge is where the smoothed loss leaves 5% above its minimum; the suggestion
     half of it; a curve that never turns upwards is one line, not a guess."""
-    from stable_cnn.config.lr_find import LRFindConfig
-    from stable_cnn.errors import ConfigError
-    from stable_cnn.training.lr_finder import LRCurve, learning_rates, suggest
-
     settings = LRFindConfig()
     rates = learning_rates(settings)  # a valley whose floor ends at 0.3 (smoothing blurs it)
     valley = [2.3 - min(lr, 0.3) * 3 + max(0.0, lr - 0.3) * 10 for lr in rates]
@@ -118,6 +118,40 @@ def test_the_rule_on_made_up_curves():
     assert (
         0.25 <= finding.max_stable_lr <= 0.32 and finding.suggested_lr == finding.max_stable_lr / 2
     )
+    assert finding.max_stable_lr == rates[207], "a finite curve's edge, as it always was"
     falling = [2.3 - 0.2 * index / len(rates) for index in range(len(rates))]
     with pytest.raises(ConfigError, match=r"still falling at lr_find\.max_lr=10:"):
         suggest(LRCurve(rates, falling, False, 1.0), settings)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_the_edge_stays_below_a_curve_that_turns_nan(bad: float):
+    """A loss that falls, then is NaN (or Inf) from step 201 of 300 on, as unclipped fp16
+    does: the smoothed loss past it is no loss at all, so the edge and the suggestion lie
+    below the last learning rate whose loss was finite."""
+    settings = LRFindConfig()
+    rates = learning_rates(settings)
+    losses = [2.3 - 3 * lr if step <= 200 else bad for step, lr in enumerate(rates)]
+    finding = suggest(LRCurve(rates, losses, True, 1.0), settings)
+    assert finding.max_stable_lr <= rates[200] and finding.suggested_lr <= rates[200], (
+        finding.max_stable_lr
+    )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_curve_never_finite_is_one_line(bad: float):
+    settings = LRFindConfig()
+    rates = learning_rates(settings)[:10]  # the sweep stops at its first read
+    with pytest.raises(ConfigError, match=r"NaN/Inf .*lower lr_find\.min_lr"):
+        suggest(LRCurve(rates, [bad] * len(rates), True, 1.0), settings)
+
+
+def test_a_stray_nan_step_is_stepped_around_not_the_end():
+    """One NaN loss past the minimum: the sweep goes on as before (a run of them stops it),
+    and the edge stays below it."""
+    settings = LRFindConfig()
+    rates = learning_rates(settings)
+    valley = [2.3 - min(lr, 0.3) * 3 + max(0.0, lr - 0.3) * 10 for lr in rates]
+    valley[204] = math.nan  # lr 0.26: inside the valley's 5% band, before its edge at 0.29
+    assert not has_diverged(LRCurve(rates[:210], valley[:210], False, 1.0), 4.0)
+    assert suggest(LRCurve(rates, valley, True, 1.0), settings).max_stable_lr < rates[204]

@@ -79,7 +79,8 @@ class LRCurve:
     stopped_by: str = ""  # a signal's name, when one stopped the sweep
 
     def smoothed(self) -> list[float]:
-        """The centred running mean of the finite losses (the window shrinks at the ends)."""
+        """The centred running mean of the losses (the window shrinks at the ends); Inf
+        where the window holds a NaN/Inf loss: that learning rate counts as diverged."""
         half = 0
         if len(self.lrs) > 1:
             steps_per_decade = 1 / math.log10(self.lrs[1] / self.lrs[0])
@@ -87,8 +88,8 @@ class LRCurve:
         smooth = []
         for index in range(len(self.losses)):
             window = self.losses[max(0, index - half) : index + half + 1]
-            finite = [value for value in window if math.isfinite(value)]
-            smooth.append(sum(finite) / len(finite) if finite else math.inf)
+            finite = all(math.isfinite(value) for value in window)
+            smooth.append(sum(window) / len(window) if finite else math.inf)
         return smooth
 
 
@@ -179,7 +180,9 @@ def has_diverged(curve: LRCurve, factor: float) -> bool:
     block = curve.losses[-READ_EVERY:]
     if sum(not math.isfinite(loss) for loss in block) * 2 > len(block):
         return True  # the step's guard skipped them, but the rates are past any use
-    smooth = curve.smoothed()
+    # the windows free of NaN/Inf: a stray one goes on (suggest keeps below it), a run of them
+    # ends the sweep by the rule above
+    smooth = [value for value in curve.smoothed() if math.isfinite(value)]
     if len(smooth) <= 2 * READ_EVERY:
         return False
     start, lowest, latest = smooth[0], min(smooth[:-READ_EVERY]), smooth[-1]
@@ -193,7 +196,7 @@ def suggest(curve: LRCurve, settings: LRFindConfig) -> LRFinding:
     smooth = curve.smoothed()
     if not any(math.isfinite(value) for value in smooth):
         raise ConfigError(
-            f"lr_find: every loss was NaN/Inf from lr {settings.min_lr:g} on: lower "
+            f"lr_find: the loss was NaN/Inf from lr {settings.min_lr:g} on: lower "
             f"lr_find.min_lr, or give optimizer.lr by hand"
         )
     lowest = min(range(len(smooth)), key=smooth.__getitem__)
