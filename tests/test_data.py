@@ -284,3 +284,36 @@ def test_training_batches_are_erased_and_evaluation_batches_are_not():
     assert (zero_fraction >= 0.05).float().mean() > 0.9, "nearly every image has a box of zeros"
     val_images, _ = next(iter(splits.val))
     assert (val_images == 0).float().mean() < 0.01
+
+
+def subset_labels(subset) -> list[int]:
+    return [subset.dataset.targets[i] for i in subset.indices]
+
+
+def test_limits_on_a_class_sorted_folder_keep_every_class_in_proportion(tmp_path):
+    """A folder lists its images class by class: data.limit_train=50 of 100 images in 10
+    classes (19, 9, 9, ... per class) takes each class in proportion, and limit_test
+    does the same for val/; the sample is the same in every run; data.sampling=first
+    keeps the first N, as runs before it did."""
+    counts = {f"class_{k}": 19 if k == 0 else 9 for k in range(10)}
+    write_image_folder(tmp_path, {"train": counts, "val": {name: 4 for name in counts}})
+    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
+            "data.limit_train=50", "data.limit_test=20"]  # fmt: skip
+    from stable_cnn.data.image_folder import folder_datasets
+
+    train, val, test, _ = folder_datasets(compose_run(args).data)
+    per_class = np.bincount(subset_labels(train), minlength=10)
+    assert per_class.tolist() == [10, 5, 5, 5, 5, 4, 4, 4, 4, 4]  # 9.5 and 4.5 each, rounded
+    assert np.bincount(subset_labels(val), minlength=10).tolist() == [2] * 10
+    assert subset_labels(folder_datasets(compose_run(args).data)[0]) == subset_labels(train)
+
+    first, *_ = folder_datasets(compose_run([*args, "data.sampling=first"]).data)
+    assert set(subset_labels(first)) == {0, 1, 2, 3, 4}  # the first 50: five classes of ten
+
+
+def test_the_hold_out_and_limits_of_fashion_mnist_are_stratified(fashion_mnist_root):
+    run = compose_run([f"data.root={fashion_mnist_root}", "data.val_size=1000",
+                       "data.limit_train=2000", "data.limit_test=500"])  # fmt: skip
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    for split, each in ((splits.train, 200), (splits.val, 50), (splits.test, 50)):
+        assert torch.bincount(split.labels, minlength=10).tolist() == [each] * 10

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import read_jsonl, run_cli
@@ -42,3 +43,6 @@ def test_a_run_of_an_earlier_version_resumes(old_run: Path, fashion_mnist_root: 
     assert epochs == [1, 2, 3]
     assert json.loads((run_dir / "results.json").read_text())["test_acc"] > 30
     assert [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir] == []
+    # it went on with the images it started on: the first N, as its version drew them
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["config"]["data"]["sampling"] == "first"

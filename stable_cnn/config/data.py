@@ -9,6 +9,8 @@ from omegaconf import MISSING
 
 from stable_cnn.config.checks import check, check_bounds
 
+SAMPLING = ("stratified", "first")  # data.sampling's options
+
 
 @dataclass
 class DataConfig:
@@ -19,8 +21,11 @@ class DataConfig:
     batch_size: int = 128  # training images per optimizer step
     eval_batch_size: int = 1024  # images per forward pass when evaluating
     val_size: int = 5000  # training images held out for validation; 0 = validate on test
-    limit_train: int | None = None  # use only the first N training images
-    limit_test: int | None = None  # use only the first N validation and test images
+    limit_train: int | None = None  # use only N training images (as data.sampling draws them)
+    limit_test: int | None = None  # use only N validation and N test images
+    # how data.limit_* and data.val_size pick images: stratified (a seeded sample, every
+    # class in proportion) | first (the first N: what runs before 2026-12-02 did)
+    sampling: str = "stratified"
     # DataLoader worker processes (image_folder only); null: one per CPU core this process
     # may use, less one for the trainer, between 2 and 16
     num_workers: int | None = None
@@ -48,6 +53,8 @@ class DataConfig:
         )
         if self.val_size is not None:  # data=custom's null: a tenth of the training images
             check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0 (0 = use test)")
+        check(self.sampling in SAMPLING, "data.sampling", self.sampling,
+              f"must be one of {', '.join(SAMPLING)}")  # fmt: skip
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")

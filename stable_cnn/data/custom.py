@@ -29,7 +29,7 @@ from stable_cnn.data.splits import (
     DatasetInfo,
     DataSplits,
     Shard,
-    first_n,
+    limited,
     split_indices,
 )
 from stable_cnn.data.tensors import tensor_splits_of
@@ -213,6 +213,15 @@ def dataset_targets(datasets: tuple[Any, Any]) -> torch.Tensor:
     return torch.cat([torch.as_tensor(t).flatten() for t in targets])
 
 
+def known_targets(dataset: Any) -> torch.Tensor | None:
+    """A dataset's labels where it lists them (``targets``, as torchvision's do), so that
+    limits and the hold-out keep every class in proportion without reading an image."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) != len(dataset):
+        return None
+    return torch.as_tensor(targets).flatten()
+
+
 def check_labels(labels: torch.Tensor, classes: int, split: str) -> None:
     low, high = (int(v) for v in labels.aminmax())
     if low < 0 or high >= classes:
@@ -310,16 +319,20 @@ def worker_splits(config: CustomDataConfig, train_set: Any, test_set: Any, seed:
         stats = channel_stats(decode(sample, config, "train")[0])
     config = settled(config, classes, len(train_set), stats)
     train_transform, eval_transform = tensor_transforms(config)
+    sampling = config.sampling
+    train_labels, test_labels = known_targets(train_set), known_targets(test_set)
     test = ImagesOf(test_set, config, eval_transform, "test")
-    test = Subset(test, first_n(torch.arange(len(test)), config.limit_test).tolist())
+    test_index = limited(torch.arange(len(test)), test_labels, config.limit_test, sampling)
+    test = Subset(test, test_index.tolist())
     if config.val_size > 0:
-        train_index, val_index = split_indices(len(train_set), config.val_size, "custom")
+        train_index, val_index = split_indices(train_labels, len(train_set), config.val_size,
+                                               "custom", sampling)  # fmt: skip
         val = ImagesOf(train_set, config, eval_transform, "train")
-        val = Subset(val, first_n(val_index, config.limit_test).tolist())
+        val = Subset(val, limited(val_index, train_labels, config.limit_test, sampling).tolist())
     else:
         train_index, val = torch.arange(len(train_set)), test
-    train = Subset(ImagesOf(train_set, config, train_transform, "train"),
-                   first_n(train_index, config.limit_train).tolist())  # fmt: skip
+    train_index = limited(train_index, train_labels, config.limit_train, sampling)
+    train = Subset(ImagesOf(train_set, config, train_transform, "train"), train_index.tolist())
     info = DatasetInfo("custom", config.in_channels, len(classes), config.image_size, classes)
     splits = loader_splits(config, (train, val, test), info, stream_seed(seed, "data"), device,
                            shard)  # fmt: skip

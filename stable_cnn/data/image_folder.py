@@ -16,7 +16,7 @@ from stable_cnn.data.splits import (
     DatasetInfo,
     DataSplits,
     Shard,
-    first_n,
+    limited,
     split_indices,
 )
 from stable_cnn.errors import DataError
@@ -102,17 +102,21 @@ def folder_datasets(config: DataConfig) -> tuple[Any, Any, Any, tuple[str, ...]]
                 f"{root / 'train'} has {list(classes)}: both need the same class folders"
             )
 
-    def first(dataset: Any, index: torch.Tensor, limit: int | None) -> Subset:
-        return Subset(dataset, first_n(index, limit).tolist())
+    def sample(dataset: Any, index: torch.Tensor | None, limit: int | None) -> Subset:
+        labels = torch.tensor(dataset.targets)  # the folders say them: no image is read
+        index = torch.arange(len(labels)) if index is None else index
+        return Subset(dataset, limited(index, labels, limit, config.sampling).tolist())
 
-    test_set = first(test_set, torch.arange(len(test_set)), config.limit_test)
+    train_index = None
+    test_set = sample(test_set, None, config.limit_test)
     if config.val_size > 0:
-        train_index, val_index = split_indices(len(train_set), config.val_size, "image_folder")
-        val_set = first(open_folder(root, "train", eval_transform), val_index, config.limit_test)
-        train_set = Subset(train_set, train_index.tolist())
+        train_labels = torch.tensor(train_set.targets)
+        train_index, val_index = split_indices(train_labels, len(train_labels), config.val_size,
+                                               "image_folder", config.sampling)  # fmt: skip
+        val_set = sample(open_folder(root, "train", eval_transform), val_index, config.limit_test)
     elif has_test:
-        val_set = first(val_set, torch.arange(len(val_set)), config.limit_test)
+        val_set = sample(val_set, None, config.limit_test)
     else:
         val_set = test_set  # no test/ folder: val/ serves as both
-    train_set = first(train_set, torch.arange(len(train_set)), config.limit_train)
+    train_set = sample(train_set, train_index, config.limit_train)
     return train_set, val_set, test_set, classes

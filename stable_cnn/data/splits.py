@@ -82,19 +82,59 @@ class Shard:
 ONE_PROCESS = Shard()
 
 
-def split_indices(num_images: int, val_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold ``val_size`` images out of the training set, the same ones for every run."""
+def split_indices(
+    labels: torch.Tensor | None, num_images: int, val_size: int, name: str, sampling: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: ``val_size`` images held out of the training set, the same
+    ones for every run; each class in proportion (``sampling=stratified``, where the
+    labels are known), else at random."""
     if val_size >= num_images:
         raise DataError(
             f"data.val_size={val_size} leaves no training images ({name} has {num_images} "
             f"training images): lower data.val_size, or set it to 0 to validate on the test set"
         )
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    return order[val_size:], order[:val_size]
+    if sampling == "first" or labels is None:  # before 2026-12-02: a seeded permutation
+        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(SPLIT_SEED))
+        return order[val_size:], order[:val_size]
+    val = stratified(torch.arange(num_images), labels, val_size)
+    kept = torch.ones(num_images, dtype=torch.bool)
+    kept[val] = False
+    return kept.nonzero().flatten(), val
 
 
-def first_n(index: torch.Tensor, limit: int | None) -> torch.Tensor:
-    return index if limit is None else index[:limit]
+def limited(
+    index: torch.Tensor, labels: torch.Tensor | None, limit: int | None, sampling: str
+) -> torch.Tensor:
+    """``limit`` of the images ``index`` (all when None): a seeded sample with each class
+    in proportion (``sampling=stratified``; ``labels`` are the whole dataset's, None where
+    they are unknown: a seeded random sample), or the first ``limit`` (``first``, the
+    rule of runs before 2026-12-02)."""
+    if limit is None or limit >= len(index):
+        return index
+    if sampling == "first":
+        return index[:limit]
+    if labels is None:
+        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        return index[order[:limit].sort().values]
+    return stratified(index, labels, limit)
+
+
+def stratified(index: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of the images ``index``, sorted: each class's share of them as close to
+    its share of ``index`` as whole images allow (largest remainders), drawn with a
+    fixed seed, so every run with the same data and count gets the same images."""
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    classes, per_class = labels[index].unique(return_counts=True)
+    exact = per_class.double() * count / len(index)
+    quota = exact.floor().long()
+    short = count - int(quota.sum())
+    # the classes with the largest fractional parts get one image more (ties: lower class)
+    quota[(exact - quota).argsort(descending=True, stable=True)[:short]] += 1
+    chosen = []
+    for label, take in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = index[labels[index] == label]
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
 
 
 def check_batch_size(config: DataConfig, num_train: int, processes: int = 1) -> None:

@@ -17,7 +17,7 @@ from stable_cnn.data.splits import (
     DataSplits,
     Shard,
     check_batch_size,
-    first_n,
+    limited,
     split_indices,
 )
 from stable_cnn.system.seeding import stream_seed
@@ -169,12 +169,15 @@ def tensor_splits_of(
     validation held out of train (the same images for every run), the training images
     on ``train_device`` (default ``device``)."""
     (train_images, train_labels), (test_images, test_labels) = train, test
-    train_index, val_index = split_indices(len(train_labels), config.val_size, config.name)
-    train_index = first_n(train_index, config.limit_train)
+    sampling = config.sampling
+    train_index, val_index = split_indices(
+        train_labels, len(train_labels), config.val_size, config.name, sampling
+    )
+    train_index = limited(train_index, train_labels, config.limit_train, sampling)
     check_batch_size(config, len(train_index), shard.count)
 
     def evaluation(index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
-        index = first_n(index, config.limit_test)
+        index = limited(index, labels, config.limit_test, sampling)
         return evaluation_batches(config, images[index], labels[index], device, shard)
 
     test_split = evaluation(torch.arange(len(test_labels)), test_images, test_labels)

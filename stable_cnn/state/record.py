@@ -30,6 +30,7 @@ def amp_option(precision: str) -> str:
 def data_config(values: dict[str, Any]) -> DataConfig:
     """A data config as a checkpoint saved it (keys a newer or older stable-cnn added or
     dropped are passed over: the data is what it was)."""
+    values = {"sampling": "first", **values}  # how runs before data.sampling drew limits
     schemas = {"synthetic": SyntheticDataConfig, "custom": CustomDataConfig}
     schema = schemas.get(values.get("name"), DataConfig)
     known = {f.name for f in fields(schema)}

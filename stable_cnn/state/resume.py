@@ -40,6 +40,9 @@ IGNORED_KEYS = {
     # optimizer.lr=auto's value, found when the run started; a resume takes it from the
     # checkpoint (training/lr_finder.py), so the config asks for auto both times.
     ("optimizer", "lr_found"),
+    # How limits and the hold-out pick images: a resume takes the checkpoint's (runs
+    # before the key existed took the first N), so it trains on the images it started on.
+    ("data", "sampling"),
 }
 
 
@@ -84,6 +87,11 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values, dict) and values.get("name") not in options:
             values.pop(key, None)
     return comparable_config
+
+
+def sampling_of(record: CheckpointRecord) -> str:
+    """How the checkpoint's run drew its limits and hold-out (data.sampling)."""
+    return (record.config.get("data") or {}).get("sampling", "first")
 
 
 def find_checkpoint(

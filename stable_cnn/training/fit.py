@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import TrainingDiverged
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from stable_cnn.state.resume import earlier_outcome
+from stable_cnn.state.record import CheckpointRecord
+from stable_cnn.state.resume import earlier_outcome, sampling_of
 from stable_cnn.state.run_files import FAILURE_FILE
 from stable_cnn.state.run_lock import RunLock
 from stable_cnn.system.distributed import (
@@ -139,6 +141,10 @@ def train(
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
+        if resume_state is not None:  # the images it started on: its own data.sampling
+            sampling = sampling_of(CheckpointRecord.read(resume_state, resume_from))
+            run = replace(run, data=replace(run.data, sampling=sampling))
+            composed_config["data"]["sampling"] = sampling
         if run.optimizer.lr == "auto":
             with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
                 found = with_found_lr(run, runtime, run_dir, resume_state, composed_config,
