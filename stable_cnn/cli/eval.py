@@ -2,7 +2,7 @@
 
     stable-cnn-eval checkpoint=outputs/<date>/<time>/checkpoints/best.pt
     stable-cnn-eval checkpoint=... data.root=/data       # any data.* key changes the run's own
-    stable-cnn-eval checkpoint=... data=mnist            # another dataset of the same shape
+    stable-cnn-eval checkpoint=... data=image_folder data.root=photos/  # your images, same classes
 
 Writes eval.json and confusion.png into ``out=``, by default eval/<checkpoint>-<data>/ in
 the checkpoint's run folder (training/evaluation.py does the work).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,41 @@ def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) 
         )
 
 
+class ClassesReordered(nn.Module):
+    """A model whose logits come in the order of another dataset's classes: column j is
+    the model's logit for that dataset's class j."""
+
+    def __init__(self, model: nn.Module, order: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("order", torch.tensor(order), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).index_select(1, self.order)
+
+
+def name_key(name: str) -> str:
+    """A class name as folders can spell it: T-shirt/top, T-shirt_top and tshirt-top agree."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def in_class_order(
+    model: nn.Module, trained: tuple[str, ...], given: tuple[str, ...], data: str, path: Path
+) -> nn.Module:
+    """``model`` with its logits in the order of the data's classes ``given``, matched by
+    name; one line when the names differ (labels matched by index would be wrong)."""
+    if not trained or tuple(trained) == tuple(given):  # unnamed: from before names were kept
+        return model
+    keys = [name_key(name) for name in trained]
+    if sorted(keys) != sorted(name_key(name) for name in given) or len(set(keys)) < len(keys):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on the classes {list(trained)}; data={data} has "
+            f"{list(given)}: evaluate it on data of the same classes"
+        )
+    log.info("data=%s names the checkpoint's classes in another order: matched by name", data)
+    return ClassesReordered(model, [keys.index(name_key(name)) for name in given])
+
+
 @dataclass
 class LoadedCheckpoint:
     model: nn.Module  # weights loaded, on the device
@@ -146,6 +182,11 @@ def load_for_evaluation(
     memory_format = choose_memory_format(device, channels_last)
     # the training images stay on the CPU: a test needs only its own split on the device
     splits = build_splits(data, device, record.seed, train_device=torch.device("cpu"))
+    try:
+        model = in_class_order(model, record.class_names, splits.info.class_names, data.name, path)
+    except CheckpointError:
+        splits.close()
+        raise
     model.to(device, memory_format=memory_format)
     return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
                             record.averaged)  # fmt: skip
