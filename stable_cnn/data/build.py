@@ -23,16 +23,18 @@ def build_splits(
     seed: int,
     shard: Shard = ONE_PROCESS,
     train_device: torch.device | None = None,
+    test_only: bool = False,
 ) -> DataSplits:
     """Load the dataset named by ``config.name`` and cut it into train, val and test batches.
     ``seed`` is the run's seed: the data's random streams derive their own from it.
     ``shard`` is this process's share of each pass when several processes train.
     ``train_device`` is where the training images are kept (default: ``device``): a
-    command that only evaluates keeps them off the GPU."""
+    command that only evaluates keeps them off the GPU; ``test_only``: it needs only the
+    test split (data=custom then decodes no other image)."""
     if config.name == "image_folder":
         return image_folder_splits(config, stream_seed(seed, "data"), device, shard)
     if isinstance(config, CustomDataConfig):
-        return custom_splits(config, seed, device, shard, train_device)
+        return custom_splits(config, seed, device, shard, train_device, test_only)
     return tensor_splits(config, device, seed, shard, train_device)
 
 

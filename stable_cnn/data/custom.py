@@ -3,19 +3,24 @@
 It is called with the ``+data.KEY=VALUE`` keys and returns ``(train, test)``: two
 map-style datasets (``len`` and ``[i]``) of ``(image, label)`` pairs. An image is a
 tensor ``(C, H, W)`` with values in [0, 1] (or uint8), a NumPy array, or a PIL image; a
-label is an integer; a dataset's ``classes``, where it has one, names the classes.
+label is an integer; a dataset's ``classes``, where it has one, names the classes, and
+its ``targets``, where it has them, list the labels (so that limits and the hold-out
+keep every class in proportion without reading an image).
 
-What the config leaves null is settled from the data: channels and size from the first
-training image, the classes from ``classes`` (else the labels), mean and std from the
-training images. The datasets go the in-memory way of the built-in ones (decoded once
-into uint8 tensors, augmented a batch at a time: tensors.py) when they fit, else image
-by image through DataLoader workers (loaders.py), as ``data=image_folder`` does.
+What the config leaves null is settled from the data: channels from a sample of the
+training images (colour if any is), the size from the first, the classes from
+``classes`` (else the labels), mean and std from the training images. The images the
+run uses (``data.limit_*`` applied first) go the in-memory way of the built-in ones
+(decoded once, in parallel, into uint8 tensors, augmented a batch at a time: tensors.py)
+when they fit in what the job may use, host and GPU; else image by image through
+DataLoader workers (loaders.py), as ``data=image_folder`` does.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,16 +37,22 @@ from stable_cnn.data.splits import (
     limited,
     split_indices,
 )
-from stable_cnn.data.tensors import tensor_splits_of
+from stable_cnn.data.tensors import evaluation_batches, parts_as_splits
 from stable_cnn.errors import ConfigError, DataError
-from stable_cnn.system.hardware import available_memory
+from stable_cnn.system.hardware import usable_cores
 from stable_cnn.system.imports import find_callable
+from stable_cnn.system.memory import available_memory, device_memory_available
 from stable_cnn.system.seeding import stream_seed
 
 log = logging.getLogger("stable_cnn")
 
 MEMORY_SHARE = 4  # in memory when the uint8 images take at most 1/4 of the memory available
+DEVICE_SHARE = 2  # and, on a GPU, at most half its free memory (training needs the rest)
 STATS_SAMPLE = 10_000  # the DataLoader way: mean and std from this many training images at most
+STATS_BYTES = 512 * 2**20  # and from at most this many bytes of them
+CHUNK_BYTES = 2 * 2**20  # uint8 images turned into floats at once for the statistics (~17x)
+DECODE_BYTES = 32 * 2**20  # images of a sample decoded at once (uint8) for the statistics
+SHAPE_SAMPLE = 16  # training images that settle the channels
 
 
 def custom_splits(
@@ -50,17 +61,67 @@ def custom_splits(
     device: torch.device,
     shard: Shard = ONE_PROCESS,
     train_device: torch.device | None = None,
+    test_only: bool = False,
 ) -> DataSplits:
     """The user's datasets cut into train, val and test, in memory where they fit.
-    ``seed`` is the run's; ``train_device`` as for the built-in datasets."""
+    ``seed`` is the run's; ``train_device`` as for the built-in datasets; ``test_only``
+    (evaluating a checkpoint whose record settled the rest): only the test images are
+    decoded, and the splits' train is None."""
     train_set, test_set = open_datasets(config)
     config = settle_shape(config, train_set)
+    chosen = choose_images(config, train_set, test_set)
     in_memory = config.in_memory
     if in_memory is None:
-        in_memory = fits_in_memory(config, len(train_set) + len(test_set))
+        in_memory = fits_in_memory(config, chosen.count(test_only), device)
     if in_memory:
-        return in_memory_splits(config, train_set, test_set, seed, device, shard, train_device)
-    return worker_splits(config, train_set, test_set, seed, device, shard)
+        return in_memory_splits(
+            config, (train_set, test_set), chosen, seed, device, shard, train_device, test_only
+        )
+    return worker_splits(config, train_set, test_set, chosen, seed, device, shard)
+
+
+def custom_fits_in_memory(config: CustomDataConfig, device: torch.device, copies: int = 1) -> bool:
+    """Whether the images a run of ``config`` uses fit in memory, ``copies`` of them (one
+    per process on this machine): see fits_in_memory."""
+    train_set, test_set = open_datasets(config)
+    config = settle_shape(config, train_set)
+    return fits_in_memory(
+        config, choose_images(config, train_set, test_set).count(), device, copies
+    )
+
+
+@dataclass(frozen=True)
+class ChosenImages:
+    """Which images of the user's datasets a run uses (indices, limits applied)."""
+
+    train: torch.Tensor
+    val: torch.Tensor  # of the training dataset; empty: validate on the test split
+    test: torch.Tensor
+    train_labels: torch.Tensor | None  # the datasets' ``targets``, where they list them
+    test_labels: torch.Tensor | None
+
+    def count(self, test_only: bool = False) -> int:
+        return len(self.test) if test_only else len(self.train) + len(self.val) + len(self.test)
+
+
+def choose_images(config: CustomDataConfig, train_set: Any, test_set: Any) -> ChosenImages:
+    """The hold-out and the limits, drawn as data.sampling says before any image is read
+    (stratified by the datasets' ``targets``; without them, a seeded random sample)."""
+    sampling = config.sampling
+    train_labels, test_labels = known_targets(train_set), known_targets(test_set)
+    if config.val_size > 0:
+        train_index, val_index = split_indices(
+            train_labels, len(train_set), config.val_size, "custom", sampling
+        )
+    else:
+        train_index, val_index = torch.arange(len(train_set)), torch.arange(0)
+    return ChosenImages(
+        limited(train_index, train_labels, config.limit_train, sampling),
+        limited(val_index, train_labels, config.limit_test, sampling),
+        limited(torch.arange(len(test_set)), test_labels, config.limit_test, sampling),
+        train_labels,
+        test_labels,
+    )
 
 
 def open_datasets(config: CustomDataConfig) -> tuple[Any, Any]:
@@ -70,41 +131,72 @@ def open_datasets(config: CustomDataConfig) -> tuple[Any, Any]:
     try:
         returned = load(**config.kwargs)
     except TypeError as err:
-        raise ConfigError(f"{where}: {err}: it is called with the +data.KEY values as "
-                          f"keyword arguments") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}: {err}: it is called with the +data.KEY values as keyword arguments"
+        ) from None
     if not (isinstance(returned, (tuple, list)) and len(returned) == 2):
-        raise DataError(f"{where} returned a {type(returned).__name__}: it must return "
-                        f"(train, test), two datasets of (image, label) pairs")  # fmt: skip
+        raise DataError(
+            f"{where} returned a {type(returned).__name__}: it must return "
+            f"(train, test), two datasets of (image, label) pairs"
+        )
     for split, dataset in zip(("train", "test"), returned, strict=True):
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            raise DataError(f"{where}: its {split} dataset ({type(dataset).__name__}) has no "
-                            f"len() and [i]: return map-style datasets")  # fmt: skip
+            raise DataError(
+                f"{where}: its {split} dataset ({type(dataset).__name__}) has no "
+                f"len() and [i]: return map-style datasets"
+            )
         if len(dataset) == 0:
             raise DataError(f"{where}: its {split} dataset is empty")
     return returned[0], returned[1]
 
 
 def settle_shape(config: CustomDataConfig, train_set: Any) -> CustomDataConfig:
-    """The config with channels and size taken from the first training image where null."""
+    """The config with what was left null settled: channels from a sample of training
+    images (colour if any of them is: grey converts to it without loss), the size from
+    the first, the validation hold-out a tenth of the training images."""
+    val_size = config.val_size if config.val_size is not None else max(1, len(train_set) // 10)
+    config = replace(config, val_size=val_size)
     if config.in_channels is not None and config.image_size is not None:
         return config
-    image, _ = train_set[0]
-    channels, height, width = image_tensor(image, None, None, "the first training image").shape
+    spread = torch.linspace(0, len(train_set) - 1, min(SHAPE_SAMPLE, len(train_set))).long()
+    shapes = [
+        image_tensor(train_set[i][0], None, None, f"training image {i}").shape
+        for i in spread.unique().tolist()
+    ]
+    _, height, width = shapes[0]
     if config.image_size is None and height != width:
-        raise DataError(f"data=custom: the first training image is {height}x{width}, not square: "
-                        f"set data.image_size=N to resize every image to NxN")  # fmt: skip
-    settled = replace(config, in_channels=config.in_channels or channels,
-                      image_size=config.image_size or height)  # fmt: skip
+        raise DataError(
+            f"data=custom: the first training image is {height}x{width}, not square: "
+            f"set data.image_size=N to resize every image to NxN"
+        )
+    colours = {shape[0] for shape in shapes}
+    in_channels = config.in_channels or max(colours)
+    if len(colours) > 1 and config.in_channels is None:
+        grey = sum(shape[0] == 1 for shape in shapes)
+        log.info(
+            "data=custom: %d of %d sampled training images are greyscale, the others "
+            "colour: every image is converted to %d channels (data.in_channels=1 for "
+            "grey)",
+            grey,
+            len(shapes),
+            in_channels,
+        )
+    settled = replace(config, in_channels=in_channels, image_size=config.image_size or height)
     settled.check_shape()
     return settled
 
 
-def fits_in_memory(config: CustomDataConfig, images: int) -> bool:
+def fits_in_memory(
+    config: CustomDataConfig, images: int, device: torch.device, copies: int = 1
+) -> bool:
+    """Whether ``images`` decoded images (``copies`` of them: one per process on this
+    machine) fit in a quarter of the memory this job may still take (its cgroup's limit
+    counted) and, where they would live on a GPU, in half its free memory."""
     needed = images * config.in_channels * config.image_size**2
-    available = available_memory()
-    if available is None:
-        return needed <= 2**31
-    return needed * MEMORY_SHARE <= available
+    host = available_memory()
+    fits_host = needed * copies <= 2**31 if host is None else needed * copies * MEMORY_SHARE <= host
+    on_device = device_memory_available(device)
+    return fits_host and (on_device is None or needed * DEVICE_SHARE <= on_device)
 
 
 def image_tensor(image: Any, channels: int | None, size: int | None, where: str) -> torch.Tensor:
@@ -123,11 +215,12 @@ def image_tensor(image: Any, channels: int | None, size: int | None, where: str)
     else:
         tensor = as_uint8(image, where)
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise DataError(f"data=custom: {where} has shape {tuple(tensor.shape)}: images must be "
-                        f"(C, H, W) with 1 or 3 channels (or PIL images)")  # fmt: skip
+        raise DataError(
+            f"data=custom: {where} has shape {tuple(tensor.shape)}: images must be "
+            f"(C, H, W) with 1 or 3 channels (or PIL images)"
+        )
     if channels is not None and tensor.shape[0] != channels:
-        tensor = (tensor.expand(3, -1, -1) if channels == 3
-                  else functional.rgb_to_grayscale(tensor))  # fmt: skip
+        tensor = tensor.expand(3, -1, -1) if channels == 3 else functional.rgb_to_grayscale(tensor)
     if size is not None and tuple(tensor.shape[1:]) != (size, size):
         tensor = functional.resize(tensor, [size, size], antialias=True)
     return tensor.contiguous()
@@ -140,14 +233,18 @@ def as_uint8(image: Any, where: str) -> torch.Tensor:
             image = image.transpose(2, 0, 1)  # (H, W, C), as image libraries give them
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
-        raise DataError(f"data=custom: {where} is a {type(image).__name__}: images must be "
-                        f"tensors (C, H, W), NumPy arrays or PIL images")  # fmt: skip
+        raise DataError(
+            f"data=custom: {where} is a {type(image).__name__}: images must be "
+            f"tensors (C, H, W), NumPy arrays or PIL images"
+        )
     tensor = image.unsqueeze(0) if image.ndim == 2 else image
     if tensor.dtype == torch.uint8:
         return tensor
     if not tensor.is_floating_point():
-        raise DataError(f"data=custom: {where} is a {tensor.dtype} tensor: images must be "
-                        f"floats in [0, 1] or uint8")  # fmt: skip
+        raise DataError(
+            f"data=custom: {where} is a {tensor.dtype} tensor: images must be "
+            f"floats in [0, 1] or uint8"
+        )
     low, high = tensor.aminmax()
     if low < -0.01 or high > 1.01:  # a host read per image: decoding is on the CPU anyway
         raise DataError(
@@ -166,34 +263,48 @@ def as_label(label: Any, where: str) -> int:
     ):
         label = label.reshape(-1)[0].item()
     if isinstance(label, bool) or not isinstance(label, int | np.integer):
-        raise DataError(f"data=custom: {where} has label {label!r}: labels must be integers "
-                        f"0..num_classes-1")  # fmt: skip
+        raise DataError(
+            f"data=custom: {where} has label {label!r}: labels must be integers 0..num_classes-1"
+        )
     return int(label)
 
 
-def decode(dataset: Any, config: CustomDataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of ``dataset`` as one uint8 tensor (N, C, H, W), and the labels."""
+def decode(
+    dataset: Any, index: torch.Tensor, config: CustomDataConfig, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``index`` of ``dataset`` as one uint8 tensor (N, C, H, W), and their
+    labels; decoded by one thread per core this process may use (PIL and torch release
+    the GIL while they decode and resize)."""
     channels, size = config.in_channels, config.image_size
-    images = torch.empty((len(dataset), channels, size, size), dtype=torch.uint8)
-    labels = torch.empty(len(dataset), dtype=torch.int64)
-    for i in range(len(dataset)):
-        image, label = dataset[i]
-        where = f"{split} image {i}"
-        images[i] = image_tensor(image, channels, size, where)
-        labels[i] = as_label(label, where)
+    images = torch.empty((len(index), channels, size, size), dtype=torch.uint8)
+    labels = torch.empty(len(index), dtype=torch.int64)
+    positions = index.tolist()
+
+    def decode_one(position: int) -> None:
+        image, label = dataset[positions[position]]
+        where = f"{split} image {positions[position]}"
+        images[position] = image_tensor(image, channels, size, where)
+        labels[position] = as_label(label, where)
+
+    with ThreadPoolExecutor(max(1, min(usable_cores(), len(positions)))) as pool:
+        for _ in pool.map(decode_one, range(len(positions))):  # the first error, in order
+            pass
     return images, labels
 
 
-def class_names(config: CustomDataConfig, datasets: tuple[Any, Any], labels: torch.Tensor | None
-                ) -> tuple[str, ...]:  # fmt: skip
+def class_names(
+    config: CustomDataConfig, datasets: tuple[Any, Any], labels: torch.Tensor | None
+) -> tuple[str, ...]:
     """The classes: the train dataset's ``classes``, else numbered up to data.num_classes,
     else up to the largest of ``labels`` (those of both splits)."""
     named = getattr(datasets[0], "classes", None)
     if named is not None:
         names = tuple(str(name) for name in named)
         if config.num_classes is not None and config.num_classes != len(names):
-            raise DataError(f"data.num_classes={config.num_classes} but the train dataset has "
-                            f"{len(names)} classes: set data.num_classes=null")  # fmt: skip
+            raise DataError(
+                f"data.num_classes={config.num_classes} but the train dataset has "
+                f"{len(names)} classes: set data.num_classes=null"
+            )
         return names
     count = config.num_classes
     if count is None:
@@ -222,35 +333,58 @@ def known_targets(dataset: Any) -> torch.Tensor | None:
     return torch.as_tensor(targets).flatten()
 
 
-def check_labels(labels: torch.Tensor, classes: int, split: str) -> None:
-    low, high = (int(v) for v in labels.aminmax())
-    if low < 0 or high >= classes:
-        raise DataError(f"data=custom: {split} labels run from {low} to {high}, outside "
-                        f"0..{classes - 1} for {classes} classes: fix the labels or "
-                        f"data.num_classes")  # fmt: skip
+def check_labels(labels: torch.Tensor, classes: int, split: str, index: torch.Tensor) -> None:
+    """One line naming the first image (``index``: the images' indices in the dataset)
+    whose label is outside 0..classes-1."""
+    outside = ((labels < 0) | (labels >= classes)).nonzero()
+    if len(outside):
+        first = int(outside[0])
+        raise DataError(
+            f"data=custom: {split} image {int(index[first])} has label "
+            f"{int(labels[first])}, outside 0..{classes - 1} for {classes} "
+            f"classes: fix the labels or data.num_classes"
+        )
+
+
+class ChannelStats:
+    """Per-channel mean and std of uint8 images, in [0, 1] units, added a batch at a time
+    and each batch a few megabytes at a time: no float copy of many images is made."""
+
+    def __init__(self, channels: int) -> None:
+        self.total = torch.zeros(channels, dtype=torch.float64)
+        self.squares = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0  # pixels per channel
+
+    def add(self, images: torch.Tensor) -> None:
+        per_image = max(1, images[0].numel())
+        for chunk in images.split(max(1, CHUNK_BYTES // per_image)):
+            values = chunk.transpose(0, 1).reshape(chunk.shape[1], -1).double()
+            self.total += values.sum(1)
+            self.squares += values.square_().sum(1)
+            self.count += values.shape[1]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.total / self.count / 255
+        std = (self.squares / self.count / 255**2 - mean.square()).clamp_min(1e-12).sqrt()
+        return [round(m, 4) for m in mean.tolist()], [round(max(s, 1e-3), 4) for s in std.tolist()]
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units (a few images at a time,
-    so that no float copy of the whole set is made)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for chunk in images.split(4096):
-        values = chunk.transpose(0, 1).reshape(chunk.shape[1], -1).double() / 255
-        total += values.sum(1)
-        squares += values.square().sum(1)
-    count = images.numel() / images.shape[1]
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-    return [round(m, 4) for m in mean.tolist()], [round(max(s, 1e-3), 4) for s in std.tolist()]
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    stats = ChannelStats(images.shape[1])
+    stats.add(images)
+    return stats.result()
 
 
-def settled(config: CustomDataConfig, classes: tuple[str, ...], train_count: int,
-            stats: tuple[list[float], list[float]] | None) -> CustomDataConfig:  # fmt: skip
-    """The config with every null settled: classes, validation size, mean and std."""
-    val_size = config.val_size if config.val_size is not None else max(1, train_count // 10)
+def settled(
+    config: CustomDataConfig,
+    classes: tuple[str, ...],
+    stats: tuple[list[float], list[float]] | None,
+) -> CustomDataConfig:
+    """The config with every null settled: classes, mean and std (the shape and the
+    hold-out are, by settle_shape)."""
     mean, std = (config.mean, config.std) if stats is None else stats
-    done = replace(config, num_classes=len(classes), val_size=val_size, mean=mean, std=std)
+    done = replace(config, num_classes=len(classes), mean=mean, std=std)
     done.check_shape()
     return done
 
@@ -261,32 +395,69 @@ def resolved_values(config: CustomDataConfig) -> dict[str, Any]:
     return {key: getattr(config, key) for key in keys}
 
 
-def in_memory_splits(config: CustomDataConfig, train_set: Any, test_set: Any, seed: int,
-                     device: torch.device, shard: Shard, train_device: torch.device | None,
-                     ) -> DataSplits:  # fmt: skip
-    log.info("data custom: decoding %d + %d images into memory", len(train_set), len(test_set))
-    train_images, train_labels = decode(train_set, config, "train")
-    test_images, test_labels = decode(test_set, config, "test")
-    classes = class_names(config, (train_set, test_set), torch.cat([train_labels, test_labels]))
-    check_labels(train_labels, len(classes), "train")
-    check_labels(test_labels, len(classes), "test")
-    stats = (
-        None if config.mean is not None and config.std is not None else channel_stats(train_images)
-    )
-    config = settled(config, classes, len(train_labels), stats)
-    splits = tensor_splits_of(config, (train_images, train_labels), (test_images, test_labels),
-                              classes, device, seed, shard, train_device)  # fmt: skip
+def in_memory_splits(
+    config: CustomDataConfig,
+    datasets: tuple[Any, Any],
+    chosen: ChosenImages,
+    seed: int,
+    device: torch.device,
+    shard: Shard,
+    train_device: torch.device | None,
+    test_only: bool = False,
+) -> DataSplits:
+    """The chosen images decoded into memory, checked, and cut into splits."""
+    train_set, test_set = datasets
+    training = 0 if test_only else len(chosen.train) + len(chosen.val)
+    log.info("data custom: decoding %d + %d images into memory", training, len(chosen.test))
+    test = decode(test_set, chosen.test, config, "test")
+    train = val = None
+    if not test_only:
+        train = decode(train_set, chosen.train, config, "train")
+        val = decode(train_set, chosen.val, config, "train") if len(chosen.val) else None
+    decoded = [part for part in (train, val, test) if part is not None]
+    classes = class_names(config, datasets, torch.cat([labels for _, labels in decoded]))
+    for part, index, split in (
+        (train, chosen.train, "train"),
+        (val, chosen.val, "train"),
+        (test, chosen.test, "test"),
+    ):
+        if part is not None:
+            check_labels(part[1], len(classes), split, index)
+    stats = None
+    if config.mean is None or config.std is None:
+        stats = (
+            channel_stats(train[0])
+            if train is not None
+            else sample_stats(train_set, chosen.train, config)
+        )
+    config = settled(config, classes, stats)
+    if test_only:  # a checkpoint tested: its own split alone
+        test_split = evaluation_batches(config, *test, device, shard)
+        info = DatasetInfo("custom", config.in_channels, len(classes), config.image_size, classes)
+        return DataSplits(
+            None,
+            test_split,
+            test_split,
+            info,
+            0,
+            len(test_split.labels),
+            len(test_split.labels),
+            val_is_test=True,
+        )
+    splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
     splits.resolved = resolved_values(config)
     return splits
 
 
 class ImagesOf(Dataset):
     """A user's dataset image by image as the DataLoader way wants it: uint8 (C, H, W) at
-    the run's channels and size, then ``transform`` (augmentation and normalisation)."""
+    the run's channels and size, then ``transform`` (augmentation and normalisation);
+    a label outside 0..classes-1 is one line naming the image."""
 
     def __init__(self, dataset: Any, config: CustomDataConfig, transform: Any, split: str) -> None:
         self.dataset, self.transform, self.split = dataset, transform, split
         self.channels, self.size = config.in_channels, config.image_size
+        self.classes = config.num_classes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -295,7 +466,28 @@ class ImagesOf(Dataset):
         image, label = self.dataset[index]
         where = f"{self.split} image {index}"
         image = image_tensor(image, self.channels, self.size, where)
-        return self.transform(image), as_label(label, where)
+        label = as_label(label, where)
+        if not 0 <= label < self.classes:  # on a GPU, cross-entropy would assert on the device
+            raise DataError(
+                f"data=custom: {where} has label {label}, outside "
+                f"0..{self.classes - 1} for {self.classes} classes: fix the "
+                f"labels or data.num_classes"
+            )
+        return self.transform(image), label
+
+
+def sample_stats(
+    train_set: Any, index: torch.Tensor, config: CustomDataConfig
+) -> tuple[list[float], list[float]]:
+    """Mean and std from at most STATS_SAMPLE of the training images ``index`` (and at
+    most STATS_BYTES of them), spread evenly, decoded a chunk at a time."""
+    per_image = config.in_channels * config.image_size**2
+    count = max(1, min(len(index), STATS_SAMPLE, STATS_BYTES // per_image))
+    sample = index[torch.linspace(0, len(index) - 1, count).long()]
+    stats = ChannelStats(config.in_channels)
+    for chunk in sample.split(max(1, DECODE_BYTES // per_image)):
+        stats.add(decode(train_set, chunk, config, "train")[0])
+    return stats.result()
 
 
 def tensor_transforms(config: CustomDataConfig) -> tuple[Any, Any]:
@@ -303,38 +495,46 @@ def tensor_transforms(config: CustomDataConfig) -> tuple[Any, Any]:
     crop and flip, then to floats in [0, 1], normalised, then (training only) erasing."""
     from torchvision import transforms
 
-    to_float = [transforms.ConvertImageDtype(torch.float32),
-                transforms.Normalize(config.mean, config.std)]  # fmt: skip
+    to_float = [
+        transforms.ConvertImageDtype(torch.float32),
+        transforms.Normalize(config.mean, config.std),
+    ]
     before, after = augmentations(config)
     return transforms.Compose(before + to_float + after), transforms.Compose(to_float)
 
 
-def worker_splits(config: CustomDataConfig, train_set: Any, test_set: Any, seed: int,
-                  device: torch.device, shard: Shard) -> DataSplits:  # fmt: skip
+def worker_splits(
+    config: CustomDataConfig,
+    train_set: Any,
+    test_set: Any,
+    chosen: ChosenImages,
+    seed: int,
+    device: torch.device,
+    shard: Shard,
+) -> DataSplits:
+    """The chosen images through DataLoader workers, decoded as they are needed; labels
+    the datasets list are checked now, the others as each image is read."""
     classes = class_names(config, (train_set, test_set), None)
+    for labels, index, split in (
+        (chosen.train_labels, chosen.train, "train"),
+        (chosen.train_labels, chosen.val, "train"),
+        (chosen.test_labels, chosen.test, "test"),
+    ):
+        if labels is not None:
+            check_labels(labels[index], len(classes), split, index)
     stats = None
     if config.mean is None or config.std is None:
-        count = min(len(train_set), STATS_SAMPLE)
-        sample = Subset(train_set, torch.linspace(0, len(train_set) - 1, count).long().tolist())
-        stats = channel_stats(decode(sample, config, "train")[0])
-    config = settled(config, classes, len(train_set), stats)
+        stats = sample_stats(train_set, chosen.train, config)
+    config = settled(config, classes, stats)
     train_transform, eval_transform = tensor_transforms(config)
-    sampling = config.sampling
-    train_labels, test_labels = known_targets(train_set), known_targets(test_set)
-    test = ImagesOf(test_set, config, eval_transform, "test")
-    test_index = limited(torch.arange(len(test)), test_labels, config.limit_test, sampling)
-    test = Subset(test, test_index.tolist())
-    if config.val_size > 0:
-        train_index, val_index = split_indices(train_labels, len(train_set), config.val_size,
-                                               "custom", sampling)  # fmt: skip
-        val = ImagesOf(train_set, config, eval_transform, "train")
-        val = Subset(val, limited(val_index, train_labels, config.limit_test, sampling).tolist())
-    else:
-        train_index, val = torch.arange(len(train_set)), test
-    train_index = limited(train_index, train_labels, config.limit_train, sampling)
-    train = Subset(ImagesOf(train_set, config, train_transform, "train"), train_index.tolist())
+    test = Subset(ImagesOf(test_set, config, eval_transform, "test"), chosen.test.tolist())
+    val = test
+    if len(chosen.val):
+        val = Subset(ImagesOf(train_set, config, eval_transform, "train"), chosen.val.tolist())
+    train = Subset(ImagesOf(train_set, config, train_transform, "train"), chosen.train.tolist())
     info = DatasetInfo("custom", config.in_channels, len(classes), config.image_size, classes)
-    splits = loader_splits(config, (train, val, test), info, stream_seed(seed, "data"), device,
-                           shard)  # fmt: skip
+    splits = loader_splits(
+        config, (train, val, test), info, stream_seed(seed, "data"), device, shard
+    )
     splits.resolved = resolved_values(config)
     return splits

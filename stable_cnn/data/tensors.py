@@ -166,29 +166,48 @@ def tensor_splits_of(
     train_device: torch.device | None = None,
 ) -> DataSplits:
     """The splits of ``train`` and ``test`` (uint8 images (N, C, H, W), int64 labels):
-    validation held out of train (the same images for every run), the training images
-    on ``train_device`` (default ``device``)."""
+    validation held out of train (the same images for every run), the limits applied
+    (see parts_as_splits)."""
     (train_images, train_labels), (test_images, test_labels) = train, test
     sampling = config.sampling
     train_index, val_index = split_indices(
         train_labels, len(train_labels), config.val_size, config.name, sampling
     )
     train_index = limited(train_index, train_labels, config.limit_train, sampling)
-    check_batch_size(config, len(train_index), shard.count)
+    val_index = limited(val_index, train_labels, config.limit_test, sampling)
+    test_index = limited(torch.arange(len(test_labels)), test_labels, config.limit_test, sampling)
+    val = (train_images[val_index], train_labels[val_index]) if len(val_index) else None
+    return parts_as_splits(
+        config, (train_images[train_index], train_labels[train_index]), val,
+        (test_images[test_index], test_labels[test_index]), class_names, device, run_seed,
+        shard, train_device,
+    )  # fmt: skip
 
-    def evaluation(index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
-        index = limited(index, labels, config.limit_test, sampling)
-        return evaluation_batches(config, images[index], labels[index], device, shard)
 
-    test_split = evaluation(torch.arange(len(test_labels)), test_images, test_labels)
-    val = test_split if len(val_index) == 0 else evaluation(val_index, train_images, train_labels)
-    train_split = training_batches(config, train_images[train_index], train_labels[train_index],
-                                   train_device or device, run_seed, shard)  # fmt: skip
+def parts_as_splits(
+    config: DataConfig,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    test: tuple[torch.Tensor, torch.Tensor],
+    class_names: tuple[str, ...],
+    device: torch.device,
+    run_seed: int,
+    shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
+) -> DataSplits:
+    """Splits of images already chosen (uint8 (N, C, H, W), int64 labels): training
+    batches on ``train_device`` (default ``device``), validation (None: the test split)
+    and test batches on ``device``."""
+    check_batch_size(config, len(train[1]), shard.count)
+    test_split = evaluation_batches(config, *test, device, shard)
+    val_split = test_split if val is None else evaluation_batches(config, *val, device, shard)
+    train_split = training_batches(config, *train, train_device or device, run_seed, shard)
     info = DatasetInfo(
         config.name, config.in_channels, len(class_names), config.image_size, class_names
     )
-    return DataSplits(train_split, val, test_split, info, len(train_index), len(val.labels),
-                      len(test_split.labels), val_is_test=len(val_index) == 0)  # fmt: skip
+    return DataSplits(train_split, val_split, test_split, info, len(train[1]),
+                      len(val_split.labels), len(test_split.labels),
+                      val_is_test=val is None)  # fmt: skip
 
 
 def training_batches(

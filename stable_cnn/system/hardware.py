@@ -113,19 +113,6 @@ def loader_workers(cores: int) -> int:
     return max(2, min(16, cores - 1))
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable: free memory
-    plus what the page cache would give back), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def describe_cpu() -> str:
     """The CPU features that decide the fast path, e.g. 'avx2 avx512f avx512_bf16'."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")

@@ -14,8 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from stable_cnn.config import CustomModelConfig, OneCycleConfig, ResNetConfig, RunConfig, TimmConfig
+from stable_cnn.config import (
+    CustomDataConfig,
+    CustomModelConfig,
+    OneCycleConfig,
+    ResNetConfig,
+    RunConfig,
+    TimmConfig,
+)
 from stable_cnn.data.build import batch_mixing, build_splits
+from stable_cnn.data.custom import custom_fits_in_memory
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import UserError
 from stable_cnn.models.build import build_model, describe_model
@@ -202,6 +210,10 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
     if data_config.num_workers is None:
         workers = loader_workers(threads_per_process(world, usable_cores()))
         data_config = replace(data_config, num_workers=workers)
+    if isinstance(data_config, CustomDataConfig) and data_config.in_memory is None:
+        data_config = replace(
+            data_config, in_memory=in_memory_everywhere(data_config, world, runtime.device)
+        )
     with world.local_main_first():  # a dataset is extracted once per machine
         shard = Shard(world.rank, world.size)
         data = build_splits(data_config, runtime.device, run.trainer.seed, shard)
@@ -219,6 +231,16 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
     if data.val_is_test:
         log.warning("%s", data.val_is_test_reason)
     return data
+
+
+def in_memory_everywhere(config: CustomDataConfig, world: World, device: torch.device) -> bool:
+    """data=custom's way, agreed before any process decodes: in memory only where every
+    machine holds a copy per process and every GPU its own (processes that went different
+    ways would wait on each other for ever)."""
+    if not world.distributed:
+        return custom_fits_in_memory(config, device)
+    fits = custom_fits_in_memory(config, device, world.local_size)
+    return bool(world.all_true(torch.tensor(fits, device=device)).item())  # once per run
 
 
 def build_state(

@@ -162,10 +162,12 @@ def load_for_evaluation(
     device_name: str,
     adjust_data: Callable[[DataConfig], DataConfig] | None = None,
     trust_code: bool = False,
+    test_only: bool = True,
 ) -> LoadedCheckpoint:
     """The checkpoint's model, ready to evaluate on ``data`` (else the run's own data, as
     ``adjust_data`` changes it: another ``root``, say). Code the checkpoint names (a model
-    or dataset callable of the user's) runs only with ``trust_code``."""
+    or dataset callable of the user's) runs only with ``trust_code``. ``test_only``: the
+    splits' train may be None (data=custom decodes only the test images)."""
     state = load_checkpoint(path)
     record = CheckpointRecord.read(state, path)
     if not trust_code:  # everything it names in one line, before anything is built
@@ -181,7 +183,9 @@ def load_for_evaluation(
     precision = choose_precision(amp, device)
     memory_format = choose_memory_format(device, channels_last)
     # the training images stay on the CPU: a test needs only its own split on the device
-    splits = build_splits(data, device, record.seed, train_device=torch.device("cpu"))
+    splits = build_splits(
+        data, device, record.seed, train_device=torch.device("cpu"), test_only=test_only
+    )
     try:
         model = in_class_order(model, record.class_names, splits.info.class_names, data.name, path)
     except CheckpointError:
@@ -242,7 +246,7 @@ def evaluate_checkpoint(
 def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") -> float:
     """Accuracy on the first ``count`` training images as a test sees them: no
     augmentation, dropout off. Minus validation accuracy, it measures overfitting."""
-    loaded = load_for_evaluation(path, None, device_name, trust_code=True)  # a run of ours
+    loaded = load_for_evaluation(path, None, device_name, trust_code=True, test_only=False)
     model, runtime, splits = loaded.model, loaded.runtime, loaded.splits
     train = splits.train
     if not isinstance(train, TensorBatches):

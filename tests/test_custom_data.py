@@ -1,0 +1,192 @@
+"""data=custom sized to the job and handled as carefully as the built-in data: limits
+limit what is decoded, eval decodes only its split, statistics stream in bounded chunks
+(peak memory measured in a subprocess), the in-memory decision counts the cgroup's limit
+and the GPU's free memory and is agreed by every process, channels settle from a sample,
+and a bad label is one line naming its image on both the in-memory and the worker path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from stable_cnn.data.build import build_splits
+from stable_cnn.data.custom import fits_in_memory
+from stable_cnn.errors import DataError
+from stable_cnn.system.memory import available_memory, cgroup_available
+from tests.conftest import REPO, TINY, compose_run, run_cli
+
+# A user's dataset module: images made from the index (so every process sees the same),
+# every read counted, labels listed as ``targets`` or not, a bad label where asked.
+MY_DATA = '''
+import torch
+
+READS = []
+
+
+class Patterns:
+    def __init__(self, count, size, channels, with_targets, bad_label_at, grey_first):
+        self.count, self.size, self.channels = count, size, channels
+        self.bad_label_at, self.grey_first = bad_label_at, grey_first
+        self.classes = [f"pattern {k}" for k in range(4)]
+        if with_targets:
+            self.targets = [self.label(i) for i in range(count)]
+
+    def label(self, index):
+        return 4 if index == self.bad_label_at else index % 4
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        READS.append(index)
+        channels = 1 if index == 0 and self.grey_first else self.channels
+        image = torch.full((channels, self.size, self.size), (index % 4) * 60, dtype=torch.uint8)
+        image[:, index % self.size] = 255  # a line whose place tells images apart
+        return image, self.label(index)
+
+
+def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False):
+    make = lambda n, bad: Patterns(n, size, channels, with_targets, bad, grey_first)
+    return make(count, bad_label_at), make(count // 4, -1)
+'''
+
+
+@pytest.fixture(scope="module")
+def my_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mine")
+    (folder / "my_patterns.py").write_text(MY_DATA)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+
+
+def custom(*extra: str) -> list[str]:
+    return [*TINY, "data=custom", "data._target_=my_patterns.load", "data.batch_size=32", *extra]
+
+
+def test_limits_limit_what_is_decoded_and_eval_decodes_only_its_split(my_data: Path):
+    import my_patterns
+
+    my_patterns.READS.clear()
+    config = compose_run(custom("data.limit_train=64", "data.limit_test=32")).data
+    splits = build_splits(config, torch.device("cpu"), seed=0)
+    assert (splits.num_train, splits.num_val, splits.num_test) == (64, 32, 32)
+    # 16 to settle the channels and size, then the 128 images the run uses, once each
+    assert len(my_patterns.READS) <= 16 + 64 + 32 + 32
+    assert torch.bincount(splits.train.labels).tolist() == [16] * 4  # targets: stratified
+
+    my_patterns.READS.clear()
+    settled = compose_run(custom("data.limit_test=32", "data.mean=[0.5,0.5,0.5]",
+                                 "data.std=[0.3,0.3,0.3]")).data  # fmt: skip
+    tested = build_splits(settled, torch.device("cpu"), seed=0, test_only=True)
+    assert tested.train is None and tested.num_test == 32
+    assert len(my_patterns.READS) <= 16 + 32
+
+
+def test_channels_settle_from_a_sample_not_the_first_image(my_data: Path, caplog):
+    caplog.set_level(logging.INFO, logger="stable_cnn")
+    config = compose_run(custom("+data.grey_first=true", "data.limit_train=64")).data
+    splits = build_splits(config, torch.device("cpu"), seed=0)
+    assert splits.info.in_channels == 3
+    assert "1 of 16 sampled training images are greyscale" in caplog.text
+
+
+def test_a_bad_label_names_its_image_on_every_path(my_data: Path):
+    for extra in ([], ["data.in_memory=false"]):
+        config = compose_run(custom("+data.bad_label_at=37", *extra)).data
+        with pytest.raises(DataError, match="train image 37 has label 4, outside 0..3"):
+            build_splits(config, torch.device("cpu"), seed=0)
+
+
+def test_a_bad_label_read_by_a_loader_worker_is_one_line(my_data: Path, tmp_path: Path):
+    """Without ``targets`` the worker path meets the label as it reads the image, inside
+    a DataLoader worker: still one line, exit 2, before a GPU could assert on it."""
+    env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
+    done = run_cli(custom("data.in_memory=false", "+data.with_targets=false",
+                          "+data.bad_label_at=37", "data.val_size=0", "data.num_workers=1",
+                          "hydra.run.dir=run"), tmp_path, env=env)  # fmt: skip
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "error" in line]
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert "train image 37 has label 4, outside 0..3 for 4 classes" in lines[0]
+    assert "Traceback" not in lines[0]
+
+
+def test_two_processes_agree_to_hold_the_images_in_memory(my_data: Path, tmp_path: Path):
+    env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
+    done = run_cli(custom("trainer.devices=2", "trainer.epochs=1", "hydra.run.dir=run"),
+                   tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decoding 512 + 128 images into memory" in done.stdout + done.stderr
+
+
+PEAK = """
+import resource, sys, torch
+import torchvision.transforms.functional  # imports and their tables, before measuring
+sys.path.insert(0, {folder!r})
+from stable_cnn.data.build import build_splits
+from tests.conftest import compose_run
+config = compose_run({overrides!r}).data
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+splits = build_splits(config, torch.device("cpu"), seed=0)
+print(splits.num_train + splits.num_test,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_decoding_and_statistics_stay_near_the_size_of_the_images(my_data: Path):
+    """4,096 RGB images of 64x64 are 48 MiB as uint8: decoding them and computing their
+    mean and std takes about that, not a float copy of thousands of images (the chunks
+    used to be 4,096 images, 17x their uint8 size at the peak)."""
+    overrides = custom("+data.count=4096", "+data.size=64", "data.val_size=0",
+                       "data.in_memory=true")  # fmt: skip
+    script = textwrap.dedent(PEAK.format(folder=str(my_data), overrides=overrides))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    images, grown_kib = (int(v) for v in done.stdout.split())
+    decoded_mib = images * 3 * 64 * 64 / 2**20
+    assert images == 4096 + 1024
+    assert grown_kib / 1024 < decoded_mib + 120, (grown_kib / 1024, decoded_mib)
+
+
+def test_the_memory_decision_counts_the_cgroup_limit_and_the_gpu(tmp_path: Path, monkeypatch):
+    """A SLURM job with --mem=2G on a big host (cgroup v1), a container's v2 limit on a
+    parent group: the least that is left counts; on a GPU its free memory counts too
+    (faked at torch.cuda's boundary)."""
+    v1 = tmp_path / "v1"
+    job = v1 / "memory" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(str(2 * 2**30))
+    (job / "memory.usage_in_bytes").write_text(str(2**29))
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1")
+    groups = tmp_path / "cgroup-v1"
+    groups.write_text("5:cpuset:/\n4:memory:/slurm/job_7\n")
+    assert cgroup_available(groups, v1) == 2 * 2**30 - 2**29
+
+    v2 = tmp_path / "v2"
+    (v2 / "box" / "inner").mkdir(parents=True)
+    (v2 / "box" / "memory.max").write_text(str(2**30) + "\n")
+    (v2 / "box" / "memory.current").write_text(str(2**28))
+    (v2 / "box" / "inner" / "memory.max").write_text("max\n")
+    groups.write_text("0::/box/inner\n")
+    assert cgroup_available(groups, v2) == 2**30 - 2**28
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 999999999 kB\nMemAvailable: 500000000 kB\n")
+    assert available_memory(meminfo, groups, v2) == 2**30 - 2**28
+
+    config = compose_run(custom()).data
+    config = type(config)(**{**config.__dict__, "in_channels": 3, "image_size": 224})
+    images = 1000  # 150 MB as uint8
+    assert fits_in_memory(config, images, torch.device("cpu"))  # this machine: GiBs free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**28, 2**34))
+    assert not fits_in_memory(config, images, torch.device("cuda:0"))  # 256 MiB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**33, 2**34))
+    assert fits_in_memory(config, images, torch.device("cuda:0"))
