@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,6 +200,69 @@ def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path):
                    f"out={out}", cwd=tmp_path)  # fmt: skip
     assert done.returncode != 0
     assert "x.png" in done.stdout + done.stderr and not out.exists()
+
+
+def write_blank_png(path: Path, side: int) -> None:
+    """A valid 1-bit PNG of side x side black pixels: hundreds of megapixels, a few tens
+    of kB on disk (zlib squeezes the zero rows), as a decompression bomb is."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit per pixel, grey
+    squeeze = zlib.compressobj(9)
+    row = bytes(1 + -(-side // 8))  # filter type 0, then the row's packed bits
+    pixels = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_predict_skips_truncated_files_and_decompression_bombs(
+    trained_run, test_pixels, tmp_path, monkeypatch
+):
+    """Files Pillow opens but cannot decode (cut short: they fail only when loaded) and
+    an image over Pillow's pixel limit (DecompressionBombError, no OSError) are each
+    named in one line and skipped; the CSV holds the rest."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels, _ = test_pixels
+    Image.fromarray((pixels[0, 0] * 255).round().to(torch.uint8).numpy()).save(folder / "good.png")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    for name in ("cut.png", "cut.jpg"):
+        noise.save(folder / name)
+        whole = (folder / name).read_bytes()
+        (folder / name).write_bytes(whole[: len(whole) // 2])
+        with Image.open(folder / name) as image:
+            assert image.size == (64, 64), "the header is whole: only decoding fails"
+    bomb = folder / "bomb.png"
+    write_blank_png(bomb, 20_000)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+    with monkeypatch.context() as patch:  # without the limit it is a well-formed PNG
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with Image.open(bomb) as image:
+            assert image.size == (20_000, 20_000)
+            image.verify()
+    out = tmp_path / "predictions.csv"
+
+    done = command(
+        "stable-cnn-predict",
+        f"checkpoint={trained_run}",
+        f"input={folder}",
+        f"out={out}",
+        cwd=tmp_path,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    for name in ("bomb.png", "cut.jpg", "cut.png"):  # one line each
+        assert len([line for line in log.splitlines() if f"skipped {folder / name}:" in line]) == 1
+    assert "3 unreadable file(s) skipped" in log and "Traceback" not in log
+    assert [Path(row["path"]).name for row in csv.DictReader(out.open())] == ["good.png"]
 
 
 def test_eval_takes_data_root_without_naming_the_data_group(trained_run, tmp_path):

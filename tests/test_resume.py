@@ -15,9 +15,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stable_cnn.data.datasets import load_tensors
 from stable_cnn.state.progress import SLOT
 from stable_cnn.system.signals import EXIT_PREEMPTED
-from tests.conftest import TINY, read_jsonl, run_cli
+from tests.conftest import TINY, compose_run, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 
 pytestmark = pytest.mark.slow
@@ -135,6 +136,56 @@ def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path,
     assert resumed.returncode == 0, output
     assert "mid-epoch" in output
     assert_same_run(uninterrupted, run_dir)
+
+
+@pytest.fixture(scope="module")
+def fashion_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST images as PNG files in class folders: 30 of each class to
+    train on, 5 to validate on."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("fashion_folder")
+    data = compose_run([f"data.root={fashion_mnist_root}", "data.download=false"]).data
+    for split, train, count in (("train", True, 30), ("val", False, 5)):
+        images, labels, _ = load_tensors(data, train=train)
+        for label in range(10):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True)
+            for k, index in enumerate((labels == label).nonzero()[:count, 0].tolist()):
+                Image.fromarray(images[index, 0].numpy()).save(folder / f"{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_folder_with_dropout_resumes_exactly(
+    workers: int, fashion_folder: Path, tmp_path: Path
+):
+    """DataLoader iterators, which a resumed process starts at other points of the run,
+    draw nothing from the dropout stream: SIGTERM in epoch 2, resume, same weights."""
+    args = [
+        *(a for a in TINY if not a.startswith("data=")),
+        "data=image_folder",
+        f"data.root={fashion_folder}",
+        "data.in_channels=1",
+        "data.mean=[0.286]",  # Fashion-MNIST's statistics
+        "data.std=[0.353]",
+        "data.image_size=28",
+        "data.batch_size=4",
+        f"data.num_workers={workers}",
+        "model.head_dropout=0.1",
+        "trainer.deterministic=true",
+        "trainer.progress_bar=false",
+    ]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    done = run_cli([*args, f"hydra.run.dir={whole}"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stop_in_second_epoch(args, stopped, tmp_path)
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"] is not None, "stopped mid-epoch"
+    resumed = run_cli([*args, "trainer.resume=auto", f"hydra.run.dir={stopped}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "mid-epoch" in resumed.stdout
+    assert_same_run(whole, stopped)
 
 
 def test_a_finished_run_is_not_trained_again(uninterrupted: Path):

@@ -15,6 +15,7 @@ from stable_cnn.config import DataConfig
 from stable_cnn.data.splits import ONE_PROCESS, DatasetInfo, DataSplits, Shard, check_batch_size
 from stable_cnn.errors import DataError
 from stable_cnn.system.hardware import loader_workers, usable_cores
+from stable_cnn.system.seeding import stream_seed
 
 
 def loader_splits(
@@ -29,7 +30,11 @@ def loader_splits(
     """The train, val and test ``datasets`` (val may be test itself), each item an
     (image tensor, label) pair, as the run's splits. ``seed`` is the data stream's;
     ``device`` the run's (batches are pinned for a GPU); ``shard`` this process's share.
-    ``data.num_workers=null`` is sized from the cores this process may use."""
+    ``data.num_workers=null`` is sized from the cores this process may use.
+
+    Every DataLoader has a generator of its own: starting an iterator draws its workers'
+    seed from it, which would otherwise come from torch's global generator, the dropout
+    stream, at points of the run that differ for a resumed process."""
     train_set, val_set, test_set = datasets
     workers = config.num_workers
     if workers is None:
@@ -45,6 +50,7 @@ def loader_splits(
             pin_memory=pin_memory,
             persistent_workers=workers > 0,
             worker_init_fn=leave_stop_signals_to_the_trainer,
+            generator=torch.Generator().manual_seed(stream_seed(seed, "evaluation workers")),
         )
 
     test = loader(test_set)
@@ -98,7 +104,8 @@ class ShuffledLoader:
     position.
 
     One DataLoader serves the whole run, its workers started once and kept between
-    epochs (``persistent_workers``); each epoch hands it that epoch's batches."""
+    epochs (``persistent_workers``); each epoch hands it that epoch's batches, and seeds
+    its generator (which seeds the workers) from the seed and the epoch."""
 
     def __init__(
         self,
@@ -127,6 +134,7 @@ class ShuffledLoader:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             worker_init_fn=leave_stop_signals_to_the_trainer,
+            generator=torch.Generator(),  # seeded in __iter__; never the dropout stream
         )
 
     def __len__(self) -> int:
@@ -142,6 +150,7 @@ class ShuffledLoader:
         size = self.batch_size
         self.plan.batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
                              for k in range(self.position, len(self))]  # fmt: skip
+        self.loader.generator.manual_seed(stream_seed(self.seed, f"workers/{self.epoch}"))
         for batch in self.loader:
             self.position += 1
             yield batch

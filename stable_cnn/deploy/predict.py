@@ -61,12 +61,12 @@ class ImageReader:
 
     def read(self, path: Path) -> torch.Tensor | None:
         """The image as (C, H, W) floats in [0, 1]; None (and one line) if unreadable."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+                image = image.convert(self.mode)  # decodes: a file cut short fails here
+        except Exception as err:  # a bad file raises OSError, DecompressionBombError, TypeError...
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.warning("skipped %s: not an image Pillow can read (%s)", path, reason[:120])
             self.skipped.append(path)
