@@ -25,9 +25,14 @@ from tests.conftest import REPO, TINY, compose_run, run_cli
 # A user's dataset module: images made from the index (so every process sees the same),
 # every read counted, labels listed as ``targets`` or not, a bad label where asked.
 MY_DATA = '''
+import atexit
+import os
+
 import torch
 
 READS = []
+if os.environ.get("READS_FILE"):  # a command's reads, counted where a test can see them
+    atexit.register(lambda: open(os.environ["READS_FILE"], "w").write(str(len(READS))))
 
 
 class Patterns:
@@ -190,3 +195,15 @@ def test_the_memory_decision_counts_the_cgroup_limit_and_the_gpu(tmp_path: Path,
     assert not fits_in_memory(config, images, torch.device("cuda:0"))  # 256 MiB free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**33, 2**34))
     assert fits_in_memory(config, images, torch.device("cuda:0"))
+
+
+def test_lr_auto_reuses_the_decoded_images(my_data: Path, tmp_path: Path):
+    """optimizer.lr=auto's range test trains on the run's own decoded images: each image
+    is read once, not once for the test and again for the run."""
+    reads = tmp_path / "reads"
+    env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}", "READS_FILE": str(reads)}
+    done = run_cli(custom("optimizer.lr=auto", "trainer.epochs=1", "data.in_memory=true",
+                          "hydra.run.dir=run"), tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "optimizer.lr=auto:" in done.stdout
+    assert int(reads.read_text()) <= 16 + 512 + 128

@@ -169,10 +169,12 @@ def build_training(
     run_dir: Path,
     composed_config: dict[str, Any],
     resume: tuple[Path, dict[str, Any]] | None,
+    data: DataSplits | None = None,
 ) -> Training:
-    """Data, model, optimizer, schedule, scaler and the run's state, resumed if asked."""
+    """Data (``data`` where already built), model, optimizer, schedule, scaler and the
+    run's state, resumed if asked."""
     trainer = run.trainer
-    data = build_data(run, world, runtime)
+    data = data if data is not None else build_data(run, world, runtime)
     spec = model_config(run, data.info)
     model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)

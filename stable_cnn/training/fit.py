@@ -38,7 +38,13 @@ from stable_cnn.system.hardware import (
 )
 from stable_cnn.system.seeding import seed_everything
 from stable_cnn.system.signals import GracefulStop
-from stable_cnn.training.build import Training, agree_on_run, build_training, choose_runtime
+from stable_cnn.training.build import (
+    Training,
+    agree_on_run,
+    build_data,
+    build_training,
+    choose_runtime,
+)
 from stable_cnn.training.diagnostics import (
     confusion_figure,
     gradient_snapshot,
@@ -145,19 +151,12 @@ def train(
             sampling = sampling_of(CheckpointRecord.read(resume_state, resume_from))
             run = replace(run, data=replace(run.data, sampling=sampling))
             composed_config["data"]["sampling"] = sampling
+        data = None
         if run.optimizer.lr == "auto":
-            with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
-                found = with_found_lr(run, runtime, run_dir, resume_state, composed_config,
-                                      world, lambda: stop.signal_name or "")  # fmt: skip
-            if found is None:
-                raise RunPreempted(
-                    f"{stop.signal_name}: stopped while finding the learning rate "
-                    "(optimizer.lr=auto); nothing to save: run the command again"
-                )
-            run = found
+            run, data = with_auto_lr(run, runtime, run_dir, resume_state, composed_config, world)
             if hparams is not None:
                 hparams.values["optimizer.lr"] = run.optimizer.lr
-        training = build_training(run, world, runtime, run_dir, composed_config, resume)
+        training = build_training(run, world, runtime, run_dir, composed_config, resume, data)
         try:
             log.info("run folder: %s", run_dir)
             fit(training, hparams or Hparams())
@@ -167,6 +166,41 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+
+
+def with_auto_lr(
+    run: RunConfig,
+    runtime: Runtime,
+    run_dir: Path,
+    resume_state: dict[str, Any] | None,
+    composed_config: dict[str, Any],
+    world: World,
+) -> tuple[RunConfig, DataSplits | None]:
+    """optimizer.lr=auto: the run with the rate the range test finds (a resumed run: the
+    one it found when it started), and the data the test decoded, for the run itself."""
+    data = build_data(run, world, runtime) if resume_state is None else None
+    try:
+        with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
+            found = with_found_lr(
+                run,
+                runtime,
+                run_dir,
+                resume_state,
+                composed_config,
+                world,
+                lambda: stop.signal_name or "",
+                data,
+            )
+        if found is None:
+            raise RunPreempted(
+                f"{stop.signal_name}: stopped while finding the learning rate "
+                "(optimizer.lr=auto); nothing to save: run the command again"
+            )
+    except BaseException:
+        if data is not None:  # its loader workers would hold the process at exit
+            data.close()
+        raise
+    return found, data
 
 
 def fit(training: Training, hparams: Hparams) -> None:

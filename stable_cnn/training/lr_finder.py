@@ -25,6 +25,7 @@ from torch import nn
 from stable_cnn.config import RunConfig
 from stable_cnn.config.lr_find import LRFindConfig
 from stable_cnn.data.build import batch_mixing
+from stable_cnn.data.splits import DataSplits
 from stable_cnn.errors import ConfigError
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError
@@ -220,11 +221,13 @@ def with_found_lr(
     composed_config: dict,
     world: World = ALONE,
     stop_requested: Callable[[], str] = lambda: "",
+    data: DataSplits | None = None,
 ) -> RunConfig | None:
     """``optimizer.lr=auto``: the run with the value it found when it started (a resumed
     run goes on with it), else with the range test's suggestion, found now (its files in
     ``run_dir``/lr_find/); None if a signal stopped the search. The checkpoint's copy
-    of the run's config records the value as ``optimizer.lr_found``."""
+    of the run's config records the value as ``optimizer.lr_found``. ``data``: the run's
+    own, which the range test then uses (and leaves at its start) instead of its own."""
     if resume_state is not None:
         found = CheckpointRecord.read(resume_state, run_dir).config["optimizer"].get("lr_found")
         if found is None:
@@ -234,8 +237,9 @@ def with_found_lr(
             )
         log.info("optimizer.lr=auto: %.4g, found when the run started", found)
     else:
-        finding = find_learning_rate(run, runtime, LRFindConfig(), run_dir / "lr_find", world,
-                                     stop_requested)  # fmt: skip
+        finding = find_learning_rate(
+            run, runtime, LRFindConfig(), run_dir / "lr_find", world, stop_requested, data
+        )
         if finding is None:
             return None
         found = finding.suggested_lr
@@ -264,11 +268,15 @@ def find_learning_rate(
     folder: Path,
     world: World = ALONE,
     stop_requested: Callable[[], str] = lambda: "",
+    run_data: DataSplits | None = None,
 ) -> LRFinding | None:
-    """Build the run's data and model as training would (from the run's seed: the caller
-    reseeds before it builds the run itself), sweep, and write the findings to ``folder``;
-    a signal (``stop_requested()`` names it) ends it early, with None."""
-    data = build_data(run, world, runtime)
+    """Build the run's model as training would (from the run's seed: the caller reseeds
+    before it builds the run itself), sweep, and write the findings to ``folder``; a
+    signal (``stop_requested()`` names it) ends it early, with None. The data is
+    ``run_data`` where given (decoded once for both: its training batches are put back
+    at their start afterwards), else built here."""
+    data = run_data if run_data is not None else build_data(run, world, runtime)
+    start = data.train.state_dict()
     try:
         spec = model_config(run, data.info)
         model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
@@ -290,7 +298,10 @@ def find_learning_rate(
         curve = sweep(train_step, data.train, settings, run.trainer.accumulate_grad_batches,
                       stop_requested)  # fmt: skip
     finally:
-        data.close()
+        if run_data is None:
+            data.close()
+        else:
+            data.train.load_state_dict(start)
     if curve.stopped_by:
         return None
     finding = suggest(curve, settings)
