@@ -147,28 +147,11 @@ def tensor_splits(
     shard: Shard = ONE_PROCESS,
     train_device: torch.device | None = None,
 ) -> DataSplits:
-    """A built-in in-memory dataset's splits (see tensor_splits_of)."""
+    """A built-in in-memory dataset's splits: validation held out of its training images
+    (the same images for every run), the limits applied (see parts_as_splits)."""
     train_images, train_labels, class_names = load_tensors(config, train=True)
     test_images, test_labels, _ = load_tensors(config, train=False)
     check_shape(config, train_images)
-    return tensor_splits_of(config, (train_images, train_labels), (test_images, test_labels),
-                            class_names, device, run_seed, shard, train_device)  # fmt: skip
-
-
-def tensor_splits_of(
-    config: DataConfig,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    class_names: tuple[str, ...],
-    device: torch.device,
-    run_seed: int,
-    shard: Shard = ONE_PROCESS,
-    train_device: torch.device | None = None,
-) -> DataSplits:
-    """The splits of ``train`` and ``test`` (uint8 images (N, C, H, W), int64 labels):
-    validation held out of train (the same images for every run), the limits applied
-    (see parts_as_splits)."""
-    (train_images, train_labels), (test_images, test_labels) = train, test
     sampling = config.sampling
     train_index, val_index = split_indices(
         train_labels, len(train_labels), config.val_size, config.name, sampling
