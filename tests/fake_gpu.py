@@ -10,11 +10,15 @@ without a GPU, so a test can assert that a run got that far and no further.
 
 ``set_device`` keeps torch's own argument check (``_get_device_index``), which is
 where ``torch.cuda.set_device(torch.device("cuda"))`` raises on a real GPU machine.
+
+Streams are faked only where a test asks (``install_streams``): code that moves its work
+to a side stream (a CUDA graph's warm-up) then runs it on the CPU, in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -29,10 +33,12 @@ V100 = ("Tesla V100-SXM2-32GB", (7, 0))
 
 @dataclass
 class FakeGPU:
-    """``count`` identical GPUs of ``name`` and compute ``capability``."""
+    """``count`` GPUs of ``name`` (or each its own, from ``names``) and compute
+    ``capability``."""
 
     count: int = 1
     name: str = H100[0]
+    names: tuple[str, ...] = ()  # each GPU's name, where they differ
     capability: tuple[int, int] = H100[1]
     current: int = 0
     set_device_calls: list[int] = field(default_factory=list)
@@ -57,21 +63,30 @@ class FakeGPU:
         return self.capability
 
     def device_name(self, device: Any = None) -> str:
-        self.index(device)
-        return self.name
+        index = self.index(device)
+        return self.names[index] if self.names else self.name
 
     def properties(self, device: Any = None) -> SimpleNamespace:
         major, minor = self.device_capability(device)
-        return SimpleNamespace(name=self.name, major=major, minor=minor,
+        return SimpleNamespace(name=self.device_name(device), major=major, minor=minor,
                                total_memory=80 * 2**30, multi_processor_count=132)  # fmt: skip
 
+    def generator_index(self, device: Any) -> int:
+        """The GPU whose generator torch.cuda's random-state calls mean: as torch's, the
+        device's index (whatever its type), else the current GPU."""
+        if isinstance(device, str):
+            device = torch.device(device)
+        index = device if isinstance(device, int) else device.index
+        return self.index(self.current if index is None else index)
+
     def rng_state(self, device: Any = "cuda") -> torch.Tensor:
-        """A 16-byte state as CUDA's Philox generator has (seed, offset)."""
-        seed = self.seeds.get(self.index(device), 0)
-        return torch.tensor([seed & 0xFF, self.index(device)] + [0] * 14, dtype=torch.uint8)
+        """A 16-byte state as CUDA's Philox generator has: here the low byte of the
+        device's last seed, then its index, then zeros."""
+        index = self.generator_index(device)
+        return torch.tensor([self.seeds.get(index, 0) & 0xFF, index] + [0] * 14, dtype=torch.uint8)
 
     def set_rng_state(self, state: torch.Tensor, device: Any = "cuda") -> None:
-        self.restored[self.index(device)] = state.clone()
+        self.restored[self.generator_index(device)] = state.clone()
 
     def manual_seed_all(self, seed: int) -> None:
         for index in range(self.count):
@@ -95,6 +110,35 @@ class FakeGPU:
             "manual_seed": self.manual_seed,
         }
 
+    def install_streams(self, setattr_: Callable[[Any, str, Any], None] = setattr) -> FakeGPU:
+        """Also fake torch.cuda's streams (Stream, stream, current_stream, default_stream,
+        synchronize): each is a name for the CPU, which runs everything in order."""
+        default = current = FakeStream()
+
+        def current_stream(device: Any = None) -> FakeStream:
+            return current
+
+        @contextmanager
+        def stream(chosen: FakeStream | None) -> Iterator[None]:
+            nonlocal current
+            before = current
+            current = chosen or current
+            try:
+                yield
+            finally:
+                current = before
+
+        fakes = {
+            "Stream": FakeStream,
+            "stream": stream,
+            "current_stream": current_stream,
+            "default_stream": lambda device=None: default,
+            "synchronize": lambda device=None: None,
+        }
+        for name, fake in fakes.items():
+            setattr_(torch.cuda, name, fake)
+        return self
+
     def install(self, setattr_: Callable[[Any, str, Any], None] = setattr) -> FakeGPU:
         """Replace the functions on ``torch.cuda`` (through ``setattr_``: a pytest
         monkeypatch's, so that they come back after the test, or the builtin for a
@@ -102,6 +146,19 @@ class FakeGPU:
         for name, fake in self.patches().items():
             setattr_(torch.cuda, name, fake)
         return self
+
+
+class FakeStream:
+    """A CUDA stream that is a name only: the work issued on it runs on the CPU at once."""
+
+    def __init__(self, device: Any = None, priority: int = 0) -> None:
+        self.device = device
+
+    def wait_stream(self, stream: FakeStream) -> None:
+        pass  # in order already
+
+    def synchronize(self) -> None:
+        pass
 
 
 def run_cli_on_fake_gpu(count: int, name: str, major: int, minor: int, *args: str) -> None:

@@ -83,12 +83,31 @@ def test_seeding_reaches_every_gpu_and_autotuning_follows_determinism(fake_gpu, 
 
 
 def test_a_checkpoint_keeps_and_restores_its_own_gpus_random_state(fake_gpu):
+    """rng_state keeps the run's GPU's generator (the fake's state bytes are its seed's
+    low byte, then its index), not the current GPU's nor every GPU's; restore_rng gives
+    it back to that GPU alone, also from stable-cnn 0.1's list of every GPU's states.
+    A CPU run keeps and restores no CUDA state on a machine with GPUs."""
     fake_gpu.count = 2
-    fake_gpu.manual_seed_all(7)
+    fake_gpu.seeds = {0: 11, 1: 22}
     saved = rng_state(torch.device("cuda", 1))
-    assert torch.equal(saved["cuda"], fake_gpu.rng_state(1)), "cuda:1's state, not cuda:0's"
+    assert saved["cuda"][:2].tolist() == [22, 1], "cuda:1's generator, while cuda:0 is current"
+    fake_gpu.seeds = {0: 33, 1: 44}  # the run went on drawing
     restore_rng(saved, torch.device("cuda", 1))
-    assert set(fake_gpu.restored) == {1} and torch.equal(fake_gpu.restored[1], saved["cuda"])
+    assert list(fake_gpu.restored) == [1] and fake_gpu.restored[1][:2].tolist() == [22, 1]
+
+    fake_gpu.restored.clear()
+    states = [torch.full((16,), k, dtype=torch.uint8) for k in range(2)]
+    restore_rng({**saved, "cuda": states}, torch.device("cuda", 1))
+    assert list(fake_gpu.restored) == [1] and fake_gpu.restored[1][0] == 1, "its own entry"
+    fake_gpu.restored.clear()
+    restore_rng({**saved, "cuda": states[:1]}, torch.device("cuda", 1))
+    assert fake_gpu.restored[1][0] == 0, "the first, where cuda:1 did not exist then"
+
+    fake_gpu.restored.clear()
+    on_cpu = rng_state(torch.device("cpu"))
+    assert "cuda" not in on_cpu
+    restore_rng(saved, torch.device("cpu"))
+    assert fake_gpu.restored == {}, "a CPU run leaves the GPUs' generators alone"
 
 
 def fake_gpu_checkpoint(run_dir: Path, config: dict, device_type: str, runtime: Runtime) -> None:
@@ -189,6 +208,16 @@ def test_the_gradient_snapshot_puts_the_gpus_random_state_back(fake_gpu):
 
 
 def test_study_reports_name_the_gpu_they_ran_on(fake_gpu):
+    """The machine line names the GPU the study runs on (the current one for auto), and
+    the torch it ran; a CPU study names the CPU, not a GPU, on a machine with GPUs."""
     from stable_cnn.studies.sweep import describe_machine
 
+    fake_gpu.count, fake_gpu.names = 2, (H100[0], A100[0])
+    assert describe_machine("cuda:1") == f"{A100[0]}, torch {torch.__version__}"
     assert describe_machine("auto") == f"{H100[0]}, torch {torch.__version__}"
+    fake_gpu.current = 1
+    assert describe_machine("auto") == describe_machine("cuda") == describe_machine("cuda:1")
+    assert describe_machine("cuda:0").startswith(f"{H100[0]}, ")
+    on_cpu = describe_machine("cpu")
+    assert on_cpu.endswith(f"torch {torch.__version__} on the CPU")
+    assert A100[0] not in on_cpu and H100[0] not in on_cpu and "cores" in on_cpu

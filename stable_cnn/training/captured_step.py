@@ -91,27 +91,18 @@ class GraphedTrainStep(TrainStep):
         return self.replay(images, labels, progress)
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Warm up on a side stream (every update vetoed: nothing changes), then capture
-        one step on static tensors. The random state is put back afterwards, so the
-        warm-up's draws never happened."""
+        """Warm up, then capture one step on static tensors. The random state is put back
+        afterwards, also when either raises, so the warm-up's draws never happened."""
         device = self.runtime.device
         self.images, self.labels = images.clone(), labels.clone()
         self.progress = EpochProgress.start(device)
         groups = self.optimizer.param_groups
         self.learning_rates = [torch.tensor(float(g["lr"]), device=device) for g in groups]
         random_state = torch.cuda.get_rng_state(device)
-        self.optimizer.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            scratch = EpochProgress.start(device)
-            for _ in range(WARMUP_STEPS):
-                super().__call__(self.images, self.labels, scratch, veto=True)
-        torch.cuda.current_stream(device).wait_stream(side)
-
         floats = [g["lr"] for g in groups]
         capturable = [g.get("capturable") for g in groups]
         try:
+            self.warm_up()
             for group, rate in zip(groups, self.learning_rates, strict=True):
                 group["lr"] = rate  # read from device memory at every replay
                 if "capturable" in group:
@@ -124,6 +115,19 @@ class GraphedTrainStep(TrainStep):
                     group["capturable"] = flag
             torch.cuda.set_rng_state(random_state, device)
         log.info("training step captured in a CUDA graph (trainer.cuda_graph=true)")
+
+    def warm_up(self) -> None:
+        """Eager steps on a side stream, every update vetoed (nothing changes), so that
+        cuDNN's choices and the allocator's pools are made before the capture."""
+        device = self.runtime.device
+        self.optimizer.zero_grad(set_to_none=True)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            scratch = EpochProgress.start(device)
+            for _ in range(WARMUP_STEPS):
+                super().__call__(self.images, self.labels, scratch, veto=True)
+        torch.cuda.current_stream(device).wait_stream(side)
 
     def record_step(self) -> tuple[torch.cuda.CUDAGraph, StepOutcome]:
         """Capture one step on the static tensors. Begin and end are driven here rather

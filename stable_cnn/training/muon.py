@@ -6,7 +6,9 @@ The loop, the schedule, the GradScaler and the checkpoint see one optimizer
 (``MuonWithAuxiliary``) whose parameter groups are its two parts' own, so a schedule
 scales both learning rates, clipping and unscaling reach every gradient, and one state
 dict saves both. A step is skipped on the device like a fused optimizer's (``found_inf``):
-Muon's part is put back by a select, the auxiliary skips inside its kernel.
+Muon's part is put back by a select, the auxiliary skips inside its kernel. fp16's
+GradScaler hands it the same verdict (``_step_supports_amp_scaling``), so no step waits
+for the host to read it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,16 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
         on MPS, where update() reads the verdict on the host instead)."""
         return self.auxiliary is None or skips_on_device(self.auxiliary)
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler.step's question: True makes it hand step() its verdict and scale as
+        ``found_inf`` and ``grad_scale`` (device tensors) instead of reading the verdict on
+        the host and calling step() only for a finite one."""
+        return self.skips_on_device
+
+    def muon_gradients(self) -> list[torch.Tensor]:
+        return [weight.grad for weight in self.muon.matrices if weight.grad is not None]
+
     def groups_of_both(self) -> list[dict]:
         return self.muon.param_groups + (self.auxiliary.param_groups if self.auxiliary else [])
 
@@ -110,24 +122,28 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
     def step(self, closure=None) -> None:
         if closure is not None:
             raise ValueError("optimizer=muon takes no closure")
-        skip = getattr(self, "found_inf", None)  # set by update() for one step
+        # Set for this step only: found_inf (non-zero: skip) by update() or GradScaler.step,
+        # grad_scale by GradScaler.step where no unscale_ came first (fp16).
+        skip = getattr(self, "found_inf", None)
+        scale = getattr(self, "grad_scale", None)
+        gradients = self.muon_gradients()
+        if scale is not None and gradients:  # the auxiliary's kernel unscales its own
+            torch._foreach_div_(gradients, scale)
         if skip is None:
             self.muon.step()
-            if self.auxiliary is not None:
-                self.auxiliary.step()
-            return
-        before = [t.clone() for t in self.muon.updated_tensors()]
-        self.muon.step()
-        keep = skip.bool()
-        for now, then in zip(self.muon.updated_tensors(), before, strict=True):
-            now.copy_(torch.where(keep, then, now))
+        else:
+            before = [t.clone() for t in self.muon.updated_tensors()]
+            self.muon.step()
+            keep = skip.bool()
+            for now, then in zip(self.muon.updated_tensors(), before, strict=True):
+                now.copy_(torch.where(keep, then, now))
         if self.auxiliary is None:
             return
-        self.auxiliary.found_inf = skip
+        self.auxiliary.found_inf, self.auxiliary.grad_scale = skip, scale
         try:
             self.auxiliary.step()
         finally:
-            del self.auxiliary.found_inf
+            del self.auxiliary.found_inf, self.auxiliary.grad_scale
 
     def state_dict(self) -> dict:
         auxiliary = None if self.auxiliary is None else self.auxiliary.state_dict()
