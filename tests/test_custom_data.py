@@ -24,7 +24,7 @@ from tests.conftest import REPO, TINY, compose_run, run_cli
 
 # A user's dataset module: images made from the index (so every process sees the same),
 # every read counted, labels listed as ``targets`` or not, a bad label where asked.
-MY_DATA = '''
+MY_DATA = """
 import atexit
 import os
 
@@ -60,7 +60,7 @@ class Patterns:
 def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False):
     make = lambda n, bad: Patterns(n, size, channels, with_targets, bad, grey_first)
     return make(count, bad_label_at), make(count // 4, -1)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_channels_settle_from_a_sample_not_the_first_image(my_data: Path, caplog
 def test_a_bad_label_names_its_image_on_every_path(my_data: Path):
     for extra in ([], ["data.in_memory=false"]):
         config = compose_run(custom("+data.bad_label_at=37", *extra)).data
-        with pytest.raises(DataError, match="train image 37 has label 4, outside 0..3"):
+        with pytest.raises(DataError, match=r"train image 37 has label 4, outside 0\.\.3"):
             build_splits(config, torch.device("cpu"), seed=0)
 
 

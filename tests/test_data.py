@@ -301,7 +301,7 @@ def test_limits_on_a_class_sorted_folder_keep_every_class_in_proportion(tmp_path
             "data.limit_train=50", "data.limit_test=20"]  # fmt: skip
     from stable_cnn.data.image_folder import folder_datasets
 
-    train, val, test, _ = folder_datasets(compose_run(args).data)
+    train, val, _, _ = folder_datasets(compose_run(args).data)
     per_class = np.bincount(subset_labels(train), minlength=10)
     assert per_class.tolist() == [10, 5, 5, 5, 5, 4, 4, 4, 4, 4]  # 9.5 and 4.5 each, rounded
     assert np.bincount(subset_labels(val), minlength=10).tolist() == [2] * 10

@@ -156,8 +156,14 @@ def test_a_model_of_your_own_with_gradient_accumulation(
     log = (run_dir / "train.log").read_text()
     assert "model my_models.PlainNet hidden=12" in log
     assert json.loads((run_dir / "results.json").read_text())["global_step"] == 3 * 8  # 24/3
-    refuses_to_run_its_code(run_dir, my_models, "model._target_=my_models.PlainNet",
-                            "stable-cnn-eval", "stable-cnn-export", "stable-cnn-predict")
+    refuses_to_run_its_code(
+        run_dir,
+        my_models,
+        "model._target_=my_models.PlainNet",
+        "stable-cnn-eval",
+        "stable-cnn-export",
+        "stable-cnn-predict",
+    )
     exports_and_predicts(run_dir, my_models, "trust_code=true")
     lost = command("stable-cnn-eval", f"checkpoint={run_dir}", "trust_code=true", cwd=tmp_path)
     assert lost.returncode == 2
@@ -202,8 +208,9 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
     assert abs(mean - 0.2860) < 0.01, "Fashion-MNIST's mean pixel, from 640 of its images"
     assert "loader workers" in workers and "decoding 640 + 128 images" in in_memory
 
-    refuses_to_run_its_code(tmp_path / "memory", my_models, "data._target_=my_data.load",
-                            "stable-cnn-eval")  # export and predict need no data
+    refuses_to_run_its_code(
+        tmp_path / "memory", my_models, "data._target_=my_data.load", "stable-cnn-eval"
+    )  # export and predict need no data
     exports_and_predicts(tmp_path / "memory", my_models, "trust_code=true")
     predictions = (tmp_path / "memory" / "predictions.csv").read_text()
     assert any(name in predictions for name in ("T-shirt/top", "Trouser", "Bag", "Sandal"))
