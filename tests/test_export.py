@@ -176,10 +176,17 @@ def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels
         assert row["label"] == row["class_1"] and row["confidence"] == row["prob_1"]
 
     # What stable-cnn-export made runs in stable-cnn-predict too, with the same answers.
+    # A .pt2 file unpickles what it holds as it loads: it needs trust_code=true.
     for fmt, (model_file, _) in exported.items():
         out_exported = tmp_path / f"predictions_{fmt}.csv"
-        done = command("stable-cnn-predict", f"checkpoint={model_file}", f"input={folder}",
-                       f"out={out_exported}", "top_k=3", cwd=tmp_path)  # fmt: skip
+        args = [f"checkpoint={model_file}", f"input={folder}", f"out={out_exported}", "top_k=3"]
+        trust = ["trust_code=true"] if fmt == "pt2" else []
+        if trust:
+            refused = command("stable-cnn-predict", *args, cwd=tmp_path)
+            lines = (refused.stdout + refused.stderr).strip().splitlines()
+            assert refused.returncode == 2 and len(lines) == 1 and "trust_code=true" in lines[0]
+            assert not out_exported.exists()
+        done = command("stable-cnn-predict", *args, *trust, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         got = {Path(row["path"]).name: row for row in csv.DictReader(out_exported.open())}
         assert got.keys() == rows.keys()

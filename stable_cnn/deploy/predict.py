@@ -107,7 +107,7 @@ def open_predictor(path: Path, device_name: str, trust_code: bool = False) -> Pr
     if opener is not None:
         if not path.is_file():
             raise ConfigError(f"checkpoint={path} does not exist: check the path")
-        exported = opener(path)
+        exported = opener(path, trust_code)
         log.info("running %s with %s", path, exported.runner)
         return Predictor(exported.run, exported.card)
     trained = load_trained_model(path, trust_code)

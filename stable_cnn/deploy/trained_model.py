@@ -113,7 +113,7 @@ class ExportedModel:
     runner: str  # what runs it, for logs
 
 
-def open_onnx(path: Path) -> ExportedModel:
+def open_onnx(path: Path, trust_code: bool = False) -> ExportedModel:
     """An exported .onnx file through ONNX Runtime, or, where that is not installed,
     ONNX's checker and reference evaluator (slow, but needs nothing beyond onnx)."""
     try:
@@ -153,8 +153,16 @@ def open_onnx(path: Path) -> ExportedModel:
     return ExportedModel(run, ModelCard.from_dict(json.loads(metadata["stable_cnn"])), runner)
 
 
-def open_pt2(path: Path) -> ExportedModel:
-    """An exported .pt2 file (torch.export's ExportedProgram)."""
+def open_pt2(path: Path, trust_code: bool = False) -> ExportedModel:
+    """An exported .pt2 file (torch.export's ExportedProgram). Loading one unpickles the
+    Python objects it may hold (torch.export.load has no safe mode), so a file from
+    elsewhere is opened only with ``trust_code``."""
+    if not trust_code:
+        raise CheckpointError(
+            f"{path} is a torch.export program, and loading one runs the pickled Python "
+            f"objects it may hold: if you trust the file, run again with trust_code=true; "
+            f"else use the .onnx export or the checkpoint"
+        )
     extra = {PT2_CARD_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
