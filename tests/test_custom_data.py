@@ -207,3 +207,30 @@ def test_lr_auto_reuses_the_decoded_images(my_data: Path, tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "optimizer.lr=auto:" in done.stdout
     assert int(reads.read_text()) <= 16 + 512 + 128
+
+
+def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Path, tmp_path: Path):
+    """data=custom's worker path, with dropout: stopped in its second epoch and resumed,
+    it ends as the uninterrupted run does, bit for bit; the resumed run takes what the
+    data settled from the checkpoint instead of working it out again."""
+    from stable_cnn.state.checkpoint import load_checkpoint
+    from stable_cnn.state.record import CheckpointRecord
+    from stable_cnn.state.resume import data_as_it_started
+    from tests.test_resume import assert_same_run, stop_in_second_epoch
+
+    env = {**os.environ, "PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
+    args = custom("data.in_memory=false", "data.num_workers=1", "+data.count=2048",
+                  "+data.with_targets=false", "trainer.deterministic=true",
+                  "trainer.progress_bar=false")  # fmt: skip
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    done = run_cli([*args, f"hydra.run.dir={whole}"], tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stop_in_second_epoch(args, stopped, tmp_path, env)
+    record = CheckpointRecord.read(load_checkpoint(stopped / "checkpoints" / "last.pt"), stopped)
+    continued = data_as_it_started(compose_run(args).data, record)
+    assert continued.in_memory is False and continued.mean == record.data_resolved["mean"]
+    assert continued.sampling == "stratified" and continued.val_size == 204
+    resumed = run_cli([*args, f"trainer.resume={stopped}", f"hydra.run.dir={stopped}"],
+                      tmp_path, env=env)  # fmt: skip
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout
+    assert_same_run(whole, stopped)

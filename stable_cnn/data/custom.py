@@ -67,10 +67,9 @@ def custom_splits(
     train_set, test_set = open_datasets(config)
     config = settle_shape(config, train_set)
     chosen = choose_images(config, train_set, test_set)
-    in_memory = config.in_memory
-    if in_memory is None:
-        in_memory = fits_in_memory(config, chosen.count(test_only), device)
-    if in_memory:
+    if config.in_memory is None:  # recorded, so that a resumed run goes the same way
+        config = replace(config, in_memory=fits_in_memory(config, chosen.count(test_only), device))
+    if config.in_memory:
         return in_memory_splits(
             config, (train_set, test_set), chosen, seed, device, shard, train_device, test_only
         )
@@ -265,7 +264,7 @@ def settled(
 
 def resolved_values(config: CustomDataConfig) -> dict[str, Any]:
     """What the run settled, for its log and its checkpoint's record."""
-    keys = ("in_channels", "image_size", "num_classes", "val_size", "mean", "std")
+    keys = ("in_channels", "image_size", "num_classes", "val_size", "mean", "std", "in_memory")
     return {key: getattr(config, key) for key in keys}
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stable_cnn.config import DataConfig
 from stable_cnn.errors import TrainingDiverged, UserError
 from stable_cnn.state.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from stable_cnn.state.record import CheckpointRecord, amp_option
@@ -89,9 +91,23 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return comparable_config
 
 
-def sampling_of(record: CheckpointRecord) -> str:
-    """How the checkpoint's run drew its limits and hold-out (data.sampling)."""
-    return (record.config.get("data") or {}).get("sampling", "first")
+def data_as_it_started(data: DataConfig, record: CheckpointRecord) -> DataConfig:
+    """The data config of a run that continues ``record``'s: the images it started on
+    (its data.sampling; runs before the key took the first N) and what its data settled
+    where the config leaves it null (data=custom's channels, size, classes, hold-out,
+    mean and std, in memory or not), so that nothing is worked out anew differently."""
+    sampling = (record.config.get("data") or {}).get("sampling", "first")
+    known = {f.name for f in fields(data)}
+    settled = {
+        key: value
+        for key, value in record.data_resolved.items()
+        if key in known and getattr(data, key) is None
+    }
+    if data.sampling != sampling:
+        log.info(
+            "data.sampling=%s: the run started with %s and goes on with it", data.sampling, sampling
+        )
+    return replace(data, sampling=sampling, **settled)
 
 
 def find_checkpoint(

@@ -228,7 +228,9 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
         data.info.name, data.num_train, data.num_val, data.num_test, batch, per_process,
     )  # fmt: skip
     if data.resolved:
-        settled = ", ".join(f"{key} {value}" for key, value in data.resolved.items())
+        settled = ", ".join(
+            f"{key} {value}" for key, value in data.resolved.items() if key != "in_memory"
+        )  # the line above says which way it went
         log.info("data %s, settled from the data: %s", data.info.name, settled)
     if data.val_is_test:
         log.warning("%s", data.val_is_test_reason)

@@ -26,7 +26,7 @@ from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import TrainingDiverged
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.state.record import CheckpointRecord
-from stable_cnn.state.resume import earlier_outcome, sampling_of
+from stable_cnn.state.resume import data_as_it_started, earlier_outcome
 from stable_cnn.state.run_files import FAILURE_FILE
 from stable_cnn.state.run_lock import RunLock
 from stable_cnn.system.distributed import (
@@ -147,10 +147,10 @@ def train(
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
-        if resume_state is not None:  # the images it started on: its own data.sampling
-            sampling = sampling_of(CheckpointRecord.read(resume_state, resume_from))
-            run = replace(run, data=replace(run.data, sampling=sampling))
-            composed_config["data"]["sampling"] = sampling
+        if resume_state is not None:  # the images it started on, settled as they were
+            record = CheckpointRecord.read(resume_state, resume_from)
+            run = replace(run, data=data_as_it_started(run.data, record))
+            composed_config["data"]["sampling"] = run.data.sampling
         data = None
         if run.optimizer.lr == "auto":
             run, data = with_auto_lr(run, runtime, run_dir, resume_state, composed_config, world)
