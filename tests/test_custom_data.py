@@ -57,7 +57,10 @@ class Patterns:
         return image, self.label(index)
 
 
-def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False):
+def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False,
+         fails_on_rank=-1):
+    if int(os.environ.get("LOCAL_RANK", "0")) == fails_on_rank:
+        raise FileNotFoundError("no images where this process looks")
     make = lambda n, bad: Patterns(n, size, channels, with_targets, bad, grey_first)
     return make(count, bad_label_at), make(count // 4, -1)
 """
@@ -162,19 +165,21 @@ def test_decoding_and_statistics_stay_near_the_size_of_the_images(my_data: Path)
 
 
 def test_the_memory_decision_counts_the_cgroup_limit_and_the_gpu(tmp_path: Path, monkeypatch):
-    """A SLURM job with --mem=2G on a big host (cgroup v1), a container's v2 limit on a
-    parent group: the least that is left counts; on a GPU its free memory counts too
-    (faked at torch.cuda's boundary)."""
+    """A SLURM job with --mem=2G on a big host (cgroup v1; the page cache it could give
+    back does not count as used), a container's v2 limit on a parent group: the least
+    that is left counts; on a GPU its free memory counts too (faked at torch.cuda's
+    boundary)."""
     v1 = tmp_path / "v1"
     job = v1 / "memory" / "slurm" / "job_7"
     job.mkdir(parents=True)
     (job / "memory.limit_in_bytes").write_text(str(2 * 2**30))
-    (job / "memory.usage_in_bytes").write_text(str(2**29))
+    (job / "memory.usage_in_bytes").write_text(str(2**29))  # 256 MiB of it page cache:
+    (job / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {2**28}\n")
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
     (v1 / "memory" / "memory.usage_in_bytes").write_text("1")
     groups = tmp_path / "cgroup-v1"
     groups.write_text("5:cpuset:/\n4:memory:/slurm/job_7\n")
-    assert cgroup_available(groups, v1) == 2 * 2**30 - 2**29
+    assert cgroup_available(groups, v1) == 2 * 2**30 - (2**29 - 2**28)  # reclaimable cache
 
     v2 = tmp_path / "v2"
     (v2 / "box" / "inner").mkdir(parents=True)
@@ -234,3 +239,14 @@ def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Pat
                       tmp_path, env=env)  # fmt: skip
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout
     assert_same_run(whole, stopped)
+
+
+def test_a_dataset_that_fails_in_one_process_stops_every_process(my_data: Path, tmp_path: Path):
+    """The callable raises on the second process alone (a path missing on one node): the
+    first does not wait for it for ever, but stops with one line that says why."""
+    env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
+    done = run_cli(custom("trainer.devices=2", "+data.fails_on_rank=1", "hydra.run.dir=run"),
+                   tmp_path, env=env)  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stdout.splitlines() if "error:" in line]
+    assert errors == [errors[0]] and "no images where this process looks (on rank 1)" in errors[0]

@@ -21,8 +21,8 @@ def available_memory(
     what the page cache would give back), or less where a memory cgroup (v1 or v2, this
     process's or one above it) has less left under its limit; None where neither can be
     read."""
-    amounts = [amount for amount in (host_available(meminfo),
-               cgroup_available(cgroups, cgroup_root)) if amount is not None]  # fmt: skip
+    amounts = [host_available(meminfo), cgroup_available(cgroups, cgroup_root)]
+    amounts = [amount for amount in amounts if amount is not None]
     return min(amounts) if amounts else None
 
 
@@ -49,31 +49,46 @@ def cgroup_available(cgroups: Path, cgroup_root: Path) -> int | None:
             continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one hierarchy; limits in memory.max
-            folder, limit_file, usage_file = cgroup_root, "memory.max", "memory.current"
+            folder, names = cgroup_root, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
-            folder, limit_file, usage_file = (cgroup_root / "memory", "memory.limit_in_bytes",
-                                              "memory.usage_in_bytes")  # fmt: skip
+            folder = cgroup_root / "memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
             continue
         group = folder / path.lstrip("/")
         for level in (group, *group.parents):  # a limit on a parent binds its children
             if not level.is_relative_to(folder):
                 break
-            remaining = limit_left(level / limit_file, level / usage_file)
+            remaining = limit_left(level, *names)
             if remaining is not None:
                 left.append(remaining)
     return min(left) if left else None
 
 
-def limit_left(limit_file: Path, usage_file: Path) -> int | None:
-    """Limit minus usage of one cgroup; None where it has no limit or cannot be read."""
+def limit_left(group: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    """Limit minus usage of one cgroup, less the page cache the kernel would reclaim
+    (memory.stat's inactive files, as kubelet's working set counts it); None where it
+    has no limit or cannot be read."""
     try:
-        limit = limit_file.read_text().strip()
+        limit = (group / limit_file).read_text().strip()
         if limit == "max" or int(limit) >= UNLIMITED:
             return None
-        return max(0, int(limit) - int(usage_file.read_text().strip()))
+        used = int((group / usage_file).read_text().strip())
     except (OSError, ValueError):
         return None
+    return max(0, int(limit) - max(0, used - reclaimable(group / "memory.stat", cache_key)))
+
+
+def reclaimable(stat_file: Path, key: str) -> int:
+    """The bytes memory.stat gives for ``key`` (0 where it cannot be read)."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def device_memory_available(device: torch.device) -> int | None:

@@ -25,7 +25,7 @@ from stable_cnn.config import (
 from stable_cnn.data.build import batch_mixing, build_splits
 from stable_cnn.data.custom import custom_fits_in_memory
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
-from stable_cnn.errors import UserError
+from stable_cnn.errors import DataError, UserError
 from stable_cnn.models.build import build_model, describe_model
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
@@ -240,10 +240,24 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
 def in_memory_everywhere(config: CustomDataConfig, world: World, device: torch.device) -> bool:
     """data=custom's way, agreed before any process decodes: in memory only where every
     machine holds a copy per process and every GPU its own (processes that went different
-    ways would wait on each other for ever)."""
+    ways would wait on each other for ever). The user's callable runs on each machine's
+    first process first, as the data itself is built; where it fails on one process,
+    every process stops."""
     if not world.distributed:
         return custom_fits_in_memory(config, device)
-    fits = custom_fits_in_memory(config, device, world.local_size)
+    fits, failure = False, None
+    with world.local_main_first():
+        try:
+            fits = custom_fits_in_memory(config, device, world.local_size)
+        except Exception as err:  # the user's code: any kind; the others must not wait
+            failure = err
+    reason = world.agree_on_reason(
+        "" if failure is None else f"{type(failure).__name__}: {failure}"
+    )
+    if failure is not None:
+        raise failure
+    if reason:
+        raise DataError(f"data=custom could not be opened: {reason}")
     return bool(world.all_true(torch.tensor(fits, device=device)).item())  # once per run
 
 
