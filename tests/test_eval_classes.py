@@ -65,3 +65,26 @@ def test_eval_on_an_image_folder_matches_classes_by_name(fashion_mnist_root: Pat
     assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
     assert "'Backpack'" in lines[0] and "'Bag'" in lines[0] and "same classes" in lines[0]
     assert not (tmp_path / "refused").exists()
+
+
+def test_eval_reads_the_runs_data_where_this_machine_keeps_it(fashion_mnist_root: Path,
+                                                              tmp_path: Path):  # fmt: skip
+    """The checkpoint names the folder its run read (here edited to point elsewhere, as a
+    file from someone else might): eval neither writes there nor reads from there, but
+    takes this installation's Fashion-MNIST (the system copy, into ./data)."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run_dir)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    elsewhere = tmp_path / "elsewhere"
+    state["config"]["data"]["root"] = str(elsewhere)
+    torch.save(state, checkpoint)
+    done = command("stable-cnn-eval", f"checkpoint={checkpoint}", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not elsewhere.exists()
+    assert (
+        json.loads((run_dir / "eval" / "last-fashion_mnist" / "eval.json").read_text())["images"]
+        == IMAGES
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ def with_overrides(data: DataConfig, overrides: dict[str, Any]) -> DataConfig:
         raise ConfigError(f"data.{key}: {str(err).splitlines()[0]}") from None
 
 
+def with_local_paths(saved: DataConfig) -> DataConfig:
+    """The run's data where this installation keeps it: ``root`` and ``system_dir`` from
+    its own data option, not from the checkpoint, which never picks a folder to read a
+    system copy into (data.root=... still moves it). An image folder, whose option has no
+    root of its own, is read where the run read it: reading a folder writes nothing."""
+    option = Path(config_dir()) / "data" / f"{saved.name}.yaml"
+    if saved.name == "custom" or not option.is_file():
+        return saved
+    local = OmegaConf.load(option)
+    paths = {"system_dir": local.get("system_dir")}
+    if "root" in local and not OmegaConf.is_missing(local, "root"):
+        paths["root"] = str(local.root)  # resolves ${oc.env:STABLE_CNN_DATA,./data}
+    return replace(saved, **paths)
+
+
 register_schemas()
 
 
@@ -62,7 +78,7 @@ def main(cfg: DictConfig) -> float:
             data,
             cfg.device,
             out_dir,
-            lambda saved: with_overrides(saved, overrides),
+            lambda saved: with_overrides(with_local_paths(saved), overrides),
             trust_code(cfg.trust_code),
         )
     except UserError as err:

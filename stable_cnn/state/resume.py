@@ -59,13 +59,14 @@ ADDED_KEYS = {
     ("data", "tta_translate"): 0,
 }
 
-# Keys that options of a group have dropped since, with the options that still have
-# them: an older checkpoint of another option recorded them, and still resumes. A key
-# that moves gets an entry here, and a run of the last version that had it goes into
+# Keys that options of a group have dropped since, with the options that dropped them:
+# an older checkpoint of those options recorded them, and still resumes. A key that
+# moves gets an entry here, and a run of the last version that had it goes into
 # tests/fixtures/old_runs (scripts/old_run_fixture.py) to check it.
+BUILT_IN_DATA = {"fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "image_folder"}
 DROPPED_KEYS = {
-    ("data", "num_train"): {"synthetic"},  # every data option had it before 2026-11-28
-    ("data", "num_test"): {"synthetic"},
+    ("data", "num_train"): BUILT_IN_DATA,  # data=synthetic's alone since 2026-11-28
+    ("data", "num_test"): BUILT_IN_DATA,  # (data=custom's +data.num_test is the user's)
 }
 
 
@@ -86,7 +87,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
             comparable_config[group].setdefault(key, value)
     for (group, key), options in DROPPED_KEYS.items():
         values = comparable_config.get(group)
-        if isinstance(values, dict) and values.get("name") not in options:
+        if isinstance(values, dict) and values.get("name") in options:
             values.pop(key, None)
     return comparable_config
 

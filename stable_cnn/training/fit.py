@@ -156,7 +156,12 @@ def train(
             run, data = with_auto_lr(run, runtime, run_dir, resume_state, composed_config, world)
             if hparams is not None:
                 hparams.values["optimizer.lr"] = run.optimizer.lr
-        training = build_training(run, world, runtime, run_dir, composed_config, resume, data)
+        try:
+            training = build_training(run, world, runtime, run_dir, composed_config, resume, data)
+        except BaseException:
+            if data is not None:  # the range test's loader workers would hold the exit
+                data.close()
+            raise
         try:
             log.info("run folder: %s", run_dir)
             fit(training, hparams or Hparams())

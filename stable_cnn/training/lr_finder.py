@@ -181,8 +181,8 @@ def has_diverged(curve: LRCurve, factor: float) -> bool:
     block = curve.losses[-READ_EVERY:]
     if sum(not math.isfinite(loss) for loss in block) * 2 > len(block):
         return True  # the step's guard skipped them, but the rates are past any use
-    # the windows free of NaN/Inf: a stray one goes on (suggest keeps below it), a run of them
-    # ends the sweep by the rule above
+    # the windows free of NaN/Inf: a stray one goes on (no window that holds it can be the
+    # minimum or the edge), a run of them ends the sweep by the rule above
     smooth = [value for value in curve.smoothed() if math.isfinite(value)]
     if len(smooth) <= 2 * READ_EVERY:
         return False
