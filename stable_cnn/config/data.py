@@ -115,9 +115,9 @@ class SyntheticDataConfig(DataConfig):
 @dataclass
 class CustomDataConfig(DataConfig):
     """data=custom: datasets of your own, from a callable (docs/data.md#your-own-dataset).
-    What is left null is found from the data: channels and size from the first training
-    image, classes from the datasets' ``classes`` (else their labels), mean and std from
-    the training images."""
+    What is left null is found from the data: channels from a sample of training images
+    (colour if any is), the size from the first, classes from the datasets' ``classes``
+    (else their labels), mean and std from the training images."""
 
     name: str = "custom"
     root: str = ""  # unused: the callable knows where its data is
@@ -126,11 +126,12 @@ class CustomDataConfig(DataConfig):
     # the test dataset, each of (image, label) pairs
     _target_: str = MISSING
     kwargs: dict[str, Any] = field(default_factory=dict)  # filled from +data.KEY=VALUE
-    # null: decoded into memory (the fast path) when the images take at most a quarter
-    # of the memory available; false: per-image DataLoader workers, as data=image_folder
+    # null: decoded into memory (the fast path) when the images the run uses take at most
+    # a quarter of the memory the job may take (its cgroup limit counted; on a GPU, half
+    # its free memory too); false: per-image DataLoader workers, as data=image_folder
     in_memory: bool | None = None
     val_size: int | None = None  # null: a tenth of the training images
-    in_channels: int | None = None  # null: the first training image's
+    in_channels: int | None = None  # null: 3 if any of 16 sampled training images is colour, else 1
     num_classes: int | None = None  # null: the datasets' classes, else the largest label + 1
     image_size: int | None = None  # null: the first training image's (images are resized to it)
     mean: list[float] | None = None  # null: computed from the training images

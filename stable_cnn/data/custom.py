@@ -177,9 +177,9 @@ def settle_shape(config: CustomDataConfig, train_set: Any) -> CustomDataConfig:
             len(shapes),
             in_channels,
         )
-    settled = replace(config, in_channels=in_channels, image_size=config.image_size or height)
-    settled.check_shape()
-    return settled
+    shaped = replace(config, in_channels=in_channels, image_size=config.image_size or height)
+    shaped.check_shape()
+    return shaped
 
 
 def fits_in_memory(
@@ -231,9 +231,15 @@ def known_targets(dataset: Any) -> torch.Tensor | None:
     """A dataset's labels where it lists them (``targets``, as torchvision's do), so that
     limits and the hold-out keep every class in proportion without reading an image."""
     targets = getattr(dataset, "targets", None)
-    if targets is None or len(targets) != len(dataset):
+    if targets is None:
         return None
-    return torch.as_tensor(targets).flatten()
+    try:
+        labels = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):  # names, ragged lists: not labels we can use
+        return None
+    if labels.ndim != 1 or len(labels) != len(dataset) or labels.is_floating_point():
+        return None  # one integer per image, or none at all (multi-label targets are not)
+    return labels.long()
 
 
 def check_labels(labels: torch.Tensor, classes: int, split: str, index: torch.Tensor) -> None:
@@ -288,7 +294,9 @@ def in_memory_splits(
         train = decode(train_set, chosen.train, config, "train")
         val = decode(train_set, chosen.val, config, "train") if len(chosen.val) else None
     decoded = [part for part in (train, val, test) if part is not None]
-    classes = class_names(config, datasets, torch.cat([labels for _, labels in decoded]))
+    listed = [t for t in (chosen.train_labels, chosen.test_labels) if t is not None]
+    seen = [*listed, *(labels for _, labels in decoded)]  # all, where the datasets list them
+    classes = class_names(config, datasets, torch.cat(seen))
     for part, index, split in (
         (train, chosen.train, "train"),
         (val, chosen.val, "train"),

@@ -12,7 +12,6 @@ import torch
 
 from stable_cnn.config import CustomDataConfig
 from stable_cnn.errors import DataError
-from stable_cnn.system.hardware import usable_cores
 
 CHUNK_BYTES = 2 * 2**20  # uint8 images turned into floats at once for the statistics (~17x)
 
@@ -91,8 +90,9 @@ def decode(
     dataset: Any, index: torch.Tensor, config: CustomDataConfig, split: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The images ``index`` of ``dataset`` as one uint8 tensor (N, C, H, W), and their
-    labels; decoded by one thread per core this process may use (PIL and torch release
-    the GIL while they decode and resize)."""
+    labels; decoded by as many threads as torch computes with in this process, its share
+    of the cores (PIL and torch release the GIL while they decode and resize), so
+    ``dataset[i]`` must be safe to call from several threads at once."""
     channels, size = config.in_channels, config.image_size
     images = torch.empty((len(index), channels, size, size), dtype=torch.uint8)
     labels = torch.empty(len(index), dtype=torch.int64)
@@ -104,7 +104,8 @@ def decode(
         images[position] = image_tensor(image, channels, size, where)
         labels[position] = as_label(label, where)
 
-    with ThreadPoolExecutor(max(1, min(usable_cores(), len(positions)))) as pool:
+    threads = torch.get_num_threads()  # trainer.num_threads, or this process's share
+    with ThreadPoolExecutor(max(1, min(threads, len(positions)))) as pool:
         for _ in pool.map(decode_one, range(len(positions))):  # the first error, in order
             pass
     return images, labels
