@@ -303,7 +303,9 @@ def test_limits_on_a_class_sorted_folder_keep_every_class_in_proportion(tmp_path
 
     train, val, _, _ = folder_datasets(compose_run(args).data)
     per_class = np.bincount(subset_labels(train), minlength=10)
-    assert per_class.tolist() == [10, 5, 5, 5, 5, 4, 4, 4, 4, 4]  # 9.5 and 4.5 each, rounded
+    # 9.5 and 4.5 each, five of the ten rounded up (seeded ties), none left out
+    assert per_class.sum() == 50 and per_class[0] in (9, 10)
+    assert all(count in (4, 5) for count in per_class[1:]), per_class
     assert np.bincount(subset_labels(val), minlength=10).tolist() == [2] * 10
     assert subset_labels(folder_datasets(compose_run(args).data)[0]) == subset_labels(train)
 

@@ -17,7 +17,7 @@ from stable_cnn.errors import ConfigError
 def nearest_key(name: str, known: list[str]) -> str | None:
     """The key ``name`` was probably meant as: one that contains it (patience ->
     early_stopping_patience), else the closest spelling."""
-    containing = [key for key in known if name in key or key in name]
+    containing = [key for key in known if len(name) >= 4 and (name in key or key in name)]
     if containing:
         return min(containing, key=len)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)

@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 import stable_cnn.config
 from stable_cnn.cli.extra_keys import nearest_key
+from stable_cnn.config import TAKES_KWARGS
 
 # Lines of Hydra's messages that are about Hydra, not about the mistake.
 NOISE = ("Set the environment variable", "Config search path", "provider=", "full_key:",
@@ -60,8 +61,12 @@ def describe(err: BaseException, program: str) -> str:
         known = [f.name for f in fields(schema_class)] if is_dataclass(schema_class) else []
         near = nearest_key(leaf, known)
         meant = f"did you mean {group}.{near}?" if near and group else "check the spelling"
-        return (f"{name} is not a key of this config{where}: {meant} (`{program} --cfg job` "
-                f"lists every key)")  # fmt: skip
+        takes = isinstance(schema_class, type) and issubclass(schema_class, TAKES_KWARGS)
+        argument = f"; +{name}=... passes it to your callable" if takes else ""
+        return (
+            f"{name} is not a key of this config{where}: {meant} (`{program} --cfg job` "
+            f"lists every key){argument}"
+        )
     merging = re.search(r"Error merging override (\S+)", text)
     if merging and isinstance(cause, OmegaConfBaseException):
         reason = _meaningful_lines(str(cause))[0]

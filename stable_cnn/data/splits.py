@@ -128,8 +128,11 @@ def stratified(index: torch.Tensor, labels: torch.Tensor, count: int) -> torch.T
     exact = per_class.double() * count / len(index)
     quota = exact.floor().long()
     short = count - int(quota.sum())
-    # the classes with the largest fractional parts get one image more (ties: lower class)
-    quota[(exact - quota).argsort(descending=True, stable=True)[:short]] += 1
+    # the classes with the largest fractional parts get one image more; ties in a seeded
+    # order, so that 5 of 10 balanced classes are not always the first five
+    tie_order = torch.randperm(len(classes), generator=generator)
+    remainders = (exact - quota)[tie_order]
+    quota[tie_order[remainders.argsort(descending=True, stable=True)[:short]]] += 1
     chosen = []
     for label, take in zip(classes.tolist(), quota.tolist(), strict=True):
         members = index[labels[index] == label]

@@ -127,7 +127,7 @@ class ClassesReordered(nn.Module):
 
 def name_key(name: str) -> str:
     """A class name as folders can spell it: T-shirt/top, T-shirt_top and tshirt-top agree."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    return re.sub(r"[\W_]", "", name.casefold())  # letters of every script kept
 
 
 def in_class_order(
