@@ -39,8 +39,10 @@ def with_kwargs(group: str, config: Any, composed: DictConfig) -> Any:
         option = f"{group}={config.name}" if hasattr(config, "name") else group
         near = nearest_key(key, known)
         meant = f"did you mean {group}.{near}? " if near else "check the spelling "
-        takers = {"model": "; model=timm and model=custom take extra keyword arguments this way",
-                  "data": "; data=custom takes extra keyword arguments this way"}  # fmt: skip
+        takers = {
+            "model": "; model=timm and model=custom take extra keyword arguments this way",
+            "data": "; data=custom takes extra keyword arguments this way",
+        }
         raise ConfigError(
             f"{group}.{key} is not a key of {option}: {meant}(`stable-cnn-train --cfg job` "
             f"lists the keys){takers.get(group, '')}"

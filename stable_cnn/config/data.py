@@ -53,8 +53,12 @@ class DataConfig:
         )
         if self.val_size is not None:  # data=custom's null: a tenth of the training images
             check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0 (0 = use test)")
-        check(self.sampling in SAMPLING, "data.sampling", self.sampling,
-              f"must be one of {', '.join(SAMPLING)}")  # fmt: skip
+        check(
+            self.sampling in SAMPLING,
+            "data.sampling",
+            self.sampling,
+            f"must be one of {', '.join(SAMPLING)}",
+        )
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")

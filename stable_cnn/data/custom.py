@@ -36,7 +36,7 @@ from stable_cnn.data.splits import (
     limited,
     split_indices,
 )
-from stable_cnn.data.tensors import evaluation_batches, parts_as_splits
+from stable_cnn.data.tensors import parts_as_splits
 from stable_cnn.errors import ConfigError, DataError
 from stable_cnn.system.imports import find_callable
 from stable_cnn.system.memory import available_memory, device_memory_available
@@ -284,50 +284,49 @@ def in_memory_splits(
     train_device: torch.device | None,
     test_only: bool = False,
 ) -> DataSplits:
-    """The chosen images decoded into memory, checked, and cut into splits."""
-    train_set, test_set = datasets
-    training = 0 if test_only else len(chosen.train) + len(chosen.val)
-    log.info("data custom: decoding %d + %d images into memory", training, len(chosen.test))
-    test = decode(test_set, chosen.test, config, "test")
-    train = val = None
-    if not test_only:
-        train = decode(train_set, chosen.train, config, "train")
-        val = decode(train_set, chosen.val, config, "train") if len(chosen.val) else None
+    """The chosen images decoded into memory, checked, and cut into splits (the test
+    split alone with ``test_only``)."""
+    train, val, test = decode_chosen(datasets, chosen, config, test_only)
     decoded = [part for part in (train, val, test) if part is not None]
     listed = [t for t in (chosen.train_labels, chosen.test_labels) if t is not None]
     seen = [*listed, *(labels for _, labels in decoded)]  # all, where the datasets list them
     classes = class_names(config, datasets, torch.cat(seen))
-    for part, index, split in (
+    parts = (
         (train, chosen.train, "train"),
         (val, chosen.val, "train"),
         (test, chosen.test, "test"),
-    ):
+    )
+    for part, index, split in parts:
         if part is not None:
             check_labels(part[1], len(classes), split, index)
     stats = None
-    if config.mean is None or config.std is None:
+    if config.mean is None or config.std is None:  # from a sample where train is not decoded
         stats = (
-            channel_stats(train[0])
-            if train is not None
-            else sample_stats(train_set, chosen.train, config)
+            channel_stats(train[0]) if train else sample_stats(datasets[0], chosen.train, config)
         )
     config = settled(config, classes, stats)
-    if test_only:  # a checkpoint tested: its own split alone
-        test_split = evaluation_batches(config, *test, device, shard)
-        info = DatasetInfo("custom", config.in_channels, len(classes), config.image_size, classes)
-        return DataSplits(
-            None,
-            test_split,
-            test_split,
-            info,
-            0,
-            len(test_split.labels),
-            len(test_split.labels),
-            val_is_test=True,
-        )
     splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
     splits.resolved = resolved_values(config)
     return splits
+
+
+Part = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and their labels
+
+
+def decode_chosen(
+    datasets: tuple[Any, Any], chosen: ChosenImages, config: CustomDataConfig, test_only: bool
+) -> tuple[Part | None, Part | None, Part]:
+    """The chosen train, val and test images, decoded (train and val: None with
+    ``test_only``; val: None where the run validates on the test split)."""
+    train_set, test_set = datasets
+    training = 0 if test_only else len(chosen.train) + len(chosen.val)
+    log.info("data custom: decoding %d + %d images into memory", training, len(chosen.test))
+    test = decode(test_set, chosen.test, config, "test")
+    if test_only:
+        return None, None, test
+    train = decode(train_set, chosen.train, config, "train")
+    val = decode(train_set, chosen.val, config, "train") if len(chosen.val) else None
+    return train, val, test
 
 
 class ImagesOf(Dataset):

@@ -111,8 +111,9 @@ def folder_datasets(config: DataConfig) -> tuple[Any, Any, Any, tuple[str, ...]]
     test_set = sample(test_set, None, config.limit_test)
     if config.val_size > 0:
         train_labels = torch.tensor(train_set.targets)
-        train_index, val_index = split_indices(train_labels, len(train_labels), config.val_size,
-                                               "image_folder", config.sampling)  # fmt: skip
+        train_index, val_index = split_indices(
+            train_labels, len(train_labels), config.val_size, "image_folder", config.sampling
+        )
         val_set = sample(open_folder(root, "train", eval_transform), val_index, config.limit_test)
     elif has_test:
         val_set = sample(val_set, None, config.limit_test)

@@ -161,15 +161,21 @@ def tensor_splits(
     test_index = limited(torch.arange(len(test_labels)), test_labels, config.limit_test, sampling)
     val = (train_images[val_index], train_labels[val_index]) if len(val_index) else None
     return parts_as_splits(
-        config, (train_images[train_index], train_labels[train_index]), val,
-        (test_images[test_index], test_labels[test_index]), class_names, device, run_seed,
-        shard, train_device,
-    )  # fmt: skip
+        config,
+        (train_images[train_index], train_labels[train_index]),
+        val,
+        (test_images[test_index], test_labels[test_index]),
+        class_names,
+        device,
+        run_seed,
+        shard,
+        train_device,
+    )
 
 
 def parts_as_splits(
     config: DataConfig,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[torch.Tensor, torch.Tensor] | None,
     val: tuple[torch.Tensor, torch.Tensor] | None,
     test: tuple[torch.Tensor, torch.Tensor],
     class_names: tuple[str, ...],
@@ -179,18 +185,28 @@ def parts_as_splits(
     train_device: torch.device | None = None,
 ) -> DataSplits:
     """Splits of images already chosen (uint8 (N, C, H, W), int64 labels): training
-    batches on ``train_device`` (default ``device``), validation (None: the test split)
-    and test batches on ``device``."""
-    check_batch_size(config, len(train[1]), shard.count)
+    batches on ``train_device`` (default ``device``; None: a checkpoint tested, whose
+    splits' train is None), validation (None: the test split) and test batches on
+    ``device``."""
     test_split = evaluation_batches(config, *test, device, shard)
     val_split = test_split if val is None else evaluation_batches(config, *val, device, shard)
-    train_split = training_batches(config, *train, train_device or device, run_seed, shard)
+    train_split = None
+    if train is not None:
+        check_batch_size(config, len(train[1]), shard.count)
+        train_split = training_batches(config, *train, train_device or device, run_seed, shard)
     info = DatasetInfo(
         config.name, config.in_channels, len(class_names), config.image_size, class_names
     )
-    return DataSplits(train_split, val_split, test_split, info, len(train[1]),
-                      len(val_split.labels), len(test_split.labels),
-                      val_is_test=val is None)  # fmt: skip
+    return DataSplits(
+        train_split,
+        val_split,
+        test_split,
+        info,
+        0 if train is None else len(train[1]),
+        len(val_split.labels),
+        len(test_split.labels),
+        val_is_test=val is None,
+    )
 
 
 def training_batches(
@@ -210,12 +226,21 @@ def training_batches(
     order = torch.Generator(device=device).manual_seed(stream_seed(run_seed, "data"))
     augment = config.augment
     return TensorBatches(
-        images.to(device), labels.to(device), config.batch_size, torch.tensor(config.mean),
-        torch.tensor(config.std), train=True, crop_padding=config.crop_padding if augment else 0,
-        flip=config.flip and augment, generator=order,
-        erase_prob=config.erase_prob if augment else 0.0, erase_scale=tuple(config.erase_scale),
-        erase_ratio=tuple(config.erase_ratio), shard=shard, augment_generator=augment_generator,
-    )  # fmt: skip
+        images.to(device),
+        labels.to(device),
+        config.batch_size,
+        torch.tensor(config.mean),
+        torch.tensor(config.std),
+        train=True,
+        crop_padding=config.crop_padding if augment else 0,
+        flip=config.flip and augment,
+        generator=order,
+        erase_prob=config.erase_prob if augment else 0.0,
+        erase_scale=tuple(config.erase_scale),
+        erase_ratio=tuple(config.erase_ratio),
+        shard=shard,
+        augment_generator=augment_generator,
+    )
 
 
 def evaluation_batches(
