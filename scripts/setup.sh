@@ -25,5 +25,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv && "$python" -m venv .venv; }
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".${extras}"
+# compat: the project folder on sys.path, so that Hydra finds hydra_plugins/ (its plugin
+# scan lists folders, which setuptools' newer editable finder does not provide)
+.venv/bin/python -m pip install --quiet -e ".${extras}" --config-settings editable_mode=compat
 echo "setup: done; commands are in .venv/bin (stable-cnn-train, pytest)" >&2

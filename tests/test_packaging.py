@@ -25,6 +25,7 @@ def test_non_editable_install_ships_the_configs(tmp_path: Path):
         p.relative_to(target / "stable_cnn") for p in target.glob("stable_cnn/conf/**/*.yaml")
     }
     assert shipped == {p.relative_to(REPO) for p in REPO.glob("conf/**/*.yaml")}
+    assert (target / "hydra_plugins" / "stable_cnn_optuna" / "__init__.py").is_file()  # the sweeper
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run(
         [sys.executable, "-m", "stable_cnn.train", "--cfg", "job", "scheduler=plateau"],

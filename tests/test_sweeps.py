@@ -320,3 +320,45 @@ def test_an_interrupted_sweep_resumes_its_unfinished_jobs_only(tmp_path: Path):
     assert not (second / "failure.json").exists()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [first.name, second.name]
     assert [row["status"] for row in report_rows(sweep)] == ["finished", "finished"]
+
+
+def test_the_stock_search_space_reads_as_optuna_distributions():
+    """conf/hparams_search/optuna.yaml's expressions become Optuna >= 4 distributions; a
+    key fixed on the command line leaves the space."""
+    optuna = pytest.importorskip("optuna")
+    import yaml
+
+    from stable_cnn.cli.optuna_search import grid_of, search_space
+
+    assert int(optuna.__version__.split(".")[0]) >= 4
+    params = yaml.safe_load((REPO / "conf/hparams_search/optuna.yaml").read_text())
+    stock = [f"{key}={value}" for key, value in params["hydra"]["sweeper"]["params"].items()]
+    space, fixed = search_space([*stock, "model.width=16"])
+    assert fixed == {"model.width": "16"} and "model.width" not in space
+    lr = space["optimizer.lr"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and lr.log
+    assert (lr.low, lr.high) == (0.005, 0.3)
+    assert not space["model.dropout"].log
+    grid, _ = search_space(["model.width=choice(8,16,32)", "data.batch_size=range(32,129,32)"])
+    assert grid_of(grid) == {"model.width": [8, 16, 32], "data.batch_size": [32, 64, 96, 128]}
+
+
+def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
+    pytest.importorskip("optuna")
+    refused = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH],
+                      cwd=tmp_path)  # fmt: skip
+    errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "error" in line]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stdout + refused.stderr
+    assert "sampler=grid needs a finite set for optimizer.lr" in errors[0]
+    fixed = ["optimizer.lr=0.05", "optimizer.weight_decay=0.0001", "model.dropout=0.1",
+             "model.head_dropout=0.1", "clipping.max_norm=1.0"]  # fmt: skip
+    done = run_cli(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH, *fixed,
+         "model.width=choice(8,16)", "hydra.sweeper.n_trials=5"],
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = list((tmp_path / "outputs" / "optuna" / "search").glob("*/[0-9]*"))
+    widths = sorted(job.name.split("model.width=")[1].split(",")[0] for job in jobs)
+    assert widths == ["16", "8"], "each point of the grid once, though 5 trials were asked"

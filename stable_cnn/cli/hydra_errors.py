@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 import stable_cnn.config
 from stable_cnn.cli.extra_keys import nearest_key
 from stable_cnn.config import TAKES_KWARGS
+from stable_cnn.errors import UserError
 
 # Lines of Hydra's messages that are about Hydra, not about the mistake.
 NOISE = ("Set the environment variable", "Config search path", "provider=", "full_key:",
@@ -93,3 +94,6 @@ def run_reporting_hydra_errors(main: Callable[[], object], program: str) -> None
     except (HydraException, OmegaConfBaseException) as err:
         print(f"{program}: error: {describe(err, program)}", file=sys.stderr)
         sys.exit(2)
+    except UserError as err:  # raised outside a job: by the sweeper (hparams_search=optuna)
+        print(f"{program}: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -1,0 +1,229 @@
+"""``hparams_search=optuna``: a Hydra sweeper of stable-cnn's own on a current Optuna
+(>= 4), through its ask-and-tell interface. Hydra finds it through the
+``hydra_plugins.stable_cnn_optuna`` package; conf/hparams_search/optuna.yaml selects it
+(``hydra/sweeper: stable_optuna``) and names the search space.
+
+The space is written as Hydra's sweeps are: ``interval(a, b)``, ``tag(log, interval(a,
+b))``, ``choice(x, y)``, ``range(a, b, step)``; a plain value is fixed for every trial.
+Each trial is one job of the launcher (its own folder, its own run); its return value,
+the best validation accuracy, is told to the study. A job that fails is a failed trial
+and the search goes on, up to ``max_failure_rate``. The study lives in ``storage`` under
+``study_name``: rerunning the command continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from stable_cnn.errors import ConfigError
+
+log = logging.getLogger("stable_cnn")
+
+SAMPLERS = ("tpe", "random", "cmaes", "grid")
+
+
+@dataclass
+class OptunaSearchConfig:
+    """``hydra.sweeper.*`` of hparams_search=optuna."""
+
+    _target_: str = "hydra_plugins.stable_cnn_optuna.OptunaSearch"
+    direction: str = "maximize"  # maximize | minimize what each job returns
+    study_name: str = "search"
+    storage: str | None = None  # an Optuna storage URL; null: in memory (lost at the end)
+    n_trials: int = 20  # trials per invocation; rerun the command to add more
+    n_jobs: int = 1  # trials launched at a time (with a launcher that runs them side by side)
+    max_failure_rate: float = 1.0  # stop once more than this share of a batch failed
+    sampler: str = "tpe"  # tpe | random | cmaes | grid
+    seed: int | None = None  # the sampler's; null: a continued study proposes new trials
+    params: dict[str, Any] = field(default_factory=dict)  # key: sweep expression
+
+
+def register() -> None:
+    ConfigStore.instance().store(
+        group="hydra/sweeper", name="stable_optuna", node=OptunaSearchConfig, provider="stable_cnn"
+    )
+
+
+def distribution(override: Override) -> Any:
+    """An Optuna distribution for a sweep expression, or the plain value of a fixed one."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    if not override.is_sweep_override():
+        return override.get_value_element_as_str()
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        return CategoricalDistribution(
+            list(override.sweep_iterator(transformer=Transformer.encode))
+        )
+    if override.is_range_sweep():
+        numbers = (value.start, value.stop, value.step)
+        if any(isinstance(number, float) for number in numbers):
+            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+    if override.is_interval_sweep():
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ConfigError(f"hydra.sweeper.params: {override.input_line} is no sweep Optuna can take")
+
+
+def search_space(expressions: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The searched keys with their distributions, and the fixed keys with their values."""
+    from optuna.distributions import BaseDistribution
+
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(expressions):
+        made = distribution(override)
+        key = override.get_key_element()
+        if isinstance(made, BaseDistribution):  # the last word on a key wins, as in Hydra:
+            space[key] = made  # the command line's over the stock space
+            fixed.pop(key, None)
+        else:
+            fixed[key] = made
+            space.pop(key, None)
+    return space, fixed
+
+
+def grid_of(space: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value of each key, for sampler=grid (choices and ranges only)."""
+    from optuna.distributions import CategoricalDistribution
+
+    grid = {}
+    for key, made in space.items():
+        if isinstance(made, CategoricalDistribution):
+            grid[key] = list(made.choices)
+        elif getattr(made, "step", None) is not None:
+            count = round((made.high - made.low) / made.step) + 1
+            grid[key] = [made.low + k * made.step for k in range(count)]
+        else:
+            raise ConfigError(
+                f"hydra.sweeper.sampler=grid needs a finite set for {key}: use choice(...) or "
+                f"range(...), not interval(...)"
+            )
+    return grid
+
+
+def make_sampler(name: str, seed: int | None, space: dict[str, Any]) -> Any:
+    import optuna
+
+    if name not in SAMPLERS:
+        raise ConfigError(
+            f"hydra.sweeper.sampler={name!r} is not known: use one of {', '.join(SAMPLERS)}"
+        )
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401  (Optuna's CMA-ES sampler needs it)
+        except ImportError:
+            raise ConfigError(
+                "hydra.sweeper.sampler=cmaes needs the cmaes package: pip install cmaes"
+            ) from None
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class OptunaSearchRun:
+    """Asks the study for trials, launches each as a job, tells it what the job returned
+    (the sweeper Hydra sees, in hydra_plugins/stable_cnn_optuna, hands on to this)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = OptunaSearchConfig(**settings)
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+        self.job_idx = 0
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.job_idx = 0
+
+    def sweep(self, arguments: list[str]) -> None:
+        import optuna
+
+        settings = self.settings
+        stock = [f"{key}={value}" for key, value in (settings.params or {}).items()]
+        space, fixed = search_space([*stock, *arguments])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
+        sampler = make_sampler(settings.sampler, settings.seed, space)
+        try:
+            study = optuna.create_study(
+                study_name=settings.study_name,
+                storage=settings.storage,
+                sampler=sampler,
+                direction=settings.direction,
+                load_if_exists=True,
+            )
+        except (RuntimeError, ValueError) as err:  # an older Optuna's schema, a bad URL
+            reason = " ".join(str(err).split())  # Optuna's own words say the fix
+            raise ConfigError(f"hydra.sweeper.storage={settings.storage}: {reason}") from None
+        trials = settings.n_trials
+        if settings.sampler == "grid":
+            trials = min(trials, math.prod(len(values) for values in grid_of(space).values()))
+        log.info("Optuna %s: study %s (%d trials so far) in %s, %s sampler, %d trials to run",
+                 optuna.__version__, study.study_name, len(study.trials), settings.storage,
+                 settings.sampler, trials)  # fmt: skip
+        while trials > 0:
+            batch = min(trials, max(1, settings.n_jobs))
+            asked = [study.ask(space) for _ in range(batch)]
+            overrides = [
+                tuple(f"{key}={value}" for key, value in {**trial.params, **fixed}.items())
+                for trial in asked
+            ]
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            failed = sum(
+                not tell(study, trial, job) for trial, job in zip(asked, returns, strict=True)
+            )
+            if failed / len(returns) > settings.max_failure_rate:
+                raise ConfigError(
+                    f"{failed} of {len(returns)} trials failed, more than "
+                    f"hydra.sweeper.max_failure_rate={settings.max_failure_rate}: see their "
+                    f"failure.json files"
+                )
+            trials -= batch
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if finished:
+            log.info("Best value: %s, trial %d: %s", study.best_value, study.best_trial.number,
+                     " ".join(f"{k}={v}" for k, v in study.best_params.items()))  # fmt: skip
+
+
+def tell(study: Any, trial: Any, job: Any) -> bool:
+    """Tell ``study`` what ``job`` returned for ``trial``; False when the job failed."""
+    import optuna
+
+    try:
+        value = float(job.return_value)  # raises the job's own error where it failed
+    except Exception as err:  # a failed job is a failed trial: the search goes on
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log.warning("trial %d failed: %s", trial.number, reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return False
+    try:
+        study.tell(trial, value)
+    except RuntimeError as err:  # the grid sampler stops the study once its grid is done
+        if "Study.stop" not in str(err):
+            raise
+    return True
