@@ -207,8 +207,10 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
     second = run_cli(command, cwd=tmp_path)
     assert second.returncode == 0, second.stderr + second.stdout
 
-    study_dir = tmp_path / "outputs" / "optuna" / "search"
-    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir / 'study.db'}")
+    study_dir = tmp_path / "outputs" / "optuna" / "synthetic-small_cnn"  # a study per data, model
+    study = optuna.load_study(
+        study_name="synthetic-small_cnn", storage=f"sqlite:///{study_dir / 'study.db'}"
+    )
     assert len(study.trials) == 6
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     learning_rates = {t.params["optimizer.lr"] for t in study.trials}
@@ -359,6 +361,20 @@ def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
     )  # fmt: skip
 
     assert done.returncode == 0, done.stdout + done.stderr
-    jobs = list((tmp_path / "outputs" / "optuna" / "search").glob("*/[0-9]*"))
+    jobs = list((tmp_path / "outputs" / "optuna" / "synthetic-small_cnn").glob("*/[0-9]*"))
     widths = sorted(job.name.split("model.width=")[1].split(",")[0] for job in jobs)
     assert widths == ["16", "8"], "each point of the grid once, though 5 trials were asked"
+
+
+def test_the_stock_space_searches_what_another_model_has(tmp_path: Path):
+    """model=resnet has no dropout or width: those keys leave the stock space (one line
+    each) and the search runs on, in a study of its own."""
+    pytest.importorskip("optuna")
+    small = [arg for arg in ONE_EPOCH if not arg.startswith("model.")]
+    done = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *small,
+                    "model=resnet", "data.limit_train=128"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for key in ("model.dropout", "model.head_dropout", "model.width"):
+        assert f"{key} is not a key of this run's config: it leaves the search" in done.stdout
+    (job,) = (tmp_path / "outputs" / "optuna" / "synthetic-resnet").glob("*/0_*")
+    assert "optimizer.lr=" in job.name and "model.dropout" not in job.name

@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stable_cnn.errors import ConfigError
 
@@ -160,11 +160,24 @@ class OptunaSearchRun:
         )
         self.job_idx = 0
 
+    def stock_space(self) -> dict[str, Any]:
+        """hydra.sweeper.params without the keys this run's config does not have (the
+        SmallCNN's dropout for model=resnet, say): the rest is searched."""
+        kept = {}
+        for key, expression in (self.settings.params or {}).items():
+            group, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(self.config, group) if group else self.config
+            if isinstance(node, DictConfig) and leaf in node:
+                kept[key] = expression
+            else:
+                log.info("%s is not a key of this run's config: it leaves the search", key)
+        return kept
+
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         settings = self.settings
-        stock = [f"{key}={value}" for key, value in (settings.params or {}).items()]
+        stock = [f"{key}={value}" for key, value in self.stock_space().items()]
         space, fixed = search_space([*stock, *arguments])
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
         sampler = make_sampler(settings.sampler, settings.seed, space)
