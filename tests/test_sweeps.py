@@ -227,6 +227,14 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
     best = max(float(row["best_val_acc_mean"]) for row in rows)
     assert study.best_value == pytest.approx(best)
 
+    other = run_cli([*command, "trainer.epochs=2"], cwd=tmp_path)  # other epochs, same study
+    lines = [line for line in (other.stdout + other.stderr).splitlines() if "error:" in line]
+    assert other.returncode == 2 and len(lines) == 1, other.stdout + other.stderr
+    assert "trainer.epochs=2 (the study's: 1)" in lines[0] and "study_name" in lines[0]
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    again = optuna.load_study(study_name="synthetic-small_cnn", storage=storage)
+    assert len(again.trials) == 6, "the refused search added no trial"
+
 
 def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
     sweep = tmp_path / "sweep"

@@ -30,6 +30,9 @@ from stable_cnn.errors import ConfigError
 log = logging.getLogger("stable_cnn")
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
+# What a trial's value depends on besides its parameters (a continued study must keep them)
+SETTING_KEYS = ("model.name", "trainer.epochs")
+DATA_SETTING_KEYS = ("name", "limit_train", "limit_test", "val_size", "image_size")
 
 
 @dataclass
@@ -160,6 +163,16 @@ class OptunaSearchRun:
         )
         self.job_idx = 0
 
+    def fixed_setting(self, space: dict[str, Any]) -> dict[str, str]:
+        """What a trial's value means beyond its parameters: the data, the model and the
+        length of training, where the search does not vary them."""
+        keys = [*SETTING_KEYS, *(f"data.{key}" for key in DATA_SETTING_KEYS)]
+        return {
+            key: str(OmegaConf.select(self.config, key, default=None))
+            for key in keys
+            if key not in space
+        }
+
     def stock_space(self) -> dict[str, Any]:
         """hydra.sweeper.params without the keys this run's config does not have (the
         SmallCNN's dropout for model=resnet, say): the rest is searched."""
@@ -192,12 +205,19 @@ class OptunaSearchRun:
         except (RuntimeError, ValueError) as err:  # an older Optuna's schema, a bad URL
             reason = " ".join(str(err).split())  # Optuna's own words say the fix
             raise ConfigError(f"hydra.sweeper.storage={settings.storage}: {reason}") from None
+        check_same_setting(study, self.fixed_setting(space), settings.study_name)
         trials = settings.n_trials
         if settings.sampler == "grid":
             trials = min(trials, math.prod(len(values) for values in grid_of(space).values()))
-        log.info("Optuna %s: study %s (%d trials so far) in %s, %s sampler, %d trials to run",
-                 optuna.__version__, study.study_name, len(study.trials), settings.storage,
-                 settings.sampler, trials)  # fmt: skip
+        log.info(
+            "Optuna %s: study %s (%d trials so far) in %s, %s sampler, %d trials to run",
+            optuna.__version__,
+            study.study_name,
+            len(study.trials),
+            settings.storage,
+            settings.sampler,
+            trials,
+        )
         while trials > 0:
             batch = min(trials, max(1, settings.n_jobs))
             asked = [study.ask(space) for _ in range(batch)]
@@ -219,8 +239,30 @@ class OptunaSearchRun:
             trials -= batch
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if finished:
-            log.info("Best value: %s, trial %d: %s", study.best_value, study.best_trial.number,
-                     " ".join(f"{k}={v}" for k, v in study.best_params.items()))  # fmt: skip
+            log.info(
+                "Best value: %s, trial %d: %s",
+                study.best_value,
+                study.best_trial.number,
+                " ".join(f"{k}={v}" for k, v in study.best_params.items()),
+            )
+
+
+def check_same_setting(study: Any, setting: dict[str, str], name: str) -> None:
+    """A new study records ``setting``; a continued one refuses, in one line, a search
+    whose values would mean something else (other data, another model, other epochs)."""
+    recorded = study.user_attrs.get("setting")
+    if recorded is None:
+        study.set_user_attr("setting", setting)
+        return
+    differing = [key for key in setting if key in recorded and recorded[key] != setting[key]]
+    if differing:
+        shown = ", ".join(
+            f"{key}={setting[key]} (the study's: {recorded[key]})" for key in differing[:3]
+        )
+        raise ConfigError(
+            f"study {name} was started with other settings: {shown}; its trials would not "
+            f"compare: name another study with hydra.sweeper.study_name=..."
+        )
 
 
 def tell(study: Any, trial: Any, job: Any) -> bool:
