@@ -234,6 +234,7 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
     storage = f"sqlite:///{study_dir / 'study.db'}"
     again = optuna.load_study(study_name="synthetic-small_cnn", storage=storage)
     assert len(again.trials) == 6, "the refused search added no trial"
+    assert len([p for p in study_dir.iterdir() if p.is_dir()]) == 2, "and left no folder"
 
 
 def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
@@ -360,6 +361,7 @@ def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
     errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "error" in line]
     assert refused.returncode != 0 and len(errors) == 1, refused.stdout + refused.stderr
     assert "sampler=grid needs a finite set for optimizer.lr" in errors[0]
+    assert not (tmp_path / "outputs").exists(), "a refused search leaves nothing behind"
     fixed = ["optimizer.lr=0.05", "optimizer.weight_decay=0.0001", "model.dropout=0.1",
              "model.head_dropout=0.1", "clipping.max_norm=1.0"]  # fmt: skip
     done = run_cli(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -25,7 +26,8 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stable_cnn.errors import ConfigError
+from stable_cnn.cli.run_folder import discard_if_unused
+from stable_cnn.errors import ConfigError, UserError
 
 log = logging.getLogger("stable_cnn")
 
@@ -173,20 +175,9 @@ class OptunaSearchRun:
             if key not in space
         }
 
-    def stock_space(self) -> dict[str, Any]:
-        """hydra.sweeper.params without the keys this run's config does not have (the
-        SmallCNN's dropout for model=resnet, say): the rest is searched."""
-        kept = {}
-        for key, expression in (self.settings.params or {}).items():
-            group, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(self.config, group) if group else self.config
-            if isinstance(node, DictConfig) and leaf in node:
-                kept[key] = expression
-            else:
-                log.info("%s is not a key of this run's config: it leaves the search", key)
-        return kept
-
-    def sweep(self, arguments: list[str]) -> None:
+    def open_study(self, arguments: list[str]) -> tuple[Any, dict[str, Any], dict[str, str], int]:
+        """The study (created or continued), the searched and the fixed keys, and how
+        many trials to run; one line where any of it cannot be."""
         import optuna
 
         settings = self.settings
@@ -218,6 +209,30 @@ class OptunaSearchRun:
             settings.sampler,
             trials,
         )
+        return study, space, fixed, trials
+
+    def stock_space(self) -> dict[str, Any]:
+        """hydra.sweeper.params without the keys this run's config does not have (the
+        SmallCNN's dropout for model=resnet, say): the rest is searched."""
+        kept = {}
+        for key, expression in (self.settings.params or {}).items():
+            group, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(self.config, group) if group else self.config
+            if isinstance(node, DictConfig) and leaf in node:
+                kept[key] = expression
+            else:
+                log.info("%s is not a key of this run's config: it leaves the search", key)
+        return kept
+
+    def sweep(self, arguments: list[str]) -> None:
+        import optuna
+
+        try:
+            study, space, fixed, trials = self.open_study(arguments)
+        except UserError:  # refused before any trial: no empty invocation folder is left
+            discard_if_unused(Path(self.config.hydra.sweep.dir))
+            raise
+        settings = self.settings
         while trials > 0:
             batch = min(trials, max(1, settings.n_jobs))
             asked = [study.ask(space) for _ in range(batch)]
