@@ -388,3 +388,26 @@ def test_the_stock_space_searches_what_another_model_has(tmp_path: Path):
         assert f"{key} is not a key of this run's config: it leaves the search" in done.stdout
     (job,) = (tmp_path / "outputs" / "optuna" / "synthetic-resnet").glob("*/0_*")
     assert "optimizer.lr=" in job.name and "model.dropout" not in job.name
+
+
+def test_your_own_search_space_extends_the_stock_one(tmp_path: Path):
+    """A search space in your own config folder (--config-dir) starts from the stock one
+    and changes one range and pins one key, without copying the file."""
+    optuna = pytest.importorskip("optuna")
+    mine = tmp_path / "my_conf" / "hparams_search"
+    mine.mkdir(parents=True)
+    (mine / "narrow.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - optuna\n"
+        "hydra:\n  sweeper:\n    params:\n"
+        "      optimizer.lr: tag(log, interval(0.01, 0.02))\n"
+        "      model.width: 8\n"
+    )
+    done = run_cli(["-m", "--config-dir", str(tmp_path / "my_conf"), "hparams_search=narrow",
+                    "hydra.sweeper.n_trials=2", *ONE_EPOCH], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    study_dir = tmp_path / "outputs" / "optuna" / "synthetic-small_cnn"
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    trials = optuna.load_study(study_name="synthetic-small_cnn", storage=storage).trials
+    assert len(trials) == 2 and all(0.01 <= t.params["optimizer.lr"] <= 0.02 for t in trials)
+    assert all("model.dropout" in t.params and "model.width" not in t.params for t in trials)
