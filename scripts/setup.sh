@@ -28,4 +28,6 @@ fi
 # compat: the project folder on sys.path, so that Hydra finds hydra_plugins/ (its plugin
 # scan lists folders, which setuptools' newer editable finder does not provide)
 .venv/bin/python -m pip install --quiet -e ".${extras}" --config-settings editable_mode=compat
+# a venv from before stable-cnn's own sweeper still holds the old plugin (it wants optuna<3)
+.venv/bin/python -m pip uninstall --quiet --yes hydra-optuna-sweeper 2>/dev/null || true
 echo "setup: done; commands are in .venv/bin (stable-cnn-train, pytest)" >&2

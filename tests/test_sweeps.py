@@ -352,6 +352,9 @@ def test_the_stock_search_space_reads_as_optuna_distributions():
     assert not space["model.dropout"].log
     grid, _ = search_space(["model.width=choice(8,16,32)", "data.batch_size=range(32,129,32)"])
     assert grid_of(grid) == {"model.width": [8, 16, 32], "data.batch_size": [32, 64, 96, 128]}
+    steps, _ = search_space(["a=range(0.0,1.0,0.3)", "b=range(0,10,4)"])  # Hydra's values
+    assert grid_of(steps)["a"] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    assert grid_of(steps)["b"] == [0, 4, 8]
 
 
 def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
@@ -364,16 +367,20 @@ def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
     assert not (tmp_path / "outputs").exists(), "a refused search leaves nothing behind"
     fixed = ["optimizer.lr=0.05", "optimizer.weight_decay=0.0001", "model.dropout=0.1",
              "model.head_dropout=0.1", "clipping.max_norm=1.0"]  # fmt: skip
-    done = run_cli(
-        ["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH, *fixed,
-         "model.width=choice(8,16)", "hydra.sweeper.n_trials=5"],
-        cwd=tmp_path,
-    )  # fmt: skip
+    grid_args = ["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH,
+                 *fixed, "model.width=choice(8,16)", "hydra.sweeper.n_trials=5"]  # fmt: skip
+    done = run_cli(grid_args, cwd=tmp_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
     jobs = list((tmp_path / "outputs" / "optuna" / "synthetic-small_cnn").glob("*/[0-9]*"))
     widths = sorted(job.name.split("model.width=")[1].split(",")[0] for job in jobs)
     assert widths == ["16", "8"], "each point of the grid once, though 5 trials were asked"
+    time.sleep(1.1)  # an invocation's folder is named by its second
+    again = run_cli(grid_args, cwd=tmp_path)
+    assert again.returncode == 0 and "the grid's 2 points have all run" in again.stdout
+    assert (
+        len(list((tmp_path / "outputs" / "optuna" / "synthetic-small_cnn").glob("*/[0-9]*"))) == 2
+    )
 
 
 def test_the_stock_space_searches_what_another_model_has(tmp_path: Path):

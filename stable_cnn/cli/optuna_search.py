@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,14 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stable_cnn.cli.run_folder import discard_if_unused
 from stable_cnn.errors import ConfigError, UserError
 
 log = logging.getLogger("stable_cnn")
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 # What a trial's value depends on besides its parameters (a continued study must keep them)
-SETTING_KEYS = ("model.name", "trainer.epochs")
+SETTING_KEYS = ("model.name", "model.arch", "trainer.epochs")
+CHOSEN_GROUPS = ("optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 DATA_SETTING_KEYS = ("name", "limit_train", "limit_test", "val_size", "image_size")
 
 
@@ -74,11 +75,19 @@ def distribution(override: Override) -> Any:
         return CategoricalDistribution(
             list(override.sweep_iterator(transformer=Transformer.encode))
         )
-    if override.is_range_sweep():
-        numbers = (value.start, value.stop, value.step)
-        if any(isinstance(number, float) for number in numbers):
-            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
-        return IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+    if override.is_range_sweep():  # Hydra's values: the stop excluded, any step
+        values = list(override.sweep_iterator(transformer=Transformer.encode))
+        key = override.get_key_element()
+        if len(values) < 2 or value.step <= 0:
+            raise ConfigError(
+                f"{key}={override.get_value_element_as_str()}: a range to search "
+                f"needs two values or more, rising"
+            )
+        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
+        low, step = float(values[0]), float(value.step)
+        high = round(low + (len(values) - 1) * step, 12)  # 0.9, not 0.8999999999999999
+        return FloatDistribution(round(low, 12), high, step=step)
     if override.is_interval_sweep():
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
@@ -165,20 +174,16 @@ class OptunaSearchRun:
         )
         self.job_idx = 0
 
-    def fixed_setting(self, space: dict[str, Any]) -> dict[str, str]:
-        """What a trial's value means beyond its parameters: the data, the model and the
-        length of training, where the search does not vary them."""
-        keys = [*SETTING_KEYS, *(f"data.{key}" for key in DATA_SETTING_KEYS)]
-        return {
-            key: str(OmegaConf.select(self.config, key, default=None))
-            for key in keys
-            if key not in space
-        }
-
     def open_study(self, arguments: list[str]) -> tuple[Any, dict[str, Any], dict[str, str], int]:
         """The study (created or continued), the searched and the fixed keys, and how
-        many trials to run; one line where any of it cannot be."""
-        import optuna
+        many trials to run; one line where any of it cannot be. The study is None where
+        a finished grid leaves nothing to run."""
+        try:
+            import optuna
+        except ImportError:
+            raise ConfigError(
+                "hparams_search=optuna needs Optuna: pip install 'stable-cnn[sweep]'"
+            ) from None
 
         settings = self.settings
         stock = [f"{key}={value}" for key, value in self.stock_space().items()]
@@ -195,21 +200,44 @@ class OptunaSearchRun:
             )
         except (RuntimeError, ValueError) as err:  # an older Optuna's schema, a bad URL
             reason = " ".join(str(err).split())  # Optuna's own words say the fix
-            raise ConfigError(f"hydra.sweeper.storage={settings.storage}: {reason}") from None
-        check_same_setting(study, self.fixed_setting(space), settings.study_name)
+            raise ConfigError(
+                f"hydra.sweeper.storage={shown(settings.storage)}: {reason}"
+            ) from None
+        check_same_setting(study, self.fixed_setting(space, fixed), settings.study_name)
+        check_same_space(study, space, settings.study_name)
         trials = settings.n_trials
-        if settings.sampler == "grid":
-            trials = min(trials, math.prod(len(values) for values in grid_of(space).values()))
+        if settings.sampler == "grid":  # each point once, over every invocation
+            size = math.prod(len(values) for values in grid_of(space).values())
+            done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)
+            trials = min(trials, max(0, size - done))
+            if trials == 0:
+                log.info("the grid's %d points have all run in study %s", size, study.study_name)
+                return None, space, fixed, 0
         log.info(
             "Optuna %s: study %s (%d trials so far) in %s, %s sampler, %d trials to run",
             optuna.__version__,
             study.study_name,
             len(study.trials),
-            settings.storage,
+            shown(settings.storage),
             settings.sampler,
             trials,
         )
         return study, space, fixed, trials
+
+    def fixed_setting(self, space: dict[str, Any], fixed: dict[str, str]) -> dict[str, str]:
+        """What a trial's value means beyond its parameters: the data, the model, the
+        recipe's options and the length of training, where the search does not vary them."""
+        keys = [*SETTING_KEYS, *(f"data.{key}" for key in DATA_SETTING_KEYS)]
+        setting = {
+            key: fixed.get(key, str(OmegaConf.select(self.config, key, default=None)))
+            for key in keys
+            if key not in space
+        }
+        for group in CHOSEN_GROUPS:  # optimizer=adamw, scheduler=onecycle...
+            choice = OmegaConf.select(self.config, f"hydra.runtime.choices.{group}", default=None)
+            if group not in space and choice is not None:
+                setting[group] = fixed.get(group, str(choice))
+        return setting
 
     def stock_space(self) -> dict[str, Any]:
         """hydra.sweeper.params without the keys this run's config does not have (the
@@ -225,22 +253,33 @@ class OptunaSearchRun:
         return kept
 
     def sweep(self, arguments: list[str]) -> None:
-        import optuna
-
         try:
             study, space, fixed, trials = self.open_study(arguments)
         except UserError:  # refused before any trial: no empty invocation folder is left
-            discard_if_unused(Path(self.config.hydra.sweep.dir))
+            remove_if_empty(Path(self.config.hydra.sweep.dir))
             raise
+        if study is None:  # nothing left to run (a finished grid)
+            remove_if_empty(Path(self.config.hydra.sweep.dir))
+            return
+        import optuna  # there: open_study found it
+
         settings = self.settings
         while trials > 0:
             batch = min(trials, max(1, settings.n_jobs))
             asked = [study.ask(space) for _ in range(batch)]
             overrides = [
-                tuple(f"{key}={value}" for key, value in {**trial.params, **fixed}.items())
+                (  # the study's name as resolved here: a job's own data or model must not move it
+                    *(f"{key}={value}" for key, value in {**trial.params, **fixed}.items()),
+                    f"hydra.sweeper.study_name={study.study_name}",
+                )
                 for trial in asked
             ]
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            try:
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except BaseException:  # a launch that fails (or Ctrl-C) leaves no trial RUNNING
+                for trial in asked:
+                    told(study, trial, state=optuna.trial.TrialState.FAIL)
+                raise
             self.job_idx += len(returns)
             failed = sum(
                 not tell(study, trial, job) for trial, job in zip(asked, returns, strict=True)
@@ -260,6 +299,40 @@ class OptunaSearchRun:
                 study.best_trial.number,
                 " ".join(f"{k}={v}" for k, v in study.best_params.items()),
             )
+
+
+def shown(storage: str | None) -> str:
+    """A storage URL for logs, its password masked (postgresql://user:***@host/db)."""
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", str(storage))
+
+
+def check_same_space(study: Any, space: dict[str, Any], name: str) -> None:
+    """One line where a continued study searched a key over another range or choice
+    (Optuna cannot mix them in one study)."""
+    from optuna.distributions import check_distribution_compatibility
+
+    for trial in study.trials:
+        for key, earlier in trial.distributions.items():
+            if key in space:
+                try:
+                    check_distribution_compatibility(earlier, space[key])
+                except ValueError:
+                    raise ConfigError(
+                        f"study {name} searched {key} as {earlier}, not {space[key]}: name "
+                        f"another study with hydra.sweeper.study_name=..."
+                    ) from None
+
+
+def remove_if_empty(folder: Path) -> None:
+    """``folder`` and the empty folders above it up to the current one, where it holds
+    nothing but Hydra's multirun.yaml (never a folder with anything else in it)."""
+    if not folder.is_dir() or any(p.name != "multirun.yaml" for p in folder.iterdir()):
+        return
+    (folder / "multirun.yaml").unlink(missing_ok=True)
+    here, folder = Path.cwd().resolve(), folder.resolve()
+    while folder != here and folder.is_relative_to(here) and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def check_same_setting(study: Any, setting: dict[str, str], name: str) -> None:
@@ -289,11 +362,16 @@ def tell(study: Any, trial: Any, job: Any) -> bool:
     except Exception as err:  # a failed job is a failed trial: the search goes on
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log.warning("trial %d failed: %s", trial.number, reason)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        told(study, trial, state=optuna.trial.TrialState.FAIL)
         return False
+    told(study, trial, value)
+    return math.isfinite(value)
+
+
+def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+    """``study.tell``, where the grid sampler's stop at its last point is no error."""
     try:
-        study.tell(trial, value)
-    except RuntimeError as err:  # the grid sampler stops the study once its grid is done
+        study.tell(trial, *args, skip_if_finished=True, **kwargs)
+    except RuntimeError as err:  # Study.stop() outside optimize(): the grid is done
         if "Study.stop" not in str(err):
             raise
-    return True
