@@ -248,11 +248,14 @@ def check_labels(labels: torch.Tensor, classes: int, split: str, index: torch.Te
     outside = ((labels < 0) | (labels >= classes)).nonzero()
     if len(outside):
         first = int(outside[0])
-        raise DataError(
-            f"data=custom: {split} image {int(index[first])} has label "
-            f"{int(labels[first])}, outside 0..{classes - 1} for {classes} "
-            f"classes: fix the labels or data.num_classes"
-        )
+        raise label_outside(f"{split} image {int(index[first])}", int(labels[first]), classes)
+
+
+def label_outside(where: str, label: int, classes: int) -> DataError:
+    return DataError(
+        f"data=custom: {where} has label {label}, outside 0..{classes - 1} for {classes} "
+        f"classes: fix the labels or data.num_classes"
+    )
 
 
 def settled(
@@ -348,11 +351,7 @@ class ImagesOf(Dataset):
         image = image_tensor(image, self.channels, self.size, where)
         label = as_label(label, where)
         if not 0 <= label < self.classes:  # on a GPU, cross-entropy would assert on the device
-            raise DataError(
-                f"data=custom: {where} has label {label}, outside "
-                f"0..{self.classes - 1} for {self.classes} classes: fix the "
-                f"labels or data.num_classes"
-            )
+            raise label_outside(where, label, self.classes)
         return self.transform(image), label
 
 

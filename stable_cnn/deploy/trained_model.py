@@ -115,7 +115,9 @@ class ExportedModel:
 
 def open_onnx(path: Path, trust_code: bool = False) -> ExportedModel:
     """An exported .onnx file through ONNX Runtime, or, where that is not installed,
-    ONNX's checker and reference evaluator (slow, but needs nothing beyond onnx)."""
+    ONNX's checker and reference evaluator (slow, but needs nothing beyond onnx).
+    ``trust_code`` is not needed: ONNX Runtime runs operators, not Python (the openers
+    share one signature)."""
     try:
         import onnxruntime
     except ImportError:
