@@ -2,7 +2,8 @@
 # Set up stable-cnn on a fresh Debian/Ubuntu machine (or any machine with Python >= 3.10):
 #   - the offline Fashion-MNIST copy (Debian package dataset-fashion-mnist), where apt exists
 #   - a virtual environment in .venv with stable-cnn installed (editable)
-# Usage: bash scripts/setup.sh [--dev]     (--dev also installs the test tools)
+# Usage: bash scripts/setup.sh [--dev]     (--dev also installs the test tools and,
+#                                           where apt exists, PostgreSQL for one test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,11 @@ apt_install() {  # apt_install PACKAGE...: quietly, only where apt exists
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     apt_install dataset-fashion-mnist || echo "setup: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded instead" >&2
+fi
+
+# --dev: the tests start a throw-away PostgreSQL server for the shared-study test
+if [ -n "$extras" ] && ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    apt_install postgresql || echo "setup: could not install postgresql (tests/test_optuna_search.py needs it)" >&2
 fi
 
 python=${PYTHON:-python3}

@@ -218,9 +218,9 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
     assert all(0.005 <= lr <= 0.3 for lr in learning_rates)
     invocations = sorted(p for p in study_dir.iterdir() if p.is_dir())
     assert len(invocations) == 2
-    for invocation in invocations:
+    for invocation, numbers in zip(invocations, (["0", "1", "2"], ["3", "4", "5"]), strict=True):
         jobs = sorted(p.name for p in invocation.glob("[0-9]*"))
-        assert [name.split("_", 1)[0] for name in jobs] == ["0", "1", "2"], jobs
+        assert [name.split("_", 1)[0] for name in jobs] == numbers, "a job's folder: its trial"
         assert all("optimizer.lr=" in name for name in jobs), "named by the searched keys"
     rows = report_rows(study_dir)
     assert len(rows) == 6 and all(row["status"] == "finished" for row in rows)

@@ -13,9 +13,12 @@ and the search goes on, up to ``max_failure_rate``. The study lives in ``storage
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +30,26 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from stable_cnn.cli.optuna_trials import TrialEnd, TrialWorkers, end_of_launched
 from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.studies.optuna_study import (
+    PRUNER_OPTIONS,
+    Heartbeats,
+    fail_stale_trials,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    summarise,
+    write_study_files,
+)
 
 log = logging.getLogger("stable_cnn")
 
-SAMPLERS = ("tpe", "random", "cmaes", "grid")
 # What a trial's value depends on besides its parameters (a continued study must keep them)
 SETTING_KEYS = ("model.name", "model.arch", "trainer.epochs")
 CHOSEN_GROUPS = ("optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 DATA_SETTING_KEYS = ("name", "limit_train", "limit_test", "val_size", "image_size")
+STALE_AFTER_HEARTBEATS = 4  # a running trial without a heartbeat this long was left behind
 
 
 @dataclass
@@ -45,12 +59,24 @@ class OptunaSearchConfig:
     _target_: str = "hydra_plugins.stable_cnn_optuna.OptunaSearch"
     direction: str = "maximize"  # maximize | minimize what each job returns
     study_name: str = "search"
-    storage: str | None = None  # an Optuna storage URL; null: in memory (lost at the end)
+    # An Optuna storage URL: sqlite:///..., postgresql://..., mysql://..., journal://PATH
+    # (a journal file, many processes on one machine); null: in memory (lost at the end)
+    storage: str | None = None
     n_trials: int = 20  # trials per invocation; rerun the command to add more
-    n_jobs: int = 1  # trials launched at a time (with a launcher that runs them side by side)
-    max_failure_rate: float = 1.0  # stop once more than this share of a batch failed
+    # trials running at a time, each worker asking for the next as soon as its last ends:
+    # worker processes on this machine (basic or joblib launcher), else one launch each
+    n_jobs: int = 1
+    max_failure_rate: float = 1.0  # stop once more than this share of the trials failed
     sampler: str = "tpe"  # tpe | random | cmaes | grid
     seed: int | None = None  # the sampler's; null: a continued study proposes new trials
+    # median | percentile | successive_halving | hyperband | threshold | none: stops a
+    # trial after an epoch whose validation accuracy is poor next to the other trials'
+    pruner: str = "median"
+    pruners: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: copy.deepcopy(PRUNER_OPTIONS)
+    )  # each pruner's own arguments (Optuna's names)
+    heartbeat_s: float = 30.0  # running trials are marked alive this often
+    trial: int | None = None  # set by the search on each job: the trial it reports to
     params: dict[str, Any] = field(default_factory=dict)  # key: sweep expression
 
 
@@ -133,37 +159,15 @@ def grid_of(space: dict[str, Any]) -> dict[str, list[Any]]:
     return grid
 
 
-def make_sampler(name: str, seed: int | None, space: dict[str, Any]) -> Any:
-    import optuna
-
-    if name not in SAMPLERS:
-        raise ConfigError(
-            f"hydra.sweeper.sampler={name!r} is not known: use one of {', '.join(SAMPLERS)}"
-        )
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        try:
-            import cmaes  # noqa: F401  (Optuna's CMA-ES sampler needs it)
-        except ImportError:
-            raise ConfigError(
-                "hydra.sweeper.sampler=cmaes needs the cmaes package: pip install cmaes"
-            ) from None
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
 class OptunaSearchRun:
-    """Asks the study for trials, launches each as a job, tells it what the job returned
-    (the sweeper Hydra sees, in hydra_plugins/stable_cnn_optuna, hands on to this)."""
+    """Asks the study for trials, runs each as a job, tells it how the job ended (the
+    sweeper Hydra sees, in hydra_plugins/stable_cnn_optuna, hands on to this)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = OptunaSearchConfig(**settings)
         self.config: DictConfig | None = None
         self.launcher: Any = None
-        self.job_idx = 0
+        self.storage: Any = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -172,7 +176,6 @@ class OptunaSearchRun:
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
-        self.job_idx = 0
 
     def open_study(self, arguments: list[str]) -> tuple[Any, dict[str, Any], dict[str, str], int]:
         """The study (created or continued), the searched and the fixed keys, and how
@@ -189,37 +192,57 @@ class OptunaSearchRun:
         stock = [f"{key}={value}" for key, value in self.stock_space().items()]
         space, fixed = search_space([*stock, *arguments])
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
-        sampler = make_sampler(settings.sampler, settings.seed, space)
+        grid = grid_of(space) if settings.sampler == "grid" else None
+        sampler = make_sampler(settings.sampler, settings.seed, grid)
+        make_pruner(settings.pruner, settings.pruners)  # a mistyped option: before any trial
+        if settings.n_jobs > 1 and settings.storage is None and self.runs_trials_here():
+            raise ConfigError(
+                f"hydra.sweeper.n_jobs={settings.n_jobs} runs trials in processes of their own, "
+                "which share the study through its storage: set hydra.sweeper.storage (e.g. "
+                "sqlite:///study.db)"
+            )
         try:
+            self.storage = open_storage(settings.storage, settings.study_name)
             study = optuna.create_study(
                 study_name=settings.study_name,
-                storage=settings.storage,
+                storage=self.storage,
                 sampler=sampler,
                 direction=settings.direction,
                 load_if_exists=True,
             )
-        except (RuntimeError, ValueError) as err:  # an older Optuna's schema, a bad URL
+        except (RuntimeError, ValueError, ImportError) as err:  # an older schema, a bad URL
             reason = " ".join(str(err).split())  # Optuna's own words say the fix
+            reason = reason.replace("$STORAGE_URL", shown(settings.storage))
             raise ConfigError(
                 f"hydra.sweeper.storage={shown(settings.storage)}: {reason}"
             ) from None
         check_same_setting(study, self.fixed_setting(space, fixed), settings.study_name)
         check_same_space(study, space, settings.study_name)
+        stale_after = STALE_AFTER_HEARTBEATS * settings.heartbeat_s
+        if stale := fail_stale_trials(study, stale_after):
+            log.warning(
+                "trial(s) %s of study %s were left running by a worker that stopped (no "
+                "heartbeat for %.0f s): marked failed",
+                ", ".join(map(str, stale)),
+                study.study_name,
+                stale_after,
+            )
         trials = settings.n_trials
-        if settings.sampler == "grid":  # each point once, over every invocation
-            size = math.prod(len(values) for values in grid_of(space).values())
+        if grid is not None:  # each point once, over every invocation
+            size = math.prod(len(values) for values in grid.values())
             done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)
             trials = min(trials, max(0, size - done))
             if trials == 0:
                 log.info("the grid's %d points have all run in study %s", size, study.study_name)
                 return None, space, fixed, 0
         log.info(
-            "Optuna %s: study %s (%d trials so far) in %s, %s sampler, %d trials to run",
+            "Optuna %s: study %s (%d trials so far) in %s, %s sampler, %s pruner, %d trials to run",
             optuna.__version__,
             study.study_name,
             len(study.trials),
             shown(settings.storage),
             settings.sampler,
+            settings.pruner,
             trials,
         )
         return study, space, fixed, trials
@@ -252,6 +275,12 @@ class OptunaSearchRun:
                 log.info("%s is not a key of this run's config: it leaves the search", key)
         return kept
 
+    def runs_trials_here(self) -> bool:
+        """Whether n_jobs > 1 runs worker processes on this machine (Hydra's basic or
+        joblib launcher), rather than one launcher call per trial (submitit, SLURM)."""
+        target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
+        return "BasicLauncher" in target or "joblib" in target.lower()
+
     def sweep(self, arguments: list[str]) -> None:
         try:
             study, space, fixed, trials = self.open_study(arguments)
@@ -261,44 +290,146 @@ class OptunaSearchRun:
         if study is None:  # nothing left to run (a finished grid)
             remove_if_empty(Path(self.config.hydra.sweep.dir))
             return
-        import optuna  # there: open_study found it
-
-        settings = self.settings
-        while trials > 0:
-            batch = min(trials, max(1, settings.n_jobs))
-            asked = [study.ask(space) for _ in range(batch)]
-            overrides = [
-                (  # the study's name as resolved here: a job's own data or model must not move it
-                    *(f"{key}={value}" for key, value in {**trial.params, **fixed}.items()),
-                    f"hydra.sweeper.study_name={study.study_name}",
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # what this invocation ran, as Hydra's
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # basic sweeper records it
+        plan = TrialPlan(trials, self.settings.max_failure_rate)
+        slots = min(max(1, self.settings.n_jobs), trials)
+        workers = (
+            TrialWorkers(self.config, slots) if slots > 1 and self.runs_trials_here() else None
+        )
+        with Heartbeats(self.storage, self.settings.heartbeat_s) as heartbeats:
+            if slots == 1:  # in this thread: Hydra's basic launcher runs the job right here
+                self.run_slot(0, study, space, fixed, plan, heartbeats, workers)
+            else:
+                run_side_by_side(
+                    slots,
+                    lambda slot: self.run_slot(
+                        slot, study, space, fixed, plan, heartbeats, workers
+                    ),
+                    plan,
                 )
-                for trial in asked
-            ]
-            try:
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except BaseException:  # a launch that fails (or Ctrl-C) leaves no trial RUNNING
-                for trial in asked:
-                    told(study, trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            self.job_idx += len(returns)
-            failed = sum(
-                not tell(study, trial, job) for trial, job in zip(asked, returns, strict=True)
+        self.write_summary(study)
+        if plan.too_many_failed:
+            raise ConfigError(
+                f"{plan.failed} of {plan.ended} trials failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}: see their "
+                f"failure.json files"
             )
-            if failed / len(returns) > settings.max_failure_rate:
-                raise ConfigError(
-                    f"{failed} of {len(returns)} trials failed, more than "
-                    f"hydra.sweeper.max_failure_rate={settings.max_failure_rate}: see their "
-                    f"failure.json files"
-                )
-            trials -= batch
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if finished:
+
+    def run_slot(
+        self,
+        slot: int,
+        study: Any,
+        space: dict[str, Any],
+        fixed: dict[str, str],
+        plan: TrialPlan,
+        heartbeats: Heartbeats,
+        workers: TrialWorkers | None,
+    ) -> None:
+        """One worker's trials, one after another: ask for a trial as soon as the last
+        ended, run it, tell the study how it ended."""
+        import optuna
+
+        while (trial := plan.next(lambda: study.ask(space))) is not None:
+            study_id = self.storage.get_study_id_from_name(study.study_name)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            heartbeats.add(trial_id)
+            overrides = [f"{key}={value}" for key, value in {**trial.params, **fixed}.items()]
+            try:
+                if workers is not None:
+                    end = workers.run(slot, trial.number, overrides, study.study_name)
+                else:  # the study's name as resolved here: a job's own data must not move it
+                    job = (
+                        *overrides,
+                        f"hydra.sweeper.study_name={study.study_name}",
+                        f"hydra.sweeper.trial={trial.number}",
+                    )
+                    end = end_of_launched(self.launcher.launch([job], trial.number)[0])
+            except BaseException:  # a launch that fails (or Ctrl-C) leaves no trial RUNNING
+                told(study, trial, state=optuna.trial.TrialState.FAIL)
+                plan.stop()
+                raise
+            finally:
+                heartbeats.remove(trial_id)
+            plan.ended_as(tell(study, trial, end))
+
+    def write_summary(self, study: Any) -> None:
+        """study.json and importances.png beside the sweep report (never an error)."""
+        folder = OmegaConf.select(self.config, "hydra.callbacks.sweep.report_root", default=None)
+        try:
+            summary = summarise(study)
+            write_study_files(summary, Path(str(folder or self.config.hydra.sweep.dir)))
+        except Exception as err:  # a summary must never turn a finished search into a failure
+            log.warning("no study summary: %s", err)
+            return
+        if summary.best_trial is not None:
             log.info(
                 "Best value: %s, trial %d: %s",
-                study.best_value,
-                study.best_trial.number,
-                " ".join(f"{k}={v}" for k, v in study.best_params.items()),
+                summary.best_value,
+                summary.best_trial,
+                " ".join(f"{k}={v}" for k, v in (summary.best_params or {}).items()),
             )
+
+
+class TrialPlan:
+    """What the workers of one invocation share: the trials left to ask for, how many
+    ended and failed, and whether to stop (too many failures, or an error)."""
+
+    def __init__(self, trials: int, max_failure_rate: float) -> None:
+        self.left, self.max_failure_rate = trials, max_failure_rate
+        self.ended = self.failed = 0
+        self.stopped = self.too_many_failed = False
+        self.lock = threading.Lock()
+
+    def next(self, ask: Callable[[], Any]) -> Any:
+        """A new trial (asked under the lock: one at a time), or None when done."""
+        with self.lock:
+            if self.stopped or self.left == 0:
+                return None
+            self.left -= 1
+            return ask()
+
+    def ended_as(self, state: str) -> None:
+        with self.lock:
+            self.ended += 1
+            self.failed += state == "failed"
+            if self.failed / self.ended > self.max_failure_rate:
+                self.stopped = self.too_many_failed = True
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+
+
+def run_side_by_side(slots: int, run_slot: Callable[[int], None], plan: TrialPlan) -> None:
+    """``run_slot`` in ``slots`` threads; the first error stops the others from asking
+    for more trials and is raised once every thread has ended."""
+    errors: list[BaseException] = []
+
+    def guarded(slot: int) -> None:
+        try:
+            run_slot(slot)
+        except BaseException as err:
+            errors.append(err)
+            plan.stop()
+
+    threads = [
+        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}")
+        for slot in range(slots)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C: the workers got it too; wait for them to end
+        plan.stop()
+        for thread in threads:
+            thread.join()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def shown(storage: str | None) -> str:
@@ -353,19 +484,22 @@ def check_same_setting(study: Any, setting: dict[str, str], name: str) -> None:
         )
 
 
-def tell(study: Any, trial: Any, job: Any) -> bool:
-    """Tell ``study`` what ``job`` returned for ``trial``; False when the job failed."""
+def tell(study: Any, trial: Any, end: TrialEnd) -> str:
+    """Tell ``study`` how ``trial``'s job ended; returns complete, pruned or failed."""
     import optuna
 
-    try:
-        value = float(job.return_value)  # raises the job's own error where it failed
-    except Exception as err:  # a failed job is a failed trial: the search goes on
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        log.warning("trial %d failed: %s", trial.number, reason)
+    if end.run_folder is not None:  # the report links the best trial to its run
+        trial.set_user_attr("run_folder", end.run_folder)
+    if end.pruned:
+        log.info("trial %d pruned %s", trial.number, end.pruned)
+        told(study, trial, state=optuna.trial.TrialState.PRUNED)
+        return "pruned"
+    if end.failure:  # a failed job is a failed trial: the search goes on
+        log.warning("trial %d failed: %s", trial.number, end.failure)
         told(study, trial, state=optuna.trial.TrialState.FAIL)
-        return False
-    told(study, trial, value)
-    return math.isfinite(value)
+        return "failed"
+    told(study, trial, end.value)
+    return "complete" if math.isfinite(end.value) else "failed"
 
 
 def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:

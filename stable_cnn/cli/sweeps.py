@@ -22,6 +22,9 @@ log = logging.getLogger("stable_cnn")
 # Overrides that change nothing a run computes: never a reason to compare runs by them.
 NOT_HPARAMS = ("trainer.resume", "trainer.progress_bar", "trainer.num_threads", "hparams_search")
 SWEPT_KEYS = "STABLE_CNN_SWEPT_KEYS"  # set by SweepCallback for the sweep's jobs
+# What a diverged job returns to a sweeper: the worst accuracy there is, so that the sweep
+# goes on and Optuna's sampler learns to avoid that region (a failed trial teaches it nothing).
+DIVERGED_VALUE = 0.0
 
 
 def swept_keys(config: DictConfig) -> list[str]:

@@ -27,6 +27,7 @@ from stable_cnn.cli.extra_keys import with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.cli.run_folder import continue_log_in, discard_if_unused, output_folder_problem
 from stable_cnn.cli.sweeps import (
+    DIVERGED_VALUE,
     NOT_HPARAMS,
     SWEPT_KEYS,
     register_job_folder_resolver,
@@ -35,9 +36,12 @@ from stable_cnn.cli.sweeps import (
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.studies.optuna_study import Pruned
 from stable_cnn.system.signals import EXIT_PREEMPTED
 
 if TYPE_CHECKING:
+    from stable_cnn.system.distributed import World
+    from stable_cnn.training.fit import EpochReport
     from stable_cnn.training.tracking import Hparams
 
 # What needs torch is imported where it is used, once Hydra has composed the config:
@@ -72,9 +76,6 @@ KEY_HPARAMS = (
     "trainer.label_smoothing", "trainer.seed",
 )  # fmt: skip
 HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
-# What a diverged job returns to a sweeper: the worst accuracy there is, so that the sweep
-# goes on and Optuna's sampler learns to avoid that region (a failed trial teaches it nothing).
-DIVERGED_VALUE = 0.0
 
 
 def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -> Hparams:
@@ -104,8 +105,9 @@ register_job_folder_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Compose, train, and return the best validation accuracy (what sweepers maximise).
+def main(cfg: DictConfig) -> float | Pruned:
+    """Compose, train, and return the best validation accuracy (what sweepers maximise),
+    or, for a search's trial that its pruner stopped, how far it went.
     A command that ends without a run of its own in the folder Hydra made for it (it was
     refused, continued a run elsewhere, or found it finished) removes that folder."""
     from stable_cnn.system.distributed import world_from_environment
@@ -128,12 +130,14 @@ def main(cfg: DictConfig) -> float:
             discard_if_unused(hydra_folder)
 
 
-def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
+def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
     from stable_cnn.system.distributed import ALONE, check_devices, join, world_from_environment
-    from stable_cnn.training.fit import RunPreempted, train
+    from stable_cnn.training.fit import RunPreempted, TrialPruned, train
 
     hydra_config = HydraConfig.get()
-    in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    # a search's trial is a sweep's job, also in a worker process of its own (RUN mode)
+    trial_number = OmegaConf.select(hydra_config, "sweeper.trial", default=None)
+    in_sweep = hydra_config.mode == RunMode.MULTIRUN or trial_number is not None
     world = ALONE
     try:
         world = world_from_environment()
@@ -162,8 +166,9 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
         def elsewhere(folder: Path) -> None:
             continue_log_in(folder, hydra_folder, world)
 
+        trial = trial_of(hydra_config.sweeper, world) if trial_number is not None else None
         results = train(run, run_dir, composed, hparams=hparams, world=world,
-                        on_run_folder=elsewhere)  # fmt: skip
+                        on_run_folder=elsewhere, trial=trial)  # fmt: skip
     except TrainingDiverged as err:
         if world.is_main:
             log.error("error: %s", err)
@@ -177,6 +182,10 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
         if in_sweep:
             raise  # the sweep records this job as failed and runs the others
         sys.exit(err.exit_code)
+    except TrialPruned as pruned:
+        if world.is_main:
+            log.info("%s: the search's pruner stopped this trial", pruned)
+        return Pruned(pruned.after)
     except RunPreempted as stopped:
         if world.is_main:
             log.warning("%s", stopped)
@@ -186,10 +195,48 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float:
     return results["best_val_acc"]
 
 
+def trial_of(sweeper: DictConfig, world: World) -> EpochReport:
+    """Where this job's epochs go: its trial of the search (``hydra.sweeper.trial``) on
+    rank 0, which asks the study's pruner; the other processes follow rank 0."""
+    from stable_cnn.cli.optuna_search import shown
+    from stable_cnn.studies.optuna_study import (
+        IN_MEMORY,
+        FollowerReport,
+        TrialReport,
+        make_pruner,
+    )
+
+    if not world.is_main:
+        return FollowerReport()
+    storage, name = sweeper.get("storage"), sweeper.study_name
+    if storage is None and name not in IN_MEMORY:
+        log.warning(
+            "trial %s's study is in the memory of another process: its epochs are not "
+            "reported and it is not pruned (set hydra.sweeper.storage)",
+            sweeper.trial,
+        )
+        return FollowerReport()
+    pruner = make_pruner(sweeper.pruner, OmegaConf.to_container(sweeper.pruners))
+    try:
+        return TrialReport(storage, name, int(sweeper.trial), pruner)
+    except (KeyError, ValueError, RuntimeError) as err:  # no such study or trial there
+        raise ConfigError(
+            f"hydra.sweeper.trial={sweeper.trial}: study {name} in {shown(storage)} has no such "
+            f"trial ({' '.join(str(err).split())}); the search sets this key for its jobs"
+        ) from None
+
+
 # Hydra's own overrides that belong to the launching command, not to its workers (which
-# run one job, in the folder they are given).
+# run one job, in the folder they are given); a search's trial keeps its own.
 LAUNCH_ONLY = ("hydra.run.", "hydra.sweep.", "hydra.mode", "hydra/launcher", "hydra.launcher",
                "hydra/sweeper", "hydra.sweeper", "hydra.job.num", "hydra.job.id")  # fmt: skip
+TRIAL_KEYS = (
+    "hydra/sweeper=",
+    "hydra.sweeper.trial=",
+    "hydra.sweeper.study_name=",
+    "hydra.sweeper.storage=",
+    "hydra.sweeper.pruner",
+)
 
 
 def worker_arguments(hydra_config: DictConfig, run_dir: Path, threads: int | None) -> list[str]:
@@ -201,7 +248,9 @@ def worker_arguments(hydra_config: DictConfig, run_dir: Path, threads: int | Non
     for source in hydra_config.runtime.config_sources:
         if source.provider == "command-line" and source.schema == "file":
             arguments += ["--config-dir", source.path]
-    arguments += [item for item in hydra_config.overrides.hydra if not item.startswith(LAUNCH_ONLY)]
+    for item in hydra_config.overrides.hydra:
+        if not item.startswith(LAUNCH_ONLY) or item.startswith(TRIAL_KEYS):
+            arguments.append(item)
     task = list(hydra_config.overrides.task)
     arguments += [*task, f"hydra.run.dir='{run_dir}'"]
     if threads is not None and not any(item.startswith("trainer.num_threads=") for item in task):
@@ -215,7 +264,7 @@ def run_local_workers(
     composed_config: dict[str, Any],
     hydra_config: DictConfig,
     in_sweep: bool,
-) -> float:
+) -> float | Pruned:
     """``trainer.devices=N``: the same command in N processes on this machine, writing to
     this run's folder (or the run it resumes); returns what rank 0 found. A failed run
     exits with the workers' status (in a sweep: fails this job alone), a preempted one
@@ -234,9 +283,11 @@ def run_local_workers(
              devices)  # fmt: skip
     arguments = worker_arguments(hydra_config, run_dir, run.trainer.num_threads)
     status = launch_local_workers(devices, arguments, EXIT_PREEMPTED)
-    if status == 0:
+    if status == 0 and (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())["best_val_acc"]
     failure = read_failure(run_dir)
+    if in_sweep and failure is not None and failure["status"] == "pruned":
+        return Pruned(failure["reason"])
     if in_sweep and failure is not None and failure["status"] == "diverged":
         log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
         return DIVERGED_VALUE

@@ -12,14 +12,17 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from stable_cnn.errors import UserError
 from stable_cnn.state.run_files import holds_a_record, read_failure, read_metrics
+from stable_cnn.studies.optuna_study import IMPORTANCES_PLOT, STUDY_FILE
 from stable_cnn.system.plotting import pyplot
 
 # Overrides that do not change what a run computes, or only choose how the sweep runs:
@@ -36,7 +39,7 @@ class RunRecord:
 
     folder: Path
     overrides: list[str]
-    status: str  # finished | diverged | interrupted | failed | unfinished
+    status: str  # finished | pruned | diverged | interrupted | failed | unfinished
     reason: str = ""
     results: dict[str, float] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val_acc)
@@ -113,8 +116,9 @@ def read_run(folder: Path) -> RunRecord:
         record.status, record.reason = "failed", reason  # e.g. a checkpoint it could not write
     else:
         record.status = "unfinished"  # still running, or killed without a chance to say
-    if record.status != "finished" and record.val_curve:
+    if record.status != "finished" and record.val_curve:  # how far it got (a pruned trial)
         record.results["best_val_acc"] = max(acc for _, acc in record.val_curve)
+        record.results["epochs"] = record.val_curve[-1][0]
     return record
 
 
@@ -169,6 +173,38 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
             f"{_mean_std(row, 'best_val_acc')} | {_mean_std(row, 'test_acc')} | "
             f"{_number(epochs, 0)} | {_number(wall, 0)} | {_cell(status)} |\n"
         )
+    return out.getvalue()
+
+
+def render_study(study: dict[str, Any], root: Path, out_dir: Path) -> str:
+    """The study's section: its trials by state, the best one and its run folder, and
+    what the value depended on (parameter importances, table and plot)."""
+    out = io.StringIO()
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(study["states"].items()))
+    out.write(f"\n## Study {study['study_name']} ({study['direction']})\n\n")
+    out.write(f"{sum(study['states'].values())} trials in all invocations: {states}.\n")
+    if study.get("best_trial") is None:
+        return out.getvalue() + "No trial has finished yet.\n"
+    folder = study.get("best_run_folder")
+    where = ""
+    if folder:
+        shown = Path(folder)
+        if shown.is_absolute() and shown.is_relative_to(root.resolve()):
+            shown = shown.relative_to(root.resolve())
+        where = f", run folder `{_cell(str(shown))}`"
+    params = " ".join(short_override(f"{k}={v}") for k, v in (study["best_params"] or {}).items())
+    out.write(f"Best: trial {study['best_trial']}, value {study['best_value']:.4g}{where}:\n")
+    out.write(f"`{_cell(params)}`\n")
+    found = study.get("importances")
+    if not found:
+        return out.getvalue() + f"\n{study.get('importances_note', '')}\n"
+    out.write(f"\n| parameter | importance ({study['importances_note']}) |\n|---|---:|\n")
+    for key, value in found.items():
+        out.write(f"| `{_cell(key)}` | {value:.3f} |\n")
+    plot = root / IMPORTANCES_PLOT
+    if plot.is_file():
+        link = os.path.relpath(plot, out_dir.resolve())
+        out.write(f"\n![parameter importances]({link})\n")
     return out.getvalue()
 
 
@@ -234,7 +270,11 @@ def write_report(root: Path, out_dir: Path, metric: str = "best_val_acc") -> lis
     rows, common = group_runs(runs, metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.md", out_dir / "report.csv"]
-    written[0].write_text(render_markdown(rows, common, root, metric))
+    study = root / STUDY_FILE  # an Optuna search's: what its study found
+    markdown = render_markdown(rows, common, root, metric)
+    if study.is_file():
+        markdown += render_study(json.loads(study.read_text()), root, out_dir)
+    written[0].write_text(markdown)
     write_csv(rows, written[1])
     if plot_val_curves(rows, out_dir / "val_acc.png"):
         written.append(out_dir / "val_acc.png")

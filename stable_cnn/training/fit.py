@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -117,6 +117,20 @@ class RunPreempted(Exception):
     """A signal stopped the run after it saved a resumable checkpoint."""
 
 
+class TrialPruned(Exception):
+    """The search's pruner stopped this trial's run after an epoch (checkpoint saved)."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__(f"pruned {after}")
+        self.after = after  # e.g. "after epoch 2 (val_acc 41.20%)"
+
+
+class EpochReport(Protocol):
+    """Where a search's trial hears of each epoch (studies/optuna_study.py)."""
+
+    def should_stop(self, epoch: int, value: float, last: bool) -> bool: ...
+
+
 def train(
     run: RunConfig,
     run_dir: Path,
@@ -125,12 +139,14 @@ def train(
     hparams: Hparams | None = None,
     world: World = ALONE,
     on_run_folder: Callable[[Path], None] | None = None,
+    trial: EpochReport | None = None,
 ) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; returns results.json's content.
     ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics.
     ``world`` is this process's place among the processes training together.
     ``on_run_folder`` is told, on every process, when the run goes on in a folder other
-    than ``run_dir`` (the run it resumes)."""
+    than ``run_dir`` (the run it resumes). ``trial`` hears each epoch's validation
+    accuracy where the run is a search's trial, and may stop it (TrialPruned)."""
     started = time.perf_counter()
     seed_everything(run.trainer.seed, run.trainer.deterministic)  # before CUDA starts (cuBLAS)
     runtime = choose_runtime(run, world)
@@ -164,7 +180,7 @@ def train(
             raise
         try:
             log.info("run folder: %s", run_dir)
-            fit(training, hparams or Hparams())
+            fit(training, hparams or Hparams(), trial)
             return test_best(training, hparams or Hparams(), started)
         finally:
             training.data.close()
@@ -208,9 +224,9 @@ def with_auto_lr(
     return found, data
 
 
-def fit(training: Training, hparams: Hparams) -> None:
+def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) -> None:
     """Every remaining epoch: train, validate, log, checkpoint; stop early where asked.
-    A signal or a diverged run saves a checkpoint and raises."""
+    A signal, a diverged run or a pruned trial saves a checkpoint, records why and raises."""
     state, tracker, trainer = training.state, training.tracker, training.run.trainer
     counters = state.counters
     try:
@@ -230,24 +246,35 @@ def fit(training: Training, hparams: Hparams) -> None:
                         f"{signal_name}: stopped after epoch {epoch}; checkpoint saved; "
                         f"continue with trainer.resume={training.run_dir}"
                     )
+                last = epoch == trainer.epochs
+                if trial is not None and training.world.broadcast(  # rank 0 asks the study
+                    trial.should_stop(epoch, val_stats.accuracy, last)
+                ):
+                    raise TrialPruned(f"after epoch {epoch} (val_acc {val_stats.accuracy:.2f}%)")
                 patience = trainer.early_stopping_patience
                 if patience is not None and epoch - counters.best_epoch >= patience:
                     log.info("early stopping: no better val_acc for %d epochs", patience)
                     break
-    except TrainingDiverged as err:
-        tracker.record_failure("diverged", reason=str(err).split(":", 1)[0], message=str(err))
-        final = {"run/epochs": float(counters.epoch)}
-        if counters.best_epoch > 0:
-            final["accuracy/best_val"] = counters.best_val_acc
-        tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
+    except (TrainingDiverged, TrialPruned, RunPreempted) as err:
+        status, reason = how_it_stopped(err)
+        tracker.record_failure(status, reason=reason, message=str(err))
+        if status != "interrupted":  # a run that will not go on: its row in HPARAMS
+            final = {"run/epochs": float(counters.epoch)}
+            if counters.best_epoch > 0:
+                final["accuracy/best_val"] = counters.best_val_acc
+            tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
         tracker.close()
         training.world.barrier()  # every process stops here: none exits before the record
         raise
-    except RunPreempted as err:
-        tracker.record_failure("interrupted", reason=str(err).split(";", 1)[0], message=str(err))
-        tracker.close()
-        training.world.barrier()
-        raise
+
+
+def how_it_stopped(err: Exception) -> tuple[str, str]:
+    """failure.json's status and a few words of reason for a run that stopped early."""
+    if isinstance(err, TrialPruned):
+        return "pruned", err.after
+    if isinstance(err, RunPreempted):
+        return "interrupted", str(err).split(";", 1)[0]
+    return "diverged", str(err).split(":", 1)[0]
 
 
 def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStats:
