@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from stable_cnn.studies.optuna_study import (
     summarise,
     write_study_files,
 )
+from stable_cnn.system.signals import EXIT_PREEMPTED
 
 log = logging.getLogger("stable_cnn")
 
@@ -406,6 +408,7 @@ def run_side_by_side(slots: int, run_slot: Callable[[int], None], plan: TrialPla
     """``run_slot`` in ``slots`` threads; the first error stops the others from asking
     for more trials and is raised once every thread has ended."""
     errors: list[BaseException] = []
+    ended = [threading.Event() for _ in range(slots)]
 
     def guarded(slot: int) -> None:
         try:
@@ -413,21 +416,20 @@ def run_side_by_side(slots: int, run_slot: Callable[[int], None], plan: TrialPla
         except BaseException as err:
             errors.append(err)
             plan.stop()
+        finally:
+            ended[slot].set()
 
-    threads = [
-        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}")
-        for slot in range(slots)
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join()
-    except BaseException:  # Ctrl-C: the workers got it too; wait for them to end
+    for slot in range(slots):
+        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}").start()
+    try:  # Events, not Thread.join: a join that Ctrl-C interrupts may stop waiting for good
+        for event in ended:
+            event.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: they save and stop
         plan.stop()
-        for thread in threads:
-            thread.join()
-        raise
+        for event in ended:
+            event.wait()
+        log.warning("stopped by a signal: the running trials saved their checkpoints")
+        sys.exit(EXIT_PREEMPTED)  # as a single run's job stops the sweep
     if errors:
         raise errors[0]
 
