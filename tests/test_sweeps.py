@@ -384,17 +384,20 @@ def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
 
 
 def test_the_stock_space_searches_what_another_model_has(tmp_path: Path):
-    """model=resnet has no dropout or width: those keys leave the stock space (one line
-    each) and the search runs on, in a study of its own."""
+    """model=resnet has no dropout or width, clipping=none no use for a max norm: those
+    keys leave the stock space (one line each) and the search runs on, in a study of its
+    own."""
     pytest.importorskip("optuna")
     small = [arg for arg in ONE_EPOCH if not arg.startswith("model.")]
-    done = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *small,
-                    "model=resnet", "data.limit_train=128"], cwd=tmp_path)  # fmt: skip
+    search = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *small]
+    done = run_cli([*search, "model=resnet", "clipping=none", "data.limit_train=128"], cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     for key in ("model.dropout", "model.head_dropout", "model.width"):
         assert f"{key} is not a key of this run's config: it leaves the search" in done.stdout
+    assert "clipping.max_norm means nothing with clipping=none" in done.stdout
     (job,) = (tmp_path / "outputs" / "optuna" / "synthetic-resnet").glob("*/0_*")
     assert "optimizer.lr=" in job.name and "model.dropout" not in job.name
+    assert "clipping.max_norm" not in job.name
 
 
 def test_your_own_search_space_extends_the_stock_one(tmp_path: Path):

@@ -266,15 +266,18 @@ class OptunaSearchRun:
 
     def stock_space(self) -> dict[str, Any]:
         """hydra.sweeper.params without the keys this run's config does not have (the
-        SmallCNN's dropout for model=resnet, say): the rest is searched."""
+        SmallCNN's dropout for model=resnet, say) or does not use (clipping.max_norm with
+        clipping=none): the rest is searched."""
         kept = {}
         for key, expression in (self.settings.params or {}).items():
             group, _, leaf = key.rpartition(".")
             node = OmegaConf.select(self.config, group) if group else self.config
-            if isinstance(node, DictConfig) and leaf in node:
-                kept[key] = expression
-            else:
+            if not isinstance(node, DictConfig) or leaf not in node:
                 log.info("%s is not a key of this run's config: it leaves the search", key)
+            elif node.get("name") == "none":  # clipping=none has a max_norm it never uses
+                log.info("%s means nothing with %s=none: it leaves the search", key, group)
+            else:
+                kept[key] = expression
         return kept
 
     def runs_trials_here(self) -> bool:
