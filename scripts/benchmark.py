@@ -1,8 +1,10 @@
 """Training throughput, side by side in one run: the bare-compute ceiling, the stable-cnn
 loop, and the tutorial-style loop; plus, with --time-to-accuracy, the fast preset's
-wall time to its test accuracy.
+wall time to its test accuracy; or, with --search N alone, the wall time of an N-trial
+Optuna search with the median pruner and without pruning, one after the other.
 
     python scripts/benchmark.py --quick                  # about a minute
+    python scripts/benchmark.py --search 20              # pruning on and off, a few minutes
     python scripts/benchmark.py --width 32 --steps 200   # the figures in docs/benchmarks.md
     python scripts/benchmark.py --dataset cifar10-synthetic --width 64 --device cuda --compile \
         --cuda-graph --precisions fp16,bf16 --batch-size 512  # a GPU (scripts/gpu_check.sh)
@@ -267,6 +269,56 @@ def time_to_accuracy(preset: str, data_root: str) -> dict:
     return {**results, "process_wall_s": wall}
 
 
+def search_wall_time(trials: int, pruner: str, data_root: str, out: Path) -> dict:
+    """An Optuna search through the real CLI on a few thousand Fashion-MNIST images, the
+    sampler seeded (both searches start from the same trials); its wall time, the trials
+    by state and the epochs all its trials trained."""
+    folder = out / pruner
+    command = [
+        sys.executable,
+        "-m",
+        "stable_cnn.train",
+        "-m",
+        "hparams_search=optuna",
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweeper.pruner={pruner}",
+        "hydra.sweeper.seed=0",
+        f"hydra.sweeper.study_name=pruner-{pruner}",
+        f"hydra.callbacks.sweep.report_root={folder}",
+        f"data.root={data_root}",
+        "data.limit_train=4000",
+        "trainer.epochs=6",
+        "trainer.progress_bar=false",
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=out)
+    wall = time.perf_counter() - started
+    study = json.loads((folder / "study.json").read_text())
+    epochs = sum(len(p.read_text().splitlines()) for p in folder.glob("*/*/metrics.jsonl"))
+    return {
+        "wall_s": wall,
+        "states": study["states"],
+        "best": study["best_value"],
+        "epochs": epochs,
+    }
+
+
+def compare_pruning(trials: int, data_root: str) -> None:
+    print(f"\n{machine_description(torch.device('cpu'))}")
+    print(f"{trials}-trial search, stock space, 4,000 Fashion-MNIST images, 6 epochs a trial\n")
+    print("| pruner | wall (s) | epochs trained | trials | best val acc (%) |")
+    print("|---|---:|---:|---|---:|")
+    with tempfile.TemporaryDirectory() as out:
+        for pruner in ("median", "none"):
+            found = search_wall_time(trials, pruner, str(Path(data_root).resolve()), Path(out))
+            states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(found["states"].items()))
+            print(
+                f"| {pruner} | {found['wall_s']:.0f} | {found['epochs']} | {states} | "
+                f"{found['best']:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=["fashion_mnist", "cifar10-synthetic"],
@@ -291,7 +343,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rows and steps (~1 min)")
     parser.add_argument("--time-to-accuracy", metavar="PRESET", nargs="?",
                         const="fashion_mnist_fast", help="also run this preset")  # fmt: skip
+    parser.add_argument(
+        "--search",
+        metavar="TRIALS",
+        type=int,
+        help="only this: an Optuna search with and without pruning",
+    )
     args = parser.parse_args()
+    if args.search:
+        compare_pruning(args.search, args.data_root)
+        return
     if args.quick:
         args.steps = min(args.steps, 30)
     device = resolve_device(args.device)
