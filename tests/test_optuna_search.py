@@ -89,6 +89,53 @@ def test_pruned_trials_stop_early_and_trials_run_side_by_side(tmp_path: Path):
     assert "## Study synthetic-small_cnn" in report
     assert f"Best: trial {study.best_trial.number}" in report
 
+    time.sleep(1.1)
+    pruned_side = run_cli(
+        [
+            *SEARCH,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            *NEVER_GOOD_ENOUGH,
+            *TWO_EPOCHS,
+        ],
+        cwd=tmp_path,
+    )
+    assert pruned_side.returncode == 0, pruned_side.stdout + pruned_side.stderr
+    last = study_of(study_dir).trials[5:]
+    assert [t.state for t in last] == [State.PRUNED] * 2, "pruned in worker processes too"
+    assert all(list(t.intermediate_values) == [1] for t in last)
+
+
+def test_a_refused_trial_in_a_worker_process_fails_alone_with_its_reason(tmp_path: Path):
+    done = run_cli(
+        [
+            *SEARCH,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.study_name=refused",
+            "model.dropout=1.5",
+            *ONE_EPOCH,
+        ],
+        cwd=tmp_path,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    study = study_of(tmp_path / "outputs" / "optuna" / "refused", name="refused")
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
+    for number in (0, 1):
+        assert f"trial {number} failed: model.dropout=1.5 is not allowed" in output
+
+
+def test_a_trial_value_is_written_as_hydra_reads_it():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from stable_cnn.cli.optuna_trials import hydra_value
+
+    for value in ("a,b", "001", "x y", "it's", "abc", "null", 8, 0.5, True, 1e-05):
+        (override,) = OverridesParser.create().parse_overrides([f"k={hydra_value(value)}"])
+        assert override.value() == value and type(override.value()) is type(value), value
+    assert hydra_value("abc") == "abc", "a plain word stays plain (job folder names)"
+
 
 def test_a_trial_left_running_by_a_killed_search_is_marked_failed(tmp_path: Path):
     command = [

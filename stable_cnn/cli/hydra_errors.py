@@ -83,12 +83,16 @@ def _meaningful_lines(text: str) -> list[str]:
             if line.strip() and not line.strip().startswith(NOISE)]  # fmt: skip
 
 
+FULL_ERROR_SET_HERE = "STABLE_CNN_SET_HYDRA_FULL_ERROR"
+
+
 def run_reporting_hydra_errors(main: Callable[[], object], program: str) -> None:
     """Run a ``@hydra.main`` function; Hydra's own errors become one line and exit 2."""
     if "HYDRA_FULL_ERROR" in os.environ:  # the user asked for Hydra's full report
         main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[FULL_ERROR_SET_HERE] = "1"  # not the user's: a search's workers drop it
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:

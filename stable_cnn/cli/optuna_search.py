@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -31,10 +32,17 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stable_cnn.cli.optuna_trials import TrialEnd, TrialWorkers, end_of_launched
+from stable_cnn.cli.optuna_trials import (
+    TrialEnd,
+    TrialWorkers,
+    end_of_launched,
+    end_of_worker,
+    hydra_value,
+)
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.studies.optuna_study import (
     PRUNER_OPTIONS,
+    STALE_AFTER_HEARTBEATS,
     Heartbeats,
     fail_stale_trials,
     make_pruner,
@@ -51,7 +59,6 @@ log = logging.getLogger("stable_cnn")
 SETTING_KEYS = ("model.name", "model.arch", "trainer.epochs")
 CHOSEN_GROUPS = ("optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 DATA_SETTING_KEYS = ("name", "limit_train", "limit_test", "val_size", "image_size")
-STALE_AFTER_HEARTBEATS = 4  # a running trial without a heartbeat this long was left behind
 
 
 @dataclass
@@ -197,6 +204,16 @@ class OptunaSearchRun:
         grid = grid_of(space) if settings.sampler == "grid" else None
         sampler = make_sampler(settings.sampler, settings.seed, grid)
         make_pruner(settings.pruner, settings.pruners)  # a mistyped option: before any trial
+        if settings.heartbeat_s <= 0:
+            raise ConfigError(
+                f"hydra.sweeper.heartbeat_s={settings.heartbeat_s}: a running trial's heartbeat "
+                "needs a positive interval in seconds (default 30)"
+            )
+        if str(settings.storage).startswith("sqlite") and not self.runs_trials_here():
+            log.warning(
+                "the study is a SQLite file, which jobs on other machines share badly "
+                "(locks on network file systems): use hydra.sweeper.storage=postgresql://..."
+            )
         if settings.n_jobs > 1 and settings.storage is None and self.runs_trials_here():
             raise ConfigError(
                 f"hydra.sweeper.n_jobs={settings.n_jobs} runs trials in processes of their own, "
@@ -212,22 +229,25 @@ class OptunaSearchRun:
                 direction=settings.direction,
                 load_if_exists=True,
             )
-        except (RuntimeError, ValueError, ImportError) as err:  # an older schema, a bad URL
-            reason = " ".join(str(err).split())  # Optuna's own words say the fix
+        except Exception as err:  # an older schema, a bad URL, a database that is away
+            if not isinstance(err, RuntimeError | ValueError | ImportError) and (
+                "sqlalchemy" not in type(err).__module__
+            ):
+                raise
+            reason = " ".join(str(err).split())[:300]  # Optuna's own words say the fix
             reason = reason.replace("$STORAGE_URL", shown(settings.storage))
             raise ConfigError(
                 f"hydra.sweeper.storage={shown(settings.storage)}: {reason}"
             ) from None
         check_same_setting(study, self.fixed_setting(space, fixed), settings.study_name)
         check_same_space(study, space, settings.study_name)
-        stale_after = STALE_AFTER_HEARTBEATS * settings.heartbeat_s
-        if stale := fail_stale_trials(study, stale_after):
+        if stale := fail_stale_trials(study, settings.heartbeat_s):
             log.warning(
                 "trial(s) %s of study %s were left running by a worker that stopped (no "
-                "heartbeat for %.0f s): marked failed",
+                "heartbeat for %d of its intervals): marked failed",
                 ", ".join(map(str, stale)),
                 study.study_name,
-                stale_after,
+                STALE_AFTER_HEARTBEATS,
             )
         trials = settings.n_trials
         if grid is not None:  # each point once, over every invocation
@@ -300,9 +320,10 @@ class OptunaSearchRun:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # basic sweeper records it
         plan = TrialPlan(trials, self.settings.max_failure_rate)
         slots = min(max(1, self.settings.n_jobs), trials)
-        workers = (
-            TrialWorkers(self.config, slots) if slots > 1 and self.runs_trials_here() else None
-        )
+        workers = None
+        if slots > 1 and self.runs_trials_here():
+            devices = int(fixed.get("trainer.devices", self.config.trainer.devices))
+            workers = TrialWorkers(self.config, slots, devices)
         with Heartbeats(self.storage, self.settings.heartbeat_s) as heartbeats:
             if slots == 1:  # in this thread: Hydra's basic launcher runs the job right here
                 self.run_slot(0, study, space, fixed, plan, heartbeats, workers)
@@ -313,6 +334,7 @@ class OptunaSearchRun:
                         slot, study, space, fixed, plan, heartbeats, workers
                     ),
                     plan,
+                    None if workers is None else workers.signal_all,
                 )
         self.write_summary(study)
         if plan.too_many_failed:
@@ -340,17 +362,21 @@ class OptunaSearchRun:
             study_id = self.storage.get_study_id_from_name(study.study_name)
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             heartbeats.add(trial_id)
-            overrides = [f"{key}={value}" for key, value in {**trial.params, **fixed}.items()]
+            values = {key: hydra_value(value) for key, value in trial.params.items()}
+            overrides = [f"{key}={value}" for key, value in {**values, **fixed}.items()]
+            name = hydra_value(study.study_name)
             try:
                 if workers is not None:
-                    end = workers.run(slot, trial.number, overrides, study.study_name)
+                    status, output = workers.run(slot, trial.number, overrides, name)
+                    end = end_of_worker(self.run_folder_of(trial_id), status, output)
                 else:  # the study's name as resolved here: a job's own data must not move it
                     job = (
                         *overrides,
-                        f"hydra.sweeper.study_name={study.study_name}",
+                        f"hydra.sweeper.study_name={name}",
                         f"hydra.sweeper.trial={trial.number}",
                     )
-                    end = end_of_launched(self.launcher.launch([job], trial.number)[0])
+                    launched = self.launcher.launch([job], trial.number)[0]
+                    end = end_of_launched(launched, self.run_folder_of(trial_id))
             except BaseException:  # a launch that fails (or Ctrl-C) leaves no trial RUNNING
                 told(study, trial, state=optuna.trial.TrialState.FAIL)
                 plan.stop()
@@ -358,6 +384,10 @@ class OptunaSearchRun:
             finally:
                 heartbeats.remove(trial_id)
             plan.ended_as(tell(study, trial, end))
+
+    def run_folder_of(self, trial_id: int) -> str | None:
+        """The run folder the trial's job recorded (None: it never got that far)."""
+        return self.storage.get_trial_user_attrs(trial_id).get("run_folder")
 
     def write_summary(self, study: Any) -> None:
         """study.json and importances.png beside the sweep report (never an error)."""
@@ -407,9 +437,15 @@ class TrialPlan:
             self.stopped = True
 
 
-def run_side_by_side(slots: int, run_slot: Callable[[int], None], plan: TrialPlan) -> None:
+def run_side_by_side(
+    slots: int,
+    run_slot: Callable[[int], None],
+    plan: TrialPlan,
+    pass_on: Callable[[int], None] | None,
+) -> None:
     """``run_slot`` in ``slots`` threads; the first error stops the others from asking
-    for more trials and is raised once every thread has ended."""
+    for more trials and is raised once every thread has ended. Ctrl-C or SIGTERM (passed
+    on to the workers with ``pass_on``) lets the running trials save, then exits 75."""
     errors: list[BaseException] = []
     ended = [threading.Event() for _ in range(slots)]
 
@@ -422,17 +458,25 @@ def run_side_by_side(slots: int, run_slot: Callable[[int], None], plan: TrialPla
         finally:
             ended[slot].set()
 
-    for slot in range(slots):
-        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}").start()
+    def interrupt(signum: int, frame: object) -> None:
+        if pass_on is not None:
+            pass_on(signum)
+        raise KeyboardInterrupt
+
+    for slot in range(slots):  # daemons: a second Ctrl-C ends the search at once
+        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}", daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:  # Events, not Thread.join: a join that Ctrl-C interrupts may stop waiting for good
         for event in ended:
             event.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached the workers too: they save and stop
+    except KeyboardInterrupt:  # the workers got it too (or from us): they save and stop
         plan.stop()
         for event in ended:
             event.wait()
         log.warning("stopped by a signal: the running trials saved their checkpoints")
         sys.exit(EXIT_PREEMPTED)  # as a single run's job stops the sweep
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if errors:
         raise errors[0]
 
@@ -493,8 +537,6 @@ def tell(study: Any, trial: Any, end: TrialEnd) -> str:
     """Tell ``study`` how ``trial``'s job ended; returns complete, pruned or failed."""
     import optuna
 
-    if end.run_folder is not None:  # the report links the best trial to its run
-        trial.set_user_attr("run_folder", end.run_folder)
     if end.pruned:
         log.info("trial %d pruned %s", trial.number, end.pruned)
         told(study, trial, state=optuna.trial.TrialState.PRUNED)
@@ -503,14 +545,24 @@ def tell(study: Any, trial: Any, end: TrialEnd) -> str:
         log.warning("trial %d failed: %s", trial.number, end.failure)
         told(study, trial, state=optuna.trial.TrialState.FAIL)
         return "failed"
-    told(study, trial, end.value)
+    now = told(study, trial, end.value)
+    if now is not None and now.state.name == "FAIL" and math.isfinite(end.value):
+        log.warning(
+            "trial %d had been marked failed meanwhile (by another search that "
+            "found no heartbeat): its value %s is lost",
+            trial.number,
+            end.value,
+        )
+        return "failed"
     return "complete" if math.isfinite(end.value) else "failed"
 
 
-def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
-    """``study.tell``, where the grid sampler's stop at its last point is no error."""
+def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
+    """``study.tell``: the trial as the study has it now (as it was, where it had been
+    ended already), or None where the grid sampler stopped at its last point."""
     try:
-        study.tell(trial, *args, skip_if_finished=True, **kwargs)
+        return study.tell(trial, *args, skip_if_finished=True, **kwargs)
     except RuntimeError as err:  # Study.stop() outside optimize(): the grid is done
         if "Study.stop" not in str(err):
             raise
+        return None

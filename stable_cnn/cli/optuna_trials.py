@@ -13,6 +13,7 @@ import collections
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from stable_cnn.cli.hydra_errors import FULL_ERROR_SET_HERE
 from stable_cnn.cli.sweeps import DIVERGED_VALUE
 from stable_cnn.state.run_files import read_failure
 from stable_cnn.studies.optuna_study import Pruned
@@ -56,9 +58,11 @@ class TrialEnd:
     run_folder: str | None = None
 
 
-def end_of_launched(job: Any) -> TrialEnd:
+def end_of_launched(job: Any, recorded_folder: str | None) -> TrialEnd:
     """What a job run by Hydra's launcher returned (its own error where it failed)."""
-    folder = str(job.hydra_cfg.hydra.runtime.output_dir) if job.hydra_cfg else None
+    folder = recorded_folder
+    if folder is None and job.hydra_cfg:
+        folder = str(job.hydra_cfg.hydra.runtime.output_dir)
     try:
         returned = job.return_value  # raises the job's own error where it failed
     except Exception as err:  # a failed job is a failed trial: the search goes on
@@ -72,52 +76,69 @@ def end_of_launched(job: Any) -> TrialEnd:
         return TrialEnd(failure=f"the job returned {returned!r}, not a number", run_folder=folder)
 
 
-def end_of_folder(folder: Path | None, exit_code: int, output: list[str]) -> TrialEnd:
-    """What a worker process's run ended as, read from its run folder (results.json,
-    failure.json), else from its exit status and last error line."""
+def end_of_worker(recorded_folder: str | None, exit_code: int, output: list[str]) -> TrialEnd:
+    """What a worker process's run ended as, read from the run folder its job recorded
+    on the trial (results.json, failure.json), else from its exit status and last error
+    line (a job refused before it had a run)."""
     import json
 
-    where = None if folder is None else str(folder)
+    folder = None if recorded_folder is None else Path(recorded_folder)
     if folder is not None and (folder / "results.json").is_file():
         value = json.loads((folder / "results.json").read_text()).get("best_val_acc")
-        return TrialEnd(value=math.nan if value is None else float(value), run_folder=where)
+        return TrialEnd(
+            value=math.nan if value is None else float(value), run_folder=recorded_folder
+        )
     failure = None if folder is None else read_failure(folder)
     if failure is not None and failure["status"] == "pruned":
-        return TrialEnd(pruned=failure["reason"], run_folder=where)
+        return TrialEnd(pruned=failure["reason"], run_folder=recorded_folder)
     if failure is not None and failure["status"] == "diverged":
-        return TrialEnd(value=DIVERGED_VALUE, run_folder=where)
+        return TrialEnd(value=DIVERGED_VALUE, run_folder=recorded_folder)
     if failure is not None:
-        return TrialEnd(failure=failure["reason"], run_folder=where)
+        return TrialEnd(failure=failure["reason"], run_folder=recorded_folder)
     errors = [line.split("error: ", 1)[1].strip() for line in output if "error: " in line]
-    return TrialEnd(failure=errors[-1] if errors else f"exit status {exit_code}", run_folder=where)
+    reason = errors[-1] if errors else f"exit status {exit_code}"
+    return TrialEnd(failure=reason, run_folder=recorded_folder)
 
 
-def trial_folder(sweep_dir: Path, number: int) -> Path | None:
-    """The run folder of trial ``number`` in ``sweep_dir`` (``7`` or ``7_optimizer.lr=...``)."""
-    found = [p for p in sweep_dir.glob(f"{number}*") if p.name.split("_", 1)[0] == str(number)]
-    return found[0] if found else None
+PLAIN_WORD = re.compile(r"[A-Za-z_][\w.\-/]*")
+
+
+def hydra_value(value: Any) -> str:
+    """A value as a Hydra override writes it: strings quoted where a plain word would
+    read as something else (a number, a list, a sweep: "001", "a,b", "x y")."""
+    if isinstance(value, str):
+        if PLAIN_WORD.fullmatch(value) and value.lower() not in ("null", "true", "false"):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 class TrialWorkers:
     """Runs trials as worker processes of this machine: the same stable-cnn-train
     command a job of the search would be, in RUN mode, in the sweep's folder."""
 
-    def __init__(self, config: DictConfig, n_jobs: int) -> None:
+    def __init__(self, config: DictConfig, n_jobs: int, devices: int) -> None:
         from stable_cnn.system.hardware import usable_cores
 
         self.config = config
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        self.threads = max(1, usable_cores() // n_jobs)
+        self.devices = devices  # trainer.devices: processes (and GPUs) of each trial
+        self.threads = max(1, usable_cores() // (n_jobs * devices))
         self.gpus = visible_gpus()
         self.print_lock = threading.Lock()
-        where = (
-            f"{len(self.gpus)} GPU(s) shared in turn (CUDA_VISIBLE_DEVICES per worker)"
-            if self.gpus
-            else f"{self.threads} torch thread(s) each"
-        )
+        self.running: set[subprocess.Popen] = set()
+        if self.gpus:
+            where = f"{devices} of {len(self.gpus)} GPU(s) each (CUDA_VISIBLE_DEVICES, in turn)"
+        else:
+            where = f"{self.threads} torch thread(s) per process"
         log.info("%d worker processes run trials side by side: %s", n_jobs, where)
 
     def command(self, number: int, overrides: list[str], study_name: str) -> list[str]:
+
         hydra = self.config.hydra
         command = [sys.executable, "-m", "stable_cnn.cli.train"]
         if hydra.job.config_name != "config":
@@ -130,7 +151,7 @@ class TrialWorkers:
             f"hydra.sweeper.study_name={study_name}",
             f"hydra.sweeper.trial={number}",
             f"hydra.job.num={number}",  # the folder's number, as a job of the launcher's
-            f"hydra.sweep.dir='{self.sweep_dir}'",
+            f"hydra.sweep.dir={hydra_value(str(self.sweep_dir))}",
             "hydra.run.dir='${hydra.sweep.dir}/${hydra.sweep.subdir}'",
             *overrides,
         ]
@@ -141,13 +162,19 @@ class TrialWorkers:
             command.append("trainer.progress_bar=false")
         return command
 
-    def run(self, slot: int, number: int, overrides: list[str], study_name: str) -> TrialEnd:
-        """Run trial ``number`` in worker ``slot``, its output lines marked with its number."""
+    def run(
+        self, slot: int, number: int, overrides: list[str], study_name: str
+    ) -> tuple[int, list[str]]:
+        """Run trial ``number`` in worker ``slot``, its output lines marked with its
+        number; returns its exit status and its last lines."""
         environment = dict(os.environ)
+        if FULL_ERROR_SET_HERE in environment:  # a worker's errors are one line, as ours
+            environment.pop("HYDRA_FULL_ERROR", None)
         if self.gpus:
-            gpu = self.gpus[slot % len(self.gpus)]
-            environment["CUDA_VISIBLE_DEVICES"] = gpu
-            log.info("trial %d runs on GPU %s", number, gpu)
+            first = slot * self.devices
+            mine = [self.gpus[(first + k) % len(self.gpus)] for k in range(self.devices)]
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+            log.info("trial %d runs on GPU(s) %s", number, ",".join(mine))
         command = self.command(number, overrides, study_name)
         log.info("\t#%d : %s", number, " ".join(overrides))  # as Hydra's launchers list jobs
         output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
@@ -159,11 +186,19 @@ class TrialWorkers:
             env=environment,
             errors="replace",
         ) as worker:
+            self.running.add(worker)
             for line in worker.stdout:
                 output.append(line)
                 with self.print_lock:
                     print(f"[trial {number}] {line}", end="", flush=True)
-        return end_of_folder(trial_folder(self.sweep_dir, number), worker.returncode, list(output))
+        self.running.discard(worker)
+        return worker.returncode, list(output)
+
+    def signal_all(self, signum: int) -> None:
+        """Pass a signal on to the running workers (each saves its trial's checkpoint)."""
+        for worker in list(self.running):
+            if worker.poll() is None:
+                worker.send_signal(signum)
 
 
 def visible_gpus() -> list[str]:

@@ -40,8 +40,8 @@ from stable_cnn.studies.optuna_study import Pruned
 from stable_cnn.system.signals import EXIT_PREEMPTED
 
 if TYPE_CHECKING:
+    from stable_cnn.studies.optuna_study import FollowerReport, TrialReport
     from stable_cnn.system.distributed import World
-    from stable_cnn.training.fit import EpochReport
     from stable_cnn.training.tracking import Hparams
 
 # What needs torch is imported where it is used, once Hydra has composed the config:
@@ -163,10 +163,15 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
         run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
         hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
 
+        trial = trial_of(hydra_config.sweeper, world) if trial_number is not None else None
+        if trial is not None:  # the search reads the trial's outcome in its run folder
+            trial.record_folder(run_dir)
+
         def elsewhere(folder: Path) -> None:
             continue_log_in(folder, hydra_folder, world)
+            if trial is not None:
+                trial.record_folder(folder)
 
-        trial = trial_of(hydra_config.sweeper, world) if trial_number is not None else None
         results = train(run, run_dir, composed, hparams=hparams, world=world,
                         on_run_folder=elsewhere, trial=trial)  # fmt: skip
     except TrainingDiverged as err:
@@ -195,7 +200,7 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
     return results["best_val_acc"]
 
 
-def trial_of(sweeper: DictConfig, world: World) -> EpochReport:
+def trial_of(sweeper: DictConfig, world: World) -> TrialReport | FollowerReport:
     """Where this job's epochs go: its trial of the search (``hydra.sweeper.trial``) on
     rank 0, which asks the study's pruner; the other processes follow rank 0."""
     from stable_cnn.cli.optuna_search import shown

@@ -16,7 +16,13 @@ from stable_cnn.config import DataConfig
 from stable_cnn.errors import TrainingDiverged, UserError
 from stable_cnn.state.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from stable_cnn.state.record import CheckpointRecord, amp_option
-from stable_cnn.state.run_files import has_diverged, holds_a_run, is_finished, read_failure
+from stable_cnn.state.run_files import (
+    has_diverged,
+    holds_a_run,
+    is_finished,
+    read_failure,
+    was_pruned,
+)
 from stable_cnn.state.run_lock import describe_holder, lock_holder
 from stable_cnn.system.hardware import Runtime
 
@@ -150,8 +156,8 @@ def find_checkpoint(
     )
     for candidate in candidates:
         folder = candidate.parent.parent
-        if is_finished(folder) or has_diverged(folder):
-            continue
+        if is_finished(folder) or has_diverged(folder) or was_pruned(folder):
+            continue  # a pruned trial stopped on purpose: trainer.resume=PATH continues it
         if (holder := lock_holder(folder)) is not None:
             log.info("not resuming %s: %s is still writing it", folder, describe_holder(holder))
             continue

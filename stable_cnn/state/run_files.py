@@ -24,6 +24,12 @@ def has_diverged(run_dir: Path) -> bool:
     return failure is not None and failure["status"] == "diverged"
 
 
+def was_pruned(run_dir: Path) -> bool:
+    """failure.json says a search's pruner stopped the run (on purpose)."""
+    failure = read_failure(run_dir)
+    return failure is not None and failure["status"] == "pruned"
+
+
 # What a run that trained leaves in its folder (besides Hydra's .hydra/ and train.log).
 TRAINED = ("checkpoints", "metrics.jsonl", "results.json")
 

@@ -28,15 +28,33 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold
 # Each pruner's own arguments (Optuna's names); a search changes one with
 # hydra.sweeper.pruners.median.n_startup_trials=3. An epoch is one step.
 PRUNER_OPTIONS: dict[str, dict[str, Any]] = {
-    "median": {"n_startup_trials": 5, "n_warmup_steps": 0},
-    "percentile": {"percentile": 25.0, "n_startup_trials": 5, "n_warmup_steps": 0},
-    "successive_halving": {"min_resource": 1, "reduction_factor": 3},
-    "hyperband": {"min_resource": 1, "reduction_factor": 3},
-    "threshold": {"lower": None, "upper": None},
+    "median": {"n_startup_trials": 5, "n_warmup_steps": 0, "interval_steps": 1, "n_min_trials": 1},
+    "percentile": {
+        "percentile": 25.0,
+        "n_startup_trials": 5,
+        "n_warmup_steps": 0,
+        "interval_steps": 1,
+        "n_min_trials": 1,
+    },
+    "successive_halving": {
+        "min_resource": 1,
+        "reduction_factor": 3,
+        "min_early_stopping_rate": 0,
+        "bootstrap_count": 0,
+    },
+    "hyperband": {
+        "min_resource": 1,
+        "max_resource": "auto",
+        "reduction_factor": 3,
+        "bootstrap_count": 0,
+    },
+    "threshold": {"lower": None, "upper": None, "n_warmup_steps": 0, "interval_steps": 1},
     "none": {},
 }
 JOURNAL = "journal://"  # journal://PATH: Optuna's journal file, no database server
 HEARTBEAT = "stable_cnn:heartbeat"  # a running trial's last sign of life (time.time())
+HEARTBEAT_EVERY = "stable_cnn:heartbeat_s"  # how often its search marks it alive
+STALE_AFTER_HEARTBEATS = 4  # a running trial without a heartbeat this long was left behind
 STUDY_FILE = "study.json"  # what the study found, beside the sweep report
 IMPORTANCES_PLOT = "importances.png"
 SCHEMA_ATTEMPTS = 5  # tries to open a database whose tables another search is creating
@@ -53,6 +71,8 @@ def open_storage(url: str | None, study_name: str) -> Any:
 
     if url is None:
         return IN_MEMORY.setdefault(study_name, optuna.storages.InMemoryStorage())
+    if url.startswith("postgres://"):  # Heroku's and others' spelling
+        url = "postgresql://" + url[len("postgres://") :]
     if url.startswith(JOURNAL):
         path = Path(url[len(JOURNAL) :]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,10 +86,18 @@ def open_storage(url: str | None, study_name: str) -> Any:
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, **options})
         except Exception as err:  # searches started at once all create the tables: one wins
-            if "sqlalchemy" not in type(err).__module__ or attempt == SCHEMA_ATTEMPTS - 1:
+            if not lost_schema_race(err) or attempt == SCHEMA_ATTEMPTS - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def lost_schema_race(err: Exception) -> bool:
+    """Another process created the study tables (or held the SQLite file) first."""
+    words = str(err).lower()
+    return type(err).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError") and (
+        "unique" in words or "already exists" in words or "locked" in words
+    )
 
 
 def with_postgres_driver(url: str) -> str:
@@ -160,18 +188,31 @@ class TrialReport:
         trial_id = opened.get_trial_id_from_study_id_trial_number(study_id, number)
         self.trial = optuna.trial.Trial(self.study, trial_id)
         self.number = number
+        self.reporting = True
+
+    def record_folder(self, folder: Path) -> None:
+        """Where the trial's run is (the sweeper reads its outcome there)."""
+        try:
+            self.trial.set_user_attr("run_folder", str(folder.resolve()))
+        except Exception as err:  # the study's database is away, or the trial was ended
+            log.warning("trial %d: its run folder is not recorded (%s)", self.number, err)
 
     def should_stop(self, epoch: int, value: float, last: bool) -> bool:
         """Report ``value`` for ``epoch``; True where the pruner stops the trial here
         (never after the last epoch: there is nothing left to save)."""
-        import optuna
-
+        if not self.reporting:
+            return False
         try:
             self.trial.report(value, epoch)
-        except optuna.exceptions.UpdateFinishedTrialError:  # the study ended it (stale)
-            log.warning("trial %d is no longer running in its study: not reported", self.number)
+            return not last and self.trial.should_prune()
+        except Exception as err:  # ended by another search, the database away: train on
+            log.warning(
+                "trial %d: epochs no longer reported, never pruned (%s)",
+                self.number,
+                " ".join(str(err).split())[:200],
+            )
+            self.reporting = False
             return False
-        return not last and self.trial.should_prune()
 
 
 class FollowerReport:
@@ -180,6 +221,9 @@ class FollowerReport:
 
     def should_stop(self, epoch: int, value: float, last: bool) -> bool:
         return False
+
+    def record_folder(self, folder: Path) -> None:
+        pass
 
 
 class Heartbeats:
@@ -202,6 +246,7 @@ class Heartbeats:
         self.thread.join()
 
     def add(self, trial_id: int) -> None:
+        self.storage.set_trial_system_attr(trial_id, HEARTBEAT_EVERY, self.every_s)
         self.storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
         with self.lock:
             self.trial_ids.add(trial_id)
@@ -221,16 +266,19 @@ class Heartbeats:
                     log.debug("no heartbeat for trial id %d: %s", trial_id, err)
 
 
-def fail_stale_trials(study: Any, stale_after_s: float) -> list[int]:
-    """Mark FAIL the RUNNING trials without a heartbeat for ``stale_after_s`` seconds
-    (a worker that was killed); returns their numbers."""
+def fail_stale_trials(study: Any, heartbeat_s: float) -> list[int]:
+    """Mark FAIL the RUNNING trials whose search has not marked them alive for 4 of its
+    heartbeats (its own interval; ``heartbeat_s`` for trials without one): a worker that
+    was killed. Returns their numbers."""
     import optuna
 
     now = time.time()
     stale = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         started = trial.datetime_start.timestamp() if trial.datetime_start else now
-        if now - float(trial.system_attrs.get(HEARTBEAT, started)) > stale_after_s:
+        every = float(trial.system_attrs.get(HEARTBEAT_EVERY, heartbeat_s))
+        last_beat = float(trial.system_attrs.get(HEARTBEAT, started))
+        if now - last_beat > STALE_AFTER_HEARTBEATS * every:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             stale.append(trial.number)
     return stale
