@@ -74,16 +74,30 @@ class Row:
 def data_config(args: argparse.Namespace, limit_train: int) -> DataConfig:
     if args.dataset == "cifar10-synthetic":  # CIFAR-10-shaped, for machines without the data
         return SyntheticDataConfig(
-            name="synthetic", root=args.data_root, batch_size=args.batch_size, val_size=0,
-            in_channels=3, image_size=32, crop_padding=4, mean=[0.5] * 3, std=[0.25] * 3,
-            num_train=limit_train, num_test=args.batch_size,
-        )  # fmt: skip
+            name="synthetic",
+            root=args.data_root,
+            batch_size=args.batch_size,
+            val_size=0,
+            in_channels=3,
+            image_size=32,
+            crop_padding=4,
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            num_train=limit_train,
+            num_test=args.batch_size,
+        )
     return DataConfig(
-        name="fashion_mnist", root=args.data_root,
-        system_dir="/usr/share/datasets/fashion-mnist", batch_size=args.batch_size,
-        val_size=0, limit_train=limit_train, limit_test=args.batch_size,
-        crop_padding=2, mean=[0.2860], std=[0.3530],
-    )  # fmt: skip
+        name="fashion_mnist",
+        root=args.data_root,
+        system_dir="/usr/share/datasets/fashion-mnist",
+        batch_size=args.batch_size,
+        val_size=0,
+        limit_train=limit_train,
+        limit_test=args.batch_size,
+        crop_padding=2,
+        mean=[0.2860],
+        std=[0.3530],
+    )
 
 
 def new_model(config: DataConfig, width: int, runtime: Runtime) -> nn.Module:
@@ -144,8 +158,17 @@ def stable_cnn_loop(
     optimizer = build_optimizer(model, SGDConfig())
     schedule = build_schedule(optimizer, CosineConfig(), 3, len(data.train))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
-    train_step = build_train_step(network, nn.CrossEntropyLoss(), optimizer, scaler, CLIP,
-                                  runtime, 2.0, cuda_graph, cycles_momentum=False)  # fmt: skip
+    train_step = build_train_step(
+        network,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        scaler,
+        CLIP,
+        runtime,
+        2.0,
+        cuda_graph,
+        cycles_momentum=False,
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         tracker = RunTracker(Path(run_dir))
         rates = []
@@ -171,24 +194,39 @@ def tutorial_loop(args, config: DataConfig, device: torch.device) -> float:
 
     if args.dataset == "cifar10-synthetic":
         dataset = datasets.FakeData(
-            args.steps * args.batch_size, (3, 32, 32), 10,
-            transform=transforms.Compose([
-                transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.25] * 3),
-            ]),
-        )  # fmt: skip
+            args.steps * args.batch_size,
+            (3, 32, 32),
+            10,
+            transform=transforms.Compose(
+                [
+                    transforms.RandomCrop(32, padding=4),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.ToTensor(),
+                    transforms.Normalize([0.5] * 3, [0.25] * 3),
+                ]
+            ),
+        )
     else:
         build_splits(config, torch.device("cpu"), seed=0)  # installs the offline copy if needed
-        transform = transforms.Compose([
-            transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize([0.2860], [0.3530]),
-        ])  # fmt: skip
+        transform = transforms.Compose(
+            [
+                transforms.RandomCrop(28, padding=2),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize([0.2860], [0.3530]),
+            ]
+        )
         full = datasets.FashionMNIST(config.root, train=True, transform=transform)
         dataset = Subset(full, range((args.warmup + args.steps) * args.batch_size))
     loader = DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=True,
-    )  # fmt: skip
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=2,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+    )
     torch.manual_seed(0)
     model = SmallCNN(in_channels=config.in_channels, num_classes=10, width=args.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -259,9 +297,14 @@ def time_to_accuracy(preset: str, data_root: str) -> dict:
     """Run the preset through the real CLI; its results.json has test_acc and wall_s."""
     with tempfile.TemporaryDirectory() as run_dir:
         command = [
-            sys.executable, "-m", "stable_cnn.train", f"experiment={preset}",
-            f"data.root={data_root}", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "stable_cnn.train",
+            f"experiment={preset}",
+            f"data.root={data_root}",
+            "trainer.progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ]
         started = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         wall = time.perf_counter() - started
@@ -321,8 +364,9 @@ def compare_pruning(trials: int, data_root: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=["fashion_mnist", "cifar10-synthetic"],
-                        default="fashion_mnist")  # fmt: skip
+    parser.add_argument(
+        "--dataset", choices=["fashion_mnist", "cifar10-synthetic"], default="fashion_mnist"
+    )
     parser.add_argument("--data-root", default="./data")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -341,8 +385,13 @@ def main() -> None:
         help="also measure the loop with the step in a CUDA graph (CUDA only)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer rows and steps (~1 min)")
-    parser.add_argument("--time-to-accuracy", metavar="PRESET", nargs="?",
-                        const="fashion_mnist_fast", help="also run this preset")  # fmt: skip
+    parser.add_argument(
+        "--time-to-accuracy",
+        metavar="PRESET",
+        nargs="?",
+        const="fashion_mnist_fast",
+        help="also run this preset",
+    )
     parser.add_argument(
         "--search",
         metavar="TRIALS",
@@ -365,12 +414,16 @@ def main() -> None:
         for path, measure in (("ceiling", bare_compute), ("stable-cnn loop", stable_cnn_loop)):
             rate = measure(args, config, runtime, compiled)
             rows.append(Row(path, precision.name, channels_last, compiled, rate))
-            print(f"  {path:16s} {precision.name} cl={channels_last} compile={compiled}: "
-                  f"{rate:,.0f} img/s", file=sys.stderr)  # fmt: skip
+            print(
+                f"  {path:16s} {precision.name} cl={channels_last} compile={compiled}: "
+                f"{rate:,.0f} img/s",
+                file=sys.stderr,
+            )
         if args.cuda_graph and not compiled and not precision.use_grad_scaler:
             rate = stable_cnn_loop(args, config, runtime, False, cuda_graph=True)
-            rows.append(Row("stable-cnn loop, CUDA graph", precision.name, channels_last, False,
-                            rate))  # fmt: skip
+            rows.append(
+                Row("stable-cnn loop, CUDA graph", precision.name, channels_last, False, rate)
+            )
             print(f"  loop, CUDA graph {precision.name}: {rate:,.0f} img/s", file=sys.stderr)
     rows.append(
         Row("tutorial-style loop", "fp32", False, False, tutorial_loop(args, config, device))
@@ -378,19 +431,25 @@ def main() -> None:
 
     best = max(r.images_per_second for r in rows if r.path == "ceiling")
     print(f"\n{machine_description(device)}")
-    print(f"SmallCNN width {args.width}, {args.dataset}, batch {args.batch_size}, "
-          f"{args.steps} timed steps per row\n")  # fmt: skip
+    print(
+        f"SmallCNN width {args.width}, {args.dataset}, batch {args.batch_size}, "
+        f"{args.steps} timed steps per row\n"
+    )
     print("| path | precision | channels_last | compile | images/s | vs best ceiling |")
     print("|---|---|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r.path} | {r.precision} | {'yes' if r.channels_last else 'no'} | "
-              f"{'yes' if r.compiled else 'no'} | {r.images_per_second:,.0f} | "
-              f"{r.images_per_second / best:.0%} |")  # fmt: skip
+        print(
+            f"| {r.path} | {r.precision} | {'yes' if r.channels_last else 'no'} | "
+            f"{'yes' if r.compiled else 'no'} | {r.images_per_second:,.0f} | "
+            f"{r.images_per_second / best:.0%} |"
+        )
     if args.time_to_accuracy:
         result = time_to_accuracy(args.time_to_accuracy, args.data_root)
-        print(f"\nexperiment={args.time_to_accuracy}: test_acc {result['test_acc']:.2f}% after "
-              f"{result['epochs']} epochs; training {result['wall_s']:.0f} s, whole command "
-              f"{result['process_wall_s']:.0f} s")  # fmt: skip
+        print(
+            f"\nexperiment={args.time_to_accuracy}: test_acc {result['test_acc']:.2f}% after "
+            f"{result['epochs']} epochs; training {result['wall_s']:.0f} s, whole command "
+            f"{result['process_wall_s']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ from stable_cnn.training.host_syncs import step_waits
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--paths", default=None, help="eager,compiled,graphed (default: all "
-                        "that run on the device; graphed needs CUDA)")  # fmt: skip
+    parser.add_argument(
+        "--paths",
+        default=None,
+        help="eager,compiled,graphed (default: all that run on the device; graphed needs CUDA)",
+    )
     parser.add_argument("--precisions", default="bf16,fp16")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -38,8 +41,11 @@ def main() -> None:
                 continue  # fp16's GradScaler decides on the host: the graph falls back
             waits = step_waits(path, precision, device)
             syncs = f"{waits.syncs_per_step:.2f}" if device.type == "cuda" else "n/a (CPU)"
-            print(f"| {path} | {precision} | {waits.reads_per_step:.2f} | {syncs} | "
-                  f"{waits.epoch_reads} |", flush=True)  # fmt: skip
+            print(
+                f"| {path} | {precision} | {waits.reads_per_step:.2f} | {syncs} | "
+                f"{waits.epoch_reads} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -53,29 +53,42 @@ POINTS: dict[str, list[str]] = {
 def run_point(overrides: list[str], seed: int, folder: Path) -> dict:
     """One whole ``stable-cnn-train`` command, timed from launch to exit."""
     script = str(Path(sys.executable).parent / "stable-cnn-train")
-    command = [script, *overrides, f"trainer.seed={seed}", "trainer.progress_bar=false",
-               f"hydra.run.dir={folder}"]  # fmt: skip
+    command = [
+        script,
+        *overrides,
+        f"trainer.seed={seed}",
+        "trainer.progress_bar=false",
+        f"hydra.run.dir={folder}",
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     results = json.loads((folder / "results.json").read_text())
-    return {"seed": seed, "command_s": seconds, "train_s": results["wall_s"],
-            "test_acc": results["test_acc"]}  # fmt: skip
+    return {
+        "seed": seed,
+        "command_s": seconds,
+        "train_s": results["wall_s"],
+        "test_acc": results["test_acc"],
+    }
 
 
 def table(rows: dict[str, list[dict]]) -> str:
     """The markdown table of docs/speedrun.md: one line per point, in ``rows``' order."""
-    lines = ["| point | command | test acc: mean (seeds 0, 1, 2) | whole command, mean |",
-             "|---|---|---:|---:|"]  # fmt: skip
+    lines = [
+        "| point | command | test acc: mean (seeds 0, 1, 2) | whole command, mean |",
+        "|---|---|---:|---:|",
+    ]
     for name, runs in rows.items():
         accs = [r["test_acc"] for r in runs]
         seconds = statistics.mean(r["command_s"] for r in runs)
         each = ", ".join(f"{a:.2f}" for a in accs)
         overrides = " ".join(POINTS[name]) if name in POINTS else "(no longer in POINTS)"
-        lines.append(f"| {name} | `stable-cnn-train {overrides}` | "
-                     f"{statistics.mean(accs):.2f}% ({each}) | {seconds:.1f} s |")  # fmt: skip
+        lines.append(
+            f"| {name} | `stable-cnn-train {overrides}` | "
+            f"{statistics.mean(accs):.2f}% ({each}) | {seconds:.1f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -93,13 +106,15 @@ def plot(rows: dict[str, list[dict]], path: Path) -> None:
         dots = axes.scatter(seconds, accs, s=14, alpha=0.5)
         mean_s, mean_acc = statistics.mean(seconds), statistics.mean(accs)
         axes.scatter([mean_s], [mean_acc], marker="x", s=60, color=dots.get_facecolor()[0])
-        axes.annotate(name, (mean_s, mean_acc), textcoords="offset points", xytext=(5, 4),
-                      fontsize=7)  # fmt: skip
+        axes.annotate(
+            name, (mean_s, mean_acc), textcoords="offset points", xytext=(5, 4), fontsize=7
+        )
     axes.axhline(93.0, color="grey", linestyle="--", linewidth=0.8)
     axes.set_xlabel("whole stable-cnn-train command, seconds")
     axes.set_ylabel("Fashion-MNIST test accuracy, %")
-    axes.set_title(f"Fashion-MNIST, each seed (dot) and their mean (cross); CPU: {describe_cpu()}",
-                   fontsize=8)  # fmt: skip
+    axes.set_title(
+        f"Fashion-MNIST, each seed (dot) and their mean (cross); CPU: {describe_cpu()}", fontsize=8
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -131,14 +146,18 @@ def main() -> None:
         print(f"# {describe_cpu()}", flush=True)
         with tempfile.TemporaryDirectory() as scratch, args.out.open("a") as out:
             for name in args.points:
-                runs = [run_point(POINTS[name], seed, Path(scratch) / f"{name}-{seed}")
-                        for seed in args.seeds]  # fmt: skip
+                runs = [
+                    run_point(POINTS[name], seed, Path(scratch) / f"{name}-{seed}")
+                    for seed in args.seeds
+                ]
                 for run in runs:
                     out.write(json.dumps({"point": name, **run}) + "\n")
                 rows[name] = runs
                 accs = ", ".join(f"{r['test_acc']:.2f}%" for r in runs)
-                print(f"{name}: {accs}; {statistics.mean(r['command_s'] for r in runs):.1f} s",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{name}: {accs}; {statistics.mean(r['command_s'] for r in runs):.1f} s",
+                    flush=True,
+                )
     print(table(rows))
     if args.plot is not None:
         plot(rows, args.plot)

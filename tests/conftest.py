@@ -91,8 +91,14 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     back the global CUDA flags that a run sets (TF32, cuDNN autotuning)."""
     from tests.fake_gpu import FakeGPU
 
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark)  # fmt: skip
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     yield FakeGPU().install(monkeypatch.setattr)
-    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-     torch.backends.cudnn.benchmark) = flags  # fmt: skip
+    (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    ) = flags

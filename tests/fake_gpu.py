@@ -68,8 +68,13 @@ class FakeGPU:
 
     def properties(self, device: Any = None) -> SimpleNamespace:
         major, minor = self.device_capability(device)
-        return SimpleNamespace(name=self.device_name(device), major=major, minor=minor,
-                               total_memory=80 * 2**30, multi_processor_count=132)  # fmt: skip
+        return SimpleNamespace(
+            name=self.device_name(device),
+            major=major,
+            minor=minor,
+            total_memory=80 * 2**30,
+            multi_processor_count=132,
+        )
 
     def generator_index(self, device: Any) -> int:
         """The GPU whose generator torch.cuda's random-state calls mean: as torch's, the

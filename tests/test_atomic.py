@@ -50,8 +50,9 @@ def test_concurrent_writers_all_succeed_and_readers_see_whole_versions(tmp_path:
 def test_only_dead_writers_temporaries_are_removed(tmp_path: Path):
     path = tmp_path / "file"
     live = tmp_path / f".file.{host_name()}.{os.getpid()}.abc.partial"  # this very process
-    dead_process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                                  capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dead_process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     dead = tmp_path / f".file.{host_name()}.{dead_process}.abc.partial"
     other_host_fresh = tmp_path / ".file.elsewhere.123.abc.partial"
     other_host_old = tmp_path / ".file.elsewhere.456.abc.partial"

@@ -13,8 +13,17 @@ from tests.conftest import TINY, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
-EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "train_img_s", "epoch_s",
-              "nonfinite_steps", "amp_skipped_steps"}  # fmt: skip
+EPOCH_KEYS = {
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "train_img_s",
+    "epoch_s",
+    "nonfinite_steps",
+    "amp_skipped_steps",
+}
 RESULT_KEYS = {"best_val_acc", "test_acc", "test_loss", "epochs", "wall_s"}
 
 
@@ -61,13 +70,25 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
         assert checkpoint["model_config"]["width"] == 8
 
     tags = scalar_tags(run_dir)
-    for tag in ("loss/train", "stability/lr", "stability/grad_norm", "loss/val", "accuracy/val",
-                "accuracy/test", "accuracy/best_val"):  # fmt: skip
+    for tag in (
+        "loss/train",
+        "stability/lr",
+        "stability/grad_norm",
+        "loss/val",
+        "accuracy/val",
+        "accuracy/test",
+        "accuracy/best_val",
+    ):
         assert tag in tags, f"TensorBoard tag {tag} missing"
     # Time Series shows sections by prefix, alphabetically: accuracy and loss come first
     sections = sorted({tag.split("/", 1)[0] for tag in tags})
     assert sections[:2] == ["accuracy", "loss"] and set(sections) <= {
-        "accuracy", "loss", "run", "stability", "weights"}, sections  # fmt: skip
+        "accuracy",
+        "loss",
+        "run",
+        "stability",
+        "weights",
+    }, sections
     assert "stability/skipped_nonfinite" not in tags, "no chart of zeros: nothing was skipped"
     assert "stability/skipped_amp" not in tags, "bf16 has no GradScaler to skip steps"
     assert tags["accuracy/val"] == pytest.approx([e["val_acc"] for e in epochs])
@@ -162,11 +183,17 @@ def test_early_stopping_ends_the_run_and_tests_the_best_epoch(tmp_path):
     run_dir = tmp_path / "run"
     # A learning rate this small cannot improve on epoch 1, so patience 1 stops after epoch 2.
     done = run_cli(
-        [*TINY, "trainer.epochs=5", "optimizer.lr=1e-9", "scheduler=none",
-         "trainer.early_stopping_patience=1", "trainer.deterministic=true",
-         f"hydra.run.dir={run_dir}"],
+        [
+            *TINY,
+            "trainer.epochs=5",
+            "optimizer.lr=1e-9",
+            "scheduler=none",
+            "trainer.early_stopping_patience=1",
+            "trainer.deterministic=true",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "early stopping" in done.stdout
     results = json.loads((run_dir / "results.json").read_text())
@@ -188,8 +215,11 @@ def test_progress_bar_shows_on_a_terminal(tmp_path):
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     process = subprocess.Popen(
         [sys.executable, "-m", "stable_cnn.train", *TINY, "trainer.epochs=1", "hydra.run.dir=run"],
-        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
-    )  # fmt: skip
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
     os.close(terminal)
     screen = b""
     while True:

@@ -26,9 +26,12 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{group}={option}" for group in ("optimizer", "scheduler", "clipping", "amp")
-     for option in options(group)],
-)  # fmt: skip
+    [
+        f"{group}={option}"
+        for group in ("optimizer", "scheduler", "clipping", "amp")
+        for option in options(group)
+    ],
+)
 def test_every_training_option_composes_and_builds(override: str):
     run = compose_run([*TINY, override])
     group, option = override.split("=")
@@ -263,17 +266,26 @@ def test_an_image_folder_too_small_for_a_batch_and_without_test_folder(tmp_path:
     because there is no test/ folder (not because of data.val_size)."""
     from tests.test_data import write_image_folder
 
-    write_image_folder(tmp_path / "images", {"train": {"a": 40, "b": 41},
-                                             "val": {"a": 5, "b": 4}})  # fmt: skip
-    args = ["data=image_folder", f"data.root={tmp_path / 'images'}", "model.width=4",
-            "trainer.epochs=1", "data.image_size=8", "hydra.run.dir=run"]  # fmt: skip
+    write_image_folder(tmp_path / "images", {"train": {"a": 40, "b": 41}, "val": {"a": 5, "b": 4}})
+    args = [
+        "data=image_folder",
+        f"data.root={tmp_path / 'images'}",
+        "model.width=4",
+        "trainer.epochs=1",
+        "data.image_size=8",
+        "hydra.run.dir=run",
+    ]
     done = run_cli(args, tmp_path)
     assert done.returncode == 2
-    assert "data.batch_size=128 is larger than the 81 training images: lower data.batch_size " \
-           "(to 81 at most)" in done.stdout  # fmt: skip
+    assert (
+        "data.batch_size=128 is larger than the 81 training images: lower data.batch_size "
+        "(to 81 at most)" in done.stdout
+    )
     assert "limit_train" not in done.stdout
     done = run_cli([*args, "data.batch_size=16", "hydra.run.dir=run2"], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{tmp_path / 'images'} has no test/ folder: val/ is both the validation and the " \
-           "test set" in done.stdout  # fmt: skip
+    assert (
+        f"{tmp_path / 'images'} has no test/ folder: val/ is both the validation and the "
+        "test set" in done.stdout
+    )
     assert "data.val_size=0)" not in done.stdout

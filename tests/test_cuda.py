@@ -312,8 +312,13 @@ def test_global_batchnorm_never_makes_the_host_wait(monkeypatch: pytest.MonkeyPa
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))  # fmt: skip
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        device_id=torch.device("cuda", 0),
+    )
     try:
         plain, model, images = global_batchnorm_pair(torch.device("cuda", 0))
         monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
@@ -366,8 +371,9 @@ def test_an_image_folder_run_on_cuda(tmp_path: Path):
     """The classic DataLoader path on a GPU: pinned batches, persistent workers."""
     from tests.test_data import write_image_folder
 
-    write_image_folder(tmp_path / "images", {"train": {"cat": 40, "dog": 40},
-                                             "val": {"cat": 10, "dog": 10}})  # fmt: skip
+    write_image_folder(
+        tmp_path / "images", {"train": {"cat": 40, "dog": 40}, "val": {"cat": 10, "dog": 10}}
+    )
     done = run_cli([*image_folder_run(tmp_path / "images", "cuda"), "hydra.run.dir=run"], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 loader workers" in done.stdout

@@ -91,8 +91,9 @@ def test_limits_limit_what_is_decoded_and_eval_decodes_only_its_split(my_data: P
     assert torch.bincount(splits.train.labels).tolist() == [16] * 4  # targets: stratified
 
     my_patterns.READS.clear()
-    settled = compose_run(custom("data.limit_test=32", "data.mean=[0.5,0.5,0.5]",
-                                 "data.std=[0.3,0.3,0.3]")).data  # fmt: skip
+    settled = compose_run(
+        custom("data.limit_test=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.3,0.3,0.3]")
+    ).data
     tested = build_splits(settled, torch.device("cpu"), seed=0, test_only=True)
     assert tested.train is None and tested.num_test == 32
     assert len(my_patterns.READS) <= 16 + 32
@@ -117,9 +118,18 @@ def test_a_bad_label_read_by_a_loader_worker_is_one_line(my_data: Path, tmp_path
     """Without ``targets`` the worker path meets the label as it reads the image, inside
     a DataLoader worker: still one line, exit 2, before a GPU could assert on it."""
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
-    done = run_cli(custom("data.in_memory=false", "+data.with_targets=false",
-                          "+data.bad_label_at=37", "data.val_size=0", "data.num_workers=1",
-                          "hydra.run.dir=run"), tmp_path, env=env)  # fmt: skip
+    done = run_cli(
+        custom(
+            "data.in_memory=false",
+            "+data.with_targets=false",
+            "+data.bad_label_at=37",
+            "data.val_size=0",
+            "data.num_workers=1",
+            "hydra.run.dir=run",
+        ),
+        tmp_path,
+        env=env,
+    )
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "error" in line]
     assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
     assert "train image 37 has label 4, outside 0..3 for 4 classes" in lines[0]
@@ -128,8 +138,9 @@ def test_a_bad_label_read_by_a_loader_worker_is_one_line(my_data: Path, tmp_path
 
 def test_two_processes_agree_to_hold_the_images_in_memory(my_data: Path, tmp_path: Path):
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
-    done = run_cli(custom("trainer.devices=2", "trainer.epochs=1", "hydra.run.dir=run"),
-                   tmp_path, env=env)  # fmt: skip
+    done = run_cli(
+        custom("trainer.devices=2", "trainer.epochs=1", "hydra.run.dir=run"), tmp_path, env=env
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "decoding 512 + 128 images into memory" in done.stdout + done.stderr
 
@@ -152,11 +163,13 @@ def test_decoding_and_statistics_stay_near_the_size_of_the_images(my_data: Path)
     """4,096 RGB images of 64x64 are 48 MiB as uint8: decoding them and computing their
     mean and std takes about that, not a float copy of thousands of images (the chunks
     used to be 4,096 images, 17x their uint8 size at the peak)."""
-    overrides = custom("+data.count=4096", "+data.size=64", "data.val_size=0",
-                       "data.in_memory=true")  # fmt: skip
+    overrides = custom(
+        "+data.count=4096", "+data.size=64", "data.val_size=0", "data.in_memory=true"
+    )
     script = textwrap.dedent(PEAK.format(folder=str(my_data), overrides=overrides))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     images, grown_kib = (int(v) for v in done.stdout.split())
     decoded_mib = images * 3 * 64 * 64 / 2**20
@@ -207,8 +220,11 @@ def test_lr_auto_reuses_the_decoded_images(my_data: Path, tmp_path: Path):
     is read once, not once for the test and again for the run."""
     reads = tmp_path / "reads"
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}", "READS_FILE": str(reads)}
-    done = run_cli(custom("optimizer.lr=auto", "trainer.epochs=1", "data.in_memory=true",
-                          "hydra.run.dir=run"), tmp_path, env=env)  # fmt: skip
+    done = run_cli(
+        custom("optimizer.lr=auto", "trainer.epochs=1", "data.in_memory=true", "hydra.run.dir=run"),
+        tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "optimizer.lr=auto:" in done.stdout
     assert int(reads.read_text()) <= 16 + 512 + 128
@@ -224,9 +240,14 @@ def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Pat
     from tests.test_resume import assert_same_run, stop_in_second_epoch
 
     env = {**os.environ, "PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
-    args = custom("data.in_memory=false", "data.num_workers=1", "+data.count=2048",
-                  "+data.with_targets=false", "trainer.deterministic=true",
-                  "trainer.progress_bar=false")  # fmt: skip
+    args = custom(
+        "data.in_memory=false",
+        "data.num_workers=1",
+        "+data.count=2048",
+        "+data.with_targets=false",
+        "trainer.deterministic=true",
+        "trainer.progress_bar=false",
+    )
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     done = run_cli([*args, f"hydra.run.dir={whole}"], tmp_path, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -235,8 +256,9 @@ def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Pat
     continued = data_as_it_started(compose_run(args).data, record)
     assert continued.in_memory is False and continued.mean == record.data_resolved["mean"]
     assert continued.sampling == "stratified" and continued.val_size == 204
-    resumed = run_cli([*args, f"trainer.resume={stopped}", f"hydra.run.dir={stopped}"],
-                      tmp_path, env=env)  # fmt: skip
+    resumed = run_cli(
+        [*args, f"trainer.resume={stopped}", f"hydra.run.dir={stopped}"], tmp_path, env=env
+    )
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout
     assert_same_run(whole, stopped)
 
@@ -245,8 +267,9 @@ def test_a_dataset_that_fails_in_one_process_stops_every_process(my_data: Path, 
     """The callable raises on the second process alone (a path missing on one node): the
     first does not wait for it for ever, but stops with one line that says why."""
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
-    done = run_cli(custom("trainer.devices=2", "+data.fails_on_rank=1", "hydra.run.dir=run"),
-                   tmp_path, env=env)  # fmt: skip
+    done = run_cli(
+        custom("trainer.devices=2", "+data.fails_on_rank=1", "hydra.run.dir=run"), tmp_path, env=env
+    )
     assert done.returncode != 0
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
     assert errors == [errors[0]] and "no images where this process looks (on rank 1)" in errors[0]

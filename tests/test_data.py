@@ -116,9 +116,14 @@ def test_tensor_batches_cover_the_training_set_once_in_a_seeded_order():
 
     def epoch_labels(seed: int) -> list[int]:
         batches = TensorBatches(
-            images, labels, 3, torch.tensor([0.0]), torch.tensor([1.0]),
-            train=True, generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+            images,
+            labels,
+            3,
+            torch.tensor([0.0]),
+            torch.tensor([1.0]),
+            train=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
         assert len(batches) == 3  # the last partial batch is dropped
         return [int(x) for _, batch_labels in batches for x in batch_labels]
 
@@ -162,9 +167,16 @@ def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path)
     write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
 
     def fresh(workers: int, augment: bool = True):
-        run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
-                           f"data.num_workers={workers}", "data.crop_padding=4",
-                           f"data.augment={augment}"])  # fmt: skip
+        run = compose_run(
+            [
+                "data=image_folder",
+                f"data.root={tmp_path}",
+                "data.batch_size=4",
+                f"data.num_workers={workers}",
+                "data.crop_padding=4",
+                f"data.augment={augment}",
+            ]
+        )
         return build_splits(run.data, torch.device("cpu"), seed=0).train
 
     whole_epoch = [images for images, _ in fresh(0)]
@@ -184,15 +196,15 @@ def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path)
 
 def child_processes() -> set[int]:
     tasks = Path("/proc/self/task")
-    return {int(pid) for task in tasks.iterdir()
-            for pid in (task / "children").read_text().split()}  # fmt: skip
+    return {int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()}
 
 
 def test_image_folder_keeps_its_loader_workers_from_epoch_to_epoch(tmp_path):
     """One DataLoader per run: its worker processes are started once, not every epoch."""
     write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
-    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
-                       "data.num_workers=2"])  # fmt: skip
+    run = compose_run(
+        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=2"]
+    )
     train = build_splits(run.data, torch.device("cpu"), seed=0).train
     before = child_processes()
     first_epoch = [labels for _, labels in train]
@@ -204,9 +216,17 @@ def test_image_folder_keeps_its_loader_workers_from_epoch_to_epoch(tmp_path):
 
 def test_image_folder_shards_are_disjoint_equal_and_evaluate_every_image_once(tmp_path):
     write_image_folder(tmp_path, {"train": {"cat": 11, "dog": 10}, "val": {"cat": 4, "dog": 3}})
-    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
-                       "data.eval_batch_size=2", "data.num_workers=0", "data.augment=false",
-                       "data.image_size=8"])  # fmt: skip
+    run = compose_run(
+        [
+            "data=image_folder",
+            f"data.root={tmp_path}",
+            "data.batch_size=4",
+            "data.eval_batch_size=2",
+            "data.num_workers=0",
+            "data.augment=false",
+            "data.image_size=8",
+        ]
+    )
 
     def shard(index: int):
         return build_splits(run.data, torch.device("cpu"), 0, Shard(index, 2))
@@ -297,8 +317,13 @@ def test_limits_on_a_class_sorted_folder_keep_every_class_in_proportion(tmp_path
     keeps the first N, as runs before it did."""
     counts = {f"class_{k}": 19 if k == 0 else 9 for k in range(10)}
     write_image_folder(tmp_path, {"train": counts, "val": {name: 4 for name in counts}})
-    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
-            "data.limit_train=50", "data.limit_test=20"]  # fmt: skip
+    args = [
+        "data=image_folder",
+        f"data.root={tmp_path}",
+        "data.batch_size=4",
+        "data.limit_train=50",
+        "data.limit_test=20",
+    ]
     from stable_cnn.data.image_folder import folder_datasets
 
     train, val, _, _ = folder_datasets(compose_run(args).data)
@@ -314,8 +339,14 @@ def test_limits_on_a_class_sorted_folder_keep_every_class_in_proportion(tmp_path
 
 
 def test_the_hold_out_and_limits_of_fashion_mnist_are_stratified(fashion_mnist_root):
-    run = compose_run([f"data.root={fashion_mnist_root}", "data.val_size=1000",
-                       "data.limit_train=2000", "data.limit_test=500"])  # fmt: skip
+    run = compose_run(
+        [
+            f"data.root={fashion_mnist_root}",
+            "data.val_size=1000",
+            "data.limit_train=2000",
+            "data.limit_test=500",
+        ]
+    )
     splits = build_splits(run.data, torch.device("cpu"), seed=0)
     for split, each in ((splits.train, 200), (splits.val, 50), (splits.test, 50)):
         assert torch.bincount(split.labels, minlength=10).tolist() == [each] * 10

@@ -27,9 +27,15 @@ DIAGNOSED = [*TINY, "trainer.log_every_n_steps=1", "trainer.progress_bar=false"]
 @pytest.mark.parametrize("clipping", ["norm", "none"])
 def test_gradient_norms_before_and_after_clipping_are_logged(tmp_path: Path, clipping: str):
     run_dir = tmp_path / "run"
-    done = run_cli([*DIAGNOSED, f"clipping={clipping}", "clipping.max_norm=0.5"
-                    if clipping == "norm" else "trainer.epochs=2",
-                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        [
+            *DIAGNOSED,
+            f"clipping={clipping}",
+            "clipping.max_norm=0.5" if clipping == "norm" else "trainer.epochs=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     tags = scalar_tags(run_dir)
     before, after = tags["stability/grad_norm"], tags["stability/grad_norm_clipped"]
@@ -58,9 +64,15 @@ def with_and_without_figures(tmp_path_factory: pytest.TempPathFactory) -> dict[s
     runs = {}
     for every in ("null", "1"):
         runs[every] = folder / f"figures-{every}"
-        done = run_cli([*DIAGNOSED, "trainer.deterministic=true",
-                        f"diagnostics.figures_every_n_epochs={every}",
-                        f"hydra.run.dir={runs[every]}"], cwd=folder)  # fmt: skip
+        done = run_cli(
+            [
+                *DIAGNOSED,
+                "trainer.deterministic=true",
+                f"diagnostics.figures_every_n_epochs={every}",
+                f"hydra.run.dir={runs[every]}",
+            ],
+            cwd=folder,
+        )
         assert done.returncode == 0, done.stderr
     return runs
 
@@ -94,9 +106,13 @@ def test_per_epoch_health_and_figures_in_tensorboard(with_and_without_figures: d
 @pytest.mark.slow
 def test_figures_do_not_change_the_run(with_and_without_figures: dict[str, Path]):
     """The gradient snapshot forks the RNG and restores BatchNorm: same numbers either way."""
-    runs = {every: [{k: v for k, v in e.items() if k not in TIMING}
-                    for e in read_jsonl(run_dir / "metrics.jsonl")]
-            for every, run_dir in with_and_without_figures.items()}  # fmt: skip
+    runs = {
+        every: [
+            {k: v for k, v in e.items() if k not in TIMING}
+            for e in read_jsonl(run_dir / "metrics.jsonl")
+        ]
+        for every, run_dir in with_and_without_figures.items()
+    }
     assert runs["null"] == runs["1"]
 
 
@@ -110,8 +126,15 @@ def test_a_loss_spike_is_counted():
     schedule = build_schedule(optimizer, compose_run(TINY).scheduler, 1, len(batches))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
-    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
-                           ClippingConfig("none"), runtime, loss_spike_factor=2.0)  # fmt: skip
+    train_step = TrainStep(
+        model,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        scaler,
+        ClippingConfig("none"),
+        runtime,
+        loss_spike_factor=2.0,
+    )
     stats, _ = train_one_epoch(
         train_step, batches, schedule, 0, 100, lambda step, scalars: None, progress_bar=False
     )
@@ -127,8 +150,13 @@ def test_eval_command_reproduces_the_runs_test_accuracy(
     results = json.loads((run_dir / "results.json").read_text())
     evaluate = str(Path(sys.executable).parent / "stable-cnn-eval")
     out_dir = tmp_path / "eval"
-    done = subprocess.run([evaluate, f"checkpoint={run_dir}", f"out={out_dir}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [evaluate, f"checkpoint={run_dir}", f"out={out_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((out_dir / "eval.json").read_text())
     assert report["test_acc"] == results["test_acc"], "the same images, model and precision"
@@ -140,9 +168,19 @@ def test_eval_command_reproduces_the_runs_test_accuracy(
 
     assert matplotlib.image.imread(out_dir / "confusion.png").shape[0] > 100
 
-    wrong = subprocess.run([evaluate, f"checkpoint={run_dir}", "data=synthetic",
-                            "data.num_classes=5", f"out={tmp_path / 'wrong'}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    wrong = subprocess.run(
+        [
+            evaluate,
+            f"checkpoint={run_dir}",
+            "data=synthetic",
+            "data.num_classes=5",
+            f"out={tmp_path / 'wrong'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wrong.returncode == 2
     (line,) = [line for line in (wrong.stdout + wrong.stderr).splitlines() if "error:" in line]
     assert (
@@ -159,11 +197,27 @@ def test_ablation_driver_writes_a_row_per_variant_and_setting(tmp_path: Path):
     report = tmp_path / "docs" / "ablation.md"
     ablate = str(Path(sys.executable).parent / "stable-cnn-ablate")
     done = subprocess.run(
-        [ablate, "--seeds", "1", "--out", str(tmp_path / "runs"), "--report", str(report),
-         "--device", "cpu", "data=synthetic", "model.width=8", "trainer.epochs=1",
-         "data.limit_train=null", "diagnostics.figures_every_n_epochs=null"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            ablate,
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "runs"),
+            "--report",
+            str(report),
+            "--device",
+            "cpu",
+            "data=synthetic",
+            "model.width=8",
+            "trainer.epochs=1",
+            "data.limit_train=null",
+            "diagnostics.figures_every_n_epochs=null",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ")][1:]
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]

@@ -40,17 +40,29 @@ from tests.test_resume import assert_same_run, wait_for_epochs
 # Two processes on the two cores, long enough (80 steps an epoch each, about a second) that a
 # signal lands while they train.
 TWO = [
-    *TINY, "data.num_train=10240", "data.batch_size=64", "trainer.epochs=2",
-    "trainer.deterministic=true", "trainer.progress_bar=false",
-]  # fmt: skip
+    *TINY,
+    "data.num_train=10240",
+    "data.batch_size=64",
+    "trainer.epochs=2",
+    "trainer.deterministic=true",
+    "trainer.progress_bar=false",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "stable_cnn.train", *TWO, "trainer.devices=2", *extra,
-               f"hydra.run.dir={run_dir}"]  # fmt: skip
-    return subprocess.Popen(command, cwd=run_dir.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "stable_cnn.train",
+        *TWO,
+        "trainer.devices=2",
+        *extra,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen(
+        command, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
@@ -88,21 +100,44 @@ def test_two_processes_with_sync_batchnorm_step_like_one_with_twice_the_batch(tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # trainer.num_threads=1: every process alike, torchrun's and the plain one's
-    same = [*TINY, "trainer.epochs=1", "data.limit_train=384", "model.sync_batchnorm=true",
-            "model.dropout=0", "model.head_dropout=0", "data.augment=false", "amp=off",
-            "trainer.deterministic=true", "optimizer.lr=0.02", "clipping=none",
-            "diagnostics.figures_every_n_epochs=1", "trainer.num_threads=1"]  # fmt: skip
+    same = [
+        *TINY,
+        "trainer.epochs=1",
+        "data.limit_train=384",
+        "model.sync_batchnorm=true",
+        "model.dropout=0",
+        "model.head_dropout=0",
+        "data.augment=false",
+        "amp=off",
+        "trainer.deterministic=true",
+        "optimizer.lr=0.02",
+        "clipping=none",
+        "diagnostics.figures_every_n_epochs=1",
+        "trainer.num_threads=1",
+    ]
     two = run_cli([*same, "data.batch_size=64", "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
     one = run_cli([*same, "data.batch_size=128", "hydra.run.dir=one"], tmp_path)
     launched = subprocess.run(
-        [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "stable_cnn.train", *same,
-         "data.batch_size=128", "hydra.run.dir=torchrun"], cwd=tmp_path, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *TORCHRUN[:-1],
+            "--nproc_per_node=1",
+            "-m",
+            "stable_cnn.train",
+            *same,
+            "data.batch_size=128",
+            "hydra.run.dir=torchrun",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     for done in (two, one, launched):
         assert done.returncode == 0, done.stdout + done.stderr
-    saved = {name: torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-             for name in ("one", "two")}  # fmt: skip
+    saved = {
+        name: torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        for name in ("one", "two")
+    }
     assert saved["one"]["counters"]["global_step"] == saved["two"]["counters"]["global_step"] == 3
     for key, value in saved["one"]["model"].items():
         if value.is_floating_point():
@@ -112,10 +147,21 @@ def test_two_processes_with_sync_batchnorm_step_like_one_with_twice_the_batch(tm
     assert "(one of 1 processes, gloo)" in launched.stdout + launched.stderr
     assert_same_run(tmp_path / "one", tmp_path / "torchrun")
     again = subprocess.run(
-        [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "stable_cnn.train", *same,
-         "data.batch_size=128", f"trainer.resume={tmp_path / 'torchrun'}", "hydra.run.dir=again"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *TORCHRUN[:-1],
+            "--nproc_per_node=1",
+            "-m",
+            "stable_cnn.train",
+            *same,
+            "data.batch_size=128",
+            f"trainer.resume={tmp_path / 'torchrun'}",
+            "hydra.run.dir=again",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already finished: nothing to resume" in again.stdout + again.stderr
     assert not (tmp_path / "again").exists(), "torchrun's command left no folder of its own"
@@ -132,9 +178,16 @@ def test_each_process_takes_its_own_batches_and_as_many_as_the_others():
 
     def batches(shard: Shard, train: bool) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(3) if train else None
-        stream = TensorBatches(images.contiguous(), labels, 64 if train else 300,
-                               torch.zeros(1), torch.ones(1), train=train, generator=generator,
-                               shard=shard)  # fmt: skip
+        stream = TensorBatches(
+            images.contiguous(),
+            labels,
+            64 if train else 300,
+            torch.zeros(1),
+            torch.ones(1),
+            train=train,
+            generator=generator,
+            shard=shard,
+        )
         return [batch_labels for _, batch_labels in stream]
 
     one = torch.cat(batches(Shard(0, 1), train=True))
@@ -143,8 +196,9 @@ def test_each_process_takes_its_own_batches_and_as_many_as_the_others():
     assert set(torch.cat(mine).tolist()).isdisjoint(torch.cat(theirs).tolist())
     interleaved = torch.cat([torch.cat(pair) for pair in zip(mine, theirs, strict=True)])
     assert torch.equal(interleaved, one[: len(interleaved)]), "one process's order, dealt out"
-    evaluated = batches(Shard(0, 3), False) + batches(Shard(1, 3), False) + batches(
-        Shard(2, 3), False)  # fmt: skip
+    evaluated = (
+        batches(Shard(0, 3), False) + batches(Shard(1, 3), False) + batches(Shard(2, 3), False)
+    )
     assert sorted(torch.cat(evaluated).tolist()) == list(range(1000)), "every image once"
 
 
@@ -174,9 +228,21 @@ def test_trainer_devices_writes_one_run_with_one_writer(two_process_run: Path):
 def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: Path):
     """Without hydra.run.dir each process would name its own outputs/<date>/<time>."""
     few = [item for item in TWO if not item.startswith(("data.num_train=", "trainer.epochs="))]
-    done = subprocess.run([*TORCHRUN, "-m", "stable_cnn.train", *few, "data.num_train=2560",
-                           "trainer.epochs=3", *run_dir], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            *TORCHRUN,
+            "-m",
+            "stable_cnn.train",
+            *few,
+            "data.num_train=2560",
+            "trainer.epochs=3",
+            *run_dir,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert_one_run(tmp_path, done.stdout + done.stderr, accuracy_above=40, epochs=3)  # 53%
 
@@ -186,9 +252,12 @@ def test_sharded_evaluation_equals_one_process_on_the_same_checkpoint(
     two_process_run: Path, tmp_path: Path
 ):
     done = subprocess.run(
-        [sys.executable, "-m", "stable_cnn.cli.eval", f"checkpoint={two_process_run}",
-         "out=eval"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "stable_cnn.cli.eval", f"checkpoint={two_process_run}", "out=eval"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     alone = json.loads((tmp_path / "eval" / "eval.json").read_text())
     sharded = json.loads((two_process_run / "results.json").read_text())
@@ -255,9 +324,18 @@ def test_kill_9_of_one_process_ends_the_job_and_the_run_resumes(
 def test_a_diverging_step_stops_both_processes_together(tmp_path: Path):
     """With trainer.on_nonfinite=stop the step's flags are read on every process; they are
     agreed, so both save (one checkpoint, both positions) and stop at the same step."""
-    done = run_cli([*TINY, "data.batch_size=64", "trainer.devices=2", "optimizer.lr=1e30",
-                    "clipping=none", "trainer.on_nonfinite=stop", "hydra.run.dir=run"],
-                   tmp_path)  # fmt: skip
+    done = run_cli(
+        [
+            *TINY,
+            "data.batch_size=64",
+            "trainer.devices=2",
+            "optimizer.lr=1e30",
+            "clipping=none",
+            "trainer.on_nonfinite=stop",
+            "hydra.run.dir=run",
+        ],
+        tmp_path,
+    )
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(errors) == 1 and "non-finite loss at step" in errors[0]
@@ -292,8 +370,9 @@ def test_resume_auto_never_adopts_a_run_a_live_process_is_writing(tmp_path: Path
     outputs = tmp_path / "outputs"
     folder = outputs / "unfinished"
     save_checkpoint({"config": {}, "model_config": {}}, folder / "checkpoints" / "last.pt")
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "locked"
         assert find_checkpoint("auto", tmp_path / "new", outputs, {}) is None
@@ -305,7 +384,8 @@ def test_resume_auto_never_adopts_a_run_a_live_process_is_writing(tmp_path: Path
     assert (folder / LOCK_FILE).exists()
     # its writer is gone, so is its flock: the run is resumed
     assert find_checkpoint("auto", tmp_path / "new", outputs, {}) == folder / "checkpoints" / (
-        "last.pt")  # fmt: skip
+        "last.pt"
+    )
     lock = RunLock().acquire_for(folder)
     assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
@@ -329,9 +409,14 @@ def test_a_slurm_step_of_several_tasks_is_a_world(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MASTER_ADDR", "node-a")  # else scontrol expands the node list
     monkeypatch.setenv("MASTER_PORT", "")
     del os.environ["MASTER_PORT"]  # monkeypatch puts the old value (or none) back
-    step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-            "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
-            "SLURM_JOB_ID": "1234"}  # fmt: skip
+    step = {
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_ID": "1234",
+    }
     world = world_from_environment(step)
     assert world == World(rank=5, size=8, local_rank=1, local_size=4, launcher="slurm")
     assert threads_per_process(world, cores=8) == 8, "SLURM gives each task its own cores"
@@ -352,22 +437,38 @@ def test_trainer_devices_must_match_the_launchers_process_count():
 def test_trainer_devices_workers_get_this_jobs_whole_command(tmp_path: Path):
     """Config name and folder, Hydra's own overrides and the task's, in this run's folder;
     not what belongs to the launching command (the sweep, its launcher)."""
-    hydra_config = OmegaConf.create({
-        "job": {"config_name": "mine"},
-        "runtime": {"config_sources": [
-            {"path": "/repo/conf", "schema": "file", "provider": "main"},
-            {"path": "/my/configs", "schema": "file", "provider": "command-line"}]},
-        "overrides": {
-            "hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.job.chdir=true",
-                      "hydra.sweep.dir=sweeps/x"],
-            "task": ["trainer.devices=2", "optimizer.lr=0.2"]},
-    })  # fmt: skip
+    hydra_config = OmegaConf.create(
+        {
+            "job": {"config_name": "mine"},
+            "runtime": {
+                "config_sources": [
+                    {"path": "/repo/conf", "schema": "file", "provider": "main"},
+                    {"path": "/my/configs", "schema": "file", "provider": "command-line"},
+                ]
+            },
+            "overrides": {
+                "hydra": [
+                    "hydra.mode=MULTIRUN",
+                    "hydra/launcher=joblib",
+                    "hydra.job.chdir=true",
+                    "hydra.sweep.dir=sweeps/x",
+                ],
+                "task": ["trainer.devices=2", "optimizer.lr=0.2"],
+            },
+        }
+    )
     arguments = worker_arguments(hydra_config, tmp_path / "run", threads=3)
     assert arguments == [
-        "--config-name", "mine", "--config-dir", "/my/configs", "hydra.job.chdir=true",
-        "trainer.devices=2", "optimizer.lr=0.2", f"hydra.run.dir='{tmp_path / 'run'}'",
+        "--config-name",
+        "mine",
+        "--config-dir",
+        "/my/configs",
+        "hydra.job.chdir=true",
+        "trainer.devices=2",
+        "optimizer.lr=0.2",
+        f"hydra.run.dir='{tmp_path / 'run'}'",
         "trainer.num_threads=3",
-    ]  # fmt: skip
+    ]
 
 
 def test_a_checkpoint_from_before_sync_batchnorm_existed_still_resumes():
@@ -376,8 +477,9 @@ def test_a_checkpoint_from_before_sync_batchnorm_existed_still_resumes():
     old = CheckpointRecord({}, saved, (), None, None, None)
     check_same_config(old, now, Path("old.pt"))  # no error
     with pytest.raises(UserError, match=r"model\.sync_batchnorm differ"):
-        check_same_config(old, {**now, "model": {**now["model"], "sync_batchnorm": True}},
-                          Path("old.pt"))  # fmt: skip
+        check_same_config(
+            old, {**now, "model": {**now["model"], "sync_batchnorm": True}}, Path("old.pt")
+        )
 
 
 REPEATED_SIGNAL = """
@@ -396,7 +498,8 @@ with GracefulStop() as stop:
 
 
 def test_a_signal_delivered_twice_is_one_request_and_a_later_one_stops_at_once():
-    done = subprocess.run([sys.executable, "-c", REPEATED_SIGNAL], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", REPEATED_SIGNAL], capture_output=True, text=True, timeout=60
+    )
     assert "still running after SIGTERM" in done.stdout
     assert "not reached" not in done.stdout and done.returncode == -signal.SIGTERM

@@ -29,8 +29,11 @@ def test_every_config_key_is_in_the_configuration_reference():
     for name, schema in SCHEMAS.items():
         group = group_of(name, schema)
         for field in fields(schema):
-            key = group if field.name == "name" and group in ("amp", "ema") else (
-                f"{group}.{field.name}")  # fmt: skip
+            key = (
+                group
+                if field.name == "name" and group in ("amp", "ema")
+                else (f"{group}.{field.name}")
+            )
             if f"`{key}`" not in reference:
                 missing.append(key)
     assert not missing, f"docs/configuration.md lacks {sorted(set(missing))}"
@@ -38,14 +41,27 @@ def test_every_config_key_is_in_the_configuration_reference():
 
 def test_help_lists_only_keys_the_reference_has_and_no_synthetic_keys(tmp_path: Path):
     """What `stable-cnn-train --help` shows (the default data group's keys among them)."""
-    done = subprocess.run([sys.executable, "-m", "stable_cnn.train", "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stable_cnn.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
-    config = yaml.safe_load(done.stdout.split("== Config ==")[1].split("\n\n", 1)[1].split(
-        "Examples:")[0].rsplit("\n", 2)[0])  # fmt: skip
+    config = yaml.safe_load(
+        done.stdout.split("== Config ==")[1]
+        .split("\n\n", 1)[1]
+        .split("Examples:")[0]
+        .rsplit("\n", 2)[0]
+    )
     reference = (REPO / "docs" / "configuration.md").read_text()
-    keys = [f"{group}.{key}" for group, values in config.items() if isinstance(values, dict)
-            for key in values]  # fmt: skip
+    keys = [
+        f"{group}.{key}"
+        for group, values in config.items()
+        if isinstance(values, dict)
+        for key in values
+    ]
     assert len(keys) > 40
     named_by_the_group = ("amp.name", "ema.name")  # `amp=...`, `ema=...`
     missing = [key for key in keys if f"`{key}`" not in reference and key not in named_by_the_group]

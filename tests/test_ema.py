@@ -79,8 +79,12 @@ def test_an_ema_run_keeps_tests_hands_on_and_resumes_the_average(tmp_path: Path)
 
     evaluate = str(Path(sys.executable).parent / "stable-cnn-eval")
     out_dir = tmp_path / "eval"
-    checked = subprocess.run([evaluate, f"checkpoint={uninterrupted}", f"out={out_dir}"],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    checked = subprocess.run(
+        [evaluate, f"checkpoint={uninterrupted}", f"out={out_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     evaluated = json.loads((out_dir / "eval.json").read_text())
     assert evaluated["weights"] == "ema" and evaluated["test_acc"] == results["test_acc"]
@@ -95,6 +99,8 @@ def test_an_ema_run_keeps_tests_hands_on_and_resumes_the_average(tmp_path: Path)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert_same_run(uninterrupted, run_dir)
-    averages = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["ema"]["model"]
-                for d in (uninterrupted, run_dir)]  # fmt: skip
+    averages = [
+        torch.load(d / "checkpoints" / "last.pt", weights_only=True)["ema"]["model"]
+        for d in (uninterrupted, run_dir)
+    ]
     assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[0])

@@ -34,22 +34,27 @@ def image_folder(root: Path, fashion_mnist_root: Path, rename: dict[str, str]) -
     return root
 
 
-def test_eval_on_an_image_folder_matches_classes_by_name(fashion_mnist_root: Path,
-                                                         tmp_path: Path):  # fmt: skip
+def test_eval_on_an_image_folder_matches_classes_by_name(fashion_mnist_root: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     shutil.copytree(OLD_RUN, run_dir)
     checkpoint = f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}"
-    own = command("stable-cnn-eval", checkpoint, f"data.root={fashion_mnist_root}",
-                  cwd=tmp_path)  # fmt: skip
+    own = command("stable-cnn-eval", checkpoint, f"data.root={fashion_mnist_root}", cwd=tmp_path)
     assert own.returncode == 0, own.stdout + own.stderr
     expected = json.loads((run_dir / "eval" / "last-fashion_mnist" / "eval.json").read_text())
     assert expected["images"] == IMAGES
 
     same = image_folder(tmp_path / "same", fashion_mnist_root, {})
-    folder = ["data=image_folder", f"data.root={same}", "data.in_channels=1",
-              "data.image_size=28", "data.mean=[0.2860]", "data.std=[0.3530]"]  # fmt: skip
-    done = command("stable-cnn-eval", checkpoint, *folder, f"out={tmp_path / 'folder'}",
-                   cwd=tmp_path)  # fmt: skip
+    folder = [
+        "data=image_folder",
+        f"data.root={same}",
+        "data.in_channels=1",
+        "data.image_size=28",
+        "data.mean=[0.2860]",
+        "data.std=[0.3530]",
+    ]
+    done = command(
+        "stable-cnn-eval", checkpoint, *folder, f"out={tmp_path / 'folder'}", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "names the checkpoint's classes in another order: matched by name" in done.stdout
     result = json.loads((tmp_path / "folder" / "eval.json").read_text())
@@ -59,16 +64,24 @@ def test_eval_on_an_image_folder_matches_classes_by_name(fashion_mnist_root: Pat
     assert list(result["per_class_acc"])[:2] == ["Ankle boot", "Bag"]  # the folder's order
 
     other = image_folder(tmp_path / "other", fashion_mnist_root, {"Bag": "Backpack"})
-    refused = command("stable-cnn-eval", checkpoint, *folder[:1], f"data.root={other}",
-                      *folder[2:], f"out={tmp_path / 'refused'}", cwd=tmp_path)  # fmt: skip
+    refused = command(
+        "stable-cnn-eval",
+        checkpoint,
+        *folder[:1],
+        f"data.root={other}",
+        *folder[2:],
+        f"out={tmp_path / 'refused'}",
+        cwd=tmp_path,
+    )
     lines = [line for line in (refused.stdout + refused.stderr).splitlines() if "error" in line]
     assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
     assert "'Backpack'" in lines[0] and "'Bag'" in lines[0] and "same classes" in lines[0]
     assert not (tmp_path / "refused").exists()
 
 
-def test_eval_reads_the_runs_data_where_this_machine_keeps_it(fashion_mnist_root: Path,
-                                                              tmp_path: Path):  # fmt: skip
+def test_eval_reads_the_runs_data_where_this_machine_keeps_it(
+    fashion_mnist_root: Path, tmp_path: Path
+):
     """The checkpoint names the folder its run read (here edited to point elsewhere, as a
     file from someone else might): eval neither writes there nor reads from there, but
     takes this installation's Fashion-MNIST (the system copy, into ./data)."""

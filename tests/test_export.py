@@ -31,8 +31,9 @@ def command(
 ) -> subprocess.CompletedProcess:
     """A console script as a user runs it."""
     script = str(Path(sys.executable).parent / name)
-    return subprocess.run([script, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,17 @@ def trained_run(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFacto
     """A small real Fashion-MNIST run with the weight average (exports must use it)."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     done = run_cli(
-        [f"data.root={fashion_mnist_root}", "data.limit_train=4000", "model.width=8",
-         "trainer.epochs=2", "ema=on", "diagnostics.figures_every_n_epochs=null",
-         f"hydra.run.dir={run_dir}"],
+        [
+            f"data.root={fashion_mnist_root}",
+            "data.limit_train=4000",
+            "model.width=8",
+            "trainer.epochs=2",
+            "ema=on",
+            "diagnostics.figures_every_n_epochs=null",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=run_dir.parent,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return run_dir
 
@@ -90,8 +97,13 @@ def exported(trained_run: Path) -> dict[str, tuple[Path, subprocess.CompletedPro
     workdir = trained_run.parent
     onnx = command("stable-cnn-export", f"checkpoint={trained_run}", "format=onnx", cwd=workdir)
     pt2_out = workdir / "model.pt2"
-    pt2 = command("stable-cnn-export", f"checkpoint={trained_run}", "format=pt2",
-                  f"out={pt2_out}", cwd=workdir)  # fmt: skip
+    pt2 = command(
+        "stable-cnn-export",
+        f"checkpoint={trained_run}",
+        "format=pt2",
+        f"out={pt2_out}",
+        cwd=workdir,
+    )
     return {"onnx": (trained_run / "export" / "best.onnx", onnx), "pt2": (pt2_out, pt2)}
 
 
@@ -131,15 +143,15 @@ def test_pt2_export_round_trips_through_torch_export(exported, trained_run, test
 
 
 def test_export_refuses_an_unknown_format_in_one_line(trained_run, tmp_path):
-    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=tflite",
-                   cwd=tmp_path)  # fmt: skip
+    done = command("stable-cnn-export", f"checkpoint={trained_run}", "format=tflite", cwd=tmp_path)
     assert done.returncode == 2
     (line,) = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert "format='tflite'" in line and "format=onnx" in line
 
 
-def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels, exported,
-                                                        tmp_path):  # fmt: skip
+def test_predict_labels_image_files_like_the_checkpoint(
+    trained_run, test_pixels, exported, tmp_path
+):
     from PIL import Image
 
     pixels, _ = test_pixels
@@ -155,15 +167,30 @@ def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels
     (folder / "x.png").write_text("not an image")
     out = tmp_path / "predictions.csv"
 
-    done = command("stable-cnn-predict", f"checkpoint={trained_run}", f"input={folder}",
-                   f"out={out}", "top_k=3", cwd=tmp_path)  # fmt: skip
+    done = command(
+        "stable-cnn-predict",
+        f"checkpoint={trained_run}",
+        f"input={folder}",
+        f"out={out}",
+        "top_k=3",
+        cwd=tmp_path,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log
     assert "x.png" in log and "resized 1 image" in log
     rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
     assert "x.png" not in rows and len(rows) == count + 2
-    assert list(rows["000.png"]) == ["path", "label", "confidence", "class_1", "prob_1",
-                                     "class_2", "prob_2", "class_3", "prob_3"]  # fmt: skip
+    assert list(rows["000.png"]) == [
+        "path",
+        "label",
+        "confidence",
+        "class_1",
+        "prob_1",
+        "class_2",
+        "prob_2",
+        "class_3",
+        "prob_3",
+    ]
 
     names = load_trained_model(trained_run / "checkpoints" / "best.pt").card.class_names
     expected = checkpoint_logits(trained_run, pixels[:count], "ema").argmax(1).tolist()
@@ -194,17 +221,26 @@ def test_predict_labels_image_files_like_the_checkpoint(trained_run, test_pixels
             for rank in (1, 2, 3):
                 assert got[name][f"class_{rank}"] == row[f"class_{rank}"], (fmt, name)
                 assert float(got[name][f"prob_{rank}"]) == pytest.approx(
-                    float(row[f"prob_{rank}"]), abs=2e-4)  # fmt: skip
+                    float(row[f"prob_{rank}"]), abs=2e-4
+                )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "images", "predictions.csv", "predictions_onnx.csv", "predictions_pt2.csv"
-    ], "predict writes its CSV and nothing else"  # fmt: skip
+        "images",
+        "predictions.csv",
+        "predictions_onnx.csv",
+        "predictions_pt2.csv",
+    ], "predict writes its CSV and nothing else"
 
 
 def test_predict_fails_only_when_no_image_could_be_read(trained_run, tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     bad, out = tmp_path / "x.png", tmp_path / "p.csv"
-    done = command("stable-cnn-predict", f"checkpoint={trained_run}", f"input={bad}",
-                   f"out={out}", cwd=tmp_path)  # fmt: skip
+    done = command(
+        "stable-cnn-predict",
+        f"checkpoint={trained_run}",
+        f"input={bad}",
+        f"out={out}",
+        cwd=tmp_path,
+    )
     assert done.returncode != 0
     assert "x.png" in done.stdout + done.stderr and not out.exists()
 
@@ -274,8 +310,9 @@ def test_predict_skips_truncated_files_and_decompression_bombs(
 
 def test_eval_takes_data_root_without_naming_the_data_group(trained_run, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # empty: filled from the Debian package's copy
-    done = command("stable-cnn-eval", f"checkpoint={trained_run}", f"data.root={elsewhere}",
-                   cwd=tmp_path)  # fmt: skip
+    done = command(
+        "stable-cnn-eval", f"checkpoint={trained_run}", f"data.root={elsewhere}", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out_dir = trained_run / "eval" / "best-fashion_mnist"  # next to the checkpoint it tested
     assert f"wrote {out_dir / 'eval.json'}" in done.stdout

@@ -43,11 +43,13 @@ def test_auto_and_cuda_mean_the_current_gpu_with_its_index(fake_gpu):
 
 @pytest.mark.parametrize(
     ("gpu", "amp", "precision", "scaler", "why"),
-    [(H100, "auto", "bf16", False, "amp=auto, GPU compute capability 9.0 has native bf16"),
-     (A100, "auto", "bf16", False, "amp=auto, GPU compute capability 8.0 has native bf16"),
-     (V100, "auto", "fp16", True, "amp=auto, GPU compute capability 7.0 lacks fast bf16"),
-     (H100, "fp16", "fp16", True, "amp=fp16")],
-)  # fmt: skip
+    [
+        (H100, "auto", "bf16", False, "amp=auto, GPU compute capability 9.0 has native bf16"),
+        (A100, "auto", "bf16", False, "amp=auto, GPU compute capability 8.0 has native bf16"),
+        (V100, "auto", "fp16", True, "amp=auto, GPU compute capability 7.0 lacks fast bf16"),
+        (H100, "fp16", "fp16", True, "amp=fp16"),
+    ],
+)
 def test_the_runtime_a_gpu_gets(fake_gpu, caplog, gpu, amp, precision, scaler, why):
     fake_gpu.name, fake_gpu.capability = gpu
     caplog.set_level(logging.INFO, logger="stable_cnn")
@@ -112,9 +114,16 @@ def test_a_checkpoint_keeps_and_restores_its_own_gpus_random_state(fake_gpu):
 
 def fake_gpu_checkpoint(run_dir: Path, config: dict, device_type: str, runtime: Runtime) -> None:
     """A resumable checkpoint as far as locate_run reads one (its run is unfinished)."""
-    save_checkpoint({"config": config, "model_config": {}, "runtime": runtime.record(),
-                     "device_type": device_type, "world_size": 1},
-                    run_dir / "checkpoints" / "last.pt")  # fmt: skip
+    save_checkpoint(
+        {
+            "config": config,
+            "model_config": {},
+            "runtime": runtime.record(),
+            "device_type": device_type,
+            "world_size": 1,
+        },
+        run_dir / "checkpoints" / "last.pt",
+    )
 
 
 def test_resume_auto_passes_over_a_run_of_another_device_type(tmp_path, caplog):
@@ -152,8 +161,9 @@ def test_image_folder_pins_batches_for_a_gpu_run_only_and_keeps_cuda_seeds(fake_
     num_workers=0 seeds only the CPU generator (torch.manual_seed also reseeded every
     CUDA generator, so dropout masks on the GPU followed the last image's seed)."""
     write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 1}})
-    run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4",
-                       "data.num_workers=0"])  # fmt: skip
+    run = compose_run(
+        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=0"]
+    )
     on_cpu = build_splits(run.data, torch.device("cpu"), seed=0)
     on_gpu = build_splits(run.data, torch.device("cuda", 0), seed=0)
     assert not on_cpu.train.loader.pin_memory and not on_cpu.test.pin_memory
@@ -171,12 +181,20 @@ def test_the_default_command_on_a_gpu_machine_gets_to_its_first_cuda_tensor(
     and the run stops where this CPU machine must, at its first real CUDA tensor (the
     data moving to the GPU). It used to stop in torch.cuda.set_device with a traceback."""
     name, (major, minor) = H100
-    script = (f"from tests.fake_gpu import run_cli_on_fake_gpu; run_cli_on_fake_gpu("
-              f"1, {name!r}, {major}, {minor}, 'data.root={fashion_mnist_root}', "
-              f"'hydra.run.dir=run', 'trainer.progress_bar=false')")  # fmt: skip
+    script = (
+        f"from tests.fake_gpu import run_cli_on_fake_gpu; run_cli_on_fake_gpu("
+        f"1, {name!r}, {major}, {minor}, 'data.root={fashion_mnist_root}', "
+        f"'hydra.run.dir=run', 'trainer.progress_bar=false')"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "set_device" not in output and "Expected a torch.device" not in output, output
@@ -202,8 +220,9 @@ def test_the_gradient_snapshot_puts_the_gpus_random_state_back(fake_gpu):
     runtime = Runtime(torch.device("cuda", 1), FP32, torch.contiguous_format)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available": autocast is off
-        gradient_snapshot(model, torch.randn(4, 1, 16, 16), torch.arange(4),
-                          torch.nn.CrossEntropyLoss(), runtime)  # fmt: skip
+        gradient_snapshot(
+            model, torch.randn(4, 1, 16, 16), torch.arange(4), torch.nn.CrossEntropyLoss(), runtime
+        )
     assert set(fake_gpu.restored) == {1}, "cuda:1's generator, and only its, put back"
 
 

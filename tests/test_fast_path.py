@@ -67,8 +67,10 @@ def test_no_flip_where_the_data_config_forbids_it(flip: bool):
     assert compose_run(["data=svhn"]).data.flip is False
     run = compose_run(["data=synthetic", f"data.flip={flip}", "data.crop_padding=0"])
     batches = build_splits(run.data, torch.device("cpu"), seed=0).train
-    originals = {normalize(image[None], batches.mean, batches.std).numpy().tobytes()
-                 for image in batches.images}  # fmt: skip
+    originals = {
+        normalize(image[None], batches.mean, batches.std).numpy().tobytes()
+        for image in batches.images
+    }
     seen = [image[None].numpy().tobytes() for images, _ in batches for image in images]
     unchanged = sum(image in originals for image in seen) / len(seen)
     assert unchanged == 1.0 if not flip else 0.35 < unchanged < 0.65
@@ -94,9 +96,17 @@ def test_evaluation_is_identical_through_tensors_and_an_image_folder(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[0].numpy()).save(folder / f"{k:04d}.png")
     folder_run = compose_run(
-        ["data=image_folder", f"data.root={tmp_path}", "data.in_channels=1", "data.image_size=28",
-         "data.mean=[0.5]", "data.std=[0.25]", "data.num_workers=0", "data.batch_size=64"]
-    )  # fmt: skip
+        [
+            "data=image_folder",
+            f"data.root={tmp_path}",
+            "data.in_channels=1",
+            "data.image_size=28",
+            "data.mean=[0.5]",
+            "data.std=[0.25]",
+            "data.num_workers=0",
+            "data.batch_size=64",
+        ]
+    )
     from_tensors = build_splits(run.data, torch.device("cpu"), seed=0)
     from_files = build_splits(folder_run.data, torch.device("cpu"), seed=0)
     assert from_files.info.class_names == tuple(f"class_{k}" for k in range(10))
@@ -129,10 +139,23 @@ def test_benchmark_script_prints_its_table(fashion_mnist_root):
     from tests.conftest import REPO
 
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--steps", "3",
-         "--warmup", "1", "--width", "8", "--data-root", str(fashion_mnist_root)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "benchmark.py"),
+            "--quick",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--width",
+            "8",
+            "--data-root",
+            str(fashion_mnist_root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     paths = {line.split("|")[1].strip() for line in table[1:]}

@@ -17,14 +17,30 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
     if not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
     out = tmp_path / "gpu-check"
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), "--dry-run"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (out / "summary.md").read_text()
-    steps = ["facts", "default_command", "cuda_tests", "host_syncs", "torchrun_sync_batchnorm",
-             "fp16", "benchmark_b32", "resnet18", "time_to_accuracy"]  # fmt: skip
-    listed = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")
-              and line.split("|")[1].strip() in steps]  # fmt: skip
+    steps = [
+        "facts",
+        "default_command",
+        "cuda_tests",
+        "host_syncs",
+        "torchrun_sync_batchnorm",
+        "fp16",
+        "benchmark_b32",
+        "resnet18",
+        "time_to_accuracy",
+    ]
+    listed = [
+        line.split("|")[1].strip()
+        for line in summary.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip() in steps
+    ]
     assert listed == steps, "every step ran, in this order: " + summary
     for step in steps:
         assert f"| {step} | ok |" in summary, summary

@@ -33,8 +33,13 @@ def epoch_reads(
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, width=4)
     generator = torch.Generator().manual_seed(0)
-    data = [(torch.randn(16, 1, 16, 16, generator=generator),
-             torch.randint(0, 10, (16,), generator=generator)) for _ in range(batches)]  # fmt: skip
+    data = [
+        (
+            torch.randn(16, 1, 16, 16, generator=generator),
+            torch.randint(0, 10, (16,), generator=generator),
+        )
+        for _ in range(batches)
+    ]
     optimizer = build_optimizer(model, MuonConfig() if tools else SGDConfig())
     mixing = BatchMixing(10, mixup_alpha=0.2, cutmix_alpha=1.0) if tools else None
     schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, batches)
@@ -42,12 +47,19 @@ def epoch_reads(
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     host_reads.clear()
     clipping = ClippingConfig("norm", max_norm=1.0)
-    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler, clipping, runtime,
-                           mixing=mixing)  # fmt: skip
+    train_step = TrainStep(
+        model, nn.CrossEntropyLoss(), optimizer, scaler, clipping, runtime, mixing=mixing
+    )
     train_one_epoch(
-        train_step, data, schedule, 0, log_every, lambda step, scalars: None,
-        progress_bar=False, on_nonfinite=policy,
-    )  # fmt: skip
+        train_step,
+        data,
+        schedule,
+        0,
+        log_every,
+        lambda step, scalars: None,
+        progress_bar=False,
+        on_nonfinite=policy,
+    )
     return sum(host_reads.values())
 
 
@@ -77,11 +89,17 @@ def test_a_real_run_reads_under_a_quarter_per_step(
     extra epoch (its steps, validation, logging and checkpoints) costs < 0.25 reads/step."""
 
     def reads_for(epochs: int) -> tuple[int, int]:
-        run = compose_run([
-            f"data.root={fashion_mnist_root}", "data.limit_train=12000", "model.width=8",
-            f"trainer.epochs={epochs}", "trainer.log_every_n_steps=100000",
-            "trainer.progress_bar=false", "diagnostics.figures_every_n_epochs=null",
-        ])  # fmt: skip
+        run = compose_run(
+            [
+                f"data.root={fashion_mnist_root}",
+                "data.limit_train=12000",
+                "model.width=8",
+                f"trainer.epochs={epochs}",
+                "trainer.log_every_n_steps=100000",
+                "trainer.progress_bar=false",
+                "diagnostics.figures_every_n_epochs=null",
+            ]
+        )
         host_reads.clear()
         results = train_module.train(run, tmp_path / f"epochs{epochs}", {})
         return sum(host_reads.values()), results["global_step"]

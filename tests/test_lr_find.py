@@ -26,8 +26,12 @@ def test_the_default_recipe_gets_a_stable_learning_rate_and_its_curve(
 ):
     """On real Fashion-MNIST at the stability map's size (10,000 training images), the
     suggestion falls inside the full recipe's stable range, 0.1 to 1 (docs/stability_map.md)."""
-    done = command("stable-cnn-lr-find", f"data.root={fashion_mnist_root}",
-                   "data.limit_train=10000", cwd=tmp_path)  # fmt: skip
+    done = command(
+        "stable-cnn-lr-find",
+        f"data.root={fashion_mnist_root}",
+        "data.limit_train=10000",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (folder,) = (tmp_path / "outputs" / "lr_find").glob("*/*")
     said = [line for line in done.stdout.splitlines() if line.startswith("suggested optimizer.lr=")]
@@ -48,14 +52,23 @@ def test_the_default_recipe_gets_a_stable_learning_rate_and_its_curve(
     assert {"lr_find/loss", "lr_find/smoothed_loss", "lr_find/lr"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("lr_find/lr")) == found["steps"]
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("events.")) == [
-        ".hydra", "lr_find.json", "lr_find.log", "lr_find.png"]  # fmt: skip
+        ".hydra",
+        "lr_find.json",
+        "lr_find.log",
+        "lr_find.png",
+    ]
 
 
 # The speedrun's recipe tools, all at once (test_recipe_tools.py checks each against its
 # definition): the resume below must bring back Muon's momentum, the auxiliary SGD's and
 # the mixing's draws, and the test must see the shifted copies.
-RECIPE_TOOLS = ["optimizer=muon", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
-                "data.tta_flip=true", "data.tta_translate=1"]  # fmt: skip
+RECIPE_TOOLS = [
+    "optimizer=muon",
+    "data.mixup_alpha=0.2",
+    "data.cutmix_alpha=1.0",
+    "data.tta_flip=true",
+    "data.tta_translate=1",
+]
 
 
 def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Path):
@@ -70,14 +83,16 @@ def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Pa
     found = json.loads((auto / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
     assert f"optimizer.lr=auto: {found:.4g}" in output
 
-    resumed = run_cli([*recipe, "optimizer.lr=auto", f"trainer.resume={auto}",
-                       f"hydra.run.dir={auto}"], tmp_path)  # fmt: skip
+    resumed = run_cli(
+        [*recipe, "optimizer.lr=auto", f"trainer.resume={auto}", f"hydra.run.dir={auto}"], tmp_path
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "lr_find:" not in resumed.stdout, "no second search"
     assert f"optimizer.lr=auto: {found:.4g}, found when the run started" in resumed.stdout
 
-    by_hand = run_cli([*recipe, f"optimizer.lr={found!r}", f"hydra.run.dir={tmp_path / 'hand'}"],
-                      tmp_path)  # fmt: skip
+    by_hand = run_cli(
+        [*recipe, f"optimizer.lr={found!r}", f"hydra.run.dir={tmp_path / 'hand'}"], tmp_path
+    )
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert_same_run(auto, tmp_path / "hand")
     record = (auto / "train.log").read_text()
@@ -94,13 +109,24 @@ def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("cli", "overrides", "expected"),
-    [("stable-cnn-train", ["optimizer.lr=auto", "trainer.devices=2"],
-      "optimizer.lr=auto finds the learning rate in one process"),
-     ("stable-cnn-lr-find", ["lr_find.max_lr=1e-4"],
-      "lr_find.max_lr=0.0001 is not allowed: must be more than"),
-     ("stable-cnn-lr-find", ["lr_find.min_lr=1e-6", "lr_find.max_lr=1e-3"],
-      "the loss was still falling at lr_find.max_lr=0.001: raise lr_find.max_lr")],
-)  # fmt: skip
+    [
+        (
+            "stable-cnn-train",
+            ["optimizer.lr=auto", "trainer.devices=2"],
+            "optimizer.lr=auto finds the learning rate in one process",
+        ),
+        (
+            "stable-cnn-lr-find",
+            ["lr_find.max_lr=1e-4"],
+            "lr_find.max_lr=0.0001 is not allowed: must be more than",
+        ),
+        (
+            "stable-cnn-lr-find",
+            ["lr_find.min_lr=1e-6", "lr_find.max_lr=1e-3"],
+            "the loss was still falling at lr_find.max_lr=0.001: raise lr_find.max_lr",
+        ),
+    ],
+)
 def test_lr_mistakes_are_one_line(cli: str, overrides: list[str], expected: str, tmp_path: Path):
     done = command(cli, *TINY, *overrides, "hydra.run.dir=run", cwd=tmp_path)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]

@@ -40,12 +40,20 @@ def run_epoch(
     optimizer = build_optimizer(model, SGDConfig(lr=0.01))
     schedule = build_schedule(optimizer, SchedulerConfig("none"), 1, len(batches))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler,
-                           ClippingConfig("norm", max_norm=1.0), CPU)  # fmt: skip
+    train_step = TrainStep(
+        model, nn.CrossEntropyLoss(), optimizer, scaler, ClippingConfig("norm", max_norm=1.0), CPU
+    )
     stats, _ = train_one_epoch(
-        train_step, batches, schedule, 0, log_every, lambda step, scalars: None,
-        progress_bar=False, on_nonfinite=policy, max_consecutive_nonfinite=limit,
-    )  # fmt: skip
+        train_step,
+        batches,
+        schedule,
+        0,
+        log_every,
+        lambda step, scalars: None,
+        progress_bar=False,
+        on_nonfinite=policy,
+        max_consecutive_nonfinite=limit,
+    )
     return model, stats
 
 
@@ -97,8 +105,14 @@ def test_a_skipped_step_changes_nothing_even_the_first():
 @pytest.mark.slow
 def test_cli_stop_policy_saves_and_names_epoch_and_step(tmp_path):
     # lr 1e6 without clipping overflows within a few steps.
-    args = [*TINY, "optimizer.lr=1e6", "clipping=none", "amp=off",
-            "trainer.on_nonfinite=stop", "hydra.run.dir=run"]  # fmt: skip
+    args = [
+        *TINY,
+        "optimizer.lr=1e6",
+        "clipping=none",
+        "amp=off",
+        "trainer.on_nonfinite=stop",
+        "hydra.run.dir=run",
+    ]
     done = run_cli(args, tmp_path)
     assert done.returncode == 2
     (error,) = [line for line in done.stdout.splitlines() if "error:" in line]
@@ -111,8 +125,13 @@ def test_cli_skips_counts_and_then_gives_up(tmp_path):
     # A nearly-zero std turns every image into +-inf: every step is skipped, counted,
     # and the first check after max_consecutive_nonfinite (every log interval, here 2
     # steps) stops the run with one line.
-    args = [*TINY, "data.std=[1e-40]", "amp=off", "trainer.max_consecutive_nonfinite=3",
-            "hydra.run.dir=run"]  # fmt: skip
+    args = [
+        *TINY,
+        "data.std=[1e-40]",
+        "amp=off",
+        "trainer.max_consecutive_nonfinite=3",
+        "hydra.run.dir=run",
+    ]
     done = run_cli(args, tmp_path)
     assert done.returncode == 2
     assert "4 non-finite steps in a row (by step 4)" in done.stdout

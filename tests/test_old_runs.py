@@ -27,15 +27,19 @@ def test_there_are_runs_of_the_last_two_landed_versions():
 
 
 @pytest.mark.parametrize("old_run", OLD_RUNS, ids=lambda path: path.name)
-def test_a_run_of_an_earlier_version_resumes(old_run: Path, fashion_mnist_root: Path,
-                                             tmp_path: Path):  # fmt: skip
+def test_a_run_of_an_earlier_version_resumes(
+    old_run: Path, fashion_mnist_root: Path, tmp_path: Path
+):
     date = old_run.name[:10]
     run_dir = tmp_path / "outputs" / date / "12-00-00"
     shutil.copytree(old_run, run_dir)
     overrides = yaml.safe_load((old_run / ".hydra" / "overrides.yaml").read_text())
     overrides = [o for o in overrides if not o.startswith("data.root=")]
-    done = run_cli([*overrides, f"data.root={fashion_mnist_root}", "trainer.resume=auto"],
-                   tmp_path, module=False)  # fmt: skip
+    done = run_cli(
+        [*overrides, f"data.root={fashion_mnist_root}", "trainer.resume=auto"],
+        tmp_path,
+        module=False,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "resuming from" in output, output

@@ -52,9 +52,13 @@ def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
     assert refused.returncode == 2 and run_folders(tmp_path) == [first]
 
     time.sleep(1.1)  # Hydra names run folders by the second
-    process = subprocess.Popen([sys.executable, "-m", "stable_cnn.train", *RESUMABLE],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stable_cnn.train", *RESUMABLE],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     second = wait_for_a_first_epoch(tmp_path, process, known=[first])
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == EXIT_PREEMPTED
@@ -85,8 +89,13 @@ def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
     labels = {}
     for model in (first, first / "export" / "best.onnx"):
         out = tmp_path / f"{Path(model).name}.csv"
-        done = command("stable-cnn-predict", f"checkpoint={model}", f"input={images}",
-                       f"out={out}", cwd=tmp_path)  # fmt: skip
+        done = command(
+            "stable-cnn-predict",
+            f"checkpoint={model}",
+            f"input={images}",
+            f"out={out}",
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         labels[model] = [line.split(",")[1] for line in out.read_text().splitlines()[1:]]
     assert labels[first / "export" / "best.onnx"] == labels[first], "the checkpoint's classes"

@@ -16,10 +16,21 @@ from tests.conftest import REPO
 def test_non_editable_install_ships_the_configs(tmp_path: Path):
     target = tmp_path / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-         str(REPO)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     shipped = {
         p.relative_to(target / "stable_cnn") for p in target.glob("stable_cnn/conf/**/*.yaml")
@@ -29,14 +40,22 @@ def test_non_editable_install_ships_the_configs(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run(
         [sys.executable, "-m", "stable_cnn.train", "--cfg", "job", "scheduler=plateau"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "name: plateau" in done.stdout
     where = subprocess.run(
         [sys.executable, "-c", "import stable_cnn.cli.train as t; print(t.config_dir())"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert where.stdout.strip().startswith(str(target))
 
 

@@ -98,8 +98,9 @@ def test_muon_judges_steps_on_the_device_only_beside_a_fused_auxiliary(
     assert not skips_on_device(optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.detach().clone() for p in model.parameters()]
-    assert optimizer_step(loss_of(model), list(model.parameters()), optimizer, scaler,
-                          NO_CLIPPING).applied  # fmt: skip
+    assert optimizer_step(
+        loss_of(model), list(model.parameters()), optimizer, scaler, NO_CLIPPING
+    ).applied
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -107,16 +108,21 @@ def test_muon_alone_when_every_parameter_is_a_matrix():
     """A model without biases or BatchNorm, its classifier given to Muon too: no
     auxiliary at all, and it still steps, skips and saves."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 26 * 26, 10, bias=False))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 26 * 26, 10, bias=False),
+    )
     optimizer = build_optimizer(model, MuonConfig(muon_head=True))
     assert optimizer.auxiliary is None and len(optimizer.param_groups) == 1
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images, labels = torch.randn(4, 1, 28, 28), torch.randint(10, (4,))
     loss = nn.functional.cross_entropy(model(images), labels)
     before = [p.detach().clone() for p in model.parameters()]
-    assert not optimizer_step(loss * float("nan"), list(model.parameters()), optimizer, scaler,
-                              NO_CLIPPING).applied  # fmt: skip
+    assert not optimizer_step(
+        loss * float("nan"), list(model.parameters()), optimizer, scaler, NO_CLIPPING
+    ).applied
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     loss = nn.functional.cross_entropy(model(images), labels)
     assert optimizer_step(loss, list(model.parameters()), optimizer, scaler, NO_CLIPPING).applied
@@ -132,12 +138,13 @@ def test_a_nonfinite_muon_step_changes_nothing_and_the_next_one_trains():
     parameters = list(model.parameters())
     before = [p.detach().clone() for p in parameters]
     momentum = [optimizer.muon.state[p]["momentum_buffer"].clone() for p in by_muon(optimizer)]
-    step = optimizer_step(loss_of(model) * float("nan"), parameters, optimizer, scaler,
-                          NO_CLIPPING)  # fmt: skip
+    step = optimizer_step(loss_of(model) * float("nan"), parameters, optimizer, scaler, NO_CLIPPING)
     assert not step.applied
     assert all(torch.equal(a, b) for a, b in zip(before, parameters, strict=True))
-    assert all(torch.equal(optimizer.muon.state[p]["momentum_buffer"], m)
-               for p, m in zip(by_muon(optimizer), momentum, strict=True))  # fmt: skip
+    assert all(
+        torch.equal(optimizer.muon.state[p]["momentum_buffer"], m)
+        for p, m in zip(by_muon(optimizer), momentum, strict=True)
+    )
     assert optimizer_step(loss_of(model), parameters, optimizer, scaler, NO_CLIPPING).applied
     assert all(not torch.equal(a, b) for a, b in zip(before, parameters, strict=True))
 
@@ -278,15 +285,29 @@ def test_a_cuda_graph_is_declined_for_muon_and_for_mixing(caplog: pytest.LogCapt
     bf16 = Precision("bf16", torch.bfloat16, False, "amp=bf16")
     cuda = Runtime(torch.device("cuda"), bf16, torch.channels_last)
     model, scaler = small_model(), torch.amp.GradScaler("cpu", enabled=False)
-    cases = [(build_optimizer(model, MuonConfig()), None, "optimizer=muon"),
-             (torch.optim.SGD(model.parameters(), lr=0.1, fused=True),
-              BatchMixing(10, mixup_alpha=0.2), "mixup and cutmix")]  # fmt: skip
+    cases = [
+        (build_optimizer(model, MuonConfig()), None, "optimizer=muon"),
+        (
+            torch.optim.SGD(model.parameters(), lr=0.1, fused=True),
+            BatchMixing(10, mixup_alpha=0.2),
+            "mixup and cutmix",
+        ),
+    ]
     for optimizer, mixing, reason in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            step = build_train_step(model, nn.CrossEntropyLoss(), optimizer, scaler,
-                                    NO_CLIPPING, cuda, 2.0, cuda_graph=True,
-                                    cycles_momentum=False, mixing=mixing)  # fmt: skip
+            step = build_train_step(
+                model,
+                nn.CrossEntropyLoss(),
+                optimizer,
+                scaler,
+                NO_CLIPPING,
+                cuda,
+                2.0,
+                cuda_graph=True,
+                cycles_momentum=False,
+                mixing=mixing,
+            )
         assert type(step) is TrainStep
         assert "cuda_graph=true ignored" in caplog.text and reason in caplog.text
 
@@ -298,15 +319,35 @@ def test_the_speedrun_script_tables_and_plots_recorded_runs(tmp_path: Path):
     """scripts/speedrun.py --from: the docs' table (mean and each seed) and plot from the
     figures it recorded, without training."""
     recorded = tmp_path / "speedrun.jsonl"
-    runs = [{"point": "speedrun", "seed": seed, "command_s": 44.0 + seed, "train_s": 41.0,
-             "test_acc": acc} for seed, acc in enumerate((93.16, 93.01, 92.98))]  # fmt: skip
-    runs.append({"point": "muon_6_epochs", "seed": 0, "command_s": 62.0, "train_s": 60.0,
-                 "test_acc": 93.41})  # fmt: skip
+    runs = [
+        {
+            "point": "speedrun",
+            "seed": seed,
+            "command_s": 44.0 + seed,
+            "train_s": 41.0,
+            "test_acc": acc,
+        }
+        for seed, acc in enumerate((93.16, 93.01, 92.98))
+    ]
+    runs.append(
+        {"point": "muon_6_epochs", "seed": 0, "command_s": 62.0, "train_s": 60.0, "test_acc": 93.41}
+    )
     recorded.write_text("".join(json.dumps(run) + "\n" for run in runs))
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "speedrun.py"), "--from",
-                           str(recorded), "--points", "speedrun", "--plot",
-                           str(tmp_path / "frontier.png")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "speedrun.py"),
+            "--from",
+            str(recorded),
+            "--points",
+            "speedrun",
+            "--plot",
+            str(tmp_path / "frontier.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = [line for line in done.stdout.splitlines() if line.startswith("| speedrun |")]
     assert "`stable-cnn-train experiment=fashion_mnist_speedrun`" in row

@@ -25,17 +25,27 @@ pytestmark = pytest.mark.slow
 
 # Long enough (about 45 steps an epoch) that a signal lands while the run is training.
 RESUMABLE = [
-    *TINY, "data.num_train=3000", "trainer.epochs=4", "trainer.deterministic=true",
+    *TINY,
+    "data.num_train=3000",
+    "trainer.epochs=4",
+    "trainer.deterministic=true",
     "trainer.progress_bar=false",
-]  # fmt: skip
+]
 TIMING = {"train_img_s", "epoch_s"}
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "stable_cnn.train", *RESUMABLE, *extra,
-               f"hydra.run.dir={run_dir}"]  # fmt: skip
-    return subprocess.Popen(command, cwd=run_dir.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "stable_cnn.train",
+        *RESUMABLE,
+        *extra,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen(
+        command, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_for_epochs(run_dir: Path, epochs: int, process: subprocess.Popen) -> None:
@@ -56,8 +66,12 @@ def stop_in_second_epoch(
     returns what it printed (it must have exited as preempted)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "stable_cnn.train", *args, f"hydra.run.dir={run_dir}"],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_epochs(run_dir, 1, process)
     time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
@@ -67,8 +81,10 @@ def stop_in_second_epoch(
 
 
 def outcome(run_dir: Path) -> tuple[list[dict], dict, dict[str, torch.Tensor]]:
-    metrics = [{k: v for k, v in e.items() if k not in TIMING}
-               for e in read_jsonl(run_dir / "metrics.jsonl")]  # fmt: skip
+    metrics = [
+        {k: v for k, v in e.items() if k not in TIMING}
+        for e in read_jsonl(run_dir / "metrics.jsonl")
+    ]
     results = json.loads((run_dir / "results.json").read_text())
     results = {k: v for k, v in results.items() if k != "wall_s"}
     weights = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -114,8 +130,9 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
     assert len(steps) == 4 and steps == sorted(set(steps)), "no epoch logged twice"
     steps = [e.step for e in events.Scalars("loss/train")]
     assert steps == sorted(set(steps)), "the interrupted tail is purged, not duplicated"
-    assert scalar_tags(run_dir)["accuracy/val"] == [e["val_acc"] for e in read_jsonl(
-        run_dir / "metrics.jsonl")]  # fmt: skip
+    assert scalar_tags(run_dir)["accuracy/val"] == [
+        e["val_acc"] for e in read_jsonl(run_dir / "metrics.jsonl")
+    ]
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path, tmp_path: Path):
@@ -190,8 +207,10 @@ def test_image_folder_with_dropout_resumes_exactly(
 
 def test_a_finished_run_is_not_trained_again(uninterrupted: Path):
     before = (uninterrupted / "results.json").read_text()
-    done = run_cli([*RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={uninterrupted}"],
-                   cwd=uninterrupted.parent)  # fmt: skip
+    done = run_cli(
+        [*RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={uninterrupted}"],
+        cwd=uninterrupted.parent,
+    )
     assert done.returncode == 0 and "already finished" in done.stdout
     assert (uninterrupted / "results.json").read_text() == before
 
@@ -204,8 +223,10 @@ def test_a_run_folder_is_never_reused_by_accident(uninterrupted: Path):
 
 def test_resuming_with_other_settings_is_refused(uninterrupted: Path, tmp_path: Path):
     checkpoint = uninterrupted / "checkpoints" / "last.pt"
-    done = run_cli([*RESUMABLE, "trainer.epochs=6", f"trainer.resume={checkpoint}",
-                    "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    done = run_cli(
+        [*RESUMABLE, "trainer.epochs=6", f"trainer.resume={checkpoint}", "hydra.run.dir=run"],
+        tmp_path,
+    )
     assert done.returncode == 2
     assert "trainer.epochs differ" in done.stdout and str(checkpoint) in done.stdout
 
@@ -230,10 +251,13 @@ def test_unusable_checkpoints_are_one_line_errors(damage: str, uninterrupted: Pa
         state = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
         torch.save({**state, "format": "stable-cnn/1"}, path)
     expected = {
-        "garbage": "is corrupt", "truncated": "is corrupt", "foreign": "not a stable-cnn",
-        "missing": "no checkpoint at", "other width": "model.width differ",
+        "garbage": "is corrupt",
+        "truncated": "is corrupt",
+        "foreign": "not a stable-cnn",
+        "missing": "no checkpoint at",
+        "other width": "model.width differ",
         "older version": "written by an older stable-cnn",
-    }[damage]  # fmt: skip
+    }[damage]
     done = run_cli(
         [*RESUMABLE, *overrides, f"trainer.resume={path}", "hydra.run.dir=run"], tmp_path
     )
@@ -261,8 +285,9 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Pa
 
     path = tmp_path / "checkpoints" / "last.pt"
     for attempt in range(5):
-        writer = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        writer = subprocess.Popen(
+            [sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True
+        )
         assert writer.stdout.readline()  # at least one save completed
         time.sleep(0.05 + 0.037 * attempt)  # land at different points of a write
         os.kill(writer.pid, signal.SIGKILL)
@@ -292,8 +317,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path: Path)
     from stable_cnn.state.checkpoint import load_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
-    done = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(path)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", FILL_THE_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "could not write checkpoint" in done.stdout and "previous checkpoint" in done.stdout
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "no partial file is left"

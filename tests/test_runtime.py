@@ -20,9 +20,13 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize(
     ("capability", "expected", "scaler"),
-    [((7, 0), "fp16", True), ((7, 5), "fp16", True), ((8, 0), "bf16", False),
-     ((9, 0), "bf16", False)],
-)  # fmt: skip
+    [
+        ((7, 0), "fp16", True),
+        ((7, 5), "fp16", True),
+        ((8, 0), "bf16", False),
+        ((9, 0), "bf16", False),
+    ],
+)
 def test_amp_auto_on_cuda_is_bf16_from_ampere_on(capability, expected, scaler):
     precision = choose_precision("auto", CUDA, cuda_capability=capability)
     assert (precision.name, precision.use_grad_scaler) == (expected, scaler)
@@ -63,8 +67,11 @@ def test_dropout_and_augmentation_draw_from_different_streams():
 def test_compiler_failure_at_the_first_forward_falls_back_to_eager(tmp_path: Path):
     """torch.compile() returns at once; the compiler runs at the first forward pass. A
     broken C++ compiler there (CXX=/bin/false) must cost a warning, not the run."""
-    done = run_cli([*TINY, "trainer.compile=true", "trainer.epochs=1", "hydra.run.dir=run"],
-                   tmp_path, env={"CXX": "/bin/false"})  # fmt: skip
+    done = run_cli(
+        [*TINY, "trainer.compile=true", "trainer.epochs=1", "hydra.run.dir=run"],
+        tmp_path,
+        env={"CXX": "/bin/false"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     warnings = [line for line in done.stdout.splitlines() if "compiling failed" in line]
     assert len(warnings) == 1 and "training eagerly" in warnings[0]
@@ -83,9 +90,17 @@ def test_cuda_graph_off_cuda_is_one_warning_and_an_eager_step(caplog):
     optimizer = build_optimizer(model, SGDConfig())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
-    step = build_train_step(model, torch.nn.CrossEntropyLoss(), optimizer, scaler,
-                            ClippingConfig("none"), runtime, 2.0, cuda_graph=True,
-                            cycles_momentum=False)  # fmt: skip
+    step = build_train_step(
+        model,
+        torch.nn.CrossEntropyLoss(),
+        optimizer,
+        scaler,
+        ClippingConfig("none"),
+        runtime,
+        2.0,
+        cuda_graph=True,
+        cycles_momentum=False,
+    )
     assert not isinstance(step, GraphedTrainStep)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
@@ -109,8 +124,13 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
 
     runtime = Runtime(torch.device("cpu"), FP32, torch.contiguous_format)
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 1, 16, 16, generator=generator),
-                torch.randint(0, 10, (16,), generator=generator)) for _ in range(6)]  # fmt: skip
+    batches = [
+        (
+            torch.randn(16, 1, 16, 16, generator=generator),
+            torch.randint(0, 10, (16,), generator=generator),
+        )
+        for _ in range(6)
+    ]
     losses = {}
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -118,13 +138,24 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
         network = compile_model(model, runtime.device) if compiled else model
         optimizer = build_optimizer(model, SGDConfig(lr=0.05))
         schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, len(batches))
-        step = TrainStep(network, nn.CrossEntropyLoss(), optimizer,
-                         torch.amp.GradScaler("cpu", enabled=False),
-                         ClippingConfig("norm", max_norm=1.0), runtime)  # fmt: skip
+        step = TrainStep(
+            network,
+            nn.CrossEntropyLoss(),
+            optimizer,
+            torch.amp.GradScaler("cpu", enabled=False),
+            ClippingConfig("norm", max_norm=1.0),
+            runtime,
+        )
         logged = losses[compiled] = []
-        train_one_epoch(step, batches, schedule, 0, 1,
-                        lambda _, scalars, logged=logged: logged.append(scalars["loss/train"]),
-                        progress_bar=False)  # fmt: skip
+        train_one_epoch(
+            step,
+            batches,
+            schedule,
+            0,
+            1,
+            lambda _, scalars, logged=logged: logged.append(scalars["loss/train"]),
+            progress_bar=False,
+        )
         if compiled:
             assert isinstance(network, CompiledWithFallback) and network.compiled is not None
     assert len(losses[True]) == len(batches)

@@ -38,27 +38,52 @@ def points(*rows: tuple) -> list[Point]:
 
 
 def test_the_stable_range_is_the_plateau_around_the_best():
-    grid = points((60, 61, 59), (80, 81, 80), (88, 89, 88), (90, 91, 90), (89, 90, 89),
-                  (88, 88.5, 89), (40, 60, 10), ("d", "d", "d"))  # fmt: skip
+    grid = points(
+        (60, 61, 59),
+        (80, 81, 80),
+        (88, 89, 88),
+        (90, 91, 90),
+        (89, 90, 89),
+        (88, 88.5, 89),
+        (40, 60, 10),
+        ("d", "d", "d"),
+    )
     assert stable_range(grid) == (0.03, 1.0)  # within 3 points of 90.3, none lost
     assert decades(stable_range(grid)) == pytest.approx(1.52, abs=0.01)
 
 
 def test_one_collapsed_or_diverged_seed_breaks_the_range():
-    grid = points((88, 88, 88), (90, 90, 90), (90, 90, "d"), (90, 15, 90), (89, 89, 89),
-                  (10, 10, 10), (10, 10, 10), (10, 10, 10))  # fmt: skip
+    grid = points(
+        (88, 88, 88),
+        (90, 90, 90),
+        (90, 90, "d"),
+        (90, 15, 90),
+        (89, 89, 89),
+        (10, 10, 10),
+        (10, 10, 10),
+        (10, 10, 10),
+    )
     assert stable_range(grid) == (0.003, 0.01), "0.03 lost a seed; 0.3 is cut off from the best"
 
 
 def test_two_stable_stretches_keep_the_one_with_the_best_accuracy():
-    grid = points((89, 89, 89), (88, 88, 88), (70, 70, 70), (90, 91, 90), (90, 90, 90),
-                  (60, 60, 60), (10, 10, 10), (10, 10, 10))  # fmt: skip
+    grid = points(
+        (89, 89, 89),
+        (88, 88, 88),
+        (70, 70, 70),
+        (90, 91, 90),
+        (90, 90, 90),
+        (60, 60, 60),
+        (10, 10, 10),
+        (10, 10, 10),
+    )
     assert stable_range(grid) == (0.1, 0.3)
 
 
 def test_a_single_stable_point_is_a_range_of_zero_decades():
-    grid = points((30, 30, 30), (50, 50, 50), (91, 92, 91), (60, 60, 60), ("d",), ("d",),
-                  ("d",), ("d",))  # fmt: skip
+    grid = points(
+        (30, 30, 30), (50, 50, 50), (91, 92, 91), (60, 60, 60), ("d",), ("d",), ("d",), ("d",)
+    )
     assert stable_range(grid) == (0.03, 0.03) and decades(stable_range(grid)) == 0.0
 
 
@@ -69,8 +94,9 @@ def test_when_everything_collapses_or_diverges_there_is_no_range():
 
 def test_evidence_names_the_range_and_the_learning_rates_where_it_differs():
     full = Variant("full", "", points(*[(90, 90.5, 90.2)] * 6, (60, 61, 62), ("d", "d", "d")))
-    fragile = Variant("no_x", "", points(*[(90, 90.5, 90.2)] * 3, *[(10, 11, 10)] * 4,
-                                         (12, 13, 14)))  # fmt: skip
+    fragile = Variant(
+        "no_x", "", points(*[(90, 90.5, 90.2)] * 3, *[(10, 11, 10)] * 4, (12, 13, 14))
+    )
     sentence = evidence(fragile, full)
     assert "Stable 0.003 to 0.03" in sentence and "narrower by 1.5 decades" in sentence
     assert "worse beyond two standard errors at lr 0.1, 0.3, 1, 3" in sentence
@@ -83,28 +109,55 @@ def test_map_driver_writes_every_variant_and_learning_rate(tmp_path: Path):
     report = tmp_path / "docs" / "stability_map.md"
     driver = str(Path(sys.executable).parent / "stable-cnn-map")
     done = subprocess.run(
-        [driver, "--seeds", "1", "--lrs", "0.01,0.1", "--variants", "full,no_batchnorm",
-         "--out", str(tmp_path / "runs"), "--report", str(report), "--device", "cpu",
-         "--lr-find", "data=synthetic", "model.width=8", "trainer.epochs=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            driver,
+            "--seeds",
+            "1",
+            "--lrs",
+            "0.01,0.1",
+            "--variants",
+            "full,no_batchnorm",
+            "--out",
+            str(tmp_path / "runs"),
+            "--report",
+            str(report),
+            "--device",
+            "cpu",
+            "--lr-find",
+            "data=synthetic",
+            "model.width=8",
+            "trainer.epochs=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     text = report.read_text()
     assert "stable-cnn-map --seeds 1" in text and "Wall time:" in text
     grid = text.split("## Every learning rate")[1]
     header = next(line for line in grid.splitlines() if line.startswith("| variant"))
     assert header == "| variant | 0.01 | 0.1 |"
-    rows = [line for line in grid.splitlines() if line.startswith("| full") or
-            line.startswith("| no_batchnorm")]  # fmt: skip
+    rows = [
+        line
+        for line in grid.splitlines()
+        if line.startswith("| full") or line.startswith("| no_batchnorm")
+    ]
     assert len(rows) == 2 and all(line.count("|") == 4 and " - " not in line for line in rows)
     for name in ("full", "no_batchnorm"):
         assert f"- **{name}**" in text, "a headline sentence per variant"
     assert "The learning-rate finder's suggestion" in text and "of 2 variants" in text
     table = text.split("## Per variant")[1].split("## Every")[0]
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| full")
-            or line.startswith("| no_batchnorm")]  # fmt: skip
-    assert all(float(row[-2]) > 0 and row[-1].rstrip(" |") in ("inside", "in its cells",
-               "outside") for row in rows), table  # fmt: skip
+    rows = [
+        line.split(" | ")
+        for line in table.splitlines()
+        if line.startswith("| full") or line.startswith("| no_batchnorm")
+    ]
+    assert all(
+        float(row[-2]) > 0 and row[-1].rstrip(" |") in ("inside", "in its cells", "outside")
+        for row in rows
+    ), table
     import matplotlib.image
 
     assert matplotlib.image.imread(report.with_suffix(".png")).shape[1] > 100

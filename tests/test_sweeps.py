@@ -48,30 +48,40 @@ def seeded_sweep(tmp_path_factory) -> Path:
     """2 learning rates x 2 seeds, run once for the tests that read it."""
     sweep = tmp_path_factory.mktemp("sweeps") / "grid"
     done = run_cli(
-        ["-m", *ONE_EPOCH, "trainer.epochs=2", "optimizer.lr=0.01,0.1", "trainer.seed=range(2)",
-         f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *ONE_EPOCH,
+            "trainer.epochs=2",
+            "optimizer.lr=0.01,0.1",
+            "trainer.seed=range(2)",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=sweep.parent,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     return sweep
 
 
 def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Path):
     assert sorted(p.name for p in seeded_sweep.glob("[0-9]*")) == [
-        "0_optimizer.lr=0.01,trainer.seed=0", "1_optimizer.lr=0.01,trainer.seed=1",
-        "2_optimizer.lr=0.1,trainer.seed=0", "3_optimizer.lr=0.1,trainer.seed=1",
-    ], "each job's folder says what it is: the swept keys, not the shared ones"  # fmt: skip
+        "0_optimizer.lr=0.01,trainer.seed=0",
+        "1_optimizer.lr=0.01,trainer.seed=1",
+        "2_optimizer.lr=0.1,trainer.seed=0",
+        "3_optimizer.lr=0.1,trainer.seed=1",
+    ], "each job's folder says what it is: the swept keys, not the shared ones"
     rows = report_rows(seeded_sweep)
     assert [row["run"] for row in rows] != []
     assert sorted(row["run"] for row in rows) == ["optimizer.lr=0.01", "optimizer.lr=0.1"]
     for row in rows:
         assert row["runs"] == "2" and row["finished"] == "2"
         folders = row["folders"].split(";")
-        accuracies = [json.loads((Path(f) / "results.json").read_text())["best_val_acc"]
-                      for f in folders]  # fmt: skip
+        accuracies = [
+            json.loads((Path(f) / "results.json").read_text())["best_val_acc"] for f in folders
+        ]
         assert float(row["best_val_acc_mean"]) == pytest.approx(sum(accuracies) / 2)
-        assert float(row["best_val_acc_std"]) == pytest.approx(abs(accuracies[0] - accuracies[1])
-                                                               / 2**0.5)  # fmt: skip
+        assert float(row["best_val_acc_std"]) == pytest.approx(
+            abs(accuracies[0] - accuracies[1]) / 2**0.5
+        )
     means = [float(row["best_val_acc_mean"]) for row in rows]
     assert means == sorted(means, reverse=True), "best first"
     markdown = (seeded_sweep / "report.md").read_text()
@@ -82,14 +92,19 @@ def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Pat
 
 def test_report_command_sorts_by_the_chosen_metric(seeded_sweep: Path, tmp_path: Path):
     report = str(Path(sys.executable).parent / "stable-cnn-report")
-    done = subprocess.run([report, str(seeded_sweep), "--metric", "test_acc", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [report, str(seeded_sweep), "--metric", "test_acc", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("# Sweep report") and "sorted by test_acc" in done.stdout
     tests = [float(row["test_acc_mean"]) for row in report_rows(tmp_path)]
     assert tests == sorted(tests, reverse=True)
-    missing = subprocess.run([report, str(tmp_path / "nowhere")], capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    missing = subprocess.run(
+        [report, str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"stable-cnn-report: error: {tmp_path / 'nowhere'} is not a folder: pass a sweep or "
@@ -105,9 +120,10 @@ def free_port() -> int:
 
 def post_json(url: str, body: dict) -> dict:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(),
+        url,
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"},
-    )  # fmt: skip
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -115,10 +131,22 @@ def post_json(url: str, body: dict) -> dict:
 def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_sweep: Path):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(seeded_sweep),
-         "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(seeded_sweep),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # until the server answers (and has read the runs)
@@ -147,10 +175,19 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
 
         groups = post_json(
             base + "/data/plugin/hparams/session_groups",
-            {"experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
-             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
-                                 "STATUS_RUNNING"]},
-        )["sessionGroups"]  # fmt: skip
+            {
+                "experimentName": "",
+                "startIndex": 0,
+                "sliceSize": 100,
+                "colParams": [],
+                "allowedStatuses": [
+                    "STATUS_UNKNOWN",
+                    "STATUS_SUCCESS",
+                    "STATUS_FAILURE",
+                    "STATUS_RUNNING",
+                ],
+            },
+        )["sessionGroups"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -168,10 +205,17 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
 def test_a_diverging_job_is_reported_and_the_sweep_goes_on(tmp_path: Path):
     sweep = tmp_path / "sweep"
     done = run_cli(
-        ["-m", *ONE_EPOCH, "clipping=none", "amp=off", "trainer.on_nonfinite=stop",
-         "optimizer.lr=1e6,0.05", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *ONE_EPOCH,
+            "clipping=none",
+            "amp=off",
+            "trainer.on_nonfinite=stop",
+            "optimizer.lr=1e6,0.05",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, "a diverged job is a result, not a broken sweep"
     assert "returning 0.0 to the sweeper for this diverged job" in done.stderr + done.stdout
     failure = json.loads((job(sweep, 0) / "failure.json").read_text())
@@ -186,12 +230,17 @@ def test_a_diverging_job_is_reported_and_the_sweep_goes_on(tmp_path: Path):
 
 def test_a_job_with_a_bad_value_fails_alone_and_the_report_says_why(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    done = run_cli(["-m", *ONE_EPOCH, "model.dropout=1.5,0.1", f"hydra.sweep.dir={sweep}"],
-                   cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        ["-m", *ONE_EPOCH, "model.dropout=1.5,0.1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
     assert done.returncode != 0, "a broken job makes the sweep fail"
     assert (job(sweep, 1) / "results.json").exists(), "the other job still ran"
-    report = subprocess.run([str(Path(sys.executable).parent / "stable-cnn-report"), str(sweep)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    report = subprocess.run(
+        [str(Path(sys.executable).parent / "stable-cnn-report"), str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
     rows = {row["run"]: row for row in report_rows(sweep)}
     assert rows["model.dropout=1.5"]["status"] == "failed"
@@ -240,10 +289,16 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
 def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
     sweep = tmp_path / "sweep"
     done = run_cli(
-        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *ONE_EPOCH,
-         "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *ONE_EPOCH,
+            "optimizer.lr=0.01,0.1",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     for number in (0, 1):
@@ -255,8 +310,10 @@ def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
 
 def test_submitit_local_launcher_really_runs_a_job(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    done = run_cli(["-m", "hydra/launcher=submitit_local", *ONE_EPOCH,
-                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        ["-m", "hydra/launcher=submitit_local", *ONE_EPOCH, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     assert json.loads((job(sweep, 0) / "results.json").read_text())["epochs"] == 1
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran it as its own job"
@@ -266,9 +323,17 @@ def test_a_job_of_several_tasks_is_one_distributed_run(tmp_path: Path):
     """tasks_per_node=2: submitit starts two processes per job, as SLURM would; they find
     each other through submitit's environment and train one run together."""
     sweep = tmp_path / "sweep"
-    done = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                    *ONE_EPOCH, "data.batch_size=64", f"hydra.sweep.dir={sweep}"],
-                   cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            *ONE_EPOCH,
+            "data.batch_size=64",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     results = json.loads((job(sweep, 0) / "results.json").read_text())
     assert results["processes"] == 2 and results["epochs"] == 1
@@ -277,8 +342,17 @@ def test_a_job_of_several_tasks_is_one_distributed_run(tmp_path: Path):
 
 
 def test_slurm_launcher_config_composes_with_its_defaults(tmp_path: Path):
-    done = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
-                    "-p", "hydra.launcher"], cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.launcher",
+        ],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     for line in (
         "gpus_per_node: 1",
@@ -291,14 +365,21 @@ def test_slurm_launcher_config_composes_with_its_defaults(tmp_path: Path):
 
 def test_every_preset_composes_and_runs(tmp_path: Path):
     presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-    assert {"tutorial", "fashion_mnist_fast", "fashion_mnist_best", "cifar10",
-            "fashion_mnist_resnet18"} <= set(presets)  # fmt: skip
+    assert {
+        "tutorial",
+        "fashion_mnist_fast",
+        "fashion_mnist_best",
+        "cifar10",
+        "fashion_mnist_resnet18",
+    } <= set(presets)
     sweep = tmp_path / "sweep"
     # The presets' own choices first, then the tiny settings on top of each; each keeps
     # its own model (a width would be refused by the ResNet preset).
     tiny = [arg for arg in ONE_EPOCH if not arg.startswith("model.")]
-    done = run_cli(["-m", "experiment=glob(*)", *tiny, "data.val_size=64",
-                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        ["-m", "experiment=glob(*)", *tiny, "data.val_size=64", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     rows = report_rows(sweep)
     assert sorted(row["run"] for row in rows) == [f"experiment={p}" for p in presets]
@@ -307,12 +388,22 @@ def test_every_preset_composes_and_runs(tmp_path: Path):
 
 def test_an_interrupted_sweep_resumes_its_unfinished_jobs_only(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY, "data.num_train=3000", "trainer.epochs=4", "trainer.progress_bar=false",
-            "optimizer.lr=0.01,0.05", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [
+        "-m",
+        *TINY,
+        "data.num_train=3000",
+        "trainer.epochs=4",
+        "trainer.progress_bar=false",
+        "optimizer.lr=0.01,0.05",
+        f"hydra.sweep.dir={sweep}",
+    ]
     process = subprocess.Popen(
         [sys.executable, "-m", "stable_cnn.train", *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first, second = sweep / "0_optimizer.lr=0.01", sweep / "1_optimizer.lr=0.05"
     wait_for_epochs(second, 1, process)
     process.send_signal(signal.SIGTERM)
@@ -359,16 +450,29 @@ def test_the_stock_search_space_reads_as_optuna_distributions():
 
 def test_a_grid_search_runs_the_grid_once_and_refuses_intervals(tmp_path: Path):
     pytest.importorskip("optuna")
-    refused = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH],
-                      cwd=tmp_path)  # fmt: skip
+    refused = run_cli(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH], cwd=tmp_path
+    )
     errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "error" in line]
     assert refused.returncode != 0 and len(errors) == 1, refused.stdout + refused.stderr
     assert "sampler=grid needs a finite set for optimizer.lr" in errors[0]
     assert not (tmp_path / "outputs").exists(), "a refused search leaves nothing behind"
-    fixed = ["optimizer.lr=0.05", "optimizer.weight_decay=0.0001", "model.dropout=0.1",
-             "model.head_dropout=0.1", "clipping.max_norm=1.0"]  # fmt: skip
-    grid_args = ["-m", "hparams_search=optuna", "hydra.sweeper.sampler=grid", *ONE_EPOCH,
-                 *fixed, "model.width=choice(8,16)", "hydra.sweeper.n_trials=5"]  # fmt: skip
+    fixed = [
+        "optimizer.lr=0.05",
+        "optimizer.weight_decay=0.0001",
+        "model.dropout=0.1",
+        "model.head_dropout=0.1",
+        "clipping.max_norm=1.0",
+    ]
+    grid_args = [
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.sampler=grid",
+        *ONE_EPOCH,
+        *fixed,
+        "model.width=choice(8,16)",
+        "hydra.sweeper.n_trials=5",
+    ]
     done = run_cli(grid_args, cwd=tmp_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -413,8 +517,17 @@ def test_your_own_search_space_extends_the_stock_one(tmp_path: Path):
         "      optimizer.lr: tag(log, interval(0.01, 0.02))\n"
         "      model.width: 8\n"
     )
-    done = run_cli(["-m", "--config-dir", str(tmp_path / "my_conf"), "hparams_search=narrow",
-                    "hydra.sweeper.n_trials=2", *ONE_EPOCH], cwd=tmp_path)  # fmt: skip
+    done = run_cli(
+        [
+            "-m",
+            "--config-dir",
+            str(tmp_path / "my_conf"),
+            "hparams_search=narrow",
+            "hydra.sweeper.n_trials=2",
+            *ONE_EPOCH,
+        ],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     study_dir = tmp_path / "outputs" / "optuna" / "synthetic-small_cnn"
     storage = f"sqlite:///{study_dir / 'study.db'}"

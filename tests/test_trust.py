@@ -22,15 +22,19 @@ DATA = {"name": "fashion_mnist", "root": "data", "image_size": 28}
 def crafted(tmp_path: Path, model_config: dict, data: dict = DATA) -> Path:
     """A checkpoint someone wrote by hand to make its reader run code of their choosing."""
     path = tmp_path / "crafted.pt"
-    torch.save({"format": FORMAT, "model_config": model_config, "config": {"data": data},
-                "model": {}}, path)  # fmt: skip
+    torch.save(
+        {"format": FORMAT, "model_config": model_config, "config": {"data": data}, "model": {}},
+        path,
+    )
     return path
 
 
 def test_a_callable_the_checkpoint_names_is_not_called(tmp_path: Path):
     marker = tmp_path / "made-by-the-checkpoint"
-    path = crafted(tmp_path, {**SHAPE, "kind": "custom", "target": "os.makedirs",
-                              "kwargs": {"name": str(marker)}})  # fmt: skip
+    path = crafted(
+        tmp_path,
+        {**SHAPE, "kind": "custom", "target": "os.makedirs", "kwargs": {"name": str(marker)}},
+    )
     for load in (load_trained_model, lambda p: load_for_evaluation(p, None, "cpu")):
         with pytest.raises(CheckpointError, match=r"model\._target_=os\.makedirs.*trust_code=true"):
             load(path)
@@ -46,8 +50,15 @@ def test_a_dataset_callable_is_named_before_anything_is_built(tmp_path: Path):
 
 
 def test_timm_is_not_sent_to_read_a_file_the_checkpoint_names(tmp_path: Path):
-    path = crafted(tmp_path, {**SHAPE, "kind": "timm", "name": "resnet10t",
-                              "kwargs": {"checkpoint_path": "/etc/shadow"}})  # fmt: skip
+    path = crafted(
+        tmp_path,
+        {
+            **SHAPE,
+            "kind": "timm",
+            "name": "resnet10t",
+            "kwargs": {"checkpoint_path": "/etc/shadow"},
+        },
+    )
     with pytest.raises(CheckpointError, match=r"\+model.checkpoint_path=/etc/shadow"):
         load_trained_model(path)
 

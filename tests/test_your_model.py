@@ -85,9 +85,15 @@ def normalised(folder):
 def small_real(root: Path, images: int = 512) -> list[str]:
     """``images`` real Fashion-MNIST training images, half as many to validate and to
     test, with the figures every epoch: an epoch in seconds."""
-    return [f"data.root={root}", f"data.limit_train={images}", f"data.limit_test={images // 2}",
-            f"data.val_size={images // 2}", "data.batch_size=64", "trainer.progress_bar=false",
-            "diagnostics.figures_every_n_epochs=1"]  # fmt: skip
+    return [
+        f"data.root={root}",
+        f"data.limit_train={images}",
+        f"data.limit_test={images // 2}",
+        f"data.val_size={images // 2}",
+        "data.batch_size=64",
+        "trainer.progress_bar=false",
+        "diagnostics.figures_every_n_epochs=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +114,15 @@ def exports_and_predicts(run_dir: Path, env: dict[str, str] | None = None, *trus
     """eval reproduces the run's test; the ONNX export is checked by onnxruntime inside
     stable-cnn-export; predict runs on the exported file. ``trust``: trust_code=true for
     a checkpoint that names code of the user's."""
-    evaluated = command("stable-cnn-eval", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent,
-                        env=env)  # fmt: skip
+    evaluated = command(
+        "stable-cnn-eval", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent, env=env
+    )
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     result = json.loads(next((run_dir / "eval").glob("*/eval.json")).read_text())
     assert result["test_acc"] == json.loads((run_dir / "results.json").read_text())["test_acc"]
-    exported = command("stable-cnn-export", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent,
-                       env=env)  # fmt: skip
+    exported = command(
+        "stable-cnn-export", f"checkpoint={run_dir}", *trust, cwd=run_dir.parent, env=env
+    )
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert "checked with onnxruntime" in exported.stdout
     images = run_dir.parent / "images"
@@ -124,9 +132,14 @@ def exports_and_predicts(run_dir: Path, env: dict[str, str] | None = None, *trus
         images.mkdir()
         for k in range(3):
             Image.new("L", (28, 28), 40 * k).save(images / f"{k}.png")
-    predicted = command("stable-cnn-predict", f"checkpoint={run_dir / 'export' / 'best.onnx'}",
-                        f"input={images}", f"out={run_dir / 'predictions.csv'}",
-                        cwd=run_dir.parent, env=env)  # fmt: skip
+    predicted = command(
+        "stable-cnn-predict",
+        f"checkpoint={run_dir / 'export' / 'best.onnx'}",
+        f"input={images}",
+        f"out={run_dir / 'predictions.csv'}",
+        cwd=run_dir.parent,
+        env=env,
+    )
     assert predicted.returncode == 0, predicted.stdout + predicted.stderr
     assert len((run_dir / "predictions.csv").read_text().splitlines()) == 4
 
@@ -148,9 +161,16 @@ def test_a_model_of_your_own_with_gradient_accumulation(
     """model=custom with a class from a module the package never saw (and +model.hidden):
     trains, resumes exactly mid-accumulation, evaluates, exports and predicts; without
     its module on PYTHONPATH, eval says so in one line."""
-    args = [*small_real(fashion_mnist_root), "model=custom", "model._target_=my_models.PlainNet",
-            "+model.hidden=12", "trainer.accumulate_grad_batches=3", "trainer.epochs=3",
-            "trainer.deterministic=true", "data.limit_train=1536"]  # fmt: skip
+    args = [
+        *small_real(fashion_mnist_root),
+        "model=custom",
+        "model._target_=my_models.PlainNet",
+        "+model.hidden=12",
+        "trainer.accumulate_grad_batches=3",
+        "trainer.epochs=3",
+        "trainer.deterministic=true",
+        "data.limit_train=1536",
+    ]
     resumes_exactly(args, tmp_path, my_models)
     run_dir = tmp_path / "whole"
     log = (run_dir / "train.log").read_text()
@@ -194,14 +214,25 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
     in memory (PIL images) and through DataLoader workers (float tensors); the checkpoint
     records them, so eval, export and predict work without them on the command line;
     normalised images are refused in one line."""
-    args = ["data=custom", "data._target_=my_data.load", f"+data.folder={fashion_mnist_root}",
-            "model.width=8", "trainer.epochs=1", "data.batch_size=64",
-            "trainer.progress_bar=false"]  # fmt: skip
+    args = [
+        "data=custom",
+        "data._target_=my_data.load",
+        f"+data.folder={fashion_mnist_root}",
+        "model.width=8",
+        "trainer.epochs=1",
+        "data.batch_size=64",
+        "trainer.progress_bar=false",
+    ]
     in_memory = train(args, tmp_path / "memory", my_models)
-    workers = train([*args, "+data.as_tensors=true", "data.in_memory=false"],
-                    tmp_path / "workers", my_models)  # fmt: skip
-    settled = [line.split(" - ", 1)[1] for output in (in_memory, workers)
-               for line in output.splitlines() if "settled from the data" in line]  # fmt: skip
+    workers = train(
+        [*args, "+data.as_tensors=true", "data.in_memory=false"], tmp_path / "workers", my_models
+    )
+    settled = [
+        line.split(" - ", 1)[1]
+        for output in (in_memory, workers)
+        for line in output.splitlines()
+        if "settled from the data" in line
+    ]
     assert len(settled) == 2 and settled[0] == settled[1], settled
     assert "in_channels 1, image_size 28, num_classes 10, val_size 64" in settled[0]
     mean = float(settled[0].split("mean [")[1].split("]")[0])
@@ -215,8 +246,9 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
     predictions = (tmp_path / "memory" / "predictions.csv").read_text()
     assert any(name in predictions for name in ("T-shirt/top", "Trouser", "Bag", "Sandal"))
 
-    refused = run_cli([*args, "data._target_=my_data.normalised", "hydra.run.dir=bad"], tmp_path,
-                      env=my_models)  # fmt: skip
+    refused = run_cli(
+        [*args, "data._target_=my_data.normalised", "hydra.run.dir=bad"], tmp_path, env=my_models
+    )
     lines = [line for line in (refused.stdout + refused.stderr).splitlines() if "error:" in line]
     assert refused.returncode == 2 and len(lines) == 1 and "must be in [0, 1]" in lines[0]
     assert not (tmp_path / "bad").exists()
@@ -225,18 +257,27 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
 def test_a_timm_model_trains_and_exports(fashion_mnist_root: Path, tmp_path: Path):
     """(Resume is the same for every model: the custom model's test checks it.)"""
     pytest.importorskip("timm")
-    output = train([*small_real(fashion_mnist_root, 128), "model=timm", "model.name=resnet10t",
-                    "trainer.epochs=1"], tmp_path / "run")  # fmt: skip
+    output = train(
+        [
+            *small_real(fashion_mnist_root, 128),
+            "model=timm",
+            "model.name=resnet10t",
+            "trainer.epochs=1",
+        ],
+        tmp_path / "run",
+    )
     assert "model timm resnet10t" in output
     exports_and_predicts(tmp_path / "run")
 
 
 def test_a_torchvision_resnet_with_its_small_input_stem(fashion_mnist_root: Path, tmp_path: Path):
-    output = train([*small_real(fashion_mnist_root, 128), "model=resnet", "trainer.epochs=1"],
-                   tmp_path / "run")  # fmt: skip
+    output = train(
+        [*small_real(fashion_mnist_root, 128), "model=resnet", "trainer.epochs=1"], tmp_path / "run"
+    )
     assert "model torchvision resnet18, 3x3 stem for small images" in output
-    spec = __import__("torch").load(tmp_path / "run" / "checkpoints" / "best.pt",
-                                    weights_only=True)["model_config"]  # fmt: skip
+    spec = __import__("torch").load(
+        tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True
+    )["model_config"]
     assert (spec["kind"], spec["in_channels"], spec["small_input"]) == ("resnet", 1, True)
     exports_and_predicts(tmp_path / "run")
 
@@ -245,14 +286,23 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
     """On a model without BatchNorm (whose statistics see the micro-batch) and without
     random draws: the same steps, to float precision (the gradient summed in another
     order: measured 1.1e-5 at most with one thread, under 1e-5 with two)."""
-    same = [*TINY, "model.batchnorm=false", "model.dropout=0", "model.head_dropout=0",
-            "data.augment=false", "amp=off", "trainer.deterministic=true"]  # fmt: skip
+    same = [
+        *TINY,
+        "model.batchnorm=false",
+        "model.dropout=0",
+        "model.head_dropout=0",
+        "data.augment=false",
+        "amp=off",
+        "trainer.deterministic=true",
+    ]
     train([*same, "data.batch_size=128"], tmp_path / "one")
     train([*same, "data.batch_size=32", "trainer.accumulate_grad_batches=4"], tmp_path / "four")
     import torch
 
-    one, four = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-                 for name in ("one", "four"))  # fmt: skip
+    one, four = (
+        torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        for name in ("one", "four")
+    )
     assert one["counters"] == four["counters"], "the same optimizer steps, epochs, best"
     for key, value in one["model"].items():
         torch.testing.assert_close(four["model"][key], value, rtol=0, atol=3e-5)
@@ -262,18 +312,27 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
 # through the CLI as a user meets them; the rest are checked where they are made.
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [(["model=resnet", "model.width=32"], "model.width is not a key of this model"),
-     (["model=timm", "ablation=no_batchnorm"], "the ablation's and the stability map's "
-      "variants are the SmallCNN's"),
-     (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere"),
-     (["trainer.patience=2"], "trainer.patience is not a key of this config (TrainerConfig): "
-      "did you mean trainer.early_stopping_patience?")],
-)  # fmt: skip
+    [
+        (["model=resnet", "model.width=32"], "model.width is not a key of this model"),
+        (
+            ["model=timm", "ablation=no_batchnorm"],
+            "the ablation's and the stability map's variants are the SmallCNN's",
+        ),
+        (["model=custom", "model._target_=nowhere.Net"], "cannot import nowhere"),
+        (
+            ["trainer.patience=2"],
+            "trainer.patience is not a key of this config (TrainerConfig): "
+            "did you mean trainer.early_stopping_patience?",
+        ),
+    ],
+)
 def test_what_belongs_to_the_smallcnn_and_model_mistakes_are_one_line(
     overrides: list[str], expected: str, tmp_path: Path
 ):
-    done = run_cli([*(a for a in TINY if not a.startswith("model.")), *overrides,
-                    "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    done = run_cli(
+        [*(a for a in TINY if not a.startswith("model.")), *overrides, "hydra.run.dir=run"],
+        tmp_path,
+    )
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stdout
     assert not (tmp_path / "run").exists()

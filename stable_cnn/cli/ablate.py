@@ -17,20 +17,27 @@ def cli(argv: list[str] | None = None) -> None:
         "Train the full recipe and one variant per removed technique, at a normal and a "
         "stress learning rate, and write a markdown report with a PNG of validation curves. "
         "The default study takes about 30 minutes on a 2-core CPU.",
-        out="outputs/ablation", report="docs/ablation.md",
-    )  # fmt: skip
+        out="outputs/ablation",
+        report="docs/ablation.md",
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="normal learning rate (0.05)")
-    parser.add_argument("--stress-lr", type=float, default=2.0,
-                        help="the too-high learning rate of the stress setting (2.0, 40x the "
-                        "normal one)")  # fmt: skip
+    parser.add_argument(
+        "--stress-lr",
+        type=float,
+        default=2.0,
+        help="the too-high learning rate of the stress setting (2.0, 40x the normal one)",
+    )
     args = parser.parse_args(argv)
     base = every_run(args, SMALL, FULL)
     lrs = {"normal": args.lr, "stress": args.stress_lr}
     log = args.out / "ablation.log"
-    print(f"training {len(VARIANTS) * len(lrs) * args.seeds} runs into {args.out} (log: {log})",
-          flush=True)  # fmt: skip
-    status = run_variant_sweep(args.out, base, list(VARIANTS), list(lrs.values()), args.seeds,
-                               log.name)  # fmt: skip
+    print(
+        f"training {len(VARIANTS) * len(lrs) * args.seeds} runs into {args.out} (log: {log})",
+        flush=True,
+    )
+    status = run_variant_sweep(
+        args.out, base, list(VARIANTS), list(lrs.values()), args.seeds, log.name
+    )
     if status != 0:
         print(f"some runs failed (sweep exit {status}): see {log}")
     rows = collect(args.out, lrs, args.device)
@@ -39,12 +46,15 @@ def cli(argv: list[str] | None = None) -> None:
         summary = f"{statistics.fmean(accuracies):.2f}%" if accuracies else "no finished run"
         print(f"{row.setting:>6} {row.name:<13} {summary}  diverged {row.diverged}/{len(row.runs)}")
     command = "stable-cnn-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = (f"`{' '.join(base)}`; optimizer.lr {args.lr} (normal) and "
-                f"{args.stress_lr} (stress); {args.seeds} seeds each; otherwise the tutorial's "
-                "recipe")  # fmt: skip
+    settings = (
+        f"`{' '.join(base)}`; optimizer.lr {args.lr} (normal) and "
+        f"{args.stress_lr} (stress); {args.seeds} seeds each; otherwise the tutorial's "
+        "recipe"
+    )
     markdown = render(rows, command.strip(), describe_machine(args.device), settings)
-    written = write_study_report(args.report, markdown, lambda png: plot(rows, png),
-                                 "validation accuracy per variant")  # fmt: skip
+    written = write_study_report(
+        args.report, markdown, lambda png: plot(rows, png), "validation accuracy per variant"
+    )
     print("wrote " + " and ".join(str(path) for path in written))
 
 

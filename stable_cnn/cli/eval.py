@@ -69,9 +69,11 @@ def main(cfg: DictConfig) -> float:
         chosen = hydra_config.runtime.choices.get("data") is not None  # data=<option>
         data = with_kwargs("data", OmegaConf.to_object(cfg.data), cfg.data) if chosen else None
         # without data=<option>, the data.* keys given (the rest are ???) change the run's own
-        overrides = {} if chosen else {
-            key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)
-        }  # fmt: skip
+        overrides = (
+            {}
+            if chosen
+            else {key: cfg.data[key] for key in cfg.data if not OmegaConf.is_missing(cfg.data, key)}
+        )
         out_dir = Path(cfg.out).expanduser() if cfg.out else None
         result = evaluate_checkpoint(
             path,

@@ -30,15 +30,16 @@ log = logging.getLogger("stable_cnn")
 def main(cfg: DictConfig) -> None:
     try:
         if cfg.format not in FORMATS:
-            raise ConfigError(f"format={cfg.format!r} is not known: use format=onnx or "
-                              f"format=pt2")  # fmt: skip
+            raise ConfigError(f"format={cfg.format!r} is not known: use format=onnx or format=pt2")
         path = checkpoint_path(cfg.checkpoint)
         suffix = FORMATS[cfg.format]
         default = run_folder_of(path) / "export" / f"{path.stem}{suffix}"
         out = Path(cfg.out).expanduser() if cfg.out else default
         if out.suffix != suffix:  # stable-cnn-predict tells the formats apart by it
-            raise ConfigError(f"out={cfg.out} does not end in {suffix}, as format={cfg.format} "
-                              f"files do: name it *{suffix}")  # fmt: skip
+            raise ConfigError(
+                f"out={cfg.out} does not end in {suffix}, as format={cfg.format} "
+                f"files do: name it *{suffix}"
+            )
         trained = load_trained_model(path, trust_code(cfg.trust_code))
         result = export_model(trained, cfg.format, out)
     except UserError as err:
@@ -47,11 +48,20 @@ def main(cfg: DictConfig) -> None:
     card = trained.card
     log.info(
         "wrote %s (%s, %s weights): float images in [0, 1] of shape (N, %d, %d, %d) -> "
-        "logits for %d classes", result.out, result.format, card.weights, card.in_channels,
-        card.image_size, card.image_size, len(card.class_names),
-    )  # fmt: skip
-    log.info("checked with %s: largest logit difference from the checkpoint %.2e",
-             result.checked_with, result.largest_difference)  # fmt: skip
+        "logits for %d classes",
+        result.out,
+        result.format,
+        card.weights,
+        card.in_channels,
+        card.image_size,
+        card.image_size,
+        len(card.class_names),
+    )
+    log.info(
+        "checked with %s: largest logit difference from the checkpoint %.2e",
+        result.checked_with,
+        result.largest_difference,
+    )
     log.info("wrote %s", card_path(result.out))
 
 

@@ -24,8 +24,15 @@ from stable_cnn.config import TAKES_KWARGS
 from stable_cnn.errors import UserError
 
 # Lines of Hydra's messages that are about Hydra, not about the mistake.
-NOISE = ("Set the environment variable", "Config search path", "provider=", "full_key:",
-         "object_type=", "reference_type=", "See https://hydra.cc")  # fmt: skip
+NOISE = (
+    "Set the environment variable",
+    "Config search path",
+    "provider=",
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "See https://hydra.cc",
+)
 
 
 def describe(err: BaseException, program: str) -> str:
@@ -42,21 +49,27 @@ def describe(err: BaseException, program: str) -> str:
     variant = re.search(r"In 'ablation/(\w+)'", text)
     missing_key = re.search(r"Key '(\w+)' not in '(\w+)'", text + str(cause))
     if variant and missing_key:
-        return (f"ablation={variant.group(1)} changes model.{missing_key.group(1)}, which "
-                f"{missing_key.group(2)} does not have: the ablation's and the stability map's "
-                f"variants are the SmallCNN's (model=small_cnn)")  # fmt: skip
+        return (
+            f"ablation={variant.group(1)} changes model.{missing_key.group(1)}, which "
+            f"{missing_key.group(2)} does not have: the ablation's and the stability map's "
+            f"variants are the SmallCNN's (model=small_cnn)"
+        )
     key = re.search(r"Could not override '([^']+)'", text)
     if isinstance(err, OverrideParseException):
-        return (f"cannot read the override {err.override!r} ({_meaningful_lines(text)[0]}): "
-                f"write it as key=value, quoting values with spaces or brackets")  # fmt: skip
+        return (
+            f"cannot read the override {err.override!r} ({_meaningful_lines(text)[0]}): "
+            f"write it as key=value, quoting values with spaces or brackets"
+        )
     if key and isinstance(cause, ConfigKeyError | ConfigAttributeError):
         name = key.group(1)
         schema = re.search(r"not in '(\w+)'", str(cause))
         where = f" ({schema.group(1)})" if schema else ""
         if name.startswith("model.") and schema and schema.group(1) != "SmallCNNConfig":
-            return (f"{name} is not a key of this model{where}: width, depth, dropout, "
-                    f"head_dropout, hidden and batchnorm belong to model=small_cnn; "
-                    f"`{program} --cfg job` lists this model's keys")  # fmt: skip
+            return (
+                f"{name} is not a key of this model{where}: width, depth, dropout, "
+                f"head_dropout, hidden and batchnorm belong to model=small_cnn; "
+                f"`{program} --cfg job` lists this model's keys"
+            )
         group, _, leaf = name.rpartition(".")
         schema_class = getattr(stable_cnn.config, schema.group(1), None) if schema else None
         known = [f.name for f in fields(schema_class)] if is_dataclass(schema_class) else []
@@ -79,8 +92,11 @@ def describe(err: BaseException, program: str) -> str:
 
 
 def _meaningful_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.strip().startswith(NOISE)]  # fmt: skip
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith(NOISE)
+    ]
 
 
 FULL_ERROR_SET_HERE = "STABLE_CNN_SET_HYDRA_FULL_ERROR"

@@ -33,21 +33,30 @@ def cli(argv: list[str] | None = None) -> None:
         "stable-cnn-map",
         "Train each variant of the recipe across a log-spaced grid of learning rates, "
         "several seeds each, and report where each one trains stably.",
-        out="outputs/stability_map", report="docs/stability_map.md",
-    )  # fmt: skip
-    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
-                        help="comma-separated learning rates (default 0.003 ... 10)")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated variants (default: all)")  # fmt: skip
-    parser.add_argument("--lr-find", action="store_true",
-                        help="also run stable-cnn-lr-find per variant at the same settings "
-                             "and judge its suggestion against the stable range")  # fmt: skip
+        out="outputs/stability_map",
+        report="docs/stability_map.md",
+    )
+    parser.add_argument(
+        "--lrs",
+        default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
+        help="comma-separated learning rates (default 0.003 ... 10)",
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated variants (default: all)"
+    )
+    parser.add_argument(
+        "--lr-find",
+        action="store_true",
+        help="also run stable-cnn-lr-find per variant at the same settings "
+        "and judge its suggestion against the stable range",
+    )
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
-        parser.error(f"--variants {', '.join(unknown)}: not a variant; use some of "
-                     f"{', '.join(VARIANTS)}")  # fmt: skip
+        parser.error(
+            f"--variants {', '.join(unknown)}: not a variant; use some of {', '.join(VARIANTS)}"
+        )
     if "full" not in names:
         parser.error("--variants must include full: every variant is judged against it")
     try:
@@ -55,8 +64,9 @@ def cli(argv: list[str] | None = None) -> None:
     except ValueError:
         learning_rates = ()
     if not learning_rates or min(learning_rates) <= 0:
-        parser.error(f"--lrs {args.lrs}: give positive numbers separated by commas, "
-                     f"e.g. 0.01,0.1,1")  # fmt: skip
+        parser.error(
+            f"--lrs {args.lrs}: give positive numbers separated by commas, e.g. 0.01,0.1,1"
+        )
 
     base = every_run(args, SMALL, FULL)
     total = len(names) * len(learning_rates) * args.seeds
@@ -74,18 +84,22 @@ def cli(argv: list[str] | None = None) -> None:
             print(f"the finder failed for some variants: see {args.out / 'map.log'}")
         collect_suggestions(args.out / "lr_find", variants)
     command = "stable-cnn-map " + " ".join(argv if argv is not None else sys.argv[1:])
-    trained = sum(r.results.get("wall_s", 0.0) for v in variants for p in v.points
-                  for r in p.runs)  # fmt: skip
-    header = [f"Command: `{command.strip()}`  ",
-              f"Machine: {describe_machine(args.device)}  ",
-              f"Settings: `{' '.join(base)}`; SGD learning rates "
-              f"{', '.join(f'{lr:g}' for lr in learning_rates)}; {args.seeds} seed(s) each; "
-              f"otherwise the default recipe  ",
-              f"Wall time: {wall / 60:.0f} min for this invocation ({total} runs; "
-              f"{trained / 60:.0f} min inside the runs' train())"]  # fmt: skip
-    written = write_study_report(args.report, render(variants, header),
-                                 lambda png: plot(variants, png),
-                                 "accuracy against learning rate per variant")  # fmt: skip
+    trained = sum(r.results.get("wall_s", 0.0) for v in variants for p in v.points for r in p.runs)
+    header = [
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {describe_machine(args.device)}  ",
+        f"Settings: `{' '.join(base)}`; SGD learning rates "
+        f"{', '.join(f'{lr:g}' for lr in learning_rates)}; {args.seeds} seed(s) each; "
+        f"otherwise the default recipe  ",
+        f"Wall time: {wall / 60:.0f} min for this invocation ({total} runs; "
+        f"{trained / 60:.0f} min inside the runs' train())",
+    ]
+    written = write_study_report(
+        args.report,
+        render(variants, header),
+        lambda png: plot(variants, png),
+        "accuracy against learning rate per variant",
+    )
     for variant in variants:
         print(f"{variant.name:<13} stable {describe_range(stable_range(variant.points))}")
     print("wrote " + " and ".join(str(path) for path in written))

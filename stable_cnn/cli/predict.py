@@ -43,15 +43,21 @@ def main(cfg: DictConfig) -> None:
             path, paths, int(cfg.top_k), cfg.device, out, trust_code(cfg.trust_code)
         )
         if rows == 0:
-            raise DataError(f"none of the {len(paths)} file(s) in input={cfg.input} is an "
-                            f"image Pillow can read: point input at PNG/JPEG files")  # fmt: skip
+            raise DataError(
+                f"none of the {len(paths)} file(s) in input={cfg.input} is an "
+                f"image Pillow can read: point input at PNG/JPEG files"
+            )
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_code)
     size = reader.card.image_size
     if reader.resized:
-        log.warning("resized %d image(s) to %dx%d, the size the model was trained on",
-                    reader.resized, size, size)  # fmt: skip
+        log.warning(
+            "resized %d image(s) to %dx%d, the size the model was trained on",
+            reader.resized,
+            size,
+            size,
+        )
     skipped = f" ({len(reader.skipped)} unreadable file(s) skipped)" if reader.skipped else ""
     log.info("predicted %d image(s)%s: wrote %s", rows, skipped, out)
 

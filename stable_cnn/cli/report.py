@@ -38,6 +38,5 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     sys.stdout.write(written[0].read_text())
     if len(written) < 3:
-        print("(no plot: matplotlib is not installed; pip install matplotlib)",
-              file=sys.stderr)  # fmt: skip
+        print("(no plot: matplotlib is not installed; pip install matplotlib)", file=sys.stderr)
     print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)

@@ -84,8 +84,11 @@ class SharedRunFolder(Callback):
 def output_folder_problem(args: list[str]) -> str:
     """Why the run folder cannot be created, or ''. Hydra creates it before ``main`` runs
     and would answer with a traceback, so the console entry checks first."""
-    folders = [arg.split("=", 1)[1] for arg in args
-               if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]  # fmt: skip
+    folders = [
+        arg.split("=", 1)[1]
+        for arg in args
+        if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+    ]
     for folder in folders or ["outputs"]:
         existing = Path(folder).expanduser().absolute()
         while not existing.exists():

@@ -13,20 +13,25 @@ def study_parser(prog: str, description: str, out: str, report: str) -> argparse
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--seeds", type=int, default=3, help="runs per variant and setting (3)")
     parser.add_argument(
-        "--full", action="store_true",
+        "--full",
+        action="store_true",
         help="the full-size study: width 64, more epochs, all data (a GPU job)",
-    )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path(out),
-                        help=f"where the runs go (default {out})")  # fmt: skip
+    )
     parser.add_argument(
-        "--report", type=Path, default=Path(report),
+        "--out", type=Path, default=Path(out), help=f"where the runs go (default {out})"
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path(report),
         help=f"the markdown report; the PNG goes beside it (default {report})",
-    )  # fmt: skip
+    )
     parser.add_argument("--device", default="auto", help="trainer.device for every run")
     parser.add_argument(
-        "overrides", nargs="*",
+        "overrides",
+        nargs="*",
         help="extra stable-cnn-train overrides for every run, e.g. data=mnist",
-    )  # fmt: skip
+    )
     return parser
 
 

@@ -71,10 +71,17 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
 # Always in the HPARAMS tab (with the config groups' choices and every overridden key),
 # so that runs of a sweep line up in the same columns.
 KEY_HPARAMS = (
-    "optimizer.lr", "optimizer.weight_decay", "model.width", "model.dropout",
-    "model.head_dropout", "clipping.max_norm", "data.batch_size", "trainer.epochs",
-    "trainer.label_smoothing", "trainer.seed",
-)  # fmt: skip
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "model.width",
+    "model.dropout",
+    "model.head_dropout",
+    "clipping.max_norm",
+    "data.batch_size",
+    "trainer.epochs",
+    "trainer.label_smoothing",
+    "trainer.seed",
+)
 HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 
 
@@ -86,8 +93,11 @@ def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -
     values: dict[str, str | float | int | bool] = {
         group: str(choices.get(group)) for group in HPARAM_GROUPS
     }
-    overridden = [key for key in (item.split("=", 1)[0].lstrip("+~") for item in overrides
-                                  if "=" in item) if key not in NOT_HPARAMS]  # fmt: skip
+    overridden = [
+        key
+        for key in (item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item)
+        if key not in NOT_HPARAMS
+    ]
     for key in (*KEY_HPARAMS, *overridden):
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, bool) or value is None:
@@ -172,8 +182,15 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
             if trial is not None:
                 trial.record_folder(folder)
 
-        results = train(run, run_dir, composed, hparams=hparams, world=world,
-                        on_run_folder=elsewhere, trial=trial)  # fmt: skip
+        results = train(
+            run,
+            run_dir,
+            composed,
+            hparams=hparams,
+            world=world,
+            on_run_folder=elsewhere,
+            trial=trial,
+        )
     except TrainingDiverged as err:
         if world.is_main:
             log.error("error: %s", err)
@@ -233,8 +250,17 @@ def trial_of(sweeper: DictConfig, world: World) -> TrialReport | FollowerReport:
 
 # Hydra's own overrides that belong to the launching command, not to its workers (which
 # run one job, in the folder they are given); a search's trial keeps its own.
-LAUNCH_ONLY = ("hydra.run.", "hydra.sweep.", "hydra.mode", "hydra/launcher", "hydra.launcher",
-               "hydra/sweeper", "hydra.sweeper", "hydra.job.num", "hydra.job.id")  # fmt: skip
+LAUNCH_ONLY = (
+    "hydra.run.",
+    "hydra.sweep.",
+    "hydra.mode",
+    "hydra/launcher",
+    "hydra.launcher",
+    "hydra/sweeper",
+    "hydra.sweeper",
+    "hydra.job.num",
+    "hydra.job.id",
+)
 TRIAL_KEYS = (
     "hydra/sweeper=",
     "hydra.sweeper.trial=",
@@ -284,8 +310,9 @@ def run_local_workers(
     if resumed is not None and resumed.parent.name == "checkpoints":
         continue_log_in(resumed.parent.parent, run_dir)
         run_dir = resumed.parent.parent  # the workers continue it there
-    log.info("starting %d training processes on this machine (trainer.devices=%d)", devices,
-             devices)  # fmt: skip
+    log.info(
+        "starting %d training processes on this machine (trainer.devices=%d)", devices, devices
+    )
     arguments = worker_arguments(hydra_config, run_dir, run.trainer.num_threads)
     status = launch_local_workers(devices, arguments, EXIT_PREEMPTED)
     if status == 0 and (run_dir / "results.json").is_file():

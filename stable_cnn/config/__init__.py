@@ -74,4 +74,4 @@ __all__ = [
     "TimmConfig",
     "TrainerConfig",
     "register_schemas",
-]  # fmt: skip
+]

@@ -19,9 +19,13 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def check_kind(group: str, config: Any, kind: str, options: tuple[str, ...]) -> None:
     """``<group>.name`` says which kind of optimizer or schedule the option builds; it is
     the option's to set, so another value is a mistake, not a switch."""
-    check(config.name == kind, f"{group}.name", config.name,
-           f"it names the {group} this option builds ({kind}); choose another with "
-           f"{group}=<option>: {', '.join(options)}")  # fmt: skip
+    check(
+        config.name == kind,
+        f"{group}.name",
+        config.name,
+        f"it names the {group} this option builds ({kind}); choose another with "
+        f"{group}=<option>: {', '.join(options)}",
+    )
 
 
 def check_bounds(key: str, values: list[float], upper: float | None, example: str) -> None:

@@ -62,16 +62,24 @@ class DataConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             check(value is None or value >= 1, f"data.{key}", value, "must be null or >= 1")
-        check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
-               self.num_workers, "must be null (sized from the CPU cores) or >= 0")  # fmt: skip
+        check(
+            self.num_workers is None or self.num_workers >= 0,
+            "data.num_workers",
+            self.num_workers,
+            "must be null (sized from the CPU cores) or >= 0",
+        )
         check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
         check(0 <= self.erase_prob <= 1, "data.erase_prob", self.erase_prob, "must be in [0, 1]")
         for key in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, key)
             check(value >= 0, f"data.{key}", value, "must be >= 0 (0 = off; try 0.2 or 1.0)")
         check(0 <= self.mix_prob <= 1, "data.mix_prob", self.mix_prob, "must be in [0, 1]")
-        check(self.tta_translate >= 0, "data.tta_translate", self.tta_translate,
-              "must be >= 0 (pixels; 0 = off)")  # fmt: skip
+        check(
+            self.tta_translate >= 0,
+            "data.tta_translate",
+            self.tta_translate,
+            "must be >= 0 (pixels; 0 = off)",
+        )
         check_bounds("data.erase_scale", self.erase_scale, upper=1.0, example="[0.02, 0.33]")
         check_bounds("data.erase_ratio", self.erase_ratio, upper=None, example="[0.3, 3.3]")
         self.check_shape()
@@ -79,8 +87,9 @@ class DataConfig:
     def check_shape(self) -> None:
         """The images' channels, size, classes and normalisation (data=custom: those given)."""
         if self.in_channels is not None:
-            check(self.in_channels in (1, 3), "data.in_channels", self.in_channels,
-                  "must be 1 or 3")  # fmt: skip
+            check(
+                self.in_channels in (1, 3), "data.in_channels", self.in_channels, "must be 1 or 3"
+            )
         if self.image_size is not None:
             check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
         check(
@@ -142,6 +151,10 @@ class CustomDataConfig(DataConfig):
     std: list[float] | None = None
 
     def __post_init__(self) -> None:
-        check("." in self._target_, "data._target_", self._target_,
-              "must be PACKAGE.MODULE.CALLABLE, importable where the run starts")  # fmt: skip
+        check(
+            "." in self._target_,
+            "data._target_",
+            self._target_,
+            "must be PACKAGE.MODULE.CALLABLE, importable where the run starts",
+        )
         super().__post_init__()

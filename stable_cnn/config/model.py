@@ -70,5 +70,9 @@ class CustomModelConfig(ModelConfig):
     kwargs: dict[str, Any] = field(default_factory=dict)  # filled from +model.KEY=VALUE
 
     def __post_init__(self) -> None:
-        check("." in self._target_, "model._target_", self._target_,
-              "must be PACKAGE.MODULE.CALLABLE, importable where the run starts")  # fmt: skip
+        check(
+            "." in self._target_,
+            "model._target_",
+            self._target_,
+            "must be PACKAGE.MODULE.CALLABLE, importable where the run starts",
+        )

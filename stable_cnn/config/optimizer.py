@@ -99,14 +99,29 @@ class MuonConfig(OptimizerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
-        check(1 <= self.ns_steps < 100, "optimizer.ns_steps", self.ns_steps,
-              "must be in [1, 100)")  # fmt: skip
-        check(self.adjust_lr in MUON_LR_ADJUSTMENTS, "optimizer.adjust_lr", self.adjust_lr,
-              f"must be one of {', '.join(MUON_LR_ADJUSTMENTS)}")  # fmt: skip
-        check(self.auxiliary in ("sgd", "adamw"), "optimizer.auxiliary", self.auxiliary,
-              "must be sgd or adamw")  # fmt: skip
+        check(1 <= self.ns_steps < 100, "optimizer.ns_steps", self.ns_steps, "must be in [1, 100)")
+        check(
+            self.adjust_lr in MUON_LR_ADJUSTMENTS,
+            "optimizer.adjust_lr",
+            self.adjust_lr,
+            f"must be one of {', '.join(MUON_LR_ADJUSTMENTS)}",
+        )
+        check(
+            self.auxiliary in ("sgd", "adamw"),
+            "optimizer.auxiliary",
+            self.auxiliary,
+            "must be sgd or adamw",
+        )
         check(self.auxiliary_lr > 0, "optimizer.auxiliary_lr", self.auxiliary_lr, "must be > 0")
-        check(0 <= self.auxiliary_momentum < 1, "optimizer.auxiliary_momentum",
-              self.auxiliary_momentum, "must be in [0, 1)")  # fmt: skip
-        check(self.auxiliary_weight_decay >= 0, "optimizer.auxiliary_weight_decay",
-              self.auxiliary_weight_decay, "must be >= 0")  # fmt: skip
+        check(
+            0 <= self.auxiliary_momentum < 1,
+            "optimizer.auxiliary_momentum",
+            self.auxiliary_momentum,
+            "must be in [0, 1)",
+        )
+        check(
+            self.auxiliary_weight_decay >= 0,
+            "optimizer.auxiliary_weight_decay",
+            self.auxiliary_weight_decay,
+            "must be >= 0",
+        )

@@ -56,8 +56,12 @@ class TrainerConfig:
             "must be >= 1",
         )
         check(self.devices >= 1, "trainer.devices", self.devices, "must be >= 1")
-        check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
-              self.accumulate_grad_batches, "must be >= 1")  # fmt: skip
+        check(
+            self.accumulate_grad_batches >= 1,
+            "trainer.accumulate_grad_batches",
+            self.accumulate_grad_batches,
+            "must be >= 1",
+        )
         check(
             self.num_threads is None or self.num_threads >= 1,
             "trainer.num_threads",

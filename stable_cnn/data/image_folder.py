@@ -36,13 +36,18 @@ def image_folder_splits(
     info = DatasetInfo("image_folder", config.in_channels, len(classes), config.image_size, classes)
     root = Path(config.root).expanduser()
     splits = loader_splits(
-        config, (train_set, val_set, test_set), info, seed, device, shard,
+        config,
+        (train_set, val_set, test_set),
+        info,
+        seed,
+        device,
+        shard,
         val_is_test_reason=(
             f"{root} has no test/ folder: val/ is both the validation and the test set, so "
             f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
             f"of train/ with data.val_size=N"
         ),
-    )  # fmt: skip
+    )
     if config.num_classes is None:  # settled by the class folders
         splits.resolved = {"num_classes": len(classes)}
     return splits

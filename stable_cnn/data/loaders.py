@@ -58,9 +58,16 @@ def loader_splits(
     reason = {} if val_is_test_reason is None else {"val_is_test_reason": val_is_test_reason}
     return DataSplits(
         ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory),
-        val, test, info, len(train_set), len(val_set), len(test_set),
-        val_is_test=val_set is test_set, loader_workers=workers, **reason,
-    )  # fmt: skip
+        val,
+        test,
+        info,
+        len(train_set),
+        len(val_set),
+        len(test_set),
+        val_is_test=val_set is test_set,
+        loader_workers=workers,
+        **reason,
+    )
 
 
 def augmentations(config: DataConfig) -> tuple[list, list]:
@@ -75,9 +82,11 @@ def augmentations(config: DataConfig) -> tuple[list, list]:
         before.append(transforms.RandomHorizontalFlip())
     after = []
     if config.erase_prob > 0:
-        after.append(transforms.RandomErasing(
-            config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
-        ))  # fmt: skip
+        after.append(
+            transforms.RandomErasing(
+                config.erase_prob, tuple(config.erase_scale), tuple(config.erase_ratio), value=0
+            )
+        )
     return before, after
 
 
@@ -88,8 +97,9 @@ def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:
     if shard.count == 1:
         return dataset
     batches = range(shard.index, -(-len(dataset) // batch_size), shard.count)
-    mine = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size,
-                                                                  len(dataset)))]  # fmt: skip
+    mine = [
+        i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))
+    ]
     return Subset(dataset, mine)
 
 
@@ -120,9 +130,13 @@ class ShuffledLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.sampler = DistributedSampler(
-            dataset, num_replicas=shard.count, rank=shard.index, shuffle=True,
-            seed=seed % 2**62, drop_last=True,
-        )  # fmt: skip
+            dataset,
+            num_replicas=shard.count,
+            rank=shard.index,
+            shuffle=True,
+            seed=seed % 2**62,
+            drop_last=True,
+        )
         self.epoch = 0  # epochs started
         self.position = 0  # batches of the current epoch already handed out
         self.in_epoch = False
@@ -148,8 +162,10 @@ class ShuffledLoader:
         draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
         image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
         size = self.batch_size
-        self.plan.batches = [[(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
-                             for k in range(self.position, len(self))]  # fmt: skip
+        self.plan.batches = [
+            [(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
+            for k in range(self.position, len(self))
+        ]
         self.loader.generator.manual_seed(stream_seed(self.seed, f"workers/{self.epoch}"))
         for batch in self.loader:
             self.position += 1

@@ -251,6 +251,12 @@ def evaluation_batches(
     shard: Shard,
 ) -> TensorBatches:
     """Every image once, in order, not augmented (this process's share of the batches)."""
-    return TensorBatches(images.to(device), labels.to(device), config.eval_batch_size,
-                         torch.tensor(config.mean), torch.tensor(config.std), train=False,
-                         shard=shard)  # fmt: skip
+    return TensorBatches(
+        images.to(device),
+        labels.to(device),
+        config.eval_batch_size,
+        torch.tensor(config.mean),
+        torch.tensor(config.std),
+        train=False,
+        shard=shard,
+    )

@@ -80,15 +80,22 @@ def write_onnx(classifier: PixelClassifier, card: ModelCard, out: Path) -> None:
     for chatty in ("onnx_ir", "onnxscript"):  # their INFO lines are about graph passes
         logging.getLogger(chatty).setLevel(logging.WARNING)
     program = torch.onnx.export(
-        classifier, (_example(card, CHECK_BATCHES[0]),), dynamo=True, verbose=False,
-        input_names=["images"], output_names=["logits"], dynamic_shapes=_dynamic_batch(),
+        classifier,
+        (_example(card, CHECK_BATCHES[0]),),
+        dynamo=True,
+        verbose=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=_dynamic_batch(),
         external_data=False,
-    )  # fmt: skip
+    )
     proto = program.model_proto
-    for key, value in (("stable_cnn", json.dumps(card.as_dict())),
-                       ("class_names", json.dumps(list(card.class_names))),
-                       ("input_size", f"{card.in_channels}x{card.image_size}x{card.image_size}"),
-                       ("input_range", "[0, 1]")):  # fmt: skip
+    for key, value in (
+        ("stable_cnn", json.dumps(card.as_dict())),
+        ("class_names", json.dumps(list(card.class_names))),
+        ("input_size", f"{card.in_channels}x{card.image_size}x{card.image_size}"),
+        ("input_range", "[0, 1]"),
+    ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     with atomic_write(out) as file:

@@ -34,8 +34,9 @@ def find_images(given: str) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.is_file())
     matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not matches:
-        raise ConfigError(f"input={given!r} is no file, folder or glob that matches a file: "
-                          f"check the path")  # fmt: skip
+        raise ConfigError(
+            f"input={given!r} is no file, folder or glob that matches a file: check the path"
+        )
     return matches
 
 

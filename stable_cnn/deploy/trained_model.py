@@ -44,10 +44,14 @@ class ModelCard:
     def from_dict(cls, values: dict[str, Any]) -> ModelCard:
         """The card as ``as_dict`` wrote it (into an exported file's metadata)."""
         return cls(
-            class_names=tuple(values["class_names"]), in_channels=int(values["in_channels"]),
-            image_size=int(values["image_size"]), mean=tuple(values["mean"]),
-            std=tuple(values["std"]), data=str(values["data"]), weights=str(values["weights"]),
-        )  # fmt: skip
+            class_names=tuple(values["class_names"]),
+            in_channels=int(values["in_channels"]),
+            image_size=int(values["image_size"]),
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+            data=str(values["data"]),
+            weights=str(values["weights"]),
+        )
 
 
 class PixelClassifier(nn.Module):
@@ -83,8 +87,11 @@ def load_trained_model(path: Path, trust_code: bool = False) -> TrainedModel:
     class_names = record.class_names
     if len(class_names) != classes:  # written before checkpoints carried the names
         class_names = tuple(f"class_{i}" for i in range(classes))
-        log.warning("%s does not name its classes (an older checkpoint): using class_0.."
-                    "class_%d", path, classes - 1)  # fmt: skip
+        log.warning(
+            "%s does not name its classes (an older checkpoint): using class_0..class_%d",
+            path,
+            classes - 1,
+        )
     card = ModelCard(
         class_names=class_names,
         in_channels=record.model_config["in_channels"],
@@ -150,8 +157,10 @@ def open_onnx(path: Path, trust_code: bool = False) -> ExportedModel:
 
         runner = f"onnx {onnx.__version__} checker + reference evaluator"
     if "stable_cnn" not in metadata:
-        raise CheckpointError(f"{path} was not written by stable-cnn-export (no stable_cnn "
-                              f"metadata): pass a file it wrote, or a checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"{path} was not written by stable-cnn-export (no stable_cnn "
+            f"metadata): pass a file it wrote, or a checkpoint"
+        )
     return ExportedModel(run, ModelCard.from_dict(json.loads(metadata["stable_cnn"])), runner)
 
 
@@ -169,13 +178,17 @@ def open_pt2(path: Path, trust_code: bool = False) -> ExportedModel:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as err:  # torch raises many kinds for a file it cannot read
-        raise CheckpointError(f"{path} is not a torch.export program "
-                              f"({str(err).splitlines()[0][:160]}): pass a .pt2 file "
-                              f"stable-cnn-export wrote") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a torch.export program "
+            f"({str(err).splitlines()[0][:160]}): pass a .pt2 file "
+            f"stable-cnn-export wrote"
+        ) from None
     if not extra[PT2_CARD_FILE]:
-        raise CheckpointError(f"{path} was not written by stable-cnn-export (no "
-                              f"{PT2_CARD_FILE} inside): pass a file it wrote, "
-                              f"or a checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"{path} was not written by stable-cnn-export (no "
+            f"{PT2_CARD_FILE} inside): pass a file it wrote, "
+            f"or a checkpoint"
+        )
     module = program.module()
 
     def run(images: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,12 @@ def construct(spec: dict[str, Any], pretrained: bool) -> nn.Module:
         weights = spec.get("weights") if pretrained else None
         return resnet(spec["arch"], *data, spec["image_size"], spec.get("small_input"), weights)
     if kind == "timm":
-        return timm_model(spec["name"], *data, pretrained and spec.get("pretrained", False),
-                          spec.get("kwargs", {}))  # fmt: skip
+        return timm_model(
+            spec["name"],
+            *data,
+            pretrained and spec.get("pretrained", False),
+            spec.get("kwargs", {}),
+        )
     if kind == "custom":
         return custom_model(spec["target"], *data, spec["image_size"], spec.get("kwargs", {}))
     return SmallCNN.from_config(spec)

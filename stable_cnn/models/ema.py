@@ -40,8 +40,9 @@ class WeightEMA:
         gathered each time: BatchNormGuard may have replaced the source's buffers."""
         averaged, current = _tensors(self.model), _tensors(self.source)
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        counters = [(a, c) for a, c in zip(averaged, current, strict=True)
-                    if not a.is_floating_point()]  # fmt: skip
+        counters = [
+            (a, c) for a, c in zip(averaged, current, strict=True) if not a.is_floating_point()
+        ]
         weight = 1.0 - self.decay_now()
         torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats], weight)
         for average, value in counters:

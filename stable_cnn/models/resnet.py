@@ -47,8 +47,14 @@ def resnet(
 def adapt_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """The same convolution for ``in_channels`` inputs: pretrained RGB filters summed into
     one greyscale filter (or repeated), so that a pretrained stem keeps what it learned."""
-    adapted = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                        conv.padding, bias=conv.bias is not None)  # fmt: skip
+    adapted = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         summed = conv.weight.sum(dim=1, keepdim=True)  # (out, 1, k, k)
         adapted.weight.copy_(summed.repeat(1, in_channels, 1, 1) / in_channels)

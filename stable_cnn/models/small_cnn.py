@@ -75,8 +75,13 @@ class SmallCNN(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> SmallCNN:
         """The model a checkpoint's ``model_config`` describes (what names the kind and the
         image size, which any size fits, aside)."""
-        return cls(**{key: value for key, value in config.items()
-                      if key not in ("name", "kind", "image_size")})  # fmt: skip
+        return cls(
+            **{
+                key: value
+                for key, value in config.items()
+                if key not in ("name", "kind", "image_size")
+            }
+        )
 
     def _initialize_weights(self) -> None:
         # Kaiming (fan_out) suits ReLU convs; BN starts as the identity. Linear layers

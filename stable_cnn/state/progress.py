@@ -35,14 +35,22 @@ SPIKE_WARMUP_STEPS = 20
 
 # The epoch's running values, one slot each in EpochProgress.values.
 SLOTS = (
-    "loss_sum", "correct", "images", "steps", "grad_norm_sum", "grad_norm_clipped_sum",
-    "clipped_steps", "loss_spikes",  # the sums above count applied steps only
+    "loss_sum",
+    "correct",
+    "images",
+    "steps",
+    "grad_norm_sum",
+    "grad_norm_clipped_sum",
+    "clipped_steps",
+    "loss_spikes",  # the sums above count applied steps only
     "nonfinite_steps",  # skipped for a NaN/Inf loss or gradient
     "amp_skipped_steps",  # fp16 steps the GradScaler skipped (gradient overflow: normal)
-    "window_loss", "window_steps",  # since the last log interval
+    "window_loss",
+    "window_steps",  # since the last log interval
     "loss_mean",  # running (exponential) mean of the batch loss, for spikes
-    "consecutive_nonfinite", "longest_nonfinite_run",
-)  # fmt: skip
+    "consecutive_nonfinite",
+    "longest_nonfinite_run",
+)
 SLOT = {name: index for index, name in enumerate(SLOTS)}
 APPLIED_SUMS = slice(0, SLOT["loss_spikes"] + 1)  # added to only when the step applied
 # With several processes, these depend on each process's own batches and add up over
@@ -93,11 +101,18 @@ class EpochProgress:
         spike = (steps >= SPIKE_WARMUP_STEPS) & (batch_loss > loss_spike_factor * loss_mean)
         correct = (logits.argmax(1) == labels).sum()
         count = torch.full_like(batch_loss, labels.shape[0])
-        increments = torch.stack([
-            batch_loss * count, correct.float(), count, torch.ones_like(batch_loss),
-            step.grad_norm.float(), step.grad_norm_clipped.float(),
-            (step.grad_norm_clipped < step.grad_norm).float(), spike.float(),
-        ])  # fmt: skip
+        increments = torch.stack(
+            [
+                batch_loss * count,
+                correct.float(),
+                count,
+                torch.ones_like(batch_loss),
+                step.grad_norm.float(),
+                step.grad_norm_clipped.float(),
+                (step.grad_norm_clipped < step.grad_norm).float(),
+                spike.float(),
+            ]
+        )
         moved = torch.lerp(loss_mean, batch_loss, LOSS_MEAN_RATE)
         new_mean = torch.where(steps == 0, batch_loss, moved)
         values[APPLIED_SUMS] += torch.where(applied, increments, 0.0)

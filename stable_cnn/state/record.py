@@ -59,17 +59,19 @@ class CheckpointRecord:
         """The record of a loaded checkpoint (``path`` names it in errors)."""
         config = state.get("config") or {}
         if not isinstance(state.get("model_config"), dict) or not isinstance(config, dict):
-            raise CheckpointError(f"{path} holds no model config: it was not written by "
-                                  f"stable-cnn")  # fmt: skip
+            raise CheckpointError(f"{path} holds no model config: it was not written by stable-cnn")
         runtime = state.get("runtime") or {}
         return cls(
-            model_config=state["model_config"], config=config,
+            model_config=state["model_config"],
+            config=config,
             class_names=tuple(state.get("class_names") or ()),
-            device_type=state.get("device_type"), precision=runtime.get("precision"),
-            channels_last=runtime.get("channels_last"), world_size=state.get("world_size", 1),
+            device_type=state.get("device_type"),
+            precision=runtime.get("precision"),
+            channels_last=runtime.get("channels_last"),
+            world_size=state.get("world_size", 1),
             averaged=state.get("ema") is not None,
             data_resolved=dict(state.get("data_resolved") or {}),
-        )  # fmt: skip
+        )
 
     def as_state(self) -> dict[str, Any]:
         """The record's part of a checkpoint (the weight average is saved with the weights)."""
@@ -94,8 +96,9 @@ class CheckpointRecord:
     def data(self) -> DataConfig:
         """The run's data config, with what the data settled where it was left null."""
         if "data" not in self.config:
-            raise CheckpointError("the checkpoint holds no data config: it was not written by "
-                                  "stable-cnn-train")  # fmt: skip
+            raise CheckpointError(
+                "the checkpoint holds no data config: it was not written by stable-cnn-train"
+            )
         # a checkpoint never makes us fetch into a folder it names (data.download=true on
         # the command line still may)
         return data_config({**self.config["data"], **self.data_resolved, "download": False})

@@ -170,14 +170,21 @@ def find_checkpoint(
             continue
         saved_device = record.device_type or "cpu"
         if device_type is not None and saved_device != device_type:
-            log.info("not resuming %s: it trained on %s, this run is on %s", folder,
-                     saved_device, device_type)  # fmt: skip
+            log.info(
+                "not resuming %s: it trained on %s, this run is on %s",
+                folder,
+                saved_device,
+                device_type,
+            )
             continue
         same_runtime = runtime is None or record.runtime == runtime
         if same_runtime and record.world_size == processes:
             return candidate
-    log.info("trainer.resume=auto: no unfinished run of this config under %s to continue: "
-             "starting a new run", outputs)  # fmt: skip
+    log.info(
+        "trainer.resume=auto: no unfinished run of this config under %s to continue: "
+        "starting a new run",
+        outputs,
+    )
     return None
 
 
@@ -279,9 +286,14 @@ def locate_run(
 ) -> tuple[Path, Path | None, dict[str, Any] | None]:
     """Where this run writes, the checkpoint it continues (or None), and that checkpoint."""
     resume_from = find_checkpoint(
-        resume, run_dir, outputs, composed_config, runtime.record(), processes,
+        resume,
+        run_dir,
+        outputs,
+        composed_config,
+        runtime.record(),
+        processes,
         runtime.device.type,
-    )  # fmt: skip
+    )
     resume_state = None if resume_from is None else load_checkpoint(resume_from)
     if resume_state is not None:
         check_resumable(resume_state, resume_from)

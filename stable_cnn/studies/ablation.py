@@ -57,8 +57,11 @@ class VariantResult(SeedOutcomes):
 
 def collect(out: Path, lrs: dict[str, float], device: str) -> list[VariantResult]:
     """One row per (variant, setting), in VARIANTS order, normal setting first."""
-    rows = {(name, setting): VariantResult(name, setting, description)
-            for setting in lrs for name, description in VARIANTS.items()}  # fmt: skip
+    rows = {
+        (name, setting): VariantResult(name, setting, description)
+        for setting in lrs
+        for name, description in VARIANTS.items()
+    }
     settings = {lr: setting for setting, lr in lrs.items()}
     for run in find_runs(out):
         chosen = run.chosen()
@@ -83,8 +86,10 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
             "." if full.diverged < len(full.runs) else ", as did the full recipe."
         )
     accuracies, baseline = row.accuracies(), full.accuracies()
-    failures = [f"diverged in {row.diverged}/{total} seeds" if row.diverged else "",
-                f"collapsed in {row.collapsed}/{total}" if row.collapsed else ""]  # fmt: skip
+    failures = [
+        f"diverged in {row.diverged}/{total} seeds" if row.diverged else "",
+        f"collapsed in {row.collapsed}/{total}" if row.collapsed else "",
+    ]
     diverged = "".join(f"; {failure}" for failure in failures if failure)
     if row is full:
         return f"The reference{diverged}."
@@ -100,8 +105,10 @@ def evidence(row: VariantResult, full: VariantResult) -> str:
         verdict = f"{delta:+.2f} points against the full recipe (one seed: no spread measured)"
     elif spread(accuracies) > max(3 * spread(baseline), 5.0):
         low, high = min(accuracies), max(accuracies)
-        verdict = (f"Unstable: test accuracy ranges from {low:.1f}% to {high:.1f}% across "
-                   f"seeds ({delta:+.2f} points on average)")  # fmt: skip
+        verdict = (
+            f"Unstable: test accuracy ranges from {low:.1f}% to {high:.1f}% across "
+            f"seeds ({delta:+.2f} points on average)"
+        )
     elif abs(delta) <= 2 * standard_error(accuracies, baseline):
         verdict = f"Within two standard errors of the full recipe ({delta:+.2f} points)"
     elif delta < 0:
@@ -133,8 +140,9 @@ def render(rows: list[VariantResult], command: str, machine: str, settings: str)
     ]
     for row in rows:
         accuracies = row.accuracies()
-        accuracy = (f"{statistics.fmean(accuracies):.2f} ± {spread(accuracies):.2f}"
-                    if accuracies else "-")  # fmt: skip
+        accuracy = (
+            f"{statistics.fmean(accuracies):.2f} ± {spread(accuracies):.2f}" if accuracies else "-"
+        )
         gap = f"{statistics.fmean(row.gaps):+.2f}" if row.gaps else "-"
         clip = f"{100 * statistics.fmean(row.clip_rates):.0f}%" if row.clip_rates else "-"
         lines.append(

@@ -27,8 +27,14 @@ from stable_cnn.system.plotting import pyplot
 
 # Overrides that do not change what a run computes, or only choose how the sweep runs:
 # left out of run names (overrides shared by every run are listed once, above the table).
-NOT_IN_NAMES = ("hydra.", "hydra/", "hparams_search=", "trainer.resume=",
-                "trainer.progress_bar=", "trainer.num_threads=")  # fmt: skip
+NOT_IN_NAMES = (
+    "hydra.",
+    "hydra/",
+    "hparams_search=",
+    "trainer.resume=",
+    "trainer.progress_bar=",
+    "trainer.num_threads=",
+)
 SEED_KEY = "trainer.seed"
 METRICS = ("best_val_acc", "test_acc")
 
@@ -57,8 +63,11 @@ class ConfigRow:
     runs: list[RunRecord]
 
     def values(self, metric: str) -> list[float]:
-        return [run.results[metric] for run in self.runs
-                if run.status == "finished" and run.results.get(metric) is not None]  # fmt: skip
+        return [
+            run.results[metric]
+            for run in self.runs
+            if run.status == "finished" and run.results.get(metric) is not None
+        ]
 
     def mean(self, metric: str) -> float | None:
         values = self.values(metric)
@@ -89,8 +98,9 @@ def find_runs(root: Path) -> list[RunRecord]:
     older versions left (an eval's or export's folder, a run refused before it began)."""
     if not root.is_dir():
         raise UserError(f"{root} is not a folder: pass a sweep or run folder (e.g. outputs/)")
-    folders = sorted({path.parent.parent for path in root.glob("**/.hydra/overrides.yaml")},
-                     key=_natural_key)  # fmt: skip
+    folders = sorted(
+        {path.parent.parent for path in root.glob("**/.hydra/overrides.yaml")}, key=_natural_key
+    )
     return [read_run(folder) for folder in folders if is_training_run(folder)]
 
 
@@ -104,8 +114,11 @@ def is_training_run(folder: Path) -> bool:
 def read_run(folder: Path) -> RunRecord:
     overrides = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
     record = RunRecord(folder=folder, overrides=[str(item) for item in overrides or []], status="")
-    record.val_curve = [(epoch["epoch"], epoch["val_acc"]) for epoch in read_metrics(folder)
-                        if epoch.get("val_acc") is not None]  # fmt: skip
+    record.val_curve = [
+        (epoch["epoch"], epoch["val_acc"])
+        for epoch in read_metrics(folder)
+        if epoch.get("val_acc") is not None
+    ]
     failure = read_failure(folder)
     if (folder / "results.json").is_file():
         record.status = "finished"
@@ -131,10 +144,13 @@ def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], lis
     """Rows (one per configuration, best first) and the overrides common to every run.
     Runs whose overrides differ only in ``trainer.seed`` form one configuration."""
     settings = [
-        [o for o in map(_plain, run.overrides)
-         if not o.startswith(NOT_IN_NAMES) and not o.startswith(SEED_KEY + "=")]
+        [
+            o
+            for o in map(_plain, run.overrides)
+            if not o.startswith(NOT_IN_NAMES) and not o.startswith(SEED_KEY + "=")
+        ]
         for run in runs
-    ]  # fmt: skip
+    ]
     first = settings[0] if runs else []
     common = [o for o in first if all(o in items for items in settings)]
     rows: dict[tuple[str, ...], ConfigRow] = {}
@@ -155,13 +171,16 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
     out = io.StringIO()
     total = sum(len(row.runs) for row in rows)
     out.write(f"# Sweep report: {root}\n\n")
-    out.write(f"{total} runs in {len(rows)} configurations, sorted by {metric} of the "
-              "finished runs (mean ± sample std over seeds where a configuration has "
-              "several).\n")  # fmt: skip
+    out.write(
+        f"{total} runs in {len(rows)} configurations, sorted by {metric} of the "
+        "finished runs (mean ± sample std over seeds where a configuration has "
+        "several).\n"
+    )
     if common:
         out.write(f"Common to every run: `{_cell(' '.join(common))}`\n")
-    out.write("\n| run | finished | best val acc (%) | test acc (%) | epochs | wall (s) "
-              "| status |\n")  # fmt: skip
+    out.write(
+        "\n| run | finished | best val acc (%) | test acc (%) | epochs | wall (s) | status |\n"
+    )
     out.write("|---|---:|---:|---:|---:|---:|---|\n")
     for row in rows:
         finished = sum(run.status == "finished" for run in row.runs)
@@ -209,22 +228,41 @@ def render_study(study: dict[str, Any], root: Path, out_dir: Path) -> str:
 
 
 def write_csv(rows: list[ConfigRow], path: Path) -> None:
-    columns = ["run", "runs", "finished", "best_val_acc_mean", "best_val_acc_std",
-               "test_acc_mean", "test_acc_std", "epochs", "wall_s", "status", "reason",
-               "folders"]  # fmt: skip
+    columns = [
+        "run",
+        "runs",
+        "finished",
+        "best_val_acc_mean",
+        "best_val_acc_std",
+        "test_acc_mean",
+        "test_acc_std",
+        "epochs",
+        "wall_s",
+        "status",
+        "reason",
+        "folders",
+    ]
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(columns)
         for row in rows:
             finished = [r for r in row.runs if r.status == "finished"]
-            writer.writerow([
-                row.name, len(row.runs), len(finished),
-                row.mean("best_val_acc"), row.std("best_val_acc"),
-                row.mean("test_acc"), row.std("test_acc"),
-                _mean_or_none([r.results.get("epochs") for r in finished]),
-                _mean_or_none([r.results.get("wall_s") for r in finished]),
-                row.status, row.reasons, ";".join(str(r.folder) for r in row.runs),
-            ])  # fmt: skip
+            writer.writerow(
+                [
+                    row.name,
+                    len(row.runs),
+                    len(finished),
+                    row.mean("best_val_acc"),
+                    row.std("best_val_acc"),
+                    row.mean("test_acc"),
+                    row.std("test_acc"),
+                    _mean_or_none([r.results.get("epochs") for r in finished]),
+                    _mean_or_none([r.results.get("wall_s") for r in finished]),
+                    row.status,
+                    row.reasons,
+                    ";".join(str(r.folder) for r in row.runs),
+                ]
+            )
 
 
 def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
@@ -243,11 +281,15 @@ def plot_val_curves(rows: list[ConfigRow], path: Path) -> bool:
                 continue
             epochs, accuracies = zip(*run.val_curve, strict=True)
             axes.plot(
-                epochs, accuracies, marker="o", markersize=3,
-                color=colours(index % colours.N), alpha=0.85,
+                epochs,
+                accuracies,
+                marker="o",
+                markersize=3,
+                color=colours(index % colours.N),
+                alpha=0.85,
                 linestyle="-" if run.status == "finished" else ":",
                 label=None if labelled else _legend_label(row.name),
-            )  # fmt: skip
+            )
             labelled = True
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -285,8 +327,11 @@ def _logged_error(log_path: Path) -> str | None:
     """The last ``error:`` line that the run logged, if any."""
     if not log_path.is_file():
         return None
-    errors = [line.split("error: ", 1)[1] for line in log_path.read_text().splitlines()
-              if "error: " in line]  # fmt: skip
+    errors = [
+        line.split("error: ", 1)[1]
+        for line in log_path.read_text().splitlines()
+        if "error: " in line
+    ]
     return errors[-1] if errors else None
 
 

@@ -45,8 +45,13 @@ VARIANTS: dict[str, str] = {
 LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 # 240 runs of about 7 s on a 2-core AVX-512 BF16 CPU (docs/stability_map.md has the wall
 # time); --full is for a GPU.
-SMALL = ["model.width=16", "trainer.epochs=4", "data.limit_train=10000", "data.limit_test=2000",
-         "diagnostics.figures_every_n_epochs=null"]  # fmt: skip
+SMALL = [
+    "model.width=16",
+    "trainer.epochs=4",
+    "data.limit_train=10000",
+    "data.limit_test=2000",
+    "diagnostics.figures_every_n_epochs=null",
+]
 FULL = ["model.width=64", "trainer.epochs=15", "diagnostics.figures_every_n_epochs=null"]
 MARGIN = 3.0  # accuracy points below the variant's best mean that still count as stable
 
@@ -87,8 +92,11 @@ def stable_range(points: list[Point], margin: float = MARGIN) -> tuple[float, fl
 
     def stable(point: Point) -> bool:
         accuracies = point.accuracies()
-        return (bool(point.runs) and len(accuracies) == len(point.runs)
-                and min(accuracies) >= max(floor, COLLAPSED_BELOW))  # fmt: skip
+        return (
+            bool(point.runs)
+            and len(accuracies) == len(point.runs)
+            and min(accuracies) >= max(floor, COLLAPSED_BELOW)
+        )
 
     blocks: list[list[Point]] = []
     for previous, point in zip([None, *points], points, strict=False):
@@ -134,15 +142,20 @@ def judge_suggestion(lr: float, span: tuple[float, float] | None, grid: list[flo
 def finder_summary(variants: list[Variant]) -> str:
     """One sentence: how many suggestions fall inside the stable ranges."""
     grid = [p.lr for p in variants[0].points]
-    judged = [(v.name, judge_suggestion(v.suggested_lr, stable_range(v.points), grid))
-              for v in variants if v.suggested_lr is not None]  # fmt: skip
+    judged = [
+        (v.name, judge_suggestion(v.suggested_lr, stable_range(v.points), grid))
+        for v in variants
+        if v.suggested_lr is not None
+    ]
     inside = sum(verdict == "inside" for _, verdict in judged)
     near = sum(verdict != "outside" for _, verdict in judged)
     missed = [name for name, verdict in judged if verdict == "outside"]
-    return (f"The learning-rate finder's suggestion (`stable-cnn-lr-find`, at the same "
-            f"settings) falls inside the stable range for {inside} of {len(judged)} variants "
-            f"and within its grid cells for {near} of {len(judged)}"
-            + (f"; outside for {', '.join(missed)}." if missed else "."))  # fmt: skip
+    return (
+        f"The learning-rate finder's suggestion (`stable-cnn-lr-find`, at the same "
+        f"settings) falls inside the stable range for {inside} of {len(judged)} variants "
+        f"and within its grid cells for {near} of {len(judged)}"
+        + (f"; outside for {', '.join(missed)}." if missed else ".")
+    )
 
 
 def collect_suggestions(folder: Path, variants: list[Variant]) -> None:
@@ -151,9 +164,11 @@ def collect_suggestions(folder: Path, variants: list[Variant]) -> None:
     by_name = {variant.name: variant for variant in variants}
     for found in sorted(folder.glob("*/lr_find.json")):
         overrides = found.parent / ".hydra" / "overrides.yaml"
-        chosen = [line.split("ablation=", 1)[1].strip() for line in
-                  (overrides.read_text().splitlines() if overrides.exists() else [])
-                  if "ablation=" in line]  # fmt: skip
+        chosen = [
+            line.split("ablation=", 1)[1].strip()
+            for line in (overrides.read_text().splitlines() if overrides.exists() else [])
+            if "ablation=" in line
+        ]
         if chosen and chosen[-1] in by_name:
             by_name[chosen[-1]].suggested_lr = json.loads(found.read_text())["suggested_lr"]
 
@@ -179,8 +194,11 @@ def _outcomes(point: Point) -> list[float]:
 def evidence(variant: Variant, full: Variant) -> str:
     """One sentence: what the sweep shows for this variant against the full recipe."""
     span, reference = stable_range(variant.points), stable_range(full.points)
-    width = ("no stable range" if span is None
-             else f"stable {describe_range(span)} ({decades(span):.1f} decades)")  # fmt: skip
+    width = (
+        "no stable range"
+        if span is None
+        else f"stable {describe_range(span)} ({decades(span):.1f} decades)"
+    )
     if variant is full:
         return f"The reference: {width}."
     change = decades(span) - decades(reference)
@@ -190,11 +208,15 @@ def evidence(variant: Variant, full: Variant) -> str:
         verdict = f"{width}, the same width as the full recipe's"
     else:
         direction = "narrower" if change < 0 else "wider"
-        verdict = (f"{width} against the full recipe's {describe_range(reference)} "
-                   f"({direction} by {abs(change):.1f} decades)")  # fmt: skip
+        verdict = (
+            f"{width} against the full recipe's {describe_range(reference)} "
+            f"({direction} by {abs(change):.1f} decades)"
+        )
     worse, better = compare_points(variant, full)
-    judged = [f"worse beyond two standard errors at lr {_lrs(worse)}" if worse else "",
-              f"better at lr {_lrs(better)}" if better else ""]  # fmt: skip
+    judged = [
+        f"worse beyond two standard errors at lr {_lrs(worse)}" if worse else "",
+        f"better at lr {_lrs(better)}" if better else "",
+    ]
     judged_text = "; ".join(j for j in judged if j) or "never beyond two standard errors apart"
     return f"{verdict[0].upper()}{verdict[1:]}; {judged_text}."
 
@@ -204,8 +226,9 @@ def _lrs(values: list[float]) -> str:
 
 
 def collect(out: Path, learning_rates: tuple[float, ...], names: list[str]) -> list[Variant]:
-    variants = {name: Variant(name, VARIANTS[name], [Point(lr) for lr in learning_rates])
-                for name in names}  # fmt: skip
+    variants = {
+        name: Variant(name, VARIANTS[name], [Point(lr) for lr in learning_rates]) for name in names
+    }
     for run in find_runs(out):
         chosen = run.chosen()
         variant = variants.get(chosen.get("ablation", ""))
@@ -220,7 +243,10 @@ def render(variants: list[Variant], header: list[str]) -> str:
     full = next(v for v in variants if v.name == "full")
     learning_rates = [p.lr for p in full.points]
     lines = [
-        "# The stability map: where each technique keeps training alive", "", *header, "",
+        "# The stability map: where each technique keeps training alive",
+        "",
+        *header,
+        "",
         "Test accuracy of the best-validation checkpoint. A run **diverged** when it stopped",
         "on NaN/Inf losses; it **collapsed** when it finished under "
         f"{COLLAPSED_BELOW:.0f}% (twice chance). The",
@@ -229,17 +255,23 @@ def render(variants: list[Variant], header: list[str]) -> str:
         "accuracy and",
         "none collapsed or diverged. Evidence compares each learning rate with the full recipe",
         "by the ablation's rule: a difference counts beyond two standard errors (a diverged",
-        "seed counts as 10%).", "",
-        "## Headline", "",
-    ]  # fmt: skip
+        "seed counts as 10%).",
+        "",
+        "## Headline",
+        "",
+    ]
     lines += [f"- **{v.name}**, {v.description}: {evidence(v, full)}" for v in variants]
     finder = any(v.suggested_lr is not None for v in variants)
     if finder:
         lines += ["", finder_summary(variants)]
-    lines += ["", "## Per variant", "",
-              "| variant | best test acc (%) | at lr | stable range | decades | diverged "
-              "| collapsed |" + (" finder's lr | against the range |" if finder else ""),
-              "|---|---:|---:|---|---:|---:|---:|" + ("---:|---|" if finder else "")]  # fmt: skip
+    lines += [
+        "",
+        "## Per variant",
+        "",
+        "| variant | best test acc (%) | at lr | stable range | decades | diverged "
+        "| collapsed |" + (" finder's lr | against the range |" if finder else ""),
+        "|---|---:|---:|---|---:|---:|---:|" + ("---:|---|" if finder else ""),
+    ]
     for variant in variants:
         best, span = variant.best(), stable_range(variant.points)
         runs = sum(len(p.runs) for p in variant.points)
@@ -255,10 +287,15 @@ def render(variants: list[Variant], header: list[str]) -> str:
             verdict = "-" if lr is None else judge_suggestion(lr, span, learning_rates)
             row += f" {'-' if lr is None else f'{lr:.3g}'} | {verdict} |"
         lines.append(row)
-    lines += ["", "## Every learning rate", "",
-              "Mean test accuracy (%) ± std over seeds; `d` diverged and `c` collapsed seeds.", "",
-              "| variant | " + " | ".join(f"{lr:g}" for lr in learning_rates) + " |",
-              "|---|" + "---:|" * len(learning_rates)]  # fmt: skip
+    lines += [
+        "",
+        "## Every learning rate",
+        "",
+        "Mean test accuracy (%) ± std over seeds; `d` diverged and `c` collapsed seeds.",
+        "",
+        "| variant | " + " | ".join(f"{lr:g}" for lr in learning_rates) + " |",
+        "|---|" + "---:|" * len(learning_rates),
+    ]
     for variant in variants:
         cells = []
         for point in variant.points:
@@ -268,7 +305,8 @@ def render(variants: list[Variant], header: list[str]) -> str:
                 else f"{point.mean:.1f} ± {spread(point.accuracies()):.1f}"
             )
             marks = (f" {point.diverged}d" if point.diverged else "") + (
-                f" {point.collapsed}c" if point.collapsed else "")  # fmt: skip
+                f" {point.collapsed}c" if point.collapsed else ""
+            )
             cells.append(cell + marks)
         lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -288,8 +326,15 @@ def plot(variants: list[Variant], path: Path) -> bool:
         scored = [p for p in variant.points if p.mean is not None]
         lrs = [p.lr for p in scored]
         style = "--" if variant.name == "tutorial" else "-"
-        axes.plot(lrs, [p.mean for p in scored], marker="o", markersize=3, color=colour,
-                  label=variant.name, linestyle=style)  # fmt: skip
+        axes.plot(
+            lrs,
+            [p.mean for p in scored],
+            marker="o",
+            markersize=3,
+            color=colour,
+            label=variant.name,
+            linestyle=style,
+        )
         low, high = [min(p.accuracies()) for p in scored], [max(p.accuracies()) for p in scored]
         axes.fill_between(lrs, low, high, color=colour, alpha=0.12)
         lost = [p.lr for p in variant.points if p.runs and p.mean is None]

@@ -38,18 +38,30 @@ class SeedOutcomes:
 
 
 def run_variant_sweep(
-    out: Path, base: list[str], names: list[str], learning_rates: list[float], seeds: int,
+    out: Path,
+    base: list[str],
+    names: list[str],
+    learning_rates: list[float],
+    seeds: int,
     log_name: str,
-) -> int:  # fmt: skip
+) -> int:
     """Every variant x learning rate x seed as one sweep with trainer.resume=auto (a rerun
     skips what is done), its output appended to ``out/log_name``; returns its exit status
     (a diverged run is not an error, a failed one is: its row then shows fewer runs).
     The ablation and the stability map both run this way."""
-    command = [sys.executable, "-m", "stable_cnn.cli.train", "-m", *base,
-               "ablation=" + ",".join(names),
-               "optimizer.lr=" + ",".join(str(lr) for lr in learning_rates),
-               f"trainer.seed=range({seeds})", "trainer.resume=auto",
-               "trainer.progress_bar=false", f"hydra.sweep.dir={out}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "stable_cnn.cli.train",
+        "-m",
+        *base,
+        "ablation=" + ",".join(names),
+        "optimizer.lr=" + ",".join(str(lr) for lr in learning_rates),
+        f"trainer.seed=range({seeds})",
+        "trainer.resume=auto",
+        "trainer.progress_bar=false",
+        f"hydra.sweep.dir={out}",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     with (out / log_name).open("a") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -58,9 +70,16 @@ def run_variant_sweep(
 def run_finder_sweep(out: Path, base: list[str], names: list[str], log_name: str) -> int:
     """``stable-cnn-lr-find`` for every variant at the study's settings, as one sweep into
     ``out``, its output appended to ``log_name`` beside it; returns its exit status."""
-    command = [sys.executable, "-m", "stable_cnn.cli.lr_find", "-m", *base,
-               "ablation=" + ",".join(names), "trainer.progress_bar=false",
-               f"hydra.sweep.dir={out}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "stable_cnn.cli.lr_find",
+        "-m",
+        *base,
+        "ablation=" + ",".join(names),
+        "trainer.progress_bar=false",
+        f"hydra.sweep.dir={out}",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     with (out.parent / log_name).open("a") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -71,9 +90,11 @@ def describe_machine(device: str) -> str:
     if where.type == "cuda":
         return f"{torch.cuda.get_device_name(where)}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in
-             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]  # fmt: skip
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
     cores = usable_cores()
     model = names[0] if names else "CPU"
     return f"{model} ({describe_cpu()}), {cores} cores, torch {torch.__version__} on the CPU"

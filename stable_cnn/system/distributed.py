@@ -217,8 +217,13 @@ def tasks_per_node(spec: str) -> list[int]:
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list (``scontrol show hostnames`` expands it)."""
     try:
-        shown = subprocess.run(["scontrol", "show", "hostnames", nodelist],
-                               capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+        shown = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         raise ConfigError(
             f"cannot expand the SLURM node list {nodelist!r} (scontrol failed): set "
@@ -236,9 +241,12 @@ def join(world: World) -> None:
     if torch.cuda.is_available() and dist.is_nccl_available():
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(
-        backend, init_method="env://", rank=world.rank, world_size=world.size,
+        backend,
+        init_method="env://",
+        rank=world.rank,
+        world_size=world.size,
         timeout=COLLECTIVE_TIMEOUT,
-    )  # fmt: skip
+    )
     atexit.register(leave)
 
 
@@ -325,10 +333,16 @@ def launch_local_workers(devices: int, arguments: list[str], preempted_status: i
     if "shutdown_timeout" not in inspect.signature(LaunchConfig).parameters:
         grace = {}  # older torch: its fixed 30 s
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-        monitor_interval=0.5, **grace,
-    )  # fmt: skip
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=devices,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+        **grace,
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each worker sets its own thread count
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "stable_cnn.cli.train", *arguments)

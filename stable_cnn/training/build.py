@@ -74,11 +74,21 @@ def model_config(run: RunConfig, info: DatasetInfo) -> dict[str, Any]:
         small = model.small_input
         if small is None:
             small = info.image_size <= SMALL_INPUT_UP_TO
-        return {"kind": "resnet", "arch": model.arch, "small_input": small,
-                "weights": model.weights, **sized}  # fmt: skip
+        return {
+            "kind": "resnet",
+            "arch": model.arch,
+            "small_input": small,
+            "weights": model.weights,
+            **sized,
+        }
     if isinstance(model, TimmConfig):
-        return {"kind": "timm", "name": model.name, "pretrained": model.pretrained,
-                "kwargs": dict(model.kwargs), **sized}  # fmt: skip
+        return {
+            "kind": "timm",
+            "name": model.name,
+            "pretrained": model.pretrained,
+            "kwargs": dict(model.kwargs),
+            **sized,
+        }
     if isinstance(model, CustomModelConfig):
         return {"kind": "custom", "target": model._target_, "kwargs": dict(model.kwargs), **sized}
     return {**data, **{k: v for k, v in asdict(model).items() if k != "sync_batchnorm"}}
@@ -178,8 +188,11 @@ def build_training(
     spec = model_config(run, data.info)
     model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)
-    log.info("model %s: %.2fM parameters", describe_model(spec),
-             sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
+    log.info(
+        "model %s: %.2fM parameters",
+        describe_model(spec),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     if run.model.sync_batchnorm and world.distributed:  # the global batch's statistics
         model = GlobalBatchNorm.convert(model)
     network = wrap_for_training(model, world, runtime.device)
@@ -191,18 +204,28 @@ def build_training(
     if resume is not None:
         resume_from, resume_state = resume
         state.load_state_dict(resume_state, resume_from)
-        log.info("resuming from %s (%s, step %d)", resume_from, state.where(),
-                 state.counters.global_step)  # fmt: skip
+        log.info(
+            "resuming from %s (%s, step %d)", resume_from, state.where(), state.counters.global_step
+        )
     train_step = build_train_step(
-        network, criterion, state.optimizer, state.scaler, run.clipping, runtime,
-        run.diagnostics.loss_spike_factor, trainer.cuda_graph,
+        network,
+        criterion,
+        state.optimizer,
+        state.scaler,
+        run.clipping,
+        runtime,
+        run.diagnostics.loss_spike_factor,
+        trainer.cuda_graph,
         cycles_momentum=isinstance(run.scheduler, OneCycleConfig) and run.scheduler.cycle_momentum,
-        world=world, accumulate=trainer.accumulate_grad_batches, no_sync=no_sync,
+        world=world,
+        accumulate=trainer.accumulate_grad_batches,
+        no_sync=no_sync,
         mixing=batch_mixing(run.data, data.info.num_classes),
-    )  # fmt: skip
+    )
     tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
-    return Training(run, world, runtime, run_dir, data, model, network, criterion, state,
-                    train_step, tracker)  # fmt: skip
+    return Training(
+        run, world, runtime, run_dir, data, model, network, criterion, state, train_step, tracker
+    )
 
 
 def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
@@ -225,8 +248,13 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
         per_process += f", {data.loader_workers} loader workers"
     log.info(
         "data %s: %d train / %d val / %d test images, batch %d%s",
-        data.info.name, data.num_train, data.num_val, data.num_test, batch, per_process,
-    )  # fmt: skip
+        data.info.name,
+        data.num_train,
+        data.num_val,
+        data.num_test,
+        batch,
+        per_process,
+    )
     if data.resolved:
         settled = ", ".join(
             f"{key} {value}" for key, value in data.resolved.items() if key != "in_memory"
@@ -279,9 +307,16 @@ def build_state(
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
     ema = None if run.ema.name == "off" else WeightEMA(model, run.ema.decay, run.ema.warmup)
     record = CheckpointRecord(
-        spec, composed_config, data.info.class_names,
-        runtime.device.type, runtime.precision.name, runtime.channels_last, world.size,
-        averaged=ema is not None, data_resolved=data.resolved,
-    )  # fmt: skip
-    return RunState(model, optimizer, schedule, scaler, data.train, runtime, record, ema,
-                    world=world)  # fmt: skip
+        spec,
+        composed_config,
+        data.info.class_names,
+        runtime.device.type,
+        runtime.precision.name,
+        runtime.channels_last,
+        world.size,
+        averaged=ema is not None,
+        data_resolved=data.resolved,
+    )
+    return RunState(
+        model, optimizer, schedule, scaler, data.train, runtime, record, ema, world=world
+    )

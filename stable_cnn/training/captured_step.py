@@ -230,5 +230,6 @@ def build_train_step(
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
             kind = GraphedTrainStep
-    return kind(model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor,
-                no_sync, mixing)  # fmt: skip
+    return kind(
+        model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor, no_sync, mixing
+    )

@@ -26,14 +26,21 @@ def stages(model: nn.Module) -> dict[str, nn.Module]:
     """The model's parts, input to output, whose diagnostics are shown: its top-level
     modules that hold weights (the SmallCNN's stage1..3 and classifier; a ResNet's conv1,
     layer1..4 and fc; the same for any model)."""
-    return {name: child for name, child in model.named_children()
-            if any(p.dim() > 1 for p in child.parameters())}  # fmt: skip
+    return {
+        name: child
+        for name, child in model.named_children()
+        if any(p.dim() > 1 for p in child.parameters())
+    }
 
 
 def stage_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every stage's conv and linear weights, flattened, on the CPU (for histograms)."""
-    return {name: torch.cat([p.detach().float().flatten().cpu() for p in stage.parameters()
-                             if p.dim() > 1]) for name, stage in stages(model).items()}  # fmt: skip
+    return {
+        name: torch.cat(
+            [p.detach().float().flatten().cpu() for p in stage.parameters() if p.dim() > 1]
+        )
+        for name, stage in stages(model).items()
+    }
 
 
 def model_health(model: nn.Module) -> dict[str, float]:
@@ -44,14 +51,19 @@ def model_health(model: nn.Module) -> dict[str, float]:
         weights = [p.detach().float() for p in stage.parameters() if p.dim() > 1]
         names.append(f"weights/norm_{stage_name}")
         values.append(torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights])))
-        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and m.running_mean is not None]  # fmt: skip
+        norms = [
+            m
+            for m in stage.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        ]
         if not norms:  # the head, or an ablation without BatchNorm
             continue
         for statistic in ("running_mean", "running_var"):
             stacked = torch.cat([getattr(m, statistic).float() for m in norms])
-            names += [f"weights/batchnorm_{stage_name}_{statistic}_min",
-                      f"weights/batchnorm_{stage_name}_{statistic}_max"]  # fmt: skip
+            names += [
+                f"weights/batchnorm_{stage_name}_{statistic}_min",
+                f"weights/batchnorm_{stage_name}_{statistic}_max",
+            ]
             values += [stacked.min(), stacked.max()]
     return dict(zip(names, torch.stack(values).tolist(), strict=True))  # one host read
 
@@ -65,8 +77,12 @@ def gradient_snapshot(
 ) -> dict[str, torch.Tensor]:
     """Each stage's gradient on one batch, without changing the model, its BatchNorm
     statistics, the optimizer or any random stream."""
-    norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    for b in m.buffers()]  # fmt: skip
+    norm_buffers = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in m.buffers()
+    ]
     saved = [b.clone() for b in norm_buffers]
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -76,10 +92,15 @@ def gradient_snapshot(
             loss = criterion(model(images), labels)
         loss.float().backward()
     grads = {
-        name: torch.cat([p.grad.detach().float().flatten() for p in stage.parameters()
-                         if p.grad is not None and p.dim() > 1]).cpu()
+        name: torch.cat(
+            [
+                p.grad.detach().float().flatten()
+                for p in stage.parameters()
+                if p.grad is not None and p.dim() > 1
+            ]
+        ).cpu()
         for name, stage in stages(model).items()
-    }  # fmt: skip
+    }
     model.zero_grad(set_to_none=True)
     for buffer, value in zip(norm_buffers, saved, strict=True):
         buffer.copy_(value)
@@ -109,8 +130,15 @@ def confusion_figure(confusion: torch.Tensor, class_names: tuple[str, ...], titl
             for column in ticks:
                 value = rates[row, column].item()
                 if value >= 0.005:
-                    axes.text(column, row, f"{100 * value:.0f}", ha="center", va="center",
-                              fontsize=7, color="white" if value > 0.5 else "black")  # fmt: skip
+                    axes.text(
+                        column,
+                        row,
+                        f"{100 * value:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value > 0.5 else "black",
+                    )
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
     figure.tight_layout()
     return figure

@@ -121,9 +121,16 @@ def train_one_epoch(
         at_interval = global_step % log_every_n_steps == 0
         if at_interval:
             stop_reason = stop_reason or log_interval(
-                progress, step, optimizer, scaler, global_step, log_step, bar,
-                max_consecutive_nonfinite, world,
-            )  # fmt: skip
+                progress,
+                step,
+                optimizer,
+                scaler,
+                global_step,
+                log_step,
+                bar,
+                max_consecutive_nonfinite,
+                world,
+            )
         if (at_interval or not world.distributed) and not stop_reason:
             stop_reason = world.agree_on_reason(stop_requested())
             signalled = bool(stop_reason)
@@ -143,9 +150,13 @@ def to_device(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A step's batches on the run's device, images in its memory layout (no host wait)."""
-    return [(images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format),
-             labels.to(runtime.device, non_blocking=True))
-            for images, labels in micro_batches]  # fmt: skip
+    return [
+        (
+            images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format),
+            labels.to(runtime.device, non_blocking=True),
+        )
+        for images, labels in micro_batches
+    ]
 
 
 def chunked(batches: Iterable, size: int) -> Iterator[list]:
@@ -192,10 +203,15 @@ def log_interval(
     """Log the window's mean loss and this step's norms (one host read, two under fp16);
     return a reason to stop if the skip limit was reached, else ''."""
     values = across_processes(progress.values, world)
-    window_loss, window_steps, grad_norm, grad_norm_clipped, longest = torch.stack([
-        values[SLOT["window_loss"]], values[SLOT["window_steps"]], step.grad_norm.float(),
-        step.grad_norm_clipped.float(), values[SLOT["longest_nonfinite_run"]],
-    ]).tolist()  # fmt: skip
+    window_loss, window_steps, grad_norm, grad_norm_clipped, longest = torch.stack(
+        [
+            values[SLOT["window_loss"]],
+            values[SLOT["window_steps"]],
+            step.grad_norm.float(),
+            step.grad_norm_clipped.float(),
+            values[SLOT["longest_nonfinite_run"]],
+        ]
+    ).tolist()
     progress.values[SLOT["window_loss"]] = 0.0
     progress.values[SLOT["window_steps"]] = 0.0
     if window_steps:

@@ -192,8 +192,9 @@ def load_for_evaluation(
         splits.close()
         raise
     model.to(device, memory_format=memory_format)
-    return LoadedCheckpoint(model, Runtime(device, precision, memory_format), splits, data,
-                            record.averaged)  # fmt: skip
+    return LoadedCheckpoint(
+        model, Runtime(device, precision, memory_format), splits, data, record.averaged
+    )
 
 
 def evaluate_checkpoint(
@@ -233,8 +234,9 @@ def evaluate_checkpoint(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"cannot write to {out_dir} ({err.strerror}): set out= to a "
-                          f"folder you can write") from None  # fmt: skip
+        raise ConfigError(
+            f"cannot write to {out_dir} ({err.strerror}): set out= to a folder you can write"
+        ) from None
     with atomic_write(out_dir / "eval.json") as out:
         out.write((json.dumps(result, indent=2) + "\n").encode())
     figure = confusion_figure(stats.confusion, classes, f"{splits.info.name} test, {path.name}")
@@ -252,15 +254,24 @@ def training_accuracy(path: Path, count: int = 5000, device_name: str = "auto") 
     if not isinstance(train, TensorBatches):
         raise ConfigError(f"training accuracy needs in-memory data, not data={splits.info.name}")
     device = runtime.device
-    seen = TensorBatches(train.images[:count].to(device), train.labels[:count].to(device), 1024,
-                         train.mean, train.std, train=False)  # fmt: skip
+    seen = TensorBatches(
+        train.images[:count].to(device),
+        train.labels[:count].to(device),
+        1024,
+        train.mean,
+        train.std,
+        train=False,
+    )
     return evaluate(model, seen, runtime).accuracy
 
 
 def describe(result: dict[str, Any]) -> str:
-    lines = [f"{result['data']} test: {result['test_acc']:.2f}% of {result['images']} images "
-             f"(loss {result['test_loss']:.4f}, {result['precision']}, "
-             f"{result['weights']} weights)", "per class:"]  # fmt: skip
+    lines = [
+        f"{result['data']} test: {result['test_acc']:.2f}% of {result['images']} images "
+        f"(loss {result['test_loss']:.4f}, {result['precision']}, "
+        f"{result['weights']} weights)",
+        "per class:",
+    ]
     width = max(len(name) for name in result["per_class_acc"])
     lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in result["per_class_acc"].items()]
     return "\n".join(lines)

@@ -283,14 +283,22 @@ def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStat
     state, trainer, world = training.state, training.run.trainer, training.world
     counters = state.counters
     stats, state.progress = train_one_epoch(
-        training.train_step, training.data.train, state.schedule, counters.global_step,
-        trainer.log_every_n_steps, training.tracker.log_step,
+        training.train_step,
+        training.data.train,
+        state.schedule,
+        counters.global_step,
+        trainer.log_every_n_steps,
+        training.tracker.log_step,
         progress_label=f"epoch {epoch}/{trainer.epochs}",
-        progress_bar=trainer.progress_bar and world.is_main, progress=state.progress,
-        stop_requested=lambda: stop.signal_name or "", on_nonfinite=trainer.on_nonfinite,
-        max_consecutive_nonfinite=trainer.max_consecutive_nonfinite, ema=state.ema,
-        world=world, accumulate=trainer.accumulate_grad_batches,
-    )  # fmt: skip
+        progress_bar=trainer.progress_bar and world.is_main,
+        progress=state.progress,
+        stop_requested=lambda: stop.signal_name or "",
+        on_nonfinite=trainer.on_nonfinite,
+        max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
+        ema=state.ema,
+        world=world,
+        accumulate=trainer.accumulate_grad_batches,
+    )
     counters.global_step = stats.global_step
     if stats.completed:
         return stats
@@ -339,12 +347,21 @@ def record_epoch(
     lr = state.progress.start_lr
     state.progress = None
     ema_stats = None if state.ema is None else val_stats
-    tracker.log_epoch(epoch, lr, train_stats, raw_stats, model_health(training.model),
-                      ema=ema_stats)  # fmt: skip
+    tracker.log_epoch(
+        epoch, lr, train_stats, raw_stats, model_health(training.model), ema=ema_stats
+    )
     every = run.diagnostics.figures_every_n_epochs
     if every is not None and (epoch % every == 0 or epoch == run.trainer.epochs):
-        log_figures(tracker, training.model, training.data, training.criterion, training.runtime,
-                    val_stats, epoch, state.counters.global_step)  # fmt: skip
+        log_figures(
+            tracker,
+            training.model,
+            training.data,
+            training.criterion,
+            training.runtime,
+            val_stats,
+            epoch,
+            state.counters.global_step,
+        )
     improved = val_stats.accuracy > state.counters.best_val_acc
     summary = epoch_summary(epoch, run.trainer.epochs, train_stats, raw_stats, lr, ema=ema_stats)
     log.info("%s%s", summary, "  (best)" if improved else "")
@@ -372,8 +389,9 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         ema.load_state_dict(best["ema"])
     tested = training.network if ema is None else ema.model
     data, tta = training.data, test_time_augmentation(training.run.data)
-    test_stats = evaluate(tested, data.test, training.runtime, tta, training.world,
-                          data.info.num_classes)  # fmt: skip
+    test_stats = evaluate(
+        tested, data.test, training.runtime, tta, training.world, data.info.num_classes
+    )
     results = {
         "best_val_acc": counters.best_val_acc,
         "best_epoch": counters.best_epoch,
@@ -397,6 +415,9 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
     tracker.close()
     log.info(
         "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",
-        counters.best_epoch, test_stats.accuracy, test_stats.loss, results["wall_s"],
-    )  # fmt: skip
+        counters.best_epoch,
+        test_stats.accuracy,
+        test_stats.loss,
+        results["wall_s"],
+    )
     return results

@@ -87,8 +87,9 @@ def step_waits(path: str, precision: str, device: torch.device) -> StepWaits:
     reads_short, syncs_short = waits_in_an_epoch(path, precision, SHORT, device)
     reads_long, syncs_long = waits_in_an_epoch(path, precision, LONG, device)
     steps = LONG - SHORT
-    return StepWaits((reads_long - reads_short) / steps, (syncs_long - syncs_short) / steps,
-                     reads_short)  # fmt: skip
+    return StepWaits(
+        (reads_long - reads_short) / steps, (syncs_long - syncs_short) / steps, reads_short
+    )
 
 
 def waits_in_an_epoch(path: str, amp: str, steps: int, device: torch.device) -> tuple[int, int]:
@@ -101,14 +102,27 @@ def waits_in_an_epoch(path: str, amp: str, steps: int, device: torch.device) -> 
     optimizer = build_optimizer(model, SGDConfig())
     schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
-    train_step = build_train_step(network, nn.CrossEntropyLoss(), optimizer, scaler,
-                                  ClippingConfig("norm", max_norm=1.0), runtime, 2.0,
-                                  cuda_graph=path == "graphed", cycles_momentum=False)  # fmt: skip
+    train_step = build_train_step(
+        network,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        scaler,
+        ClippingConfig("norm", max_norm=1.0),
+        runtime,
+        2.0,
+        cuda_graph=path == "graphed",
+        cycles_momentum=False,
+    )
     generator = torch.Generator(device=device).manual_seed(0)
-    batches = [(torch.randn(64, 3, 32, 32, device=device, generator=generator),
-                torch.randint(0, 10, (64,), device=device, generator=generator))
-               for _ in range(steps)]  # fmt: skip
+    batches = [
+        (
+            torch.randn(64, 3, 32, 32, device=device, generator=generator),
+            torch.randint(0, 10, (64,), device=device, generator=generator),
+        )
+        for _ in range(steps)
+    ]
     with counting_host_waits(device) as counts:
-        train_one_epoch(train_step, batches, schedule, 0, 10_000, lambda step, scalars: None,
-                        progress_bar=False)  # fmt: skip
+        train_one_epoch(
+            train_step, batches, schedule, 0, 10_000, lambda step, scalars: None, progress_bar=False
+        )
     return host_reads(counts), counts[CUDA_SYNCS]

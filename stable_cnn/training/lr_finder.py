@@ -246,8 +246,11 @@ def with_found_lr(
         # From the same seeds again: the run starts with the initial weights, data order
         # and dropout masks it would have had with optimizer.lr given by hand.
         seed_everything(run.trainer.seed, run.trainer.deterministic)
-        log.info("optimizer.lr=auto: %.4g (the range test's suggestion; its curve: %s)",
-                 found, run_dir / "lr_find" / "lr_find.png")  # fmt: skip
+        log.info(
+            "optimizer.lr=auto: %.4g (the range test's suggestion; its curve: %s)",
+            found,
+            run_dir / "lr_find" / "lr_find.png",
+        )
     composed_config["optimizer"]["lr_found"] = found
     return replace(run, optimizer=replace(run.optimizer, lr=found))
 
@@ -289,14 +292,18 @@ def find_learning_rate(
             runtime.device.type, enabled=runtime.precision.use_grad_scaler
         )
         mixing = batch_mixing(run.data, data.info.num_classes)
-        train_step = TrainStep(network, criterion, optimizer, scaler, run.clipping, runtime,
-                               mixing=mixing)  # fmt: skip
+        train_step = TrainStep(
+            network, criterion, optimizer, scaler, run.clipping, runtime, mixing=mixing
+        )
         log.info(
             "lr_find: %d steps from lr %g to %g (stops once the loss has diverged)",
-            settings.num_steps, settings.min_lr, settings.max_lr,
-        )  # fmt: skip
-        curve = sweep(train_step, data.train, settings, run.trainer.accumulate_grad_batches,
-                      stop_requested)  # fmt: skip
+            settings.num_steps,
+            settings.min_lr,
+            settings.max_lr,
+        )
+        curve = sweep(
+            train_step, data.train, settings, run.trainer.accumulate_grad_batches, stop_requested
+        )
     finally:
         if run_data is None:
             data.close()
@@ -344,10 +351,13 @@ def plot_curve(finding: LRFinding, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.2))
     axes.plot(curve.lrs, curve.losses, color="0.75", linewidth=0.8, label="loss per step")
     axes.plot(curve.lrs, smooth, color="C0", label="smoothed")
-    axes.axvline(finding.max_stable_lr, color="C3", linestyle=":",
-                 label=f"max_stable_lr {finding.max_stable_lr:.3g}")  # fmt: skip
-    axes.axvline(finding.suggested_lr, color="C2",
-                 label=f"suggested_lr {finding.suggested_lr:.3g}")  # fmt: skip
+    axes.axvline(
+        finding.max_stable_lr,
+        color="C3",
+        linestyle=":",
+        label=f"max_stable_lr {finding.max_stable_lr:.3g}",
+    )
+    axes.axvline(finding.suggested_lr, color="C2", label=f"suggested_lr {finding.suggested_lr:.3g}")
     axes.set_xscale("log")
     if finite:  # the diverging tail would flatten the rest
         low = min(finite)

@@ -46,8 +46,9 @@ class MatrixMuon(MUON):
 
     def __init__(self, weights: list[nn.Parameter], **settings) -> None:
         self.orders = {weight: matrix_order(weight) for weight in weights}
-        self.matrices = {weight: as_matrix(weight.detach(), self.orders[weight])
-                         for weight in weights}  # fmt: skip
+        self.matrices = {
+            weight: as_matrix(weight.detach(), self.orders[weight]) for weight in weights
+        }
         # Muon checks that it is given matrices; then its group holds the weights
         # themselves, so that clipping, unscaling and zero_grad find their gradients.
         super().__init__(list(self.matrices.values()), **settings)
@@ -74,8 +75,12 @@ class MatrixMuon(MUON):
 
     def updated_tensors(self) -> list[torch.Tensor]:
         """What a step changes: each weight (as its matrix) and its momentum."""
-        return [t for weight, matrix in self.matrices.items() if weight.grad is not None
-                for t in (matrix, self.state[weight]["momentum_buffer"])]  # fmt: skip
+        return [
+            t
+            for weight, matrix in self.matrices.items()
+            if weight.grad is not None
+            for t in (matrix, self.state[weight]["momentum_buffer"])
+        ]
 
 
 class MuonWithAuxiliary(torch.optim.Optimizer):

@@ -70,17 +70,27 @@ def muon_weights(model: nn.Module, include_head: bool) -> list[nn.Parameter]:
 def build_muon(model: nn.Module, config: MuonConfig) -> MuonWithAuxiliary:
     """Muon for the hidden layers' weights, a fused SGD or AdamW for everything else."""
     if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch 2.9 on; this is "
-                          f"{torch.__version__}): upgrade torch, or use optimizer=sgd")  # fmt: skip
+        raise ConfigError(
+            f"optimizer=muon needs torch.optim.Muon (torch 2.9 on; this is "
+            f"{torch.__version__}): upgrade torch, or use optimizer=sgd"
+        )
     weights = muon_weights(model, config.muon_head)
     if not weights:
-        raise ConfigError("optimizer=muon found no convolution or hidden linear weights in "
-                          "this model: use optimizer=sgd or adamw")  # fmt: skip
+        raise ConfigError(
+            "optimizer=muon found no convolution or hidden linear weights in "
+            "this model: use optimizer=sgd or adamw"
+        )
     chosen = set(weights)
     rest = [p for p in model.parameters() if p.requires_grad and p not in chosen]
-    muon = MatrixMuon(weights, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                      weight_decay=config.weight_decay, ns_steps=config.ns_steps,
-                      adjust_lr_fn=config.adjust_lr)  # fmt: skip
+    muon = MatrixMuon(
+        weights,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        ns_steps=config.ns_steps,
+        adjust_lr_fn=config.adjust_lr,
+    )
     groups = parameter_groups(rest, config.auxiliary_weight_decay, config.decay_norm_and_bias)
     groups = [g for g in groups if g["params"]]
     fused = fused_where_possible(model)
@@ -91,7 +101,8 @@ def build_muon(model: nn.Module, config: MuonConfig) -> MuonWithAuxiliary:
         auxiliary = torch.optim.AdamW(groups, lr=config.auxiliary_lr, betas=betas, fused=fused)
     else:
         momentum = config.auxiliary_momentum
-        auxiliary = torch.optim.SGD(groups, lr=config.auxiliary_lr, momentum=momentum,
-                                    nesterov=momentum > 0, fused=fused)  # fmt: skip
+        auxiliary = torch.optim.SGD(
+            groups, lr=config.auxiliary_lr, momentum=momentum, nesterov=momentum > 0, fused=fused
+        )
         start_momentum_at_zero(auxiliary)
     return MuonWithAuxiliary(muon, auxiliary)

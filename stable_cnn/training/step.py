@@ -179,9 +179,14 @@ class BatchNormGuard:
         return guard
 
     def still_backs(self, model: nn.Module) -> bool:
-        first = next((m.running_mean for m in model.modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                      and m.running_mean is not None), None)  # fmt: skip
+        first = next(
+            (
+                m.running_mean
+                for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            ),
+            None,
+        )
         if first is None or self.statistics is None:
             return first is None and self.statistics is None
         return first.data_ptr() == self.statistics.data_ptr()
@@ -285,8 +290,15 @@ class TrainStep:
             losses.append(loss.detach())
             all_logits.append(logits.detach())
             all_labels.append(labels)
-        step = update(self.parameters, self.optimizer, self.scaler, self.clipping, finite,
-                      self.sync_free, veto)  # fmt: skip
+        step = update(
+            self.parameters,
+            self.optimizer,
+            self.scaler,
+            self.clipping,
+            finite,
+            self.sync_free,
+            veto,
+        )
         self.norm_guard.keep_if(step.applied & (not veto))
         if len(micro_batches) == 1:
             loss, logits, labels = losses[0], all_logits[0], all_labels[0]

@@ -82,8 +82,11 @@ class RunTracker:
         if resume_step > 0:
             self._truncate_metrics(epochs_done)
         # the sparse charts this run has started (a resumed run goes on with its own)
-        self.started = {tag for tag, key in SPARSE.items()
-                        if any(record.get(key) for record in read_metrics(run_dir))}  # fmt: skip
+        self.started = {
+            tag
+            for tag, key in SPARSE.items()
+            if any(record.get(key) for record in read_metrics(run_dir))
+        }
         # purge_step hides the interrupted run's events from this step on in TensorBoard.
         purge_step = resume_step + 1 if resume_step > 0 else None
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
@@ -175,8 +178,9 @@ class RunTracker:
             grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
             self.writer.add_image("samples/augmented_train_images", grid, global_step)
         if confusion is not None:
-            self.writer.add_figure("predictions/confusion_matrix_val", confusion, global_step,
-                                   close=True)  # fmt: skip
+            self.writer.add_figure(
+                "predictions/confusion_matrix_val", confusion, global_step, close=True
+            )
         self.writer.flush()
 
     def log_results(self, results: dict[str, Any], global_step: int) -> None:
@@ -257,11 +261,14 @@ def open_tracker(run_dir: Path, writes: bool, resume_step: int, epochs_done: int
 def _experiment(hparams: Hparams) -> Summary:
     """The HPARAMS tab's columns: every hparam (the varied ones marked ``differs``, which
     TensorBoard sorts first) and the FINAL_METRICS."""
-    infos = [HParamInfo(name=name, type=_data_type(value), differs=name in hparams.varied)
-             for name, value in hparams.values.items()]  # fmt: skip
+    infos = [
+        HParamInfo(name=name, type=_data_type(value), differs=name in hparams.varied)
+        for name, value in hparams.values.items()
+    ]
     metrics = [MetricInfo(name=MetricName(tag=tag)) for tag in FINAL_METRICS]
-    content = HParamsPluginData(experiment=Experiment(hparam_infos=infos, metric_infos=metrics),
-                                version=PLUGIN_DATA_VERSION)  # fmt: skip
+    content = HParamsPluginData(
+        experiment=Experiment(hparam_infos=infos, metric_infos=metrics), version=PLUGIN_DATA_VERSION
+    )
     return _plugin_summary(EXPERIMENT_TAG, content)
 
 
