@@ -430,7 +430,7 @@ def test_the_stock_search_space_reads_as_optuna_distributions():
     optuna = pytest.importorskip("optuna")
     import yaml
 
-    from stable_cnn.cli.optuna_search import grid_of, search_space
+    from stable_cnn.cli.optuna_space import grid_of, search_space
 
     assert int(optuna.__version__.split(".")[0]) >= 4
     params = yaml.safe_load((REPO / "conf/hparams_search/optuna.yaml").read_text())

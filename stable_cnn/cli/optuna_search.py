@@ -17,27 +17,30 @@ import copy
 import logging
 import math
 import re
-import signal
-import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from stable_cnn.cli.optuna_space import (
+    check_same_setting,
+    check_same_space,
+    grid_of,
+    search_space,
+)
 from stable_cnn.cli.optuna_trials import (
-    TrialEnd,
+    TrialPlan,
     TrialWorkers,
     end_of_launched,
     end_of_worker,
     hydra_value,
+    run_side_by_side,
+    tell,
+    told,
 )
 from stable_cnn.errors import ConfigError, UserError
 from stable_cnn.studies.optuna_study import (
@@ -51,7 +54,6 @@ from stable_cnn.studies.optuna_study import (
     summarise,
     write_study_files,
 )
-from stable_cnn.system.signals import EXIT_PREEMPTED
 
 log = logging.getLogger("stable_cnn")
 
@@ -93,79 +95,6 @@ def register() -> None:
     ConfigStore.instance().store(
         group="hydra/sweeper", name="stable_optuna", node=OptunaSearchConfig, provider="stable_cnn"
     )
-
-
-def distribution(override: Override) -> Any:
-    """An Optuna distribution for a sweep expression, or the plain value of a fixed one."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    if not override.is_sweep_override():
-        return override.get_value_element_as_str()
-    value = override.value()
-    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
-        return CategoricalDistribution(
-            list(override.sweep_iterator(transformer=Transformer.encode))
-        )
-    if override.is_range_sweep():  # Hydra's values: the stop excluded, any step
-        values = list(override.sweep_iterator(transformer=Transformer.encode))
-        key = override.get_key_element()
-        if len(values) < 2 or value.step <= 0:
-            raise ConfigError(
-                f"{key}={override.get_value_element_as_str()}: a range to search "
-                f"needs two values or more, rising"
-            )
-        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-            return IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
-        low, step = float(values[0]), float(value.step)
-        high = round(low + (len(values) - 1) * step, 12)  # 0.9, not 0.8999999999999999
-        return FloatDistribution(round(low, 12), high, step=step)
-    if override.is_interval_sweep():
-        log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log_scale)
-        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ConfigError(f"hydra.sweeper.params: {override.input_line} is no sweep Optuna can take")
-
-
-def search_space(expressions: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The searched keys with their distributions, and the fixed keys with their values."""
-    from optuna.distributions import BaseDistribution
-
-    space: dict[str, Any] = {}
-    fixed: dict[str, str] = {}
-    for override in OverridesParser.create().parse_overrides(expressions):
-        made = distribution(override)
-        key = override.get_key_element()
-        if isinstance(made, BaseDistribution):  # the last word on a key wins, as in Hydra:
-            space[key] = made  # the command line's over the stock space
-            fixed.pop(key, None)
-        else:
-            fixed[key] = made
-            space.pop(key, None)
-    return space, fixed
-
-
-def grid_of(space: dict[str, Any]) -> dict[str, list[Any]]:
-    """Every value of each key, for sampler=grid (choices and ranges only)."""
-    from optuna.distributions import CategoricalDistribution
-
-    grid = {}
-    for key, made in space.items():
-        if isinstance(made, CategoricalDistribution):
-            grid[key] = list(made.choices)
-        elif getattr(made, "step", None) is not None:
-            count = round((made.high - made.low) / made.step) + 1
-            grid[key] = [made.low + k * made.step for k in range(count)]
-        else:
-            raise ConfigError(
-                f"hydra.sweeper.sampler=grid needs a finite set for {key}: use choice(...) or "
-                f"range(...), not interval(...)"
-            )
-    return grid
 
 
 class OptunaSearchRun:
@@ -407,100 +336,9 @@ class OptunaSearchRun:
             )
 
 
-class TrialPlan:
-    """What the workers of one invocation share: the trials left to ask for, how many
-    ended and failed, and whether to stop (too many failures, or an error)."""
-
-    def __init__(self, trials: int, max_failure_rate: float) -> None:
-        self.left, self.max_failure_rate = trials, max_failure_rate
-        self.ended = self.failed = 0
-        self.stopped = self.too_many_failed = False
-        self.lock = threading.Lock()
-
-    def next(self, ask: Callable[[], Any]) -> Any:
-        """A new trial (asked under the lock: one at a time), or None when done."""
-        with self.lock:
-            if self.stopped or self.left == 0:
-                return None
-            self.left -= 1
-            return ask()
-
-    def ended_as(self, state: str) -> None:
-        with self.lock:
-            self.ended += 1
-            self.failed += state == "failed"
-            if self.failed / self.ended > self.max_failure_rate:
-                self.stopped = self.too_many_failed = True
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopped = True
-
-
-def run_side_by_side(
-    slots: int,
-    run_slot: Callable[[int], None],
-    plan: TrialPlan,
-    pass_on: Callable[[int], None] | None,
-) -> None:
-    """``run_slot`` in ``slots`` threads; the first error stops the others from asking
-    for more trials and is raised once every thread has ended. Ctrl-C or SIGTERM (passed
-    on to the workers with ``pass_on``) lets the running trials save, then exits 75."""
-    errors: list[BaseException] = []
-    ended = [threading.Event() for _ in range(slots)]
-
-    def guarded(slot: int) -> None:
-        try:
-            run_slot(slot)
-        except BaseException as err:
-            errors.append(err)
-            plan.stop()
-        finally:
-            ended[slot].set()
-
-    def interrupt(signum: int, frame: object) -> None:
-        if pass_on is not None:
-            pass_on(signum)
-        raise KeyboardInterrupt
-
-    for slot in range(slots):  # daemons: a second Ctrl-C ends the search at once
-        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}", daemon=True).start()
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:  # Events, not Thread.join: a join that Ctrl-C interrupts may stop waiting for good
-        for event in ended:
-            event.wait()
-    except KeyboardInterrupt:  # the workers got it too (or from us): they save and stop
-        plan.stop()
-        for event in ended:
-            event.wait()
-        log.warning("stopped by a signal: the running trials saved their checkpoints")
-        sys.exit(EXIT_PREEMPTED)  # as a single run's job stops the sweep
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if errors:
-        raise errors[0]
-
-
 def shown(storage: str | None) -> str:
     """A storage URL for logs, its password masked (postgresql://user:***@host/db)."""
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", str(storage))
-
-
-def check_same_space(study: Any, space: dict[str, Any], name: str) -> None:
-    """One line where a continued study searched a key over another range or choice
-    (Optuna cannot mix them in one study)."""
-    from optuna.distributions import check_distribution_compatibility
-
-    for trial in study.trials:
-        for key, earlier in trial.distributions.items():
-            if key in space:
-                try:
-                    check_distribution_compatibility(earlier, space[key])
-                except ValueError:
-                    raise ConfigError(
-                        f"study {name} searched {key} as {earlier}, not {space[key]}: name "
-                        f"another study with hydra.sweeper.study_name=..."
-                    ) from None
 
 
 def remove_if_empty(folder: Path) -> None:
@@ -513,56 +351,3 @@ def remove_if_empty(folder: Path) -> None:
     while folder != here and folder.is_relative_to(here) and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
-
-
-def check_same_setting(study: Any, setting: dict[str, str], name: str) -> None:
-    """A new study records ``setting``; a continued one refuses, in one line, a search
-    whose values would mean something else (other data, another model, other epochs)."""
-    recorded = study.user_attrs.get("setting")
-    if recorded is None:
-        study.set_user_attr("setting", setting)
-        return
-    differing = [key for key in setting if key in recorded and recorded[key] != setting[key]]
-    if differing:
-        shown = ", ".join(
-            f"{key}={setting[key]} (the study's: {recorded[key]})" for key in differing[:3]
-        )
-        raise ConfigError(
-            f"study {name} was started with other settings: {shown}; its trials would not "
-            f"compare: name another study with hydra.sweeper.study_name=..."
-        )
-
-
-def tell(study: Any, trial: Any, end: TrialEnd) -> str:
-    """Tell ``study`` how ``trial``'s job ended; returns complete, pruned or failed."""
-    import optuna
-
-    if end.pruned:
-        log.info("trial %d pruned %s", trial.number, end.pruned)
-        told(study, trial, state=optuna.trial.TrialState.PRUNED)
-        return "pruned"
-    if end.failure:  # a failed job is a failed trial: the search goes on
-        log.warning("trial %d failed: %s", trial.number, end.failure)
-        told(study, trial, state=optuna.trial.TrialState.FAIL)
-        return "failed"
-    now = told(study, trial, end.value)
-    if now is not None and now.state.name == "FAIL" and math.isfinite(end.value):
-        log.warning(
-            "trial %d had been marked failed meanwhile (by another search that "
-            "found no heartbeat): its value %s is lost",
-            trial.number,
-            end.value,
-        )
-        return "failed"
-    return "complete" if math.isfinite(end.value) else "failed"
-
-
-def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
-    """``study.tell``: the trial as the study has it now (as it was, where it had been
-    ended already), or None where the grid sampler stopped at its last point."""
-    try:
-        return study.tell(trial, *args, skip_if_finished=True, **kwargs)
-    except RuntimeError as err:  # Study.stop() outside optimize(): the grid is done
-        if "Study.stop" not in str(err):
-            raise
-        return None

@@ -1,10 +1,12 @@
-"""How one trial of ``hparams_search=optuna`` runs, and what it ended as: in Hydra's
+"""How the trials of ``hparams_search=optuna`` run, and what each ended as: in Hydra's
 launcher (one job per call, in this process with the basic launcher), or in a worker
 process of its own (``hydra.sweeper.n_jobs`` > 1 on this machine), where each trial's
 output lines carry its number and each worker gets its share of the cores or a GPU.
 
 Either way the job is a stable-cnn-train run in ``<sweep dir>/<trial number>_<params>``,
 and it reports each epoch to its trial (``hydra.sweeper.trial``), which may prune it.
+Several run side by side (TrialPlan, run_side_by_side) without waiting for each other,
+and each one's end is told to the study (tell).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from stable_cnn.cli.hydra_errors import FULL_ERROR_SET_HERE
 from stable_cnn.cli.sweeps import DIVERGED_VALUE
 from stable_cnn.state.run_files import read_failure
 from stable_cnn.studies.optuna_study import Pruned
+from stable_cnn.system.signals import EXIT_PREEMPTED
 
 log = logging.getLogger("stable_cnn")
 
@@ -209,3 +214,112 @@ def visible_gpus() -> list[str]:
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]
+
+
+class TrialPlan:
+    """What the workers of one invocation share: the trials left to ask for, how many
+    ended and failed, and whether to stop (too many failures, or an error)."""
+
+    def __init__(self, trials: int, max_failure_rate: float) -> None:
+        self.left, self.max_failure_rate = trials, max_failure_rate
+        self.ended = self.failed = 0
+        self.stopped = self.too_many_failed = False
+        self.lock = threading.Lock()
+
+    def next(self, ask: Callable[[], Any]) -> Any:
+        """A new trial (asked under the lock: one at a time), or None when done."""
+        with self.lock:
+            if self.stopped or self.left == 0:
+                return None
+            self.left -= 1
+            return ask()
+
+    def ended_as(self, state: str) -> None:
+        with self.lock:
+            self.ended += 1
+            self.failed += state == "failed"
+            if self.failed / self.ended > self.max_failure_rate:
+                self.stopped = self.too_many_failed = True
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+
+
+def run_side_by_side(
+    slots: int,
+    run_slot: Callable[[int], None],
+    plan: TrialPlan,
+    pass_on: Callable[[int], None] | None,
+) -> None:
+    """``run_slot`` in ``slots`` threads; the first error stops the others from asking
+    for more trials and is raised once every thread has ended. Ctrl-C or SIGTERM (passed
+    on to the workers with ``pass_on``) lets the running trials save, then exits 75."""
+    errors: list[BaseException] = []
+    ended = [threading.Event() for _ in range(slots)]
+
+    def guarded(slot: int) -> None:
+        try:
+            run_slot(slot)
+        except BaseException as err:
+            errors.append(err)
+            plan.stop()
+        finally:
+            ended[slot].set()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if pass_on is not None:
+            pass_on(signum)
+        raise KeyboardInterrupt
+
+    for slot in range(slots):  # daemons: a second Ctrl-C ends the search at once
+        threading.Thread(target=guarded, args=(slot,), name=f"trials-{slot}", daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:  # Events, not Thread.join: a join that Ctrl-C interrupts may stop waiting for good
+        for event in ended:
+            event.wait()
+    except KeyboardInterrupt:  # the workers got it too (or from us): they save and stop
+        plan.stop()
+        for event in ended:
+            event.wait()
+        log.warning("stopped by a signal: the running trials saved their checkpoints")
+        sys.exit(EXIT_PREEMPTED)  # as a single run's job stops the sweep
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if errors:
+        raise errors[0]
+
+
+def tell(study: Any, trial: Any, end: TrialEnd) -> str:
+    """Tell ``study`` how ``trial``'s job ended; returns complete, pruned or failed."""
+    import optuna
+
+    if end.pruned:
+        log.info("trial %d pruned %s", trial.number, end.pruned)
+        told(study, trial, state=optuna.trial.TrialState.PRUNED)
+        return "pruned"
+    if end.failure:  # a failed job is a failed trial: the search goes on
+        log.warning("trial %d failed: %s", trial.number, end.failure)
+        told(study, trial, state=optuna.trial.TrialState.FAIL)
+        return "failed"
+    now = told(study, trial, end.value)
+    if now is not None and now.state.name == "FAIL" and math.isfinite(end.value):
+        log.warning(
+            "trial %d had been marked failed meanwhile (by another search that "
+            "found no heartbeat): its value %s is lost",
+            trial.number,
+            end.value,
+        )
+        return "failed"
+    return "complete" if math.isfinite(end.value) else "failed"
+
+
+def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
+    """``study.tell``: the trial as the study has it now (as it was, where it had been
+    ended already), or None where the grid sampler stopped at its last point."""
+    try:
+        return study.tell(trial, *args, skip_if_finished=True, **kwargs)
+    except RuntimeError as err:  # Study.stop() outside optimize(): the grid is done
+        if "Study.stop" not in str(err):
+            raise
+        return None
