@@ -1,7 +1,7 @@
 """The Hydra entrypoint, ``stable-cnn-train``: the only module that sees the DictConfig.
 
 It composes the config, turns it into typed objects (range checks before any data is
-read), hands them to ``loop.train`` (the run itself) and returns the best validation
+read), hands them to training/fit.py (the run itself) and returns the best validation
 accuracy to sweepers; every mistake a user can make ends here as one line and an exit
 status.
 """
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,7 @@ def main(cfg: DictConfig) -> float | Pruned:
 
 def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
     from stable_cnn.system.distributed import ALONE, check_devices, join, world_from_environment
-    from stable_cnn.training.fit import RunPreempted, TrialPruned, train
+    from stable_cnn.training.fit import RunPreempted, TrialPruned
 
     hydra_config = HydraConfig.get()
     # a search's trial is a sweep's job, also in a worker process of its own (RUN mode)
@@ -182,15 +183,7 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
             if trial is not None:
                 trial.record_folder(folder)
 
-        results = train(
-            run,
-            run_dir,
-            composed,
-            hparams=hparams,
-            world=world,
-            on_run_folder=elsewhere,
-            trial=trial,
-        )
+        results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial)
     except TrainingDiverged as err:
         if world.is_main:
             log.error("error: %s", err)
@@ -215,6 +208,30 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
         # one, but a signal (Ctrl-C, SLURM preemption) is meant for the whole sweep.
         sys.exit(EXIT_PREEMPTED)
     return results["best_val_acc"]
+
+
+def train_here(
+    run: RunConfig,
+    run_dir: Path,
+    composed: dict[str, Any],
+    hparams: Hparams,
+    world: World,
+    on_run_folder: Callable[[Path], None],
+    trial: TrialReport | FollowerReport | None,
+) -> dict[str, Any]:
+    """This process's part of the run: the folder agreed on, then (optimizer.lr=auto)
+    the range test, then the run built with what it found."""
+    from stable_cnn.training.fit import started_run, train_started
+    from stable_cnn.training.lr_finder import with_auto_lr
+
+    with started_run(run, run_dir, composed, Path("outputs"), world, on_run_folder) as start:
+        if start.outcome is not None:  # trainer.resume found it finished
+            return start.outcome
+        data = None
+        if start.run.optimizer.lr == "auto":  # the range test's data serves the run too
+            start, data = with_auto_lr(start, composed, world)
+            hparams.values["optimizer.lr"] = start.run.optimizer.lr
+        return train_started(start, composed, hparams, world, trial, data)
 
 
 def trial_of(sweeper: DictConfig, world: World) -> TrialReport | FollowerReport:

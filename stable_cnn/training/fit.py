@@ -1,6 +1,8 @@
-"""The run itself: build what it needs (training.py), then for each epoch train,
-validate, log and checkpoint, and finally test the best checkpoint. ``train.py`` (the
-Hydra entrypoint) composes the config and calls ``train``.
+"""The run itself: start it (``started_run``: seed, device, the folder every process
+agrees on), build what it needs (training/build.py), then for each epoch train,
+validate, log and checkpoint, and finally test the best checkpoint (``train_started``).
+stable-cnn-train (cli/train.py) composes the config and calls the two, with
+optimizer.lr=auto's range test (training/lr_finder.py) between them.
 
 Every process of a distributed run goes through the same lines: each trains on its
 share of the data (DDP averages the gradients), the evaluations and the decisions
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +26,7 @@ from stable_cnn.data.augment import normalize
 from stable_cnn.data.build import test_time_augmentation
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.errors import TrainingDiverged
+from stable_cnn.errors import ConfigError, TrainingDiverged
 from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import data_as_it_started, earlier_outcome
@@ -41,7 +44,6 @@ from stable_cnn.system.signals import GracefulStop
 from stable_cnn.training.build import (
     Training,
     agree_on_run,
-    build_data,
     build_training,
     choose_runtime,
 )
@@ -53,7 +55,6 @@ from stable_cnn.training.diagnostics import (
 )
 from stable_cnn.training.epoch import EpochStats, ensure_finite, train_one_epoch
 from stable_cnn.training.evaluation import EvalStats, evaluate
-from stable_cnn.training.lr_finder import with_found_lr
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -131,22 +132,32 @@ class EpochReport(Protocol):
     def should_stop(self, epoch: int, value: float, last: bool) -> bool: ...
 
 
-def train(
+@dataclass
+class RunStart:
+    """Where a run goes on, as every process agreed (``started_run``): its config (a
+    resumed run's data settled as it started), folder, device and what it resumes; or
+    the outcome of a run that had finished already."""
+
+    run: RunConfig
+    run_dir: Path
+    runtime: Runtime
+    resume: tuple[Path, dict[str, Any]] | None
+    outcome: dict[str, Any] | None
+    started: float  # time.perf_counter() at the start: results.json's wall_s counts from here
+
+
+@contextmanager
+def started_run(
     run: RunConfig,
     run_dir: Path,
     composed_config: dict[str, Any],
     outputs: Path = Path("outputs"),
-    hparams: Hparams | None = None,
     world: World = ALONE,
     on_run_folder: Callable[[Path], None] | None = None,
-    trial: EpochReport | None = None,
-) -> dict[str, Any]:
-    """Train, validate every epoch, test the best checkpoint; returns results.json's content.
-    ``hparams`` (name -> value) goes to TensorBoard's HPARAMS tab with the final metrics.
-    ``world`` is this process's place among the processes training together.
-    ``on_run_folder`` is told, on every process, when the run goes on in a folder other
-    than ``run_dir`` (the run it resumes). ``trial`` hears each epoch's validation
-    accuracy where the run is a search's trial, and may stop it (TrialPruned)."""
+) -> Iterator[RunStart]:
+    """Seed, choose the device, agree on the run's folder (a new one, or the run it
+    resumes) and hold it as its one live writer until the run ends. ``on_run_folder`` is
+    told, on every process, when the run goes on in a folder other than ``run_dir``."""
     started = time.perf_counter()
     seed_everything(run.trainer.seed, run.trainer.deterministic)  # before CUDA starts (cuBLAS)
     runtime = choose_runtime(run, world)
@@ -159,7 +170,8 @@ def train(
         on_run_folder(run_dir)
     try:
         if run.trainer.resume is not None and (outcome := earlier_outcome(run_dir)) is not None:
-            return outcome
+            yield RunStart(run, run_dir, runtime, None, outcome, started)
+            return
         if world.is_main:
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # this attempt writes its outcome
         resume = None if resume_state is None else (resume_from, resume_state)
@@ -167,61 +179,60 @@ def train(
             record = CheckpointRecord.read(resume_state, resume_from)
             run = replace(run, data=data_as_it_started(run.data, record))
             composed_config["data"]["sampling"] = run.data.sampling
-        data = None
-        if run.optimizer.lr == "auto":
-            run, data = with_auto_lr(run, runtime, run_dir, resume_state, composed_config, world)
-            if hparams is not None:
-                hparams.values["optimizer.lr"] = run.optimizer.lr
-        try:
-            training = build_training(run, world, runtime, run_dir, composed_config, resume, data)
-        except BaseException:
-            if data is not None:  # the range test's loader workers would hold the exit
-                data.close()
-            raise
-        try:
-            log.info("run folder: %s", run_dir)
-            fit(training, hparams or Hparams(), trial)
-            return test_best(training, hparams or Hparams(), started)
-        finally:
-            training.data.close()
+        yield RunStart(run, run_dir, runtime, resume, None, started)
     finally:
         if lock is not None:
             lock.release()
 
 
-def with_auto_lr(
+def train(
     run: RunConfig,
-    runtime: Runtime,
     run_dir: Path,
-    resume_state: dict[str, Any] | None,
     composed_config: dict[str, Any],
-    world: World,
-) -> tuple[RunConfig, DataSplits | None]:
-    """optimizer.lr=auto: the run with the rate the range test finds (a resumed run: the
-    one it found when it started), and the data the test decoded, for the run itself."""
-    data = build_data(run, world, runtime) if resume_state is None else None
+    outputs: Path = Path("outputs"),
+    hparams: Hparams | None = None,
+    world: World = ALONE,
+) -> dict[str, Any]:
+    """A whole run with a given learning rate: ``started_run``, then ``train_started``;
+    returns results.json's content. (stable-cnn-train does the two itself, with
+    optimizer.lr=auto's range test between them.)"""
+    if run.optimizer.lr == "auto":
+        raise ConfigError("optimizer.lr=auto is found by stable-cnn-train: give a number here")
+    with started_run(run, run_dir, composed_config, outputs, world) as start:
+        if start.outcome is not None:
+            return start.outcome
+        return train_started(start, composed_config, hparams, world)
+
+
+def train_started(
+    start: RunStart,
+    composed_config: dict[str, Any],
+    hparams: Hparams | None = None,
+    world: World = ALONE,
+    trial: EpochReport | None = None,
+    data: DataSplits | None = None,
+) -> dict[str, Any]:
+    """Build the run, train and validate every epoch, test the best checkpoint; returns
+    results.json's content. ``hparams`` (name -> value) goes to TensorBoard's HPARAMS
+    tab with the final metrics; ``world`` is this process's place among the processes
+    training together; ``trial`` hears each epoch's validation accuracy where the run is
+    a search's trial, and may stop it (TrialPruned); ``data``, the run's splits where
+    they were built already (by the range test)."""
+    hparams = hparams or Hparams()
     try:
-        with GracefulStop() as stop:  # a signal during the search: exit 75, nothing saved
-            found = with_found_lr(
-                run,
-                runtime,
-                run_dir,
-                resume_state,
-                composed_config,
-                world,
-                lambda: stop.signal_name or "",
-                data,
-            )
-        if found is None:
-            raise RunPreempted(
-                f"{stop.signal_name}: stopped while finding the learning rate "
-                "(optimizer.lr=auto); nothing to save: run the command again"
-            )
+        training = build_training(
+            start.run, world, start.runtime, start.run_dir, composed_config, start.resume, data
+        )
     except BaseException:
-        if data is not None:  # its loader workers would hold the process at exit
+        if data is not None:  # the range test's loader workers would hold the exit
             data.close()
         raise
-    return found, data
+    try:
+        log.info("run folder: %s", start.run_dir)
+        fit(training, hparams, trial)
+        return test_best(training, hparams, start.started)
+    finally:
+        training.data.close()
 
 
 def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) -> None:

@@ -35,8 +35,10 @@ from stable_cnn.system.distributed import ALONE, World, wrap_for_training
 from stable_cnn.system.hardware import Runtime, compile_model
 from stable_cnn.system.plotting import pyplot
 from stable_cnn.system.seeding import seed_everything
+from stable_cnn.system.signals import GracefulStop
 from stable_cnn.training.build import build_data, choose_runtime, model_config
 from stable_cnn.training.epoch import chunked, to_device
+from stable_cnn.training.fit import RunPreempted, RunStart
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.step import TrainStep
 
@@ -369,3 +371,37 @@ def plot_curve(finding: LRFinding, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def with_auto_lr(
+    start: RunStart, composed_config: dict, world: World = ALONE
+) -> tuple[RunStart, DataSplits | None]:
+    """optimizer.lr=auto, before the run is built: the run with the rate the range test
+    finds (a resumed run: the one it found when it started), and the data the test
+    decoded, for the run itself. A signal during the search: RunPreempted (exit 75,
+    nothing to save)."""
+    run = start.run
+    resume_state = None if start.resume is None else start.resume[1]
+    data = build_data(run, world, start.runtime) if resume_state is None else None
+    try:
+        with GracefulStop() as stop:
+            found = with_found_lr(
+                run,
+                start.runtime,
+                start.run_dir,
+                resume_state,
+                composed_config,
+                world,
+                lambda: stop.signal_name or "",
+                data,
+            )
+        if found is None:
+            raise RunPreempted(
+                f"{stop.signal_name}: stopped while finding the learning rate "
+                "(optimizer.lr=auto); nothing to save: run the command again"
+            )
+    except BaseException:
+        if data is not None:  # its loader workers would hold the process at exit
+            data.close()
+        raise
+    return replace(start, run=found), data
