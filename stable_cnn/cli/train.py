@@ -351,7 +351,21 @@ def cli() -> None:
     if problem:
         print(f"stable-cnn-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    run_reporting_hydra_errors(main, "stable-cnn-train")
+    try:
+        run_reporting_hydra_errors(main, "stable-cnn-train")
+    except SystemExit as exiting:
+        end_of_distributed_process(exiting.code)
+        raise
+    end_of_distributed_process(0)
+
+
+def end_of_distributed_process(code: object) -> None:
+    """A process of a distributed run (torchrun, trainer.devices) exits with ``code``
+    without the interpreter's teardown, where gloo may abort it (system/distributed.py)."""
+    if "torch.distributed" in sys.modules:  # only then can this process be in a group
+        from stable_cnn.system.distributed import exit_process_of_group
+
+        exit_process_of_group(code)
 
 
 if __name__ == "__main__":

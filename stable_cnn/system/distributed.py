@@ -255,6 +255,22 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def exit_process_of_group(code: object) -> None:
+    """End a process that joined a process group with ``code`` (sys.exit's): leave the
+    group, flush, and exit at once. In the interpreter's own teardown after that, gloo
+    sometimes aborts the process ("terminate called without an active exception": exit
+    -6) when the run has finished and written everything, turning a success into a
+    failure for torchrun. A process that joined no group returns and exits as usual."""
+    if not dist.is_initialized():
+        return
+    leave()
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
 def device_for(world: World, requested: str) -> str:
     """This process's device: with several processes and a CUDA device, the GPU of its
     local rank (``cuda:LOCAL_RANK``, or ``cuda:0`` where each process sees only its own)."""
