@@ -53,7 +53,7 @@ from stable_cnn.system.hardware import (
     resolve_device,
 )
 from stable_cnn.training.captured_step import build_train_step
-from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import autocast, optimizer_step
@@ -173,15 +173,8 @@ def stable_cnn_loop(
         tracker = RunTracker(Path(run_dir))
         rates = []
         for epoch in range(2):  # the first epoch pays one-time costs (compile, allocator)
-            stats, _ = train_one_epoch(
-                train_step,
-                data.train,
-                schedule,
-                epoch * len(data.train),
-                50,
-                tracker.log_step,
-                progress_bar=False,
-            )
+            loop = EpochLoop(train_step, data.train, schedule, tracker.log_step)
+            stats, _ = train_one_epoch(loop, EpochSettings(50), epoch * len(data.train))
             rates.append(stats.images_per_second)
         tracker.close()
     return rates[-1]

@@ -27,7 +27,7 @@ from stable_cnn.system.hardware import Runtime, choose_precision
 from stable_cnn.system.signals import EXIT_PREEMPTED
 from stable_cnn.training.build import model_config
 from stable_cnn.training.captured_step import GraphedTrainStep
-from stable_cnn.training.epoch import EpochStats, train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, EpochStats, train_one_epoch
 from stable_cnn.training.evaluation import load_for_evaluation, training_accuracy
 from stable_cnn.training.host_syncs import step_waits
 from stable_cnn.training.optimizers import build_optimizer
@@ -193,9 +193,7 @@ def trained_by(
         ClippingConfig("norm", max_norm=1.0),
         runtime,
     )
-    stats, _ = train_one_epoch(
-        step, batches, schedule, 0, 100, lambda s, v: None, progress_bar=False
-    )
+    stats, _ = train_one_epoch(EpochLoop(step, batches, schedule), EpochSettings(100), 0)
     assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
     return model.state_dict(), stats
 

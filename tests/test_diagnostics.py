@@ -13,7 +13,7 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig
 from stable_cnn.system.hardware import FP32, Runtime
-from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
 from tests.conftest import TINY, compose_run, read_jsonl, run_cli
@@ -135,9 +135,7 @@ def test_a_loss_spike_is_counted():
         runtime,
         loss_spike_factor=2.0,
     )
-    stats, _ = train_one_epoch(
-        train_step, batches, schedule, 0, 100, lambda step, scalars: None, progress_bar=False
-    )
+    stats, _ = train_one_epoch(EpochLoop(train_step, batches, schedule), EpochSettings(100), 0)
     assert stats.loss_spikes == 1
     assert stats.clip_fraction == 0.0
 

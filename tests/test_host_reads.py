@@ -18,7 +18,7 @@ from stable_cnn.data.augment import BatchMixing
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import FP32, Runtime
 from stable_cnn.training import fit as train_module
-from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
@@ -50,16 +50,8 @@ def epoch_reads(
     train_step = TrainStep(
         model, nn.CrossEntropyLoss(), optimizer, scaler, clipping, runtime, mixing=mixing
     )
-    train_one_epoch(
-        train_step,
-        data,
-        schedule,
-        0,
-        log_every,
-        lambda step, scalars: None,
-        progress_bar=False,
-        on_nonfinite=policy,
-    )
+    settings = EpochSettings(log_every_n_steps=log_every, on_nonfinite=policy)
+    train_one_epoch(EpochLoop(train_step, data, schedule), settings, 0)
     return sum(host_reads.values())
 
 

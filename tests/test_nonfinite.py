@@ -12,7 +12,7 @@ from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.progress import SLOT
 from stable_cnn.system.hardware import FP32, Runtime
-from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
@@ -43,17 +43,8 @@ def run_epoch(
     train_step = TrainStep(
         model, nn.CrossEntropyLoss(), optimizer, scaler, ClippingConfig("norm", max_norm=1.0), CPU
     )
-    stats, _ = train_one_epoch(
-        train_step,
-        batches,
-        schedule,
-        0,
-        log_every,
-        lambda step, scalars: None,
-        progress_bar=False,
-        on_nonfinite=policy,
-        max_consecutive_nonfinite=limit,
-    )
+    settings = EpochSettings(log_every, on_nonfinite=policy, max_consecutive_nonfinite=limit)
+    stats, _ = train_one_epoch(EpochLoop(train_step, batches, schedule), settings, 0)
     return model, stats
 
 

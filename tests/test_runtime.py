@@ -117,7 +117,7 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
     from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
     from stable_cnn.models.small_cnn import SmallCNN
     from stable_cnn.system.hardware import FP32, CompiledWithFallback, Runtime, compile_model
-    from stable_cnn.training.epoch import train_one_epoch
+    from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
     from stable_cnn.training.optimizers import build_optimizer
     from stable_cnn.training.schedulers import build_schedule
     from stable_cnn.training.step import TrainStep
@@ -147,15 +147,11 @@ def test_compile_really_compiles_on_the_cpu_and_trains_like_eager():
             runtime,
         )
         logged = losses[compiled] = []
-        train_one_epoch(
-            step,
-            batches,
-            schedule,
-            0,
-            1,
-            lambda _, scalars, logged=logged: logged.append(scalars["loss/train"]),
-            progress_bar=False,
-        )
+
+        def log(_: int, scalars: dict, logged: list = logged) -> None:
+            logged.append(scalars["loss/train"])
+
+        train_one_epoch(EpochLoop(step, batches, schedule, log), EpochSettings(1), 0)
         if compiled:
             assert isinstance(network, CompiledWithFallback) and network.compiled is not None
     assert len(losses[True]) == len(batches)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -60,86 +60,89 @@ def ensure_finite(what: str, value: float, global_step: int) -> None:
         )
 
 
+@dataclass
+class EpochLoop:
+    """What an epoch trains with: the step (forward, backward, clip, optimizer step), the
+    batches, the schedule it advances, where the logged values go, and where there are
+    any the weight average, the other processes and the check for a signal."""
+
+    train_step: TrainStep
+    batches: Iterable
+    schedule: LRSchedule
+    log_step: StepLogger = field(default=lambda step, scalars: None)
+    ema: WeightEMA | None = None
+    world: World = ALONE
+    stop_requested: Callable[[], str] = field(default=lambda: "")  # a signal's name, or ""
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    """How an epoch runs (the trainer.* keys of the same names)."""
+
+    log_every_n_steps: int = 50  # the host reads the device this often, and at the end
+    on_nonfinite: str = "skip"  # skip: drop a NaN/Inf step on the device; stop: end there
+    max_consecutive_nonfinite: int = 10  # skip: this many in a row end the epoch
+    accumulate: int = 1  # batches whose gradients make one optimizer step
+    progress_bar: bool = False
+    label: str = ""  # the progress bar's, e.g. "epoch 3/10"
+
+
 def train_one_epoch(
-    train_step: TrainStep,
-    batches: Iterable,
-    schedule: LRSchedule,
+    loop: EpochLoop,
+    settings: EpochSettings,
     global_step: int,
-    log_every_n_steps: int,
-    log_step: StepLogger,
-    progress_label: str = "",
-    progress_bar: bool = True,
     progress: EpochProgress | None = None,
-    stop_requested: Callable[[], str] = lambda: "",
-    on_nonfinite: str = "skip",
-    max_consecutive_nonfinite: int = 10,
-    ema: WeightEMA | None = None,
-    world: World = ALONE,
-    accumulate: int = 1,
 ) -> tuple[EpochStats, EpochProgress]:
-    """Train over ``batches`` with ``train_step``; continue ``progress`` when resuming
-    mid-epoch.
+    """Train over ``loop.batches`` from optimizer step ``global_step``, continuing
+    ``progress`` when resuming mid-epoch; returns the epoch's stats and its running sums.
 
     The host reads the device only every ``log_every_n_steps`` steps and at the end of the
-    epoch. The epoch ends early, after the current step, when ``stop_requested()`` names a
-    reason (a signal); with ``on_nonfinite="stop"`` at the first NaN/Inf loss or gradient
-    (which costs one host read per step); with ``on_nonfinite="skip"`` once a check (at
-    each log interval and the epoch's end) finds ``max_consecutive_nonfinite`` skipped
-    steps in a row. ``ema``, if given, is updated after every step (outside the step, so
-    a captured step keeps its graph).
-
-    With ``accumulate`` > 1, each optimizer step accumulates the gradients of that many
-    batches (the epoch's last step those that are left); steps, the schedule, the
-    weight average, log intervals and stops count optimizer steps.
-
-    With several processes (``world``) every decision is taken on values they share, at
-    the same step: the sums are gathered at log intervals and the epoch's end, and a
-    stop request (a signal may reach one process only) is agreed at log intervals,
-    where the host reads the device anyway; a lone process checks it every step.
+    epoch. The epoch ends early, after the current step, at a signal (``stop_requested``),
+    at the first NaN/Inf with ``on_nonfinite="stop"`` (one host read per step), or with
+    ``on_nonfinite="skip"`` once a check (each log interval, the epoch's end) finds
+    ``max_consecutive_nonfinite`` skipped steps in a row. With ``accumulate`` > 1 an
+    optimizer step takes that many batches; steps, the schedule, the weight average, log
+    intervals and stops count optimizer steps. With several processes every decision is
+    taken on shared values at the same step (sums gathered, a signal agreed at log
+    intervals, where the host reads anyway; a lone process checks a signal every step).
     """
+    train_step, world = loop.train_step, loop.world
     train_step.model.train()
     runtime, optimizer, scaler = train_step.runtime, train_step.optimizer, train_step.scaler
     if progress is None:
         progress = EpochProgress.start(runtime.device)
         progress.start_lr = current_lr(optimizer)
     stop_reason, signalled = "", False
-    bar = tqdm(batches, desc=progress_label, leave=False, disable=None if progress_bar else True)
+    bar = tqdm(
+        loop.batches,
+        desc=settings.label,
+        leave=False,
+        disable=None if settings.progress_bar else True,
+    )
     started = time.perf_counter()
-    for micro_batches in chunked(bar, accumulate):
-        on_device = to_device(micro_batches, runtime)
-        if accumulate == 1:
-            step = train_step(*on_device[0], progress)  # a captured step replays here
-        else:
-            step = train_step.accumulated(on_device, progress)
-        if ema is not None:
-            ema.update()
-        schedule.after_optimizer_step()
+    for micro_batches in chunked(bar, settings.accumulate):
+        step = train_step.run(to_device(micro_batches, runtime), progress)  # a captured one replays
+        if loop.ema is not None:
+            loop.ema.update()
+        loop.schedule.after_optimizer_step()
         global_step += 1
 
-        if on_nonfinite == "stop":  # the one policy that reads the device every step
+        if settings.on_nonfinite == "stop":  # the one policy that reads the device every step
             stop_reason = first_nonfinite(step, scaler.is_enabled(), global_step)
-        at_interval = global_step % log_every_n_steps == 0
+        at_interval = global_step % settings.log_every_n_steps == 0
         if at_interval:
             stop_reason = stop_reason or log_interval(
-                progress,
-                step,
-                optimizer,
-                scaler,
-                global_step,
-                log_step,
-                bar,
-                max_consecutive_nonfinite,
-                world,
+                progress, step, loop, settings, global_step, bar
             )
         if (at_interval or not world.distributed) and not stop_reason:
-            stop_reason = world.agree_on_reason(stop_requested())
+            stop_reason = world.agree_on_reason(loop.stop_requested())
             signalled = bool(stop_reason)
         if stop_reason:
             break
     bar.close()
     values = progress.read(world)  # also waits for the device: the time below is the GPU's
     progress.seconds += time.perf_counter() - started
-    if not stop_reason and values["longest_nonfinite_run"] >= max_consecutive_nonfinite:
+    if not stop_reason and values["longest_nonfinite_run"] >= settings.max_consecutive_nonfinite:
         stop_reason = too_many_nonfinite(values, global_step)
     stats = epoch_stats(values, progress.seconds, global_step, stop_reason)
     stats.signalled = signalled
@@ -192,17 +195,15 @@ def too_many_nonfinite(values: dict[str, float], global_step: int) -> str:
 def log_interval(
     progress: EpochProgress,
     step: StepOutcome,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    loop: EpochLoop,
+    settings: EpochSettings,
     global_step: int,
-    log_step: StepLogger,
     bar: tqdm,
-    max_consecutive_nonfinite: int,
-    world: World = ALONE,
 ) -> str:
     """Log the window's mean loss and this step's norms (one host read, two under fp16);
     return a reason to stop if the skip limit was reached, else ''."""
-    values = across_processes(progress.values, world)
+    optimizer, scaler = loop.train_step.optimizer, loop.train_step.scaler
+    values = across_processes(progress.values, loop.world)
     window_loss, window_steps, grad_norm, grad_norm_clipped, longest = torch.stack(
         [
             values[SLOT["window_loss"]],
@@ -223,9 +224,9 @@ def log_interval(
         }
         if scaler.is_enabled():
             scalars["stability/amp_scale"] = scaler.get_scale()
-        log_step(global_step, scalars)
+        loop.log_step(global_step, scalars)
         bar.set_postfix(loss=f"{scalars['loss/train']:.4f}", refresh=False)
-    if longest >= max_consecutive_nonfinite:
+    if longest >= settings.max_consecutive_nonfinite:
         return too_many_nonfinite({"longest_nonfinite_run": longest}, global_step)
     return ""
 

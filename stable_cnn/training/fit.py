@@ -53,7 +53,13 @@ from stable_cnn.training.diagnostics import (
     model_health,
     stage_weights,
 )
-from stable_cnn.training.epoch import EpochStats, ensure_finite, train_one_epoch
+from stable_cnn.training.epoch import (
+    EpochLoop,
+    EpochSettings,
+    EpochStats,
+    ensure_finite,
+    train_one_epoch,
+)
 from stable_cnn.training.evaluation import EvalStats, evaluate
 from stable_cnn.training.tracking import Hparams, RunTracker
 
@@ -243,7 +249,15 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
     try:
         with GracefulStop() as stop:
             for epoch in range(counters.epoch + 1, trainer.epochs + 1):
-                train_stats = train_epoch(training, epoch, stop)
+                train_stats, state.progress = train_one_epoch(
+                    epoch_loop(training, stop),
+                    epoch_settings(training, epoch),
+                    counters.global_step,
+                    state.progress,  # where a run resumed in mid-epoch stopped
+                )
+                counters.global_step = train_stats.global_step
+                if not train_stats.completed:
+                    stop_mid_epoch(training, epoch, train_stats)
                 val_stats, raw_stats = validate(training)
                 state.schedule.after_epoch(val_stats.accuracy)
                 counters.epoch = epoch
@@ -288,42 +302,44 @@ def how_it_stopped(err: Exception) -> tuple[str, str]:
     return "diverged", str(err).split(":", 1)[0]
 
 
-def train_epoch(training: Training, epoch: int, stop: GracefulStop) -> EpochStats:
-    """One epoch of training (or the rest of a resumed one). An epoch cut short by a
-    signal or by non-finite steps saves last.pt and raises."""
-    state, trainer, world = training.state, training.run.trainer, training.world
-    counters = state.counters
-    stats, state.progress = train_one_epoch(
+def epoch_loop(training: Training, stop: GracefulStop) -> EpochLoop:
+    """What the run's epochs train with (the run's objects, for train_one_epoch)."""
+    return EpochLoop(
         training.train_step,
         training.data.train,
-        state.schedule,
-        counters.global_step,
-        trainer.log_every_n_steps,
+        training.state.schedule,
         training.tracker.log_step,
-        progress_label=f"epoch {epoch}/{trainer.epochs}",
-        progress_bar=trainer.progress_bar and world.is_main,
-        progress=state.progress,
-        stop_requested=lambda: stop.signal_name or "",
+        training.state.ema,
+        training.world,
+        lambda: stop.signal_name or "",
+    )
+
+
+def epoch_settings(training: Training, epoch: int) -> EpochSettings:
+    trainer = training.run.trainer
+    return EpochSettings(
+        log_every_n_steps=trainer.log_every_n_steps,
         on_nonfinite=trainer.on_nonfinite,
         max_consecutive_nonfinite=trainer.max_consecutive_nonfinite,
-        ema=state.ema,
-        world=world,
         accumulate=trainer.accumulate_grad_batches,
+        progress_bar=trainer.progress_bar and training.world.is_main,
+        label=f"epoch {epoch}/{trainer.epochs}",
     )
-    counters.global_step = stats.global_step
-    if stats.completed:
-        return stats
+
+
+def stop_mid_epoch(training: Training, epoch: int, stats: EpochStats) -> None:
+    """An epoch cut short by a signal or by non-finite steps: save last.pt and raise."""
     save_checkpoints(training, best=False)
-    where = f"stopped in epoch {epoch} at step {counters.global_step}"
+    where = f"stopped in epoch {epoch} at step {stats.global_step}"
     if stats.signalled:  # to this process or another
         raise RunPreempted(
             f"{stats.stop_reason}: {where}; checkpoint saved; continue with "
             f"trainer.resume={training.run_dir}"
         )
     raise TrainingDiverged(
-        f"{stats.stop_reason}: {where} (trainer.on_nonfinite={trainer.on_nonfinite}); the "
-        f"weights from before that step are in {training.checkpoints / 'last.pt'}; lower "
-        f"optimizer.lr or keep clipping=norm"
+        f"{stats.stop_reason}: {where} (trainer.on_nonfinite="
+        f"{training.run.trainer.on_nonfinite}); the weights from before that step are in "
+        f"{training.checkpoints / 'last.pt'}; lower optimizer.lr or keep clipping=norm"
     )
 
 

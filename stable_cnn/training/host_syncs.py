@@ -22,7 +22,7 @@ from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import Runtime, choose_precision, compile_model
 from stable_cnn.training.captured_step import build_train_step
-from stable_cnn.training.epoch import train_one_epoch
+from stable_cnn.training.epoch import EpochLoop, EpochSettings, train_one_epoch
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 
@@ -122,7 +122,5 @@ def waits_in_an_epoch(path: str, amp: str, steps: int, device: torch.device) -> 
         for _ in range(steps)
     ]
     with counting_host_waits(device) as counts:
-        train_one_epoch(
-            train_step, batches, schedule, 0, 10_000, lambda step, scalars: None, progress_bar=False
-        )
+        train_one_epoch(EpochLoop(train_step, batches, schedule), EpochSettings(10_000), 0)
     return host_reads(counts), counts[CUDA_SYNCS]

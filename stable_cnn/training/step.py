@@ -264,6 +264,14 @@ class TrainStep:
         """Train on one batch (already on the device) and add it to ``progress``."""
         return self.accumulated([(images, labels)], progress, veto)
 
+    def run(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], progress: EpochProgress
+    ) -> StepOutcome:
+        """One optimizer step over a step's batches (one, unless gradients accumulate)."""
+        if len(micro_batches) == 1:
+            return self(*micro_batches[0], progress)  # a captured step replays here
+        return self.accumulated(micro_batches, progress)
+
     def accumulated(
         self,
         micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
