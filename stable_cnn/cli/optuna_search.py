@@ -305,7 +305,7 @@ class OptunaSearchRun:
                         f"hydra.sweeper.trial={trial.number}",
                     )
                     launched = self.launcher.launch([job], trial.number)[0]
-                    end = end_of_launched(launched, self.run_folder_of(trial_id))
+                    end = end_of_launched(launched)
             except BaseException:  # a launch that fails (or Ctrl-C) leaves no trial RUNNING
                 told(study, trial, state=optuna.trial.TrialState.FAIL)
                 plan.stop()

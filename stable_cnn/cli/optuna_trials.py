@@ -12,6 +12,7 @@ and each one's end is told to the study (tell).
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -60,49 +61,40 @@ class TrialEnd:
     value: float | None = None
     pruned: str = ""  # e.g. "after epoch 2 (val_acc 41.20%)"
     failure: str = ""
-    run_folder: str | None = None
 
 
-def end_of_launched(job: Any, recorded_folder: str | None) -> TrialEnd:
+def end_of_launched(job: Any) -> TrialEnd:
     """What a job run by Hydra's launcher returned (its own error where it failed)."""
-    folder = recorded_folder
-    if folder is None and job.hydra_cfg:
-        folder = str(job.hydra_cfg.hydra.runtime.output_dir)
     try:
         returned = job.return_value  # raises the job's own error where it failed
     except Exception as err:  # a failed job is a failed trial: the search goes on
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return TrialEnd(failure=reason, run_folder=folder)
+        return TrialEnd(failure=str(err).splitlines()[0] if str(err) else type(err).__name__)
     if isinstance(returned, Pruned):
-        return TrialEnd(pruned=returned.reason, run_folder=folder)
+        return TrialEnd(pruned=returned.reason)
     try:
-        return TrialEnd(value=float(returned), run_folder=folder)
+        return TrialEnd(value=float(returned))
     except (TypeError, ValueError):
-        return TrialEnd(failure=f"the job returned {returned!r}, not a number", run_folder=folder)
+        return TrialEnd(failure=f"the job returned {returned!r}, not a number")
 
 
 def end_of_worker(recorded_folder: str | None, exit_code: int, output: list[str]) -> TrialEnd:
     """What a worker process's run ended as, read from the run folder its job recorded
     on the trial (results.json, failure.json), else from its exit status and last error
     line (a job refused before it had a run)."""
-    import json
-
     folder = None if recorded_folder is None else Path(recorded_folder)
     if folder is not None and (folder / "results.json").is_file():
         value = json.loads((folder / "results.json").read_text()).get("best_val_acc")
-        return TrialEnd(
-            value=math.nan if value is None else float(value), run_folder=recorded_folder
-        )
+        return TrialEnd(value=math.nan if value is None else float(value))
     failure = None if folder is None else read_failure(folder)
     if failure is not None and failure["status"] == "pruned":
-        return TrialEnd(pruned=failure["reason"], run_folder=recorded_folder)
+        return TrialEnd(pruned=failure["reason"])
     if failure is not None and failure["status"] == "diverged":
-        return TrialEnd(value=DIVERGED_VALUE, run_folder=recorded_folder)
+        return TrialEnd(value=DIVERGED_VALUE)
     if failure is not None:
-        return TrialEnd(failure=failure["reason"], run_folder=recorded_folder)
+        return TrialEnd(failure=failure["reason"])
     errors = [line.split("error: ", 1)[1].strip() for line in output if "error: " in line]
     reason = errors[-1] if errors else f"exit status {exit_code}"
-    return TrialEnd(failure=reason, run_folder=recorded_folder)
+    return TrialEnd(failure=reason)
 
 
 PLAIN_WORD = re.compile(r"[A-Za-z_][\w.\-/]*")
