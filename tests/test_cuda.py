@@ -174,7 +174,7 @@ def cuda_batches(count: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def trained_by(
-    kind: type[TrainStep], batches: list, amp: str, dropout: float, wrap=None
+    kind: type[TrainStep | GraphedTrainStep], batches: list, amp: str, dropout: float, wrap=None
 ) -> tuple[dict, EpochStats]:
     """A fresh SmallCNN (seed 0) trained by ``kind`` for one epoch on ``batches``, on their
     device (``wrap`` around the model, if given): (final weights, epoch stats)."""
@@ -185,7 +185,7 @@ def trained_by(
     model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, SGDConfig(lr=0.1))
     schedule = build_schedule(optimizer, CosineConfig(interval="step"), 1, len(batches))
-    step = kind(
+    step = TrainStep(
         model if wrap is None else wrap(model),
         nn.CrossEntropyLoss(),
         optimizer,
@@ -193,6 +193,8 @@ def trained_by(
         ClippingConfig("norm", max_norm=1.0),
         runtime,
     )
+    if kind is GraphedTrainStep:
+        step = GraphedTrainStep(step)
     stats, _ = train_one_epoch(EpochLoop(step, batches, schedule), EpochSettings(100), 0)
     assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
     return model.state_dict(), stats

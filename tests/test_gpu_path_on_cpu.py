@@ -20,7 +20,7 @@ from stable_cnn.training.captured_step import GraphedTrainStep
 from stable_cnn.training.host_syncs import counting_host_waits, host_reads, waits_in_an_epoch
 from stable_cnn.training.muon import MatrixMuon, MuonWithAuxiliary
 from stable_cnn.training.optimizers import build_optimizer, muon_weights, start_momentum_at_zero
-from stable_cnn.training.step import TrainStep, update
+from stable_cnn.training.step import TrainStep, skips_on_device, unscale_clip_step
 from tests.conftest import compose_run
 from tests.test_cuda import (
     FailsItsWarmUp,
@@ -80,13 +80,13 @@ def trained_tensors(model: nn.Module, optimizer: MuonWithAuxiliary) -> dict[str,
 def scaled_step(
     model: nn.Module, optimizer: MuonWithAuxiliary, scaler: torch.amp.GradScaler, unscaled_by: str
 ) -> int:
-    """One fp16 step on the scaled gradients there, as the run's update() takes it
+    """One fp16 step on the scaled gradients there, as the run's unscale_clip_step() takes it
     (unscale_, clip, GradScaler.step) or by GradScaler.step alone: its host reads."""
     with counting_host_waits() as counts:
         if unscaled_by == "update":
-            update(
-                list(model.parameters()), optimizer, scaler, ClippingConfig(), torch.tensor(True)
-            )
+            parameters, finite = list(model.parameters()), torch.tensor(True)
+            sync_free = skips_on_device(optimizer)
+            unscale_clip_step(parameters, optimizer, scaler, ClippingConfig(), finite, sync_free)
         else:
             scaler.step(optimizer)
             scaler.update()

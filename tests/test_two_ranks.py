@@ -176,7 +176,7 @@ def a_bad_loss_on_one_rank_skips_the_step_on_both(rank: int) -> None:
     weights, applied = [], []
     with counting_collectives() as collectives:
         for images, labels in batches:
-            outcome = step(images, labels, EpochProgress.start(runtime.device))
+            outcome = step.run([(images, labels)], EpochProgress.start(runtime.device))
             applied.append(bool(outcome.applied))
             weights.append(model[1].weight.detach().clone())
     assert applied == [True, False, True], f"rank {rank}: {applied}"

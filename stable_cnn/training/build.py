@@ -54,7 +54,7 @@ from stable_cnn.system.hardware import (
     use_tf32,
 )
 from stable_cnn.system.seeding import seed_own_stream
-from stable_cnn.training.captured_step import build_train_step
+from stable_cnn.training.captured_step import GraphedTrainStep, build_train_step
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
@@ -164,7 +164,7 @@ class Training:
     network: nn.Module  # what trains: the model compiled and/or wrapped in DDP
     criterion: nn.Module
     state: RunState
-    train_step: TrainStep
+    train_step: TrainStep | GraphedTrainStep
     tracker: RunTracker
 
     @property

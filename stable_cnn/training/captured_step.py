@@ -30,7 +30,7 @@ from stable_cnn.state.progress import EpochProgress
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
 from stable_cnn.training.muon import MuonWithAuxiliary
-from stable_cnn.training.step import StepOutcome, TrainStep, skips_on_device
+from stable_cnn.training.step import Batch, StepOutcome, TrainStep, skips_on_device
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN, allocator)
@@ -59,22 +59,21 @@ def capture_problem(
     return ""
 
 
-class GraphedTrainStep(TrainStep):
-    """A TrainStep that captures itself in a CUDA graph at its first batch and replays the
-    graph from then on; if capturing fails, it says so in one line and stays eager."""
+class GraphedTrainStep:
+    """A TrainStep captured in a CUDA graph at its first batch and replayed from then on;
+    if capturing fails, it says so in one line and the step stays eager."""
 
-    graph: torch.cuda.CUDAGraph | None = None
-    failed = False
+    def __init__(self, step: TrainStep) -> None:
+        self.step = step  # what is captured, and what runs where nothing is
+        self.model, self.runtime = step.model, step.runtime
+        self.optimizer, self.scaler = step.optimizer, step.scaler
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        progress: EpochProgress,
-        veto: bool = False,
-    ) -> StepOutcome:
-        if veto or self.failed:
-            return super().__call__(images, labels, progress, veto)
+    def run(self, batches: list[Batch], progress: EpochProgress) -> StepOutcome:
+        if self.failed or len(batches) > 1:
+            return self.step.run(batches, progress)
+        images, labels = batches[0]
         if self.graph is None:
             try:
                 self.capture(images, labels)
@@ -87,7 +86,7 @@ class GraphedTrainStep(TrainStep):
                 torch.cuda.synchronize(self.runtime.device)
                 # gradients made during the failed capture point at memory no kernel wrote
                 self.optimizer.zero_grad(set_to_none=True)
-                return super().__call__(images, labels, progress)
+                return self.step.run(batches, progress)
         return self.replay(images, labels, progress)
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -126,7 +125,7 @@ class GraphedTrainStep(TrainStep):
         with torch.cuda.stream(side):
             scratch = EpochProgress.start(device)
             for _ in range(WARMUP_STEPS):
-                super().__call__(self.images, self.labels, scratch, veto=True)
+                self.step.run([(self.images, self.labels)], scratch, veto=True)
         torch.cuda.current_stream(device).wait_stream(side)
 
     def record_step(self) -> tuple[torch.cuda.CUDAGraph, StepOutcome]:
@@ -147,7 +146,7 @@ class GraphedTrainStep(TrainStep):
         with torch.cuda.stream(torch.cuda.Stream(device)):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                outcome = TrainStep.__call__(self, self.images, self.labels, self.progress)
+                outcome = self.step.run([(self.images, self.labels)], self.progress)
             except BaseException:
                 leave_failed_capture(graph, pool, device, end_raised=False)
                 raise
@@ -217,9 +216,11 @@ def build_train_step(
     accumulate: int = 1,
     no_sync: Callable[[], AbstractContextManager] | None = None,
     mixing: BatchMixing | None = None,
-) -> TrainStep:
+) -> TrainStep | GraphedTrainStep:
     """The run's TrainStep: captured in a CUDA graph where asked for and possible."""
-    kind = TrainStep
+    step = TrainStep(
+        model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor, no_sync, mixing
+    )
     if cuda_graph:
         problem = capture_problem(runtime, scaler, optimizer, cycles_momentum, world)
         if accumulate > 1:
@@ -229,7 +230,5 @@ def build_train_step(
         if problem:
             log.warning("trainer.cuda_graph=true ignored: %s; training eagerly", problem)
         else:
-            kind = GraphedTrainStep
-    return kind(
-        model, criterion, optimizer, scaler, clipping, runtime, loss_spike_factor, no_sync, mixing
-    )
+            return GraphedTrainStep(step)
+    return step

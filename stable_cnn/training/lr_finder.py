@@ -158,7 +158,7 @@ def sweep(
     for lr, micro_batches in zip(rates, chunked(endless(batches), accumulate), strict=False):
         for group in swept:
             group["lr"] = lr
-        train_step.accumulated(to_device(micro_batches, runtime), progress)
+        train_step.run(to_device(micro_batches, runtime), progress)
         pending.append(train_step.last_loss.float())
         if len(pending) == READ_EVERY or len(losses) + len(pending) == len(rates):
             losses += torch.stack(pending).tolist()  # the one host read per READ_EVERY steps

@@ -99,9 +99,9 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
 
     @property
     def skips_on_device(self) -> bool:
-        """Whether update() may hand it the step's verdict as ``found_inf`` (Muon's part is
-        put back by a select; the auxiliary must be fused to skip inside its kernel: not
-        on MPS, where update() reads the verdict on the host instead)."""
+        """Whether step_unless_nonfinite() may hand it the step's verdict as
+        ``found_inf`` (Muon's part is put back by a select; the auxiliary must be fused to
+        skip inside its kernel: not on MPS, where the verdict is read on the host)."""
         return self.auxiliary is None or skips_on_device(self.auxiliary)
 
     @property
@@ -127,8 +127,8 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
     def step(self, closure=None) -> None:
         if closure is not None:
             raise ValueError("optimizer=muon takes no closure")
-        # Set for this step only: found_inf (non-zero: skip) by update() or GradScaler.step,
-        # grad_scale by GradScaler.step where no unscale_ came first (fp16).
+        # Set for this step only: found_inf (non-zero: skip) by step_unless_nonfinite()
+        # or GradScaler.step, grad_scale by GradScaler.step where no unscale_ came first.
         skip = getattr(self, "found_inf", None)
         scale = getattr(self, "grad_scale", None)
         gradients = self.muon_gradients()

@@ -1,11 +1,11 @@
-"""One training step, decided on the device: forward, backward, unscale, clip, step, and
-its share of the epoch's sums, with NaN/Inf steps skipped without the host reading a flag.
+"""One training step: forward, backward, unscale, clip, step, and its share of the
+epoch's sums (``TrainStep.plain``, first below), then what makes it safe without the
+host waiting: a NaN/Inf step is skipped on the device (``step_unless_nonfinite``) and
+BatchNorm's running statistics are put back after it (``TrainStep.run``).
 
 The order is nanoGPT's: scale -> backward -> unscale -> clip -> step -> update ->
 zero_grad, so clipping sees real gradient units, and one GradScaler lives for the whole
-run. Whether a step is applied is a boolean tensor: a fused optimizer (SGD, AdamW on CUDA
-and CPU) takes it as ``found_inf`` and skips its own update, and BatchNorm's running
-statistics are put back by a device-side select. On a GPU nothing here waits for it.
+run. The CUDA graph (captured_step.py) wraps ``TrainStep.run``; it repeats none of it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,86 @@ from stable_cnn.data.augment import BatchMixing
 from stable_cnn.state.progress import EpochProgress, StepOutcome
 from stable_cnn.system.hardware import Precision, Runtime
 from stable_cnn.training.batchnorm_guard import BatchNormGuard
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images and labels, on the run's device
+
+
+class TrainStep:
+    """One optimizer step, built once per run: nothing in it reads the device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        clipping: ClippingConfig,
+        runtime: Runtime,
+        loss_spike_factor: float = 2.0,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
+        mixing: BatchMixing | None = None,
+    ) -> None:
+        self.model = model  # compiled or not, wrapped in DDP or not
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.clipping = clipping
+        self.runtime = runtime
+        self.loss_spike_factor = loss_spike_factor
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.norm_guard = BatchNormGuard.of(model)
+        self.sync_free = skips_on_device(optimizer)
+        self.no_sync = no_sync or contextlib.nullcontext  # DDP's: keep gradients local
+        self.mixing = mixing  # mixup or cutmix, or None
+        self.last_loss: torch.Tensor | None = None  # the last step's (the range test reads it)
+
+    def plain(
+        self, batches: list[Batch], progress: EpochProgress, veto: bool = False
+    ) -> StepOutcome:
+        """One optimizer step over a step's batches (one, unless gradients accumulate),
+        added to ``progress``. ``veto`` skips the update (a CUDA graph's warm-up)."""
+        share, finite, seen = 1.0 / len(batches), None, []
+        for index, (images, labels) in enumerate(batches):
+            targets = labels
+            if self.mixing is not None:  # labels: each image's larger share's, for accuracy
+                images, targets, labels = self.mixing(images, labels)
+            last = index == len(batches) - 1  # DDP averages gradients only then
+            with contextlib.nullcontext() if last else self.no_sync():
+                with autocast(self.runtime.device, self.runtime.precision):
+                    logits = self.model(images)
+                    loss = self.criterion(logits, targets)
+                loss_finite = backward(loss, self.scaler, share)
+            finite = loss_finite if finite is None else finite & loss_finite
+            seen.append((loss.detach(), logits.detach(), labels))
+        step = unscale_clip_step(
+            self.parameters,
+            self.optimizer,
+            self.scaler,
+            self.clipping,
+            finite,
+            self.sync_free,
+            veto,
+        )
+        self.last_loss, logits, labels = joined(seen)
+        fp16 = self.scaler.is_enabled()
+        progress.record(step, self.last_loss, logits, labels, self.loss_spike_factor, fp16)
+        return step
+
+    def run(self, batches: list[Batch], progress: EpochProgress, veto: bool = False) -> StepOutcome:
+        """The plain step, with BatchNorm's running statistics (updated by the forward
+        pass, before the step is judged) put back where the step was skipped."""
+        self.norm_guard.snapshot()
+        step = self.plain(batches, progress, veto)
+        self.norm_guard.keep_if(step.applied & (not veto))
+        return step
+
+
+def joined(seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """A step's loss (the mean of its batches'), logits and labels."""
+    if len(seen) == 1:
+        return seen[0]
+    losses, logits, labels = zip(*seen, strict=True)
+    return torch.stack(losses).mean(), torch.cat(logits), torch.cat(labels)
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
@@ -78,46 +158,49 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler, share: float = 1.
     return loss_finite
 
 
-def update(
+def unscale_clip_step(
     parameters: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     clipping: ClippingConfig,
     loss_finite: torch.Tensor,
-    sync_free: bool | None = None,
+    sync_free: bool,
     veto: bool = False,
 ) -> StepOutcome:
-    """Clip the unscaled gradients and step; a step whose loss or gradients are NaN/Inf is
-    skipped (the weights and the optimizer state stay as they were).
-
-    ``sync_free`` (default: whether the optimizer is fused) decides on the device; an
-    optimizer that cannot skip by itself costs one host read of the flag per step.
-    ``veto`` skips the update whatever the flags say (a CUDA graph's warm-up steps)."""
-    scaler.unscale_(optimizer)
+    """Unscale, clip and step on the gradients ``backward`` left, then clear them."""
+    scaler.unscale_(optimizer)  # clip in real gradient units (fp16)
     grad_norm, grad_norm_clipped = clip_gradients(parameters, clipping)
     outcome = StepOutcome(grad_norm, grad_norm_clipped, loss_finite, grad_norm.isfinite())
-    if sync_free is None:
-        sync_free = skips_on_device(optimizer)
+    step_unless_nonfinite(optimizer, scaler, outcome.applied, sync_free, veto)
+    optimizer.zero_grad(set_to_none=True)
+    return outcome
+
+
+def step_unless_nonfinite(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    applied: torch.Tensor,
+    sync_free: bool,
+    veto: bool = False,
+) -> None:
+    """``optimizer.step()`` where ``applied`` (a device flag: loss and gradients finite),
+    else nothing: the weights and the optimizer state stay as they were. ``sync_free``
+    (``skips_on_device``): decided on the device; otherwise one host read of the flag.
+    ``veto`` skips the update whatever the flag says (a CUDA graph's warm-up steps)."""
     if veto and scaler.is_enabled():
         raise ValueError("veto needs amp without a GradScaler (bf16 or fp32)")
     if scaler.is_enabled():
-        # fp16: the GradScaler found the same NaN/Inf while unscaling and skips the step
-        # itself (through found_inf into a fused optimizer: no sync), lowering its scale.
-        scaler.step(optimizer)
-    elif sync_free:
-        # The contract GradScaler itself uses with fused optimizers (torch.amp.GradScaler.
-        # step): a float tensor attribute `found_inf`, non-zero = skip this update.
-        skip = torch.ones_like(outcome.applied) if veto else ~outcome.applied
+        scaler.step(optimizer)  # fp16: the scaler found the same NaN/Inf and skips itself
+    elif sync_free:  # GradScaler's own contract with fused optimizers: found_inf=1 skips
+        skip = torch.ones_like(applied) if veto else ~applied
         optimizer.found_inf = skip.float()  # exactly 0 or 1: the kernels test for 1
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
-    elif outcome.applied and not veto:  # host read: this optimizer cannot skip on the device
+    elif applied and not veto:  # host read: this optimizer cannot skip on the device
         optimizer.step()
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return outcome
+    scaler.update()  # fp16: lowers the scale after a skipped step; else does nothing
 
 
 def optimizer_step(
@@ -126,13 +209,11 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     clipping: ClippingConfig,
-    sync_free: bool | None = None,
-    veto: bool = False,
 ) -> StepOutcome:
-    """Backward, clip the unscaled gradients, step (nanoGPT's order: scale -> backward ->
-    unscale -> clip -> step -> update -> zero_grad): ``backward`` then ``update``."""
+    """The step for one loss a hand-written loop computed: backward, unscale, clip, step."""
     loss_finite = backward(loss, scaler)
-    return update(parameters, optimizer, scaler, clipping, loss_finite, sync_free, veto)
+    sync_free = skips_on_device(optimizer)
+    return unscale_clip_step(parameters, optimizer, scaler, clipping, loss_finite, sync_free)
 
 
 def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
@@ -148,103 +229,3 @@ def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[param]
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(param)
-
-
-class TrainStep:
-    """Everything one optimizer step does, built once per run: forward and loss under
-    autocast for each of its micro-batches (one, unless gradients are accumulated, each
-    mixed first by ``mixing``: mixup or cutmix), the optimizer step, the BatchNorm
-    guard, and the step's share of the epoch's sums. Nothing in it reads the device
-    (see ``update``)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        criterion: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
-        clipping: ClippingConfig,
-        runtime: Runtime,
-        loss_spike_factor: float = 2.0,
-        no_sync: Callable[[], AbstractContextManager] | None = None,
-        mixing: BatchMixing | None = None,
-    ) -> None:
-        self.model = model  # compiled or not, wrapped in DDP or not
-        self.criterion = criterion
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.clipping = clipping
-        self.runtime = runtime
-        self.loss_spike_factor = loss_spike_factor
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.norm_guard = BatchNormGuard.of(model)
-        self.sync_free = skips_on_device(optimizer)
-        # DDP's no_sync: the micro-batches before the last keep their gradients local
-        self.no_sync = no_sync or contextlib.nullcontext
-        self.last_loss: torch.Tensor | None = None  # the last step's (the range test reads it)
-        self.mixing = mixing
-
-    def __call__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        progress: EpochProgress,
-        veto: bool = False,
-    ) -> StepOutcome:
-        """Train on one batch (already on the device) and add it to ``progress``."""
-        return self.accumulated([(images, labels)], progress, veto)
-
-    def run(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], progress: EpochProgress
-    ) -> StepOutcome:
-        """One optimizer step over a step's batches (one, unless gradients accumulate)."""
-        if len(micro_batches) == 1:
-            return self(*micro_batches[0], progress)  # a captured step replays here
-        return self.accumulated(micro_batches, progress)
-
-    def accumulated(
-        self,
-        micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-        progress: EpochProgress,
-        veto: bool = False,
-    ) -> StepOutcome:
-        """One optimizer step over the gradients of several micro-batches (on the device),
-        each weighing as much as its share of the images; the step is judged, clipped and
-        counted once, on the accumulated gradient."""
-        self.norm_guard.snapshot()
-        share = 1.0 / len(micro_batches)
-        losses, all_logits, all_labels, finite = [], [], [], None
-        for index, (images, labels) in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            targets = labels
-            if self.mixing is not None:  # labels: each image's larger share's, for accuracy
-                images, targets, labels = self.mixing(images, labels)
-            with contextlib.nullcontext() if last else self.no_sync():
-                with autocast(self.runtime.device, self.runtime.precision):
-                    logits = self.model(images)
-                    loss = self.criterion(logits, targets)
-                loss_finite = backward(loss, self.scaler, share)
-            finite = loss_finite if finite is None else finite & loss_finite
-            losses.append(loss.detach())
-            all_logits.append(logits.detach())
-            all_labels.append(labels)
-        step = update(
-            self.parameters,
-            self.optimizer,
-            self.scaler,
-            self.clipping,
-            finite,
-            self.sync_free,
-            veto,
-        )
-        self.norm_guard.keep_if(step.applied & (not veto))
-        if len(micro_batches) == 1:
-            loss, logits, labels = losses[0], all_logits[0], all_labels[0]
-        else:
-            loss = torch.stack(losses).mean()
-            logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-        self.last_loss = loss
-        progress.record(
-            step, loss, logits, labels, self.loss_spike_factor, self.scaler.is_enabled()
-        )
-        return step
