@@ -40,10 +40,10 @@ def test_every_training_option_composes_and_builds(override: str):
     model = SmallCNN(width=run.model.width, dropout=run.model.dropout)
     optimizer = build_optimizer(model, run.optimizer)
     schedule = build_schedule(optimizer, run.scheduler, run.trainer.epochs, steps_per_epoch=5)
-    for _ in range(5):
+    for step in range(1, 6):
         optimizer.step()
-        schedule.after_optimizer_step()
-    schedule.after_epoch(val_acc=50.0)
+        schedule.after_optimizer_step(step)
+    schedule.after_epoch(1, val_acc=50.0)
     assert optimizer.param_groups[0]["lr"] >= 0
     precision = choose_precision(run.amp.name, torch.device("cpu"))
     assert precision.name in ("fp32", "fp16", "bf16")

@@ -27,13 +27,13 @@ def test_the_average_follows_the_weights_with_a_warm_up():
     ema = WeightEMA(model, decay=0.9, warmup=True)
     start_weight = model.classifier[2].weight.detach().clone()
     decays = []
-    for _ in range(100):
-        decays.append(ema.decay_now())
+    for step in range(1, 101):
+        decays.append(ema.decay_at(step))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
             model.stage1[0][1].running_mean.add_(1.0)
-        ema.update()
+        ema.update(step)
     assert decays[:3] == pytest.approx([1 / 10, 2 / 11, 3 / 12]) and decays[-1] == 0.9
     # averaged by hand: a <- d a + (1 - d) w, with w = start + k after k updates
     expected = start_weight.clone()
@@ -48,13 +48,13 @@ def test_the_average_follows_the_weights_with_a_warm_up():
 
     copy = WeightEMA(SmallCNN(in_channels=1, width=4), decay=0.9)
     copy.load_state_dict(ema.state_dict())
-    assert copy.updates == 100 and copy.decay_now() == 0.9
+    assert copy.decay_at(101) == 0.9
     torch.testing.assert_close(copy.model.classifier[2].weight, expected)
 
 
 def test_without_warm_up_the_decay_is_fixed():
     ema = WeightEMA(SmallCNN(in_channels=1, width=4), decay=0.99, warmup=False)
-    assert ema.decay_now() == 0.99
+    assert ema.decay_at(1) == 0.99
 
 
 EMA_RUN = [*RESUMABLE, "ema=on", "ema.decay=0.99"]

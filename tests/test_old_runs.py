@@ -33,6 +33,7 @@ def test_a_run_of_an_earlier_version_resumes(
     date = old_run.name[:10]
     run_dir = tmp_path / "outputs" / date / "12-00-00"
     shutil.copytree(old_run, run_dir)
+    saved = torch.load(old_run / "checkpoints" / "last.pt", weights_only=True)
     overrides = yaml.safe_load((old_run / ".hydra" / "overrides.yaml").read_text())
     overrides = [o for o in overrides if not o.startswith("data.root=")]
     done = run_cli(
@@ -43,8 +44,10 @@ def test_a_run_of_an_earlier_version_resumes(
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "resuming from" in output, output
-    epochs = [entry["epoch"] for entry in read_jsonl(run_dir / "metrics.jsonl")]
-    assert epochs == [1, 2, 3]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [entry["epoch"] for entry in metrics] == [1, 2, 3]
+    if saved["progress"] is None:  # stopped between epochs: the next began on its rate
+        assert metrics[1]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
     assert json.loads((run_dir / "results.json").read_text())["test_acc"] > 30
     assert [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir] == []
     # it went on with the images it started on: the first N, as its version drew them

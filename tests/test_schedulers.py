@@ -16,7 +16,7 @@ from stable_cnn.config import (
     SchedulerConfig,
     StepConfig,
 )
-from stable_cnn.training.schedulers import build_schedule
+from stable_cnn.training.schedulers import WarmupCosine, build_schedule
 
 PEAK = 0.1
 
@@ -25,14 +25,15 @@ def lr_trace(config: SchedulerConfig, epochs: int, steps: int, val_accs=None) ->
     """Drive a schedule as the training loop does; returns the LR of every step, per epoch."""
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=0.9)
     schedule = build_schedule(optimizer, config, epochs, steps)
-    trace = []
+    trace, global_step = [], 0
     for epoch in range(epochs):
         lrs = []
         for _ in range(steps):
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            schedule.after_optimizer_step()
-        schedule.after_epoch(val_accs[epoch] if val_accs else 50.0)
+            global_step += 1
+            schedule.after_optimizer_step(global_step)
+        schedule.after_epoch(epoch + 1, val_accs[epoch] if val_accs else 50.0)
         trace.append(lrs)
     return trace
 
@@ -91,9 +92,9 @@ def test_onecycle_keeps_the_optimizers_momentum_unless_asked_to_cycle_it(momentu
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=momentum)
     schedule = build_schedule(optimizer, OneCycleConfig(), 2, 10)
     seen = set()
-    for _ in range(19):
+    for step in range(1, 20):
         optimizer.step()
-        schedule.after_optimizer_step()
+        schedule.after_optimizer_step(step)
         seen.add(optimizer.param_groups[0]["momentum"])
     assert seen == {momentum}
 
@@ -101,9 +102,9 @@ def test_onecycle_keeps_the_optimizers_momentum_unless_asked_to_cycle_it(momentu
     cycled = OneCycleConfig(cycle_momentum=True, base_momentum=0.8, max_momentum=0.9)
     schedule = build_schedule(optimizer, cycled, 2, 10)
     trace = []
-    for _ in range(19):
+    for step in range(1, 20):
         optimizer.step()
-        schedule.after_optimizer_step()
+        schedule.after_optimizer_step(step)
         trace.append(optimizer.param_groups[0]["momentum"])
     assert min(trace) == pytest.approx(0.8, abs=1e-3) and max(trace) <= 0.9 + 1e-9
 
@@ -111,3 +112,73 @@ def test_onecycle_keeps_the_optimizers_momentum_unless_asked_to_cycle_it(momentu
 def test_none_keeps_the_lr_constant():
     trace = lr_trace(SchedulerConfig(name="none"), epochs=3, steps=4)
     assert {lr for lrs in trace for lr in lrs} == {PEAK}
+
+
+def torch_trace(make_scheduler, epochs: int, steps: int, per_step: bool) -> list[tuple]:
+    """The (rate, momentum) of every step under a torch scheduler, as versions before
+    the schedules became functions of the step ran them (and saved them)."""
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=0.9)
+    scheduler, trace = make_scheduler(optimizer), []
+    for _ in range(epochs):
+        for _ in range(steps):
+            group = optimizer.param_groups[0]
+            trace.append((group["lr"], group["momentum"]))
+            optimizer.step()
+            if per_step:
+                scheduler.step()
+        if not per_step:
+            scheduler.step()
+    return trace
+
+
+def our_trace(config: SchedulerConfig, epochs: int, steps: int) -> list[tuple]:
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=PEAK, momentum=0.9)
+    schedule, trace, global_step = build_schedule(optimizer, config, epochs, steps), [], 0
+    for epoch in range(1, epochs + 1):
+        for _ in range(steps):
+            group = optimizer.param_groups[0]
+            trace.append((group["lr"], group["momentum"]))
+            optimizer.step()
+            global_step += 1
+            schedule.after_optimizer_step(global_step)
+        schedule.after_epoch(epoch, 50.0)
+    return trace
+
+
+def test_each_schedule_gives_the_rates_torchs_scheduler_gave_older_versions():
+    """A checkpoint of an older version saved torch's scheduler; today's rate comes from
+    the step count. Both agree at every step, bit for bit where torch computes in
+    closed form (cosine, OneCycle), so an old run resumes on the rate it left."""
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR
+    cosine = CosineConfig(interval="step", warmup_epochs=1, eta_min=0.001)
+    by_torch = torch_trace(
+        lambda o: lambda_lr(o, WarmupCosine(40, 10, 0.001 / PEAK)), 4, 10, per_step=True
+    )
+    assert our_trace(cosine, 4, 10) == by_torch
+    cosine = CosineConfig(interval="epoch", warmup_epochs=0)
+    by_torch = torch_trace(lambda o: lambda_lr(o, WarmupCosine(5, 0, 0.0)), 5, 3, per_step=False)
+    assert our_trace(cosine, 5, 3) == by_torch
+    cycled = OneCycleConfig(cycle_momentum=True, base_momentum=0.8, max_momentum=0.9)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR
+    by_torch = torch_trace(
+        lambda o: one_cycle(
+            o,
+            max_lr=[PEAK],
+            total_steps=30,
+            pct_start=cycled.pct_start,
+            div_factor=cycled.div_factor,
+            final_div_factor=cycled.final_div_factor,
+            base_momentum=0.8,
+            max_momentum=0.9,
+        ),
+        3,
+        10,
+        per_step=True,
+    )
+    assert our_trace(cycled, 3, 10) == by_torch
+    stepped = StepConfig(step_size=2, gamma=0.5)
+    by_torch = torch_trace(
+        lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5), 7, 2, per_step=False
+    )
+    ours = our_trace(stepped, 7, 2)  # torch multiplies step by step: the last bit may differ
+    assert [lr for lr, _ in ours] == pytest.approx([lr for lr, _ in by_torch], rel=1e-12)

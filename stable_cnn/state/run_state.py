@@ -27,11 +27,18 @@ from stable_cnn.system.hardware import Runtime
 
 class Saveable(Protocol):
     """What the state needs of a part it saves and restores but does not know (the
-    learning-rate schedule, the data stream's position)."""
+    data stream's position)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Schedule(Saveable, Protocol):
+    """The learning-rate schedule (training.schedulers.LRSchedule): its rate is set from
+    the counters, and only a plateau's history is saved."""
+
+    def go_to(self, global_step: int, epoch: int) -> None: ...
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Counters:
 class RunState:
     model: nn.Module  # the plain model (not the compiled wrapper): its keys have no prefix
     optimizer: torch.optim.Optimizer
-    schedule: Saveable  # training.schedulers.LRSchedule
+    schedule: Schedule
     scaler: torch.amp.GradScaler
     data: Saveable  # the training batches: TensorBatches or ShuffledLoader (their position)
     runtime: Runtime
@@ -92,6 +99,7 @@ class RunState:
         if self.ema is not None:  # the same config: the checkpoint has its average
             self.ema.load_state_dict(state["ema"])
         self.counters = Counters(**state["counters"])
+        self.schedule.go_to(self.counters.global_step, self.counters.epoch)
         own = state if self.world.rank == 0 else state["other_processes"][self.world.rank - 1]
         self.data.load_state_dict(own["data"])
         restore_rng(own["rng"], self.runtime.device)

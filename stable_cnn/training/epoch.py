@@ -123,10 +123,10 @@ def train_one_epoch(
     started = time.perf_counter()
     for micro_batches in chunked(bar, settings.accumulate):
         step = train_step.run(to_device(micro_batches, runtime), progress)  # a captured one replays
-        if loop.ema is not None:
-            loop.ema.update()
-        loop.schedule.after_optimizer_step()
         global_step += 1
+        if loop.ema is not None:
+            loop.ema.update(global_step)  # its decay warms up with the run's steps
+        loop.schedule.after_optimizer_step(global_step)
 
         if settings.on_nonfinite == "stop":  # the one policy that reads the device every step
             stop_reason = first_nonfinite(step, scaler.is_enabled(), global_step)

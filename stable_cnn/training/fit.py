@@ -259,7 +259,7 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
                 if not train_stats.completed:
                     stop_mid_epoch(training, epoch, train_stats)
                 val_stats, raw_stats = validate(training)
-                state.schedule.after_epoch(val_stats.accuracy)
+                state.schedule.after_epoch(epoch, val_stats.accuracy)
                 counters.epoch = epoch
                 improved = record_epoch(training, epoch, train_stats, raw_stats, val_stats)
                 if improved:
