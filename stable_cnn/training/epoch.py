@@ -96,17 +96,7 @@ def train_one_epoch(
 ) -> tuple[EpochStats, EpochProgress]:
     """Train over ``loop.batches`` from optimizer step ``global_step``, continuing
     ``progress`` when resuming mid-epoch; returns the epoch's stats and its running sums.
-
-    The host reads the device only every ``log_every_n_steps`` steps and at the end of the
-    epoch. The epoch ends early, after the current step, at a signal (``stop_requested``),
-    at the first NaN/Inf with ``on_nonfinite="stop"`` (one host read per step), or with
-    ``on_nonfinite="skip"`` once a check (each log interval, the epoch's end) finds
-    ``max_consecutive_nonfinite`` skipped steps in a row. With ``accumulate`` > 1 an
-    optimizer step takes that many batches; steps, the schedule, the weight average, log
-    intervals and stops count optimizer steps. With several processes every decision is
-    taken on shared values at the same step (sums gathered, a signal agreed at log
-    intervals, where the host reads anyway; a lone process checks a signal every step).
-    """
+    The epoch may end early, after a step: ``EpochStats.stop_reason`` says why."""
     train_step, world = loop.train_step, loop.world
     train_step.model.train()
     runtime, optimizer, scaler = train_step.runtime, train_step.optimizer, train_step.scaler
@@ -131,10 +121,11 @@ def train_one_epoch(
         if settings.on_nonfinite == "stop":  # the one policy that reads the device every step
             stop_reason = first_nonfinite(step, scaler.is_enabled(), global_step)
         at_interval = global_step % settings.log_every_n_steps == 0
-        if at_interval:
+        if at_interval:  # the host reads the device here (and at the end), no more often
             stop_reason = stop_reason or log_interval(
                 progress, step, loop, settings, global_step, bar
             )
+        # several processes agree on a signal where they read anyway; one checks each step
         if (at_interval or not world.distributed) and not stop_reason:
             stop_reason = world.agree_on_reason(loop.stop_requested())
             signalled = bool(stop_reason)
@@ -143,6 +134,7 @@ def train_one_epoch(
     bar.close()
     values = progress.read(world)  # also waits for the device: the time below is the GPU's
     progress.seconds += time.perf_counter() - started
+    # on_nonfinite=skip: too many skipped steps in a row, seen at the epoch's end
     if not stop_reason and values["longest_nonfinite_run"] >= settings.max_consecutive_nonfinite:
         stop_reason = too_many_nonfinite(values, global_step)
     stats = epoch_stats(values, progress.seconds, global_step, stop_reason)
