@@ -10,7 +10,7 @@ import torch
 from stable_cnn.cli.conf import config_dir
 from stable_cnn.config import AmpConfig
 from stable_cnn.data.build import build_splits
-from stable_cnn.errors import ConfigError
+from stable_cnn.errors import EXIT_BAD_INPUT, EXIT_FAILED, ConfigError
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import choose_precision
 from stable_cnn.training.optimizers import build_optimizer
@@ -250,7 +250,7 @@ def test_bad_data_is_one_clear_error(case: str, tmp_path: Path):
     args = [*TINY, *overrides, "hydra.run.dir=run"]
     done = run_cli(args, tmp_path, env={"STABLE_CNN_DATA": str(tmp_path / "data")})
     output = done.stdout + done.stderr
-    assert done.returncode == 2, output
+    assert done.returncode == (EXIT_FAILED if case == "diverging loss" else EXIT_BAD_INPUT), output
     errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and all(text in errors[0] for text in expected), output
     assert "Traceback" not in output

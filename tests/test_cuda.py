@@ -19,12 +19,12 @@ from torch import nn
 
 from stable_cnn.config import ClippingConfig, CosineConfig, SGDConfig
 from stable_cnn.data.splits import DatasetInfo
+from stable_cnn.errors import EXIT_PREEMPTED
 from stable_cnn.models.build import build_model
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.checkpoint import save_checkpoint
 from stable_cnn.system.hardware import Runtime, choose_precision
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from stable_cnn.training.build import model_config
 from stable_cnn.training.captured_step import GraphedTrainStep
 from stable_cnn.training.epoch import EpochLoop, EpochSettings, EpochStats, train_one_epoch

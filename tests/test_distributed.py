@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from stable_cnn.cli.train import worker_arguments
 from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
-from stable_cnn.errors import ConfigError, UserError
+from stable_cnn.errors import EXIT_FAILED, EXIT_PREEMPTED, ConfigError, UserError
 from stable_cnn.state.checkpoint import save_checkpoint
 from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import check_same_config, find_checkpoint
@@ -33,7 +33,6 @@ from stable_cnn.system.distributed import (
     threads_per_process,
     world_from_environment,
 )
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import assert_same_run, wait_for_epochs
 
@@ -337,7 +336,7 @@ def test_a_diverging_step_stops_both_processes_together(tmp_path: Path):
         tmp_path,
     )
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == EXIT_FAILED, done.stdout + done.stderr
     assert len(errors) == 1 and "non-finite loss at step" in errors[0]
     assert json.loads((tmp_path / "run" / "failure.json").read_text())["status"] == "diverged"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)

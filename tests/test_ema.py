@@ -14,9 +14,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stable_cnn.errors import EXIT_PREEMPTED
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.small_cnn import SmallCNN
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import read_jsonl, run_cli
 from tests.test_resume import RESUMABLE, assert_same_run, start, wait_for_epochs
 

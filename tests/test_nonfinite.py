@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import ClippingConfig, SchedulerConfig, SGDConfig
+from stable_cnn.errors import EXIT_FAILED
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.state.progress import SLOT
 from stable_cnn.system.hardware import FP32, Runtime
@@ -105,7 +106,7 @@ def test_cli_stop_policy_saves_and_names_epoch_and_step(tmp_path):
         "hydra.run.dir=run",
     ]
     done = run_cli(args, tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == EXIT_FAILED, "diverged: not a mistake in the input (exit 2)"
     (error,) = [line for line in done.stdout.splitlines() if "error:" in line]
     assert "non-finite" in error and "stopped in epoch 1 at step" in error
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -124,7 +125,7 @@ def test_cli_skips_counts_and_then_gives_up(tmp_path):
         "hydra.run.dir=run",
     ]
     done = run_cli(args, tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == EXIT_FAILED
     assert "4 non-finite steps in a row (by step 4)" in done.stdout
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["progress"]["values"][SLOT["nonfinite_steps"]] >= 3

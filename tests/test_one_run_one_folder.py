@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_cnn.system.signals import EXIT_PREEMPTED
+from stable_cnn.errors import EXIT_PREEMPTED
 from tests.conftest import TINY, run_cli
 from tests.test_export import command
 from tests.test_resume import RESUMABLE

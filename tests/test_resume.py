@@ -16,8 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stable_cnn.data.datasets import load_tensors
+from stable_cnn.errors import EXIT_PREEMPTED
 from stable_cnn.state.progress import SLOT
-from stable_cnn.system.signals import EXIT_PREEMPTED
 from tests.conftest import TINY, compose_run, read_jsonl, run_cli
 from tests.test_cli import scalar_tags
 

@@ -30,9 +30,9 @@ from omegaconf import DictConfig
 
 from stable_cnn.cli.hydra_errors import FULL_ERROR_SET_HERE
 from stable_cnn.cli.sweeps import DIVERGED_VALUE
+from stable_cnn.errors import EXIT_PREEMPTED
 from stable_cnn.state.run_files import read_failure
 from stable_cnn.studies.optuna_study import Pruned
-from stable_cnn.system.signals import EXIT_PREEMPTED
 
 log = logging.getLogger("stable_cnn")
 

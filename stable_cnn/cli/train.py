@@ -8,7 +8,6 @@ status.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,19 +25,17 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from stable_cnn.cli.conf import config_dir
 from stable_cnn.cli.extra_keys import with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
-from stable_cnn.cli.run_folder import continue_log_in, discard_if_unused, output_folder_problem
+from stable_cnn.cli.run_folder import continue_log_in, output_folder_problem
+from stable_cnn.cli.run_outcome import ended_command, workers_outcome
 from stable_cnn.cli.sweeps import (
-    DIVERGED_VALUE,
     NOT_HPARAMS,
     SWEPT_KEYS,
     register_job_folder_resolver,
     threads_per_parallel_job,
 )
 from stable_cnn.config import RunConfig, register_schemas
-from stable_cnn.errors import ConfigError, TrainingDiverged, UserError
-from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
+from stable_cnn.errors import EXIT_PREEMPTED, ConfigError
 from stable_cnn.studies.optuna_study import Pruned
-from stable_cnn.system.signals import EXIT_PREEMPTED
 
 if TYPE_CHECKING:
     from stable_cnn.studies.optuna_study import FollowerReport, TrialReport
@@ -118,95 +115,56 @@ register_job_folder_resolver()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | Pruned:
     """Compose, train, and return the best validation accuracy (what sweepers maximise),
-    or, for a search's trial that its pruner stopped, how far it went.
-    A command that ends without a run of its own in the folder Hydra made for it (it was
-    refused, continued a run elsewhere, or found it finished) removes that folder."""
-    from stable_cnn.system.distributed import world_from_environment
-
-    hydra_folder = Path(HydraConfig.get().runtime.output_dir)
-    expected = True  # False for a crash: its folder keeps train.log and the traceback
-    try:
-        return run_training_command(cfg, hydra_folder)
-    except SystemExit:
-        raise
-    except UserError as err:  # a sweep's job (a single command exits above): its report says why
-        if world_from_environment().is_main and not holds_a_record(hydra_folder):
-            record_failure(hydra_folder, "failed", reason=str(err), message=str(err))
-        raise
-    except BaseException:
-        expected = False
-        raise
-    finally:
-        if expected and world_from_environment().is_main:
-            discard_if_unused(hydra_folder)
-
-
-def run_training_command(cfg: DictConfig, hydra_folder: Path) -> float | Pruned:
-    from stable_cnn.system.distributed import ALONE, check_devices, join, world_from_environment
-    from stable_cnn.training.fit import RunPreempted, TrialPruned
-
+    or, for a search's trial that its pruner stopped, how far it went; how the command
+    ends otherwise is cli/run_outcome.py's."""
     hydra_config = HydraConfig.get()
     # a search's trial is a sweep's job, also in a worker process of its own (RUN mode)
     trial_number = OmegaConf.select(hydra_config, "sweeper.trial", default=None)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN or trial_number is not None
-    world = ALONE
-    try:
-        world = world_from_environment()
-        if not world.is_main:  # one process reports; the others speak only of trouble
-            logging.getLogger("stable_cnn").setLevel(logging.WARNING)
-        run = parse_run_config(cfg)
-        check_devices(world, run.trainer.devices)
-        if run.optimizer.lr == "auto" and (run.trainer.devices > 1 or world.distributed):
-            raise ConfigError(
-                "optimizer.lr=auto finds the learning rate in one process: run "
-                "stable-cnn-lr-find with the same overrides, then pass optimizer.lr=VALUE"
-            )
-        threads = threads_per_parallel_job(hydra_config.launcher)
-        if in_sweep and threads is not None and run.trainer.num_threads is None:
-            log.info("jobs run side by side: %d torch thread(s) each", threads)
-            each = max(1, threads // run.trainer.devices)
-            run = replace(run, trainer=replace(run.trainer, num_threads=each))
-        run_dir = Path(hydra_config.runtime.output_dir)
-        composed = OmegaConf.to_container(cfg, resolve=True)
-        if run.trainer.devices > 1 and not world.distributed:
-            return run_local_workers(run, run_dir, composed, hydra_config, in_sweep)
-        join(world)
-        run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
-        hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
+    hydra_folder = Path(hydra_config.runtime.output_dir)
+    return ended_command(
+        lambda: run_training_command(cfg, hydra_folder, in_sweep), hydra_folder, in_sweep
+    )
 
-        trial = trial_of(hydra_config.sweeper, world) if trial_number is not None else None
-        if trial is not None:  # the search reads the trial's outcome in its run folder
-            trial.record_folder(run_dir)
 
-        def elsewhere(folder: Path) -> None:
-            continue_log_in(folder, hydra_folder, world)
-            if trial is not None:
-                trial.record_folder(folder)
+def run_training_command(cfg: DictConfig, hydra_folder: Path, in_sweep: bool) -> float | Pruned:
+    from stable_cnn.system.distributed import check_devices, join, world_from_environment
 
-        results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial)
-    except TrainingDiverged as err:
-        if world.is_main:
-            log.error("error: %s", err)
-        if in_sweep:
-            log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
-            return DIVERGED_VALUE
-        sys.exit(err.exit_code)
-    except UserError as err:
-        if world.is_main:
-            log.error("error: %s", err)
-        if in_sweep:
-            raise  # the sweep records this job as failed and runs the others
-        sys.exit(err.exit_code)
-    except TrialPruned as pruned:
-        if world.is_main:
-            log.info("%s: the search's pruner stopped this trial", pruned)
-        return Pruned(pruned.after)
-    except RunPreempted as stopped:
-        if world.is_main:
-            log.warning("%s", stopped)
-        # SystemExit, not the exception: Hydra would record a failed job and start the next
-        # one, but a signal (Ctrl-C, SLURM preemption) is meant for the whole sweep.
-        sys.exit(EXIT_PREEMPTED)
+    hydra_config = HydraConfig.get()
+    world = world_from_environment()
+    if not world.is_main:  # one process reports; the others speak only of trouble
+        logging.getLogger("stable_cnn").setLevel(logging.WARNING)
+    run = parse_run_config(cfg)
+    check_devices(world, run.trainer.devices)
+    if run.optimizer.lr == "auto" and (run.trainer.devices > 1 or world.distributed):
+        raise ConfigError(
+            "optimizer.lr=auto finds the learning rate in one process: run "
+            "stable-cnn-lr-find with the same overrides, then pass optimizer.lr=VALUE"
+        )
+    threads = threads_per_parallel_job(hydra_config.launcher)
+    if in_sweep and threads is not None and run.trainer.num_threads is None:
+        log.info("jobs run side by side: %d torch thread(s) each", threads)
+        each = max(1, threads // run.trainer.devices)
+        run = replace(run, trainer=replace(run.trainer, num_threads=each))
+    run_dir = Path(hydra_config.runtime.output_dir)
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    if run.trainer.devices > 1 and not world.distributed:
+        return run_local_workers(run, run_dir, composed, hydra_config)
+    join(world)
+    run_dir = Path(world.broadcast(str(run_dir)))  # SLURM's tasks: rank 0's folder
+    hparams = hparams_of(cfg, dict(hydra_config.runtime.choices), hydra_config.overrides.task)
+
+    trial_number = OmegaConf.select(hydra_config, "sweeper.trial", default=None)
+    trial = trial_of(hydra_config.sweeper, world) if trial_number is not None else None
+    if trial is not None:  # the search reads the trial's outcome in its run folder
+        trial.record_folder(run_dir)
+
+    def elsewhere(folder: Path) -> None:
+        continue_log_in(folder, hydra_folder, world)
+        if trial is not None:
+            trial.record_folder(folder)
+
+    results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial)
     return results["best_val_acc"]
 
 
@@ -311,12 +269,10 @@ def run_local_workers(
     run_dir: Path,
     composed_config: dict[str, Any],
     hydra_config: DictConfig,
-    in_sweep: bool,
-) -> float | Pruned:
+) -> float:
     """``trainer.devices=N``: the same command in N processes on this machine, writing to
-    this run's folder (or the run it resumes); returns what rank 0 found. A failed run
-    exits with the workers' status (in a sweep: fails this job alone), a preempted one
-    with 75 (the whole sweep), a diverged one in a sweep returns the worst value."""
+    this run's folder (or the run it resumes); returns what rank 0 found, or raises how
+    the workers' run ended (``workers_outcome``)."""
     from stable_cnn.state.resume import find_checkpoint
     from stable_cnn.system.distributed import launch_local_workers
 
@@ -332,17 +288,7 @@ def run_local_workers(
     )
     arguments = worker_arguments(hydra_config, run_dir, run.trainer.num_threads)
     status = launch_local_workers(devices, arguments, EXIT_PREEMPTED)
-    if status == 0 and (run_dir / "results.json").is_file():
-        return json.loads((run_dir / "results.json").read_text())["best_val_acc"]
-    failure = read_failure(run_dir)
-    if in_sweep and failure is not None and failure["status"] == "pruned":
-        return Pruned(failure["reason"])
-    if in_sweep and failure is not None and failure["status"] == "diverged":
-        log.info("returning %s to the sweeper for this diverged job", DIVERGED_VALUE)
-        return DIVERGED_VALUE
-    if in_sweep and status != EXIT_PREEMPTED:
-        raise UserError(f"the {devices} training processes failed (exit {status}): see above")
-    sys.exit(status)
+    return workers_outcome(run_dir, status, devices)
 
 
 def cli() -> None:

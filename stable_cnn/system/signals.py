@@ -7,11 +7,6 @@ import signal
 import time
 from types import FrameType
 
-# Exit status of a run stopped by a signal after saving its checkpoint: EX_TEMPFAIL,
-# "try again later" (resume with trainer.resume=auto).
-EXIT_PREEMPTED = 75
-
-
 # A second signal this soon after the first is the same request delivered twice: under
 # SLURM the step's processes get SIGTERM from slurmstepd and again from torchrun.
 REPEAT_WINDOW_S = 2.0
