@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from stable_cnn.config import ClippingConfig, LRFindConfig, MuonConfig
+from stable_cnn.config import ClippingConfig, LRFindConfig, MuonConfig, OneCycleConfig
 from stable_cnn.data.augment import BatchMixing, shifted
 from stable_cnn.data.augment import TestTimeAugmentation as TTA  # pytest collects Test*
 from stable_cnn.data.build import batch_mixing
@@ -25,6 +25,7 @@ from stable_cnn.system.hardware import FP32, Precision, Runtime
 from stable_cnn.training.captured_step import build_train_step
 from stable_cnn.training.lr_finder import sweep
 from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep, optimizer_step
 from tests.conftest import REPO, TINY, compose_config, compose_run
 
@@ -177,6 +178,21 @@ def test_muon_state_loads_into_a_new_optimizer_and_a_schedule_moves_both_rates()
     reloaded.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b), "the momentum came back with the state"
+
+
+def test_a_cycled_momentum_moves_muons_momentum_and_leaves_an_auxiliary_adamws_betas():
+    """scheduler=onecycle with cycle_momentum under optimizer=muon auxiliary=adamw: Muon's
+    momentum cycles, as torch's OneCycleLR did (it looks at Muon's defaults); the
+    AdamW's beta1 stays optimizer.auxiliary_momentum at every step."""
+    optimizer = build_optimizer(small_model(), MuonConfig(auxiliary="adamw"))
+    cycled = OneCycleConfig(cycle_momentum=True, base_momentum=0.8, max_momentum=0.9)
+    schedule = build_schedule(optimizer, cycled, 2, 10)
+    muon_momenta = set()
+    for step in range(1, 21):
+        schedule.after_optimizer_step(step)
+        muon_momenta.add(optimizer.muon.param_groups[0]["momentum"])
+        assert all(g["betas"][0] == 0.9 for g in optimizer.auxiliary.param_groups)
+    assert min(muon_momenta) == pytest.approx(0.8, abs=1e-3)
 
 
 def test_the_range_test_sweeps_muons_rate_and_keeps_the_auxiliarys():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stable_cnn.errors import EXIT_FAILED
 from tests.conftest import REPO, TINY, compose_run, run_cli
 from tests.test_export import command
 from tests.test_resume import assert_same_run, stop_in_second_epoch
@@ -25,6 +26,7 @@ MY_MODEL = '''
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 if os.environ.get("MY_CODE_IMPORTED"):  # a trace of every import, for the trust tests
@@ -43,6 +45,19 @@ class PlainNet(nn.Module):
 
     def forward(self, images):
         return self.body(images)
+
+
+class CrashesOnRank(PlainNet):
+    """PlainNet with a bug that shows on one process alone: not a mistake in the input."""
+
+    def __init__(self, in_channels, num_classes, image_size, crash_on_rank=1):
+        super().__init__(in_channels, num_classes, image_size)
+        self.crashes = int(os.environ.get("LOCAL_RANK", "0")) == crash_on_rank
+
+    def forward(self, images):
+        if self.crashes and self.training and torch.is_grad_enabled():  # in a training step
+            raise ZeroDivisionError("a bug in my forward")
+        return super().forward(images)
 '''
 
 
@@ -205,6 +220,28 @@ def refuses_to_run_its_code(run_dir: Path, env: dict[str, str], named: str, *nam
         assert not imported.exists(), f"{name} imported the checkpoint's module"
     assert not (run_dir / "refused.csv").exists() and not (run_dir / "export").exists()
     assert not (run_dir / "eval").exists()
+
+
+def test_a_crash_of_one_process_keeps_the_run_folder_and_its_traceback(
+    my_models: dict[str, str], fashion_mnist_root: Path, tmp_path: Path
+):
+    """trainer.devices=2, and a model whose forward raises on the second process: the
+    command exits with the workers' failure (1, not 2: the input was fine), adds no
+    error line of its own to theirs, and keeps the run's folder (train.log, events)."""
+    args = [
+        *small_real(fashion_mnist_root, 128),
+        "model=custom",
+        "model._target_=my_models.CrashesOnRank",
+        "trainer.devices=2",
+        "trainer.epochs=1",
+        "hydra.run.dir=run",
+    ]
+    done = run_cli(args, tmp_path, env=my_models)
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_FAILED, output
+    assert "a bug in my forward" in output
+    assert "training processes failed" not in output, "the workers said why"
+    assert "run folder:" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_a_dataset_of_your_own_in_memory_and_through_workers(

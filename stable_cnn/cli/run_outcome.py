@@ -20,7 +20,13 @@ from pathlib import Path
 
 from stable_cnn.cli.run_folder import discard_if_unused
 from stable_cnn.cli.sweeps import DIVERGED_VALUE
-from stable_cnn.errors import EXIT_FAILED, EXIT_PREEMPTED, TrainingDiverged, UserError
+from stable_cnn.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+    TrainingDiverged,
+    UserError,
+)
 from stable_cnn.state.run_files import holds_a_record, read_failure, record_failure
 from stable_cnn.studies.optuna_study import Pruned
 
@@ -35,6 +41,7 @@ class WorkersFailed(UserError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.crashed = exit_code != EXIT_BAD_INPUT  # not refused: a crash, or killed
 
 
 def ended_command(
@@ -44,7 +51,7 @@ def ended_command(
     value (a sweep's job) or this process's exit status (a single command)."""
     from stable_cnn.training.fit import RunPreempted, TrialPruned
 
-    crashed = False  # a crash keeps its folder: train.log and the traceback
+    crashed = False  # a crash keeps its folder (train.log) for the traceback's reader
     try:
         return command()
     except TrainingDiverged as err:
@@ -63,6 +70,8 @@ def ended_command(
         exit_code = EXIT_PREEMPTED
     except UserError as err:
         say(log.error, "error: %s", err)
+        # the trainer.devices workers' crash: their folder is kept, as a crash's is
+        crashed = isinstance(err, WorkersFailed) and err.crashed
         if in_sweep:  # the sweep records this job as failed and runs the others
             if is_main() and not holds_a_record(hydra_folder):
                 record_failure(hydra_folder, "failed", reason=str(err), message=str(err))

@@ -93,7 +93,8 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
         or BatchNorm, with optimizer.muon_head=true)."""
         self.muon, self.auxiliary = muon, auxiliary
         everything = [p for group in self.groups_of_both() for p in group["params"]]
-        # Muon's defaults: a one-cycle schedule finds "momentum" there, and cycles it
+        # Muon's defaults: a one-cycle schedule (LRSchedule) finds "momentum" there, and
+        # cycles each group's "momentum" (the auxiliary AdamW's betas stay as set)
         super().__init__(everything, dict(muon.defaults))
         self.param_groups = self.groups_of_both()
 

@@ -59,6 +59,7 @@ class OneCycle:
     config: OneCycleConfig
 
     def __call__(self, step: int) -> tuple[list[float], list[float] | None]:
+        step = min(step, self.total)  # past its end the cycle would rise again
         rise_end = float(self.config.pct_start * self.total) - 1  # torch's phase boundary
         if step <= rise_end:
             pct, rising = step / rise_end, True
@@ -96,6 +97,9 @@ class LRSchedule:
         self.rates_at = rates_at
         self.interval = interval
         self.plateau = plateau
+        # what a cycled momentum sets, decided once for all groups as torch's OneCycleLR
+        # does: Adam's first beta, else "momentum" (optimizer=muon: Muon's, its defaults')
+        self.momentum_is_beta1 = "betas" in optimizer.defaults
         self.go_to(0, 0)
 
     def go_to(self, global_step: int, epoch: int) -> None:
@@ -105,7 +109,7 @@ class LRSchedule:
         rates, momenta = self.rates_at(global_step if self.interval == "step" else epoch)
         for index, (group, rate) in enumerate(zip(self.optimizer.param_groups, rates, strict=True)):
             group["lr"] = rate
-            if momenta is not None and "betas" in group:  # Adam's momentum is its first beta
+            if momenta is not None and self.momentum_is_beta1:
                 group["betas"] = (momenta[index], *group["betas"][1:])
             elif momenta is not None:
                 group["momentum"] = momenta[index]
