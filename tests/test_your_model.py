@@ -222,7 +222,7 @@ def refuses_to_run_its_code(run_dir: Path, env: dict[str, str], named: str, *nam
     assert not (run_dir / "eval").exists()
 
 
-def test_a_crash_of_one_process_keeps_the_run_folder_and_its_traceback(
+def test_a_crash_of_one_process_exits_1_and_keeps_the_run_folder(
     my_models: dict[str, str], fashion_mnist_root: Path, tmp_path: Path
 ):
     """trainer.devices=2, and a model whose forward raises on the second process: the
