@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,52 @@ def test_image_folder_loads_classes_from_subfolders(tmp_path):
     assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1}
 
 
+def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
+    tmp_path, monkeypatch, caplog
+):
+    """data.cache=auto: a folder that fits is decoded once into uint8 and trained as the
+    built-in datasets are (batches augmented as tensors); mean and std come from its
+    training images, the same whichever way the images are read, and are recorded; a
+    value given still wins. Where the decoded images would not fit (the memory this
+    job may take, faked at the OS's answer), auto reads them one by one."""
+    from stable_cnn.data import custom
+    from stable_cnn.data.decode import channel_stats
+    from stable_cnn.data.tensors import TensorBatches
+
+    write_image_folder(tmp_path, {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 3}})
+    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4"]
+    caplog.set_level(logging.INFO, logger="stable_cnn")
+    decoded = build_splits(compose_run(args).data, torch.device("cpu"), seed=0)
+    assert isinstance(decoded.train, TensorBatches) and "data.cache=auto: memory" in caplog.text
+    assert decoded.resolved["cache"] == "memory"
+    mean, std = channel_stats(decoded.train.images)
+    assert (decoded.resolved["mean"], decoded.resolved["std"]) == (mean, std)
+    assert mean != [0.485, 0.456, 0.406], "not ImageNet's"
+    read = build_splits(
+        compose_run([*args, "data.cache=none", "data.num_workers=0"]).data,
+        torch.device("cpu"),
+        seed=0,
+    )
+    assert (read.resolved["mean"], read.resolved["std"]) == (mean, std)
+    given = compose_run([*args, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]).data
+    assert build_splits(given, torch.device("cpu"), seed=0).resolved["mean"] == [0.5] * 3
+    monkeypatch.setattr(custom, "available_memory", lambda: 1000)  # bytes: 12 images do not fit
+    assert build_splits(compose_run(args).data, torch.device("cpu"), 0).resolved["cache"] == "none"
+    assert "data.cache=auto: none" in caplog.text
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_an_unreadable_image_is_one_line_naming_the_file(cache: str, tmp_path):
+    write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 1}})
+    (tmp_path / "train" / "dog" / "2.png").write_bytes(b"not a png")
+    run = compose_run(
+        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2", f"data.cache={cache}"]
+    )
+    with pytest.raises(DataError, match=r"dog/2.png cannot be read as an image .*: remove or"):
+        splits = build_splits(run.data, torch.device("cpu"), seed=0)
+        list(splits.train)
+
+
 def test_image_folder_with_mismatched_classes_is_refused(tmp_path):
     write_image_folder(tmp_path, {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "fox": 1}})
     run = compose_run(["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2"])
@@ -170,6 +217,7 @@ def test_image_folder_batches_resume_at_the_next_batch_augmented_alike(tmp_path)
         run = compose_run(
             [
                 "data=image_folder",
+                "data.cache=none",  # the DataLoader path
                 f"data.root={tmp_path}",
                 "data.batch_size=4",
                 f"data.num_workers={workers}",
@@ -203,7 +251,13 @@ def test_image_folder_keeps_its_loader_workers_from_epoch_to_epoch(tmp_path):
     """One DataLoader per run: its worker processes are started once, not every epoch."""
     write_image_folder(tmp_path, {"train": {"cat": 8, "dog": 8}, "val": {"cat": 1, "dog": 1}})
     run = compose_run(
-        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=2"]
+        [
+            "data=image_folder",
+            "data.cache=none",
+            f"data.root={tmp_path}",
+            "data.batch_size=4",
+            "data.num_workers=2",
+        ]
     )
     train = build_splits(run.data, torch.device("cpu"), seed=0).train
     before = child_processes()
@@ -219,6 +273,7 @@ def test_image_folder_shards_are_disjoint_equal_and_evaluate_every_image_once(tm
     run = compose_run(
         [
             "data=image_folder",
+            "data.cache=none",  # the tensor path's shards are test_two_ranks.py's
             f"data.root={tmp_path}",
             "data.batch_size=4",
             "data.eval_batch_size=2",

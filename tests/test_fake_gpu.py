@@ -162,7 +162,13 @@ def test_image_folder_pins_batches_for_a_gpu_run_only_and_keeps_cuda_seeds(fake_
     CUDA generator, so dropout masks on the GPU followed the last image's seed)."""
     write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 1}})
     run = compose_run(
-        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.num_workers=0"]
+        [
+            "data=image_folder",
+            "data.cache=none",  # the DataLoader path pins
+            f"data.root={tmp_path}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+        ]
     )
     on_cpu = build_splits(run.data, torch.device("cpu"), seed=0)
     on_gpu = build_splits(run.data, torch.device("cuda", 0), seed=0)

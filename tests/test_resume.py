@@ -173,15 +173,17 @@ def fashion_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFa
     return root
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize(("cache", "workers"), [("memory", 0), ("none", 0), ("none", 1)])
 def test_image_folder_with_dropout_resumes_exactly(
-    workers: int, fashion_folder: Path, tmp_path: Path
+    cache: str, workers: int, fashion_folder: Path, tmp_path: Path
 ):
-    """DataLoader iterators, which a resumed process starts at other points of the run,
-    draw nothing from the dropout stream: SIGTERM in epoch 2, resume, same weights."""
+    """SIGTERM in epoch 2, resume, same weights: from the decoded images, and through
+    DataLoader iterators, which a resumed process starts at other points of the run and
+    which draw nothing from the dropout stream."""
     args = [
         *(a for a in TINY if not a.startswith("data=")),
         "data=image_folder",
+        f"data.cache={cache}",
         f"data.root={fashion_folder}",
         "data.in_channels=1",
         "data.mean=[0.286]",  # Fashion-MNIST's statistics

@@ -13,7 +13,12 @@ is precision.py), the whole run's config in run.py; every schema is importable f
 """
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
+from stable_cnn.config.data import (
+    CustomDataConfig,
+    DataConfig,
+    ImageFolderConfig,
+    SyntheticDataConfig,
+)
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.lr_find import LRFindConfig
@@ -58,6 +63,7 @@ __all__ = [
     "DataConfig",
     "DiagnosticsConfig",
     "EmaConfig",
+    "ImageFolderConfig",
     "LRFindConfig",
     "ModelConfig",
     "MuonConfig",

@@ -125,6 +125,25 @@ class SyntheticDataConfig(DataConfig):
         check(self.num_test >= 1, "data.num_test", self.num_test, "must be >= 1")
 
 
+CACHES = ("auto", "memory", "none")  # data.cache's options (data=image_folder)
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    """data=image_folder: images in class folders (docs/data.md#your-own-images). They
+    are decoded once into uint8 at the training size (data.cache=memory) and trained
+    from there as Fashion-MNIST is, or read image by image (none); mean and std left
+    null are computed from the training images."""
+
+    cache: str = "auto"  # auto: memory where the decoded images fit, else none
+    mean: list[float] | None = None  # null: computed from the training images
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.cache in CACHES, "data.cache", self.cache, f"must be one of {', '.join(CACHES)}")
+
+
 @dataclass
 class CustomDataConfig(DataConfig):
     """data=custom: datasets of your own, from a callable (docs/data.md#your-own-dataset).

@@ -8,7 +8,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from stable_cnn.config.clipping import ClippingConfig
-from stable_cnn.config.data import CustomDataConfig, DataConfig, SyntheticDataConfig
+from stable_cnn.config.data import (
+    CustomDataConfig,
+    DataConfig,
+    ImageFolderConfig,
+    SyntheticDataConfig,
+)
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
 from stable_cnn.config.lr_find import LRFindConfig
@@ -38,6 +43,7 @@ SCHEMAS: dict[str, type] = {
     "schema_data": DataConfig,
     "schema_data_synthetic": SyntheticDataConfig,
     "schema_data_custom": CustomDataConfig,
+    "schema_data_image_folder": ImageFolderConfig,
     "schema_model_small_cnn": SmallCNNConfig,
     "schema_model_resnet": ResNetConfig,
     "schema_model_timm": TimmConfig,

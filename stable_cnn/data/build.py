@@ -1,20 +1,20 @@
 """The run's data: the dataset named by ``data.name`` cut into train, validation and test
 batches. Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
 decoded once into a uint8 tensor on the training device, where whole batches are
-augmented (tensors.py); ``image_folder`` keeps the classic per-image DataLoader path
-(image_folder.py, loaders.py); ``custom`` (custom.py) takes either way, by its size."""
+augmented (tensors.py); ``image_folder`` (image_folder.py) and ``custom`` (custom.py)
+take that way where their decoded images fit, else the per-image DataLoader path
+(loaders.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from stable_cnn.config import CustomDataConfig, DataConfig
+from stable_cnn.config import CustomDataConfig, DataConfig, ImageFolderConfig
 from stable_cnn.data.augment import BatchMixing, TestTimeAugmentation
 from stable_cnn.data.custom import custom_splits
 from stable_cnn.data.image_folder import image_folder_splits
 from stable_cnn.data.splits import ONE_PROCESS, DataSplits, Shard
 from stable_cnn.data.tensors import tensor_splits
-from stable_cnn.system.seeding import stream_seed
 
 
 def build_splits(
@@ -31,8 +31,8 @@ def build_splits(
     ``train_device`` is where the training images are kept (default: ``device``): a
     command that only evaluates keeps them off the GPU; ``test_only``: it needs only the
     test split (data=custom then decodes no other image)."""
-    if config.name == "image_folder":
-        return image_folder_splits(config, stream_seed(seed, "data"), device, shard)
+    if isinstance(config, ImageFolderConfig):
+        return image_folder_splits(config, seed, device, shard, train_device, test_only)
     if isinstance(config, CustomDataConfig):
         return custom_splits(config, seed, device, shard, train_device, test_only)
     return tensor_splits(config, device, seed, shard, train_device)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from stable_cnn.config import CustomDataConfig
+from stable_cnn.config import CustomDataConfig, DataConfig
 from stable_cnn.data.decode import ChannelStats, as_label, channel_stats, decode, image_tensor
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
@@ -182,9 +182,7 @@ def settle_shape(config: CustomDataConfig, train_set: Any) -> CustomDataConfig:
     return shaped
 
 
-def fits_in_memory(
-    config: CustomDataConfig, images: int, device: torch.device, copies: int = 1
-) -> bool:
+def fits_in_memory(config: DataConfig, images: int, device: torch.device, copies: int = 1) -> bool:
     """Whether ``images`` decoded images (``copies`` of them: one per process on this
     machine) fit in a quarter of the memory this job may still take (its cgroup's limit
     counted) and, where they would live on a GPU, in half its free memory."""
@@ -356,7 +354,7 @@ class ImagesOf(Dataset):
 
 
 def sample_stats(
-    train_set: Any, index: torch.Tensor, config: CustomDataConfig
+    train_set: Any, index: torch.Tensor, config: DataConfig
 ) -> tuple[list[float], list[float]]:
     """Mean and std from at most STATS_SAMPLE of the training images ``index`` (and at
     most STATS_BYTES of them), spread evenly, decoded a chunk at a time."""

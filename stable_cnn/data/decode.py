@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stable_cnn.config import CustomDataConfig
+from stable_cnn.config import DataConfig
 from stable_cnn.errors import DataError
 
 CHUNK_BYTES = 2 * 2**20  # uint8 images turned into floats at once for the statistics (~17x)
@@ -87,7 +87,7 @@ def as_label(label: Any, where: str) -> int:
 
 
 def decode(
-    dataset: Any, index: torch.Tensor, config: CustomDataConfig, split: str
+    dataset: Any, index: torch.Tensor, config: DataConfig, split: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The images ``index`` of ``dataset`` as one uint8 tensor (N, C, H, W), and their
     labels; decoded by as many threads as torch computes with in this process, its share

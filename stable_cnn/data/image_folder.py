@@ -1,15 +1,24 @@
-"""``data=image_folder``: images in class folders, decoded and augmented per image in
-DataLoader workers (the classic path, for data that does not fit in memory)."""
+"""``data=image_folder``: images in class folders. With ``data.cache=memory`` each image
+the run uses is decoded once, in parallel, into uint8 at the training size and channels,
+and the run trains from there as it does on Fashion-MNIST (tensors.py: whole batches
+augmented on the device, exact resume); with ``none`` images are decoded and augmented
+one at a time in DataLoader workers every epoch (loaders.py), for folders too large for
+memory; ``auto`` takes memory where the decoded images fit (custom.py's sizing rule).
+Mean and std left null are computed from the training images."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
-from stable_cnn.config import DataConfig
+from stable_cnn.config import ImageFolderConfig
+from stable_cnn.data.custom import fits_in_memory, sample_stats
+from stable_cnn.data.decode import channel_stats, decode
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -19,41 +28,142 @@ from stable_cnn.data.splits import (
     limited,
     split_indices,
 )
+from stable_cnn.data.tensors import parts_as_splits
 from stable_cnn.errors import DataError
+from stable_cnn.system.seeding import stream_seed
+
+log = logging.getLogger("stable_cnn")
 
 
 def image_folder_splits(
-    config: DataConfig,
+    config: ImageFolderConfig,
     seed: int,
     device: torch.device,
     shard: Shard = ONE_PROCESS,
+    train_device: torch.device | None = None,
+    test_only: bool = False,
 ) -> DataSplits:
-    """The classic path: per-image decode and transforms in DataLoader workers. ``seed``
-    is the data stream's; ``device`` the run's (batches are pinned for a GPU); ``shard``
-    this process's share when several processes train. ``data.num_workers=null`` is
-    sized from the cores this process may use."""
-    train_set, val_set, test_set, classes = folder_datasets(config)
-    info = DatasetInfo("image_folder", config.in_channels, len(classes), config.image_size, classes)
+    """The folders' images cut into train, val and test, decoded into memory or read
+    image by image as data.cache says. ``seed`` is the run's; ``train_device`` and
+    ``test_only`` as for the built-in datasets (``test_only``: the checkpoint's record
+    settled the rest, and only the test images are decoded)."""
     root = Path(config.root).expanduser()
-    splits = loader_splits(
-        config,
-        (train_set, val_set, test_set),
-        info,
-        seed,
-        device,
-        shard,
-        val_is_test_reason=(
-            f"{root} has no test/ folder: val/ is both the validation and the test set, so "
-            f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
-            f"of train/ with data.val_size=N"
-        ),
+    val_is_test = (
+        f"{root} has no test/ folder: val/ is both the validation and the test set, so "
+        f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
+        f"of train/ with data.val_size=N"
     )
-    if config.num_classes is None:  # settled by the class folders
-        splits.resolved = {"num_classes": len(classes)}
+    train_set, val_set, test_set, classes = folder_datasets(config, transformed=False)
+    training = len(train_set) + (0 if val_set is test_set else len(val_set))
+    count = len(test_set) + (0 if test_only else training)
+    config = replace(config, cache=chosen_cache(config, count, device))
+    if config.cache == "memory":
+        datasets = (None, None, test_set) if test_only else (train_set, val_set, test_set)
+        splits, config = decoded_splits(
+            config, datasets, classes, seed, device, shard, train_device
+        )
+    else:
+        if config.mean is None or config.std is None:
+            config = with_stats(
+                config, *sample_stats(train_set.dataset, index_of(train_set), config)
+            )
+        train_set, val_set, test_set, classes = folder_datasets(config, transformed=True)
+        info = DatasetInfo(
+            "image_folder", config.in_channels, len(classes), config.image_size, classes
+        )
+        splits = loader_splits(
+            config,
+            (train_set, val_set, test_set),
+            info,
+            stream_seed(seed, "data"),
+            device,
+            shard,
+            val_is_test_reason=val_is_test,
+        )
+    if splits.val_is_test:
+        splits.val_is_test_reason = val_is_test
+    splits.resolved = {
+        "num_classes": len(classes),
+        "cache": config.cache,
+        "mean": config.mean,
+        "std": config.std,
+    }
     return splits
 
 
-def folder_transforms(config: DataConfig) -> tuple[Any, Any]:
+def folder_cache(config: ImageFolderConfig, device: torch.device, copies: int = 1) -> str:
+    """data.cache for the images a run of ``config`` uses, ``copies`` of them (one per
+    process on this machine): see chosen_cache."""
+    train_set, val_set, test_set, _ = folder_datasets(config, transformed=False)
+    images = len(train_set) + len(test_set) + (0 if val_set is test_set else len(val_set))
+    return chosen_cache(config, images, device, copies)
+
+
+def chosen_cache(
+    config: ImageFolderConfig, images: int, device: torch.device, copies: int = 1
+) -> str:
+    """data.cache as given, or for ``auto`` memory where ``images`` decoded images
+    (``copies`` of them) fit in a quarter of the memory this job may still take (and
+    half a GPU's free memory), logged with why."""
+    if config.cache != "auto":
+        return config.cache
+    size = images * config.in_channels * config.image_size**2
+    if fits_in_memory(config, images, device, copies):
+        log.info("data.cache=auto: memory (%d images take %.0f MiB as uint8)", images, size / 2**20)
+        return "memory"
+    log.info(
+        "data.cache=auto: none, images read one by one (%d decoded images would take %.0f "
+        "MiB, more than a quarter of the memory available)",
+        images,
+        size / 2**20,
+    )
+    return "none"
+
+
+def decoded_splits(
+    config: ImageFolderConfig,
+    datasets: tuple[Subset | None, Subset | None, Subset],
+    classes: tuple[str, ...],
+    seed: int,
+    device: torch.device,
+    shard: Shard,
+    train_device: torch.device | None,
+) -> tuple[DataSplits, ImageFolderConfig]:
+    """Every image the run uses decoded once into uint8 (N, C, H, W), then the tensor
+    path; validation on the test images where they are the same set (train and val
+    None: a checkpoint tested, the test images alone); and the config with its mean and
+    std."""
+    train_set, val_set, test_set = datasets
+    separate_val = val_set is not None and val_set is not test_set
+    log.info(
+        "data image_folder: decoding %d + %d + %d images into memory",
+        0 if train_set is None else len(train_set),
+        len(val_set) if separate_val else 0,
+        len(test_set),
+    )
+
+    def decoded(subset: Subset | None, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if subset is None else decode(subset.dataset, index_of(subset), config, split)
+
+    train, test = decoded(train_set, "train"), decoded(test_set, "test")
+    val = decoded(val_set, "val") if separate_val else None
+    if train is not None and (config.mean is None or config.std is None):
+        config = with_stats(config, *channel_stats(train[0]))
+    splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
+    return splits, config
+
+
+def with_stats(config: ImageFolderConfig, mean: list[float], std: list[float]) -> ImageFolderConfig:
+    """The config with mean and std where it left them null (values given still win)."""
+    log.info("data image_folder: mean %s, std %s (from the training images)", mean, std)
+    return replace(config, mean=config.mean or mean, std=config.std or std)
+
+
+def index_of(subset: Subset) -> torch.Tensor:
+    return torch.as_tensor(subset.indices, dtype=torch.int64)
+
+
+def folder_transforms(config: ImageFolderConfig) -> tuple[Any, Any]:
     """The training and the evaluation transforms: channels and size as the model wants
     them, then (training only) crop, flip and, after normalising, random erasing."""
     from torchvision import transforms
@@ -78,18 +188,34 @@ def open_folder(root: Path, split: str, transform: Any) -> Any:
             f"image_folder: {path} does not exist: data.root must hold train/ and val/ "
             f"folders with one subfolder of images per class"
         )
-    try:  # ImageFolder decodes every image as RGB; Grayscale makes it 1 channel
-        return datasets.ImageFolder(str(path), transform=transform)
+    try:  # every image decoded as RGB; data.in_channels=1 makes it grey afterwards
+        return datasets.ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"image_folder: no images in {path} ({err})") from None
 
 
-def folder_datasets(config: DataConfig) -> tuple[Any, Any, Any, tuple[str, ...]]:
+def read_image(path: str) -> Any:
+    """One image file as an RGB PIL image (torchvision's loader), or one line naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(
+            f"image_folder: {path} cannot be read as an image ({err}): remove or replace it"
+        ) from None
+
+
+def folder_datasets(
+    config: ImageFolderConfig, transformed: bool = True
+) -> tuple[Any, Any, Any, tuple[str, ...]]:
     """The train, validation and test datasets and the class names: train/ and val/ (and
     test/ where it exists, else val/ is the test set too), validation held out of train/
-    with data.val_size=N, the limits applied; the class folders checked alike."""
+    with data.val_size=N, the limits applied; the class folders checked alike. Without
+    ``transformed`` an item is the decoded PIL image as the file holds it."""
     root = Path(config.root).expanduser()
-    train_transform, eval_transform = folder_transforms(config)
+    train_transform, eval_transform = folder_transforms(config) if transformed else (None, None)
     train_set = open_folder(root, "train", train_transform)
     classes = tuple(train_set.classes)
     if config.num_classes is not None and config.num_classes != len(classes):

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from stable_cnn.config import CustomDataConfig, DataConfig, SyntheticDataConfig
+from stable_cnn.config import CustomDataConfig, DataConfig, ImageFolderConfig, SyntheticDataConfig
 from stable_cnn.models.build import build_model
 from stable_cnn.state.checkpoint import CheckpointError, load_model_weights
 
@@ -31,7 +31,11 @@ def data_config(values: dict[str, Any]) -> DataConfig:
     """A data config as a checkpoint saved it (keys a newer or older stable-cnn added or
     dropped are passed over: the data is what it was)."""
     values = {"sampling": "first", **values}  # how runs before data.sampling drew limits
-    schemas = {"synthetic": SyntheticDataConfig, "custom": CustomDataConfig}
+    schemas = {
+        "synthetic": SyntheticDataConfig,
+        "custom": CustomDataConfig,
+        "image_folder": ImageFolderConfig,
+    }
     schema = schemas.get(values.get("name"), DataConfig)
     known = {f.name for f in fields(schema)}
     kept = {key: value for key, value in values.items() if key in known}

@@ -101,14 +101,21 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 def data_as_it_started(data: DataConfig, record: CheckpointRecord) -> DataConfig:
     """The data config of a run that continues ``record``'s: the images it started on
     (its data.sampling; runs before the key took the first N) and what its data settled
-    where the config leaves it null (data=custom's channels, size, classes, hold-out,
-    mean and std, in memory or not), so that nothing is worked out anew differently."""
-    sampling = (record.config.get("data") or {}).get("sampling", "first")
+    where the config leaves it null or auto (data=custom's channels, size, classes,
+    hold-out, mean and std, in memory or not; data=image_folder's cache, mean and std),
+    so that nothing is worked out anew differently."""
+    recorded = record.config.get("data") or {}
+    sampling = recorded.get("sampling", "first")
     known = {f.name for f in fields(data)}
+    # older versions set image_folder's mean and std in its config, and read it image by
+    # image before data.cache was a key: a run of theirs goes on as it started
+    source = {key: recorded[key] for key in ("mean", "std") if key in recorded}
+    if data.name == "image_folder" and "cache" not in recorded:
+        source["cache"] = "none"
     settled = {
         key: value
-        for key, value in record.data_resolved.items()
-        if key in known and getattr(data, key) is None
+        for key, value in {**source, **record.data_resolved}.items()
+        if key in known and getattr(data, key) in (None, "auto")  # left to be settled
     }
     if data.sampling != sampling:
         log.info(

@@ -17,6 +17,7 @@ from torch import nn
 from stable_cnn.config import (
     CustomDataConfig,
     CustomModelConfig,
+    ImageFolderConfig,
     OneCycleConfig,
     ResNetConfig,
     RunConfig,
@@ -24,6 +25,7 @@ from stable_cnn.config import (
 )
 from stable_cnn.data.build import batch_mixing, build_splits
 from stable_cnn.data.custom import custom_fits_in_memory
+from stable_cnn.data.image_folder import folder_cache
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import DataError, UserError
 from stable_cnn.models.build import build_model, describe_model
@@ -239,6 +241,12 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
         data_config = replace(
             data_config, in_memory=in_memory_everywhere(data_config, world, runtime.device)
         )
+    if isinstance(data_config, ImageFolderConfig) and data_config.cache == "auto":
+        cache = folder_cache(data_config, runtime.device, world.local_size)
+        if world.distributed:  # one way for every process, or they would wait for ever
+            memory = torch.tensor(cache == "memory", device=runtime.device)
+            cache = "memory" if world.all_true(memory).item() else "none"  # once per run
+        data_config = replace(data_config, cache=cache)
     with world.local_main_first():  # a dataset is extracted once per machine
         shard = Shard(world.rank, world.size)
         data = build_splits(data_config, runtime.device, run.trainer.seed, shard)
