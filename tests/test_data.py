@@ -168,7 +168,8 @@ def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
     from stable_cnn.data.tensors import TensorBatches
 
     write_image_folder(tmp_path, {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 3}})
-    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4"]
+    # at the files' own size: the two ways resize differently (torch's, PIL's)
+    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=4", "data.image_size=20"]
     caplog.set_level(logging.INFO, logger="stable_cnn")
     decoded = build_splits(compose_run(args).data, torch.device("cpu"), seed=0)
     assert isinstance(decoded.train, TensorBatches) and "data.cache=auto: memory" in caplog.text
