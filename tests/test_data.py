@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,51 @@ def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
     monkeypatch.setattr(custom, "available_memory", lambda: 1000)  # bytes: 12 images do not fit
     assert build_splits(compose_run(args).data, torch.device("cpu"), 0).resolved["cache"] == "none"
     assert "data.cache=auto: none" in caplog.text
+
+
+def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(tmp_path, caplog):
+    """data.cache=disk: the first build decodes each folder into a file, later ones read
+    it (the same images as data.cache=memory decodes); a changed image file, or a build
+    that never finished (no key beside its array), is built anew; data.cache_dir moves
+    it; nothing is left half written."""
+    images = tmp_path / "images"
+    write_image_folder(images, {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 3}})
+    args = ["data=image_folder", f"data.root={images}", "data.batch_size=4", "data.image_size=20"]
+    caplog.set_level(logging.INFO, logger="stable_cnn")
+
+    def train_images(*more: str) -> torch.Tensor:
+        caplog.clear()
+        config = compose_run([*args, *more]).data
+        return build_splits(config, torch.device("cpu"), seed=0).train.images
+
+    in_memory = train_images("data.cache=memory")
+    built = train_images("data.cache=disk")
+    assert torch.equal(built, in_memory) and caplog.text.count("decoded into") == 2
+    cache = images / ".stable_cnn_cache"
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "train-3x20x20.json",
+        "train-3x20x20.npy",
+        "val-3x20x20.json",
+        "val-3x20x20.npy",
+    ]
+    assert torch.equal(train_images("data.cache=disk"), in_memory)
+    assert "decoded into" not in caplog.text and caplog.text.count("reading") == 2
+
+    changed = images / "train" / "dog" / "3.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(changed)
+    os.utime(changed, ns=(0, 10**18))  # a new modification time, whatever the clock says
+    rebuilt = train_images("data.cache=disk")
+    assert "train/ changed since" in caplog.text and not torch.equal(rebuilt, in_memory)
+
+    (cache / "val-3x20x20.json").unlink()  # as a build killed before its key was written
+    (cache / "val-3x20x20.npy").write_bytes(b"half")
+    train_images("data.cache=disk")
+    assert caplog.text.count("decoded into") == 1 and "reading" in caplog.text
+    assert not list(cache.glob("*.tmp*")), "nothing half written is left"
+
+    elsewhere = tmp_path / "cache"
+    assert torch.equal(train_images("data.cache=disk", f"data.cache_dir={elsewhere}"), rebuilt)
+    assert (elsewhere / "train-3x20x20.npy").exists()
 
 
 @pytest.mark.parametrize("cache", ["memory", "none"])

@@ -125,7 +125,7 @@ class SyntheticDataConfig(DataConfig):
         check(self.num_test >= 1, "data.num_test", self.num_test, "must be >= 1")
 
 
-CACHES = ("auto", "memory", "none")  # data.cache's options (data=image_folder)
+CACHES = ("auto", "memory", "disk", "none")  # data.cache's options (data=image_folder)
 
 
 @dataclass
@@ -136,6 +136,7 @@ class ImageFolderConfig(DataConfig):
     null are computed from the training images."""
 
     cache: str = "auto"  # auto: memory where the decoded images fit, else none
+    cache_dir: str | None = None  # data.cache=disk's folder; null: <root>/.stable_cnn_cache
     mean: list[float] | None = None  # null: computed from the training images
     std: list[float] | None = None
 

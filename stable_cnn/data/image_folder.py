@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 from stable_cnn.config import ImageFolderConfig
 from stable_cnn.data.custom import fits_in_memory, sample_stats
 from stable_cnn.data.decode import channel_stats, image_tensor
+from stable_cnn.data.folder_cache import cached_folder
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -59,7 +60,7 @@ def image_folder_splits(
     training = len(train_set) + (0 if val_set is test_set else len(val_set))
     count = len(test_set) + (0 if test_only else training)
     config = replace(config, cache=chosen_cache(config, count, device))
-    if config.cache == "memory":
+    if config.cache in ("memory", "disk"):
         datasets = (None, None, test_set) if test_only else (train_set, val_set, test_set)
         splits, config = decoded_splits(
             config, datasets, classes, seed, device, shard, train_device
@@ -138,19 +139,27 @@ def decoded_splits(
     train_set, val_set, test_set = datasets
     separate_val = val_set is not None and val_set is not test_set
     log.info(
-        "data image_folder: decoding %d + %d + %d images into memory",
+        "data image_folder: %d + %d + %d images into memory (data.cache=%s)",
         0 if train_set is None else len(train_set),
         len(val_set) if separate_val else 0,
         len(test_set),
+        config.cache,
     )
 
     def decoded(subset: Subset | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if subset is None else decode_files(subset, config)
+        if subset is None:
+            return None
+        if config.cache == "memory":
+            return decode_files(subset, config)
+        folder, index = subset.dataset, index_of(subset)  # the folder's cache, built once
+        split = Path(folder.root).name
+        images = cached_folder(folder, split, config, lambda part: decode_files(part, config))
+        return images[index], torch.as_tensor(folder.targets)[index]
 
     started = time.perf_counter()
     train, test = decoded(train_set), decoded(test_set)
     val = decoded(val_set) if separate_val else None
-    log.info("data image_folder: decoded in %.1f s", time.perf_counter() - started)
+    log.info("data image_folder: images ready in %.1f s", time.perf_counter() - started)
     if train is not None and (config.mean is None or config.std is None):
         config = with_stats(config, *channel_stats(train[0]))
     splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)

@@ -1,0 +1,107 @@
+"""``data.cache=disk``: an image folder's images decoded once into a uint8 file, reused by
+every later run, sweep job, process and evaluation on the machine.
+
+Each of the folder's splits (train/, val/, test/) becomes one ``.npy`` array (N, C, H, W)
+at the run's channels and size, in ``<data.root>/.stable_cnn_cache/`` or
+``data.cache_dir``, with a ``.json`` beside it holding the key it was built for: the
+split's file list with each file's size and modification time, the channels, the size
+and this format's version. The array is written under a temporary name and renamed,
+then the key is written the same way: a build that was killed leaves no key that
+matches, so its remains are never read, and a folder whose files changed gets its cache
+rebuilt (one log line says why). Processes of a distributed run build it once: the
+first process of each machine opens its data first (training/build.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from stable_cnn.config import ImageFolderConfig
+
+log = logging.getLogger("stable_cnn")
+
+CACHE_FOLDER = ".stable_cnn_cache"
+VERSION = 1  # of the file's layout and the decoding that fills it
+CHUNK_IMAGES = 4096  # decoded, then written, at once
+
+
+def cache_folder(config: ImageFolderConfig) -> Path:
+    if config.cache_dir is not None:
+        return Path(config.cache_dir).expanduser()
+    return Path(config.root).expanduser() / CACHE_FOLDER
+
+
+def folder_key(folder: Any, channels: int, size: int) -> str:
+    """What the cache of ``folder`` (a torchvision ImageFolder) depends on, hashed."""
+    digest = hashlib.sha256(f"v{VERSION} channels {channels} size {size}\n".encode())
+    for path, label in folder.samples:
+        stat = os.stat(path)
+        name = os.path.relpath(path, folder.root)
+        digest.update(f"{name}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: Any) -> torch.Tensor:
+    """Every image of ``folder`` as a uint8 tensor (N, C, H, W) backed by the cache file
+    (pages are read as they are used), built first with ``decode(subset)`` where no
+    cache matches."""
+    channels, size = config.in_channels, config.image_size
+    directory = cache_folder(config)
+    stem = directory / f"{split}-{channels}x{size}x{size}"
+    array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    key = folder_key(folder, channels, size)
+    if key_path.exists() and array_path.exists():
+        if json.loads(key_path.read_text()).get("key") == key:
+            log.info("data.cache=disk: reading %s", array_path)
+            return open_array(array_path)
+        log.info(
+            "data.cache=disk: %s/ changed since %s was built: rebuilding it", split, array_path
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    count = len(folder.samples)
+    temporary = stem.with_name(f"{stem.name}.{os.getpid()}.tmp.npy")
+    array = np.lib.format.open_memmap(
+        temporary, mode="w+", dtype=np.uint8, shape=(count, channels, size, size)
+    )
+    for start in range(0, count, CHUNK_IMAGES):
+        chunk = Subset(folder, range(start, min(start + CHUNK_IMAGES, count)))
+        array[start : start + len(chunk)] = decode(chunk)[0].numpy()
+    array.flush()
+    del array
+    replace_durably(temporary, array_path)
+    written = key_path.with_name(f"{key_path.name}.{os.getpid()}.tmp")
+    written.write_text(json.dumps({"key": key, "images": count, "folder": str(folder.root)}))
+    replace_durably(written, key_path)  # last: only now does the cache count
+    log.info(
+        "data.cache=disk: %d images of %s/ decoded into %s (%.0f MiB) in %.1f s",
+        count,
+        split,
+        array_path,
+        array_path.stat().st_size / 2**20,
+        time.perf_counter() - started,
+    )
+    return open_array(array_path)
+
+
+def open_array(path: Path) -> torch.Tensor:
+    """The cached array, memory-mapped (copy on write: torch wants a writable array; the
+    file is never written through it)."""
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def replace_durably(source: Path, target: Path) -> None:
+    """``source`` renamed over ``target`` once its bytes are on disk."""
+    with open(source, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(source, target)
