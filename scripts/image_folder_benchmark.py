@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-root", default="data", help="where Fashion-MNIST is (or goes)")
-    parser.add_argument("--caches", default="memory,none", help="data.cache values to measure")
+    parser.add_argument("--caches", default="memory,disk,none", help="data.cache values to measure")
     args = parser.parse_args()
     folder = args.folder or make_folder(args.out, args.images, args.size, args.data_root)
     cpu = next(

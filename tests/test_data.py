@@ -187,8 +187,12 @@ def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
     given = compose_run([*args, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]).data
     assert build_splits(given, torch.device("cpu"), seed=0).resolved["mean"] == [0.5] * 3
     monkeypatch.setattr(custom, "available_memory", lambda: 1000)  # bytes: 12 images do not fit
-    assert build_splits(compose_run(args).data, torch.device("cpu"), 0).resolved["cache"] == "none"
-    assert "data.cache=auto: none" in caplog.text
+    assert build_splits(compose_run(args).data, torch.device("cpu"), 0).resolved["cache"] == "disk"
+    assert "data.cache=auto: disk" in caplog.text
+    (tmp_path / "a_file").write_text("")  # a cache folder that cannot be made: one by one
+    nowhere = compose_run([*args, f"data.cache_dir={tmp_path / 'a_file' / 'cache'}"]).data
+    assert build_splits(nowhere, torch.device("cpu"), 0).resolved["cache"] == "none"
+    assert "set data.cache_dir" in caplog.text
 
 
 def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(tmp_path, caplog):
@@ -204,7 +208,8 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
     def train_images(*more: str) -> torch.Tensor:
         caplog.clear()
         config = compose_run([*args, *more]).data
-        return build_splits(config, torch.device("cpu"), seed=0).train.images
+        images = build_splits(config, torch.device("cpu"), seed=0).train.images
+        return images[torch.arange(len(images))]  # the disk's are read from the file here
 
     in_memory = train_images("data.cache=memory")
     built = train_images("data.cache=disk")

@@ -173,7 +173,9 @@ def fashion_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFa
     return root
 
 
-@pytest.mark.parametrize(("cache", "workers"), [("memory", 0), ("none", 0), ("none", 1)])
+@pytest.mark.parametrize(
+    ("cache", "workers"), [("memory", 0), ("disk", 0), ("none", 0), ("none", 1)]
+)
 def test_image_folder_with_dropout_resumes_exactly(
     cache: str, workers: int, fashion_folder: Path, tmp_path: Path
 ):

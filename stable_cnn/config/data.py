@@ -131,11 +131,11 @@ CACHES = ("auto", "memory", "disk", "none")  # data.cache's options (data=image_
 @dataclass
 class ImageFolderConfig(DataConfig):
     """data=image_folder: images in class folders (docs/data.md#your-own-images). They
-    are decoded once into uint8 at the training size (data.cache=memory) and trained
-    from there as Fashion-MNIST is, or read image by image (none); mean and std left
-    null are computed from the training images."""
+    are decoded once into uint8 at the training size and trained from memory as
+    Fashion-MNIST is (data.cache=memory) or from a file (disk), or read image by image
+    (none); mean and std left null are computed from the training images."""
 
-    cache: str = "auto"  # auto: memory where the decoded images fit, else none
+    cache: str = "auto"  # auto: memory where the decoded images fit, else disk, else none
     cache_dir: str | None = None  # data.cache=disk's folder; null: <root>/.stable_cnn_cache
     mean: list[float] | None = None  # null: computed from the training images
     std: list[float] | None = None

@@ -51,8 +51,8 @@ def folder_key(folder: Any, channels: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: Any) -> torch.Tensor:
-    """Every image of ``folder`` as a uint8 tensor (N, C, H, W) backed by the cache file
+def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: Any) -> np.memmap:
+    """Every image of ``folder`` as a uint8 array (N, C, H, W) mapped from the cache file
     (pages are read as they are used), built first with ``decode(subset)`` where no
     cache matches."""
     channels, size = config.in_channels, config.image_size
@@ -94,10 +94,10 @@ def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: An
     return open_array(array_path)
 
 
-def open_array(path: Path) -> torch.Tensor:
+def open_array(path: Path) -> np.memmap:
     """The cached array, memory-mapped (copy on write: torch wants a writable array; the
     file is never written through it)."""
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    return np.load(path, mmap_mode="c")
 
 
 def replace_durably(source: Path, target: Path) -> None:
@@ -105,3 +105,43 @@ def replace_durably(source: Path, target: Path) -> None:
     with open(source, "rb") as file:
         os.fsync(file.fileno())
     os.replace(source, target)
+
+
+class FileRows:
+    """Rows ``rows`` of a cached array standing in for TensorBatches' images (on the CPU):
+    a batch is read from the file when it is asked for, row by row in file order (then
+    put back in the batch's), with plain reads rather than through the memory map, so
+    that the page cache they fill can be dropped at once when memory runs short and a
+    dataset larger than memory trains from the disk. ``block_rows``: TensorBatches
+    shuffles blocks of this many consecutive rows, and the rows within each block, so
+    that a batch's reads stay close together."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, array: np.memmap, rows: torch.Tensor, block_rows: int) -> None:
+        self.path, self.offset = array.filename, array.offset  # the .npy file, its header size
+        self.rows = rows.sort().values  # in file order: the run shuffles them anyway
+        self.block_rows = block_rows
+        self.shape = (len(self.rows), *array.shape[1:])
+        self.row_bytes = int(np.prod(self.shape[1:]))
+        self.file = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        rows = self.rows[index]
+        in_file_order, position = rows.sort()
+        batch = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8)
+        buffers = batch.numpy().reshape(len(rows), -1)
+        for buffer, row in zip(buffers, in_file_order.tolist(), strict=True):
+            os.preadv(self.file, [buffer], self.offset + row * self.row_bytes)
+        return batch[position.argsort()]
+
+    def to(self, device: torch.device) -> FileRows:
+        if torch.device(device).type != "cpu":  # the batches go to the device one by one
+            raise ValueError("data.cache=disk keeps its training images on the CPU")
+        return self
+
+    def __del__(self) -> None:
+        os.close(self.file)

@@ -9,6 +9,7 @@ Mean and std left null are computed from the training images."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -20,8 +21,8 @@ from torch.utils.data import Subset
 
 from stable_cnn.config import ImageFolderConfig
 from stable_cnn.data.custom import fits_in_memory, sample_stats
-from stable_cnn.data.decode import channel_stats, image_tensor
-from stable_cnn.data.folder_cache import cached_folder
+from stable_cnn.data.decode import ChannelStats, image_tensor
+from stable_cnn.data.folder_cache import FileRows, cache_folder, cached_folder
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -105,22 +106,37 @@ def folder_cache(config: ImageFolderConfig, device: torch.device, copies: int = 
 def chosen_cache(
     config: ImageFolderConfig, images: int, device: torch.device, copies: int = 1
 ) -> str:
-    """data.cache as given, or for ``auto`` memory where ``images`` decoded images
-    (``copies`` of them) fit in a quarter of the memory this job may still take (and
-    half a GPU's free memory), logged with why."""
+    """data.cache as given, or for ``auto``: memory where ``images`` decoded images
+    (``copies`` of them) fit in a quarter of the memory this job may still take (and half
+    a GPU's free memory), else disk where its cache folder can be written, else none;
+    logged with why."""
     if config.cache != "auto":
         return config.cache
-    size = images * config.in_channels * config.image_size**2
+    mib = images * config.in_channels * config.image_size**2 / 2**20
+    size = f"{images} images take {mib:.0f} MiB as uint8"
     if fits_in_memory(config, images, device, copies):
-        log.info("data.cache=auto: memory (%d images take %.0f MiB as uint8)", images, size / 2**20)
+        log.info("data.cache=auto: memory (%s)", size)
         return "memory"
+    folder = cache_folder(config)
+    if writable(folder):
+        log.info("data.cache=auto: disk (%s, more than fits in memory): %s", size, folder)
+        return "disk"
     log.info(
-        "data.cache=auto: none, images read one by one (%d decoded images would take %.0f "
-        "MiB, more than a quarter of the memory available)",
-        images,
-        size / 2**20,
+        "data.cache=auto: none, images read one by one (%s, more than fits in memory, and "
+        "%s cannot be written: set data.cache_dir)",
+        size,
+        folder,
     )
     return "none"
+
+
+def writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and can be written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def decoded_splits(
@@ -133,37 +149,54 @@ def decoded_splits(
     train_device: torch.device | None,
 ) -> tuple[DataSplits, ImageFolderConfig]:
     """Every image the run uses decoded once into uint8 (N, C, H, W), then the tensor
-    path; validation on the test images where they are the same set (train and val
-    None: a checkpoint tested, the test images alone); and the config with its mean and
-    std."""
+    path: in memory, or (disk) the training images read from the cache file a batch at a
+    time and validated and tested from memory; validation on the test images where they
+    are the same set (train and val None: a checkpoint tested, the test images alone);
+    and the config with its mean and std."""
     train_set, val_set, test_set = datasets
     separate_val = val_set is not None and val_set is not test_set
+    on_disk = config.cache == "disk"
     log.info(
-        "data image_folder: %d + %d + %d images into memory (data.cache=%s)",
+        "data image_folder: %d + %d + %d images (data.cache=%s)",
         0 if train_set is None else len(train_set),
         len(val_set) if separate_val else 0,
         len(test_set),
         config.cache,
     )
 
-    def decoded(subset: Subset | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def decoded(subset: Subset | None, training: bool = False) -> Part | None:
         if subset is None:
             return None
-        if config.cache == "memory":
+        if not on_disk:
             return decode_files(subset, config)
         folder, index = subset.dataset, index_of(subset)  # the folder's cache, built once
-        split = Path(folder.root).name
-        images = cached_folder(folder, split, config, lambda part: decode_files(part, config))
-        return images[index], torch.as_tensor(folder.targets)[index]
+        images = cached_folder(
+            folder, Path(folder.root).name, config, lambda part: decode_files(part, config)
+        )
+        index = index.sort().values  # file order: reads stay close together
+        labels = torch.as_tensor(folder.targets)[index]
+        if training:  # read by batch: the file may be larger than memory
+            return FileRows(images, index, block_rows=config.batch_size * 32), labels
+        return torch.from_numpy(images[index.numpy()]), labels
 
     started = time.perf_counter()
-    train, test = decoded(train_set), decoded(test_set)
+    train, test = decoded(train_set, training=True), decoded(test_set)
     val = decoded(val_set) if separate_val else None
     log.info("data image_folder: images ready in %.1f s", time.perf_counter() - started)
     if train is not None and (config.mean is None or config.std is None):
-        config = with_stats(config, *channel_stats(train[0]))
+        stats = ChannelStats(config.in_channels)
+        chunk = max(1, STATS_BYTES // (config.in_channels * config.image_size**2))
+        for start in range(0, len(train[0]), chunk):  # a file's too, a few MiB at a time
+            stats.add(train[0][start : start + chunk])
+        config = with_stats(config, *stats.result())
+    if on_disk:
+        train_device = torch.device("cpu")  # batches go to the device one by one
     splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
     return splits, config
+
+
+Part = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W), or FileRows, and labels
+STATS_BYTES = 4 * 2**20  # training images read at once for the mean and std
 
 
 def decode_files(subset: Subset, config: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:

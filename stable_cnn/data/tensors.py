@@ -48,7 +48,7 @@ class TensorBatches:
         shard: Shard = ONE_PROCESS,
         augment_generator: torch.Generator | None = None,
     ) -> None:
-        self.images = images  # (N, C, H, W) uint8
+        self.images = images  # (N, C, H, W) uint8 (or FileRows: read from a file by batch)
         self.labels = labels  # (N,) int64
         self.batch_size = batch_size
         self.mean = mean.view(1, -1, 1, 1).to(images.device)
@@ -89,9 +89,8 @@ class TensorBatches:
         if not self.train:
             self.order, self.position = torch.arange(len(self.labels), device=device), 0
         elif self.order is None:  # a new epoch; a resumed one keeps its saved order
-            order = torch.randperm(
-                len(self.labels), generator=self.generator, device=self.generator.device
-            )
+            block = getattr(self.images, "block_rows", 0)  # FileRows: reads stay together
+            order = shuffled(len(self.labels), self.generator, block)
             self.order, self.position = order.to(device), 0
         augment = self.augment_generator
         while self.position < len(self):
@@ -138,6 +137,18 @@ class TensorBatches:
         order = state["order"]
         self.order = None if order is None else order.to(self.images.device)
         self.position = state["position"]
+
+
+def shuffled(count: int, generator: torch.Generator, block: int = 0) -> torch.Tensor:
+    """A random order of ``count`` indices; with ``block``, blocks of that many
+    consecutive indices in a random order, each block's indices shuffled within it."""
+    device = generator.device
+    if block <= 0:
+        return torch.randperm(count, generator=generator, device=device)
+    block_rank = torch.randperm(-(-count // block), generator=generator, device=device)
+    within = torch.randperm(count, generator=generator, device=device)
+    blocks = torch.arange(count, device=device) // block
+    return (block_rank[blocks] * count + within).argsort()
 
 
 def tensor_splits(

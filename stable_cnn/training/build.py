@@ -244,8 +244,11 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
     if isinstance(data_config, ImageFolderConfig) and data_config.cache == "auto":
         cache = folder_cache(data_config, runtime.device, world.local_size)
         if world.distributed:  # one way for every process, or they would wait for ever
-            memory = torch.tensor(cache == "memory", device=runtime.device)
-            cache = "memory" if world.all_true(memory).item() else "none"  # once per run
+            agreed = [  # once per run: memory where all can, else disk, else none
+                bool(world.all_true(torch.tensor(cache in ways, device=runtime.device)).item())
+                for ways in (("memory",), ("memory", "disk"))
+            ]
+            cache = "memory" if agreed[0] else "disk" if agreed[1] else "none"
         data_config = replace(data_config, cache=cache)
     with world.local_main_first():  # a dataset is extracted once per machine
         shard = Shard(world.rank, world.size)
