@@ -19,12 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from stable_cnn.data.tensors import load_tensors
 from stable_cnn.errors import EXIT_PREEMPTED
-from tests.conftest import REPO, compose_run, read_jsonl
-from tests.test_resume import assert_same_run, wait_for_epochs
+from tests.conftest import REPO, read_jsonl
+from tests.test_resume import assert_same_run, wait_for_epochs, write_fashion_folder
 
 pytestmark = pytest.mark.slow
 
@@ -106,15 +104,7 @@ def big_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactor
     to validate on, with their data.cache=disk file built (outside any limit)."""
     if memory_controller() is None:
         pytest.skip("needs a memory cgroup this process may make groups in (root, cgroups)")
-    root = tmp_path_factory.mktemp("big_folder")
-    data = compose_run([f"data.root={fashion_mnist_root}", "data.download=false"]).data
-    for split, train, count in (("train", True, PER_CLASS), ("val", False, 20)):
-        images, labels, _ = load_tensors(data, train=train)
-        for label in range(10):
-            folder = root / split / str(label)
-            folder.mkdir(parents=True)
-            for k, index in enumerate((labels == label).nonzero()[:count, 0].tolist()):
-                Image.fromarray(images[index, 0].numpy()).save(folder / f"{k}.png")
+    root = write_fashion_folder(tmp_path_factory.mktemp("big"), fashion_mnist_root, PER_CLASS, 20)
     built = subprocess.run(
         [
             sys.executable,

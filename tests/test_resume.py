@@ -159,12 +159,19 @@ def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path,
 def fashion_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST images as PNG files in class folders: 30 of each class to
     train on, 5 to validate on."""
+    return write_fashion_folder(
+        tmp_path_factory.mktemp("fashion_folder"), fashion_mnist_root, 30, 5
+    )
+
+
+def write_fashion_folder(root: Path, fashion_mnist_root: Path, train: int, val: int) -> Path:
+    """The first ``train`` training images of each Fashion-MNIST class in root/train/<class>/
+    as PNG files, and ``val`` test images of each in root/val/<class>/."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("fashion_folder")
     data = compose_run([f"data.root={fashion_mnist_root}", "data.download=false"]).data
-    for split, train, count in (("train", True, 30), ("val", False, 5)):
-        images, labels, _ = load_tensors(data, train=train)
+    for split, training, count in (("train", True, train), ("val", False, val)):
+        images, labels, _ = load_tensors(data, train=training)
         for label in range(10):
             folder = root / split / str(label)
             folder.mkdir(parents=True)
