@@ -6,12 +6,14 @@ in either fails the test, with the rank's traceback)."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +191,37 @@ def a_bad_loss_on_one_rank_skips_the_step_on_both(rank: int) -> None:
 
 def test_a_bad_loss_on_one_rank_skips_the_step_on_both():
     in_two_ranks(a_bad_loss_on_one_rank_skips_the_step_on_both)
+
+
+def one_build_of_the_disk_cache(folder: Path, rank: int) -> None:
+    """Both processes of a machine build their data with data.cache=disk: the first
+    decodes each folder into the cache, the second reads it and decodes nothing."""
+    from stable_cnn.data import image_folder
+    from stable_cnn.system.distributed import World
+    from stable_cnn.training.build import build_data
+    from tests.conftest import compose_run
+
+    decoded: list[int] = []
+    decode = image_folder.decode_files
+
+    def counted(subset, config):  # what this process decoded itself
+        decoded.append(len(subset))
+        return decode(subset, config)
+
+    image_folder.decode_files = counted
+    world = World(rank=rank, size=2, local_rank=rank, local_size=2, launcher="torchrun")
+    run = compose_run(
+        ["data=image_folder", f"data.root={folder}", "data.cache=disk", "data.batch_size=2"]
+    )
+    data = build_data(run, world, Runtime(torch.device("cpu"), FP32, torch.contiguous_format))
+    every = [None, None]
+    dist.all_gather_object(every, sum(decoded))
+    assert every == [12 + 5, 0], f"images decoded by each process: {every}"
+    assert len(data.train) == 3  # 12 images, batches of 2, half each
+
+
+def test_two_processes_build_one_disk_cache(tmp_path: Path):
+    from tests.test_data import write_image_folder
+
+    write_image_folder(tmp_path, {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 3}})
+    in_two_ranks(functools.partial(one_build_of_the_disk_cache, tmp_path))
