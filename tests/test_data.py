@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from stable_cnn.data.datasets import install_idx_files
 from stable_cnn.data.splits import Shard
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import DataError
-from tests.conftest import FASHION_MNIST_SYSTEM_DIR, TINY, compose_run
+from tests.conftest import FASHION_MNIST_SYSTEM_DIR, REPO, TINY, compose_run
 
 
 def test_system_copy_is_decompressed_into_torchvisions_layout(fashion_mnist_root):
@@ -239,6 +241,42 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
     elsewhere = tmp_path / "cache"
     assert torch.equal(train_images("data.cache=disk", f"data.cache_dir={elsewhere}"), rebuilt)
     assert (elsewhere / "train-3x20x20.npy").exists()
+
+
+BUILD_CACHE = """
+import logging, sys
+sys.path.insert(0, sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import torch
+from stable_cnn.data.build import build_splits
+from tests.conftest import compose_run
+args = ["data=image_folder", f"data.root={sys.argv[1]}", "data.cache=disk", "data.batch_size=4"]
+build_splits(compose_run(args).data, torch.device("cpu"), seed=0)
+"""
+
+
+def test_jobs_side_by_side_build_one_disk_cache(tmp_path):
+    """Three processes started at once on a folder without a cache (a sweep's jobs side
+    by side): one decodes each folder, the others wait for it and read its file; the
+    remains of a build that was killed are cleared."""
+    write_image_folder(tmp_path, {"train": {"cat": 60, "dog": 60}, "val": {"cat": 2, "dog": 3}})
+    (tmp_path / ".stable_cnn_cache").mkdir()
+    killed = tmp_path / ".stable_cnn_cache" / "train-3x32x32.999.tmp.npy"
+    killed.write_bytes(b"half")
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_CACHE, str(tmp_path), str(REPO)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outputs
+    said = "".join(outputs)
+    assert said.count("decoded into") == 2 and said.count("reading") == 4, said
+    assert not killed.exists()
 
 
 @pytest.mark.parametrize("cache", ["memory", "none"])

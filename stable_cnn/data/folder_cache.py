@@ -9,16 +9,21 @@ and this format's version. The array is written under a temporary name and renam
 then the key is written the same way: a build that was killed leaves no key that
 matches, so its remains are never read, and a folder whose files changed gets its cache
 rebuilt (one log line says why). Processes of a distributed run build it once: the
-first process of each machine opens its data first (training/build.py).
+first process of each machine opens its data first (training/build.py); processes
+that do not know of each other (a sweep's jobs side by side) take turns through a lock
+on the cache folder, so one builds and the others read.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +65,47 @@ def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: An
     stem = directory / f"{split}-{channels}x{size}x{size}"
     array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     key = folder_key(folder, channels, size)
-    if key_path.exists() and array_path.exists():
-        if json.loads(key_path.read_text()).get("key") == key:
+    if built_for(key_path, array_path) == key:
+        log.info("data.cache=disk: reading %s", array_path)
+        return open_array(array_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    with building(directory):  # sweep jobs side by side: one builds, the others wait
+        if built_for(key_path, array_path) == key:  # by another process meanwhile
             log.info("data.cache=disk: reading %s", array_path)
             return open_array(array_path)
+        return build(folder, split, config, decode, key, stem)
+
+
+def built_for(key_path: Path, array_path: Path) -> str | None:
+    """The key the cache was built for, or None where none was finished."""
+    if not (key_path.exists() and array_path.exists()):
+        return None
+    return json.loads(key_path.read_text()).get("key")
+
+
+@contextmanager
+def building(directory: Path) -> Iterator[None]:
+    """This process alone builds in ``directory`` (an advisory lock on the folder itself)."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def build(
+    folder: Any, split: str, config: ImageFolderConfig, decode: Any, key: str, stem: Path
+) -> np.memmap:
+    """Decode ``folder`` into the cache file at ``stem``, then write its key."""
+    channels, size = config.in_channels, config.image_size
+    array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    if key_path.exists():
         log.info(
             "data.cache=disk: %s/ changed since %s was built: rebuilding it", split, array_path
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    for remains in stem.parent.glob(f"{stem.name}.*.tmp*"):  # of a build that was killed
+        remains.unlink()
     started = time.perf_counter()
     count = len(folder.samples)
     temporary = stem.with_name(f"{stem.name}.{os.getpid()}.tmp.npy")
