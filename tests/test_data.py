@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -207,22 +208,21 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
     args = ["data=image_folder", f"data.root={images}", "data.batch_size=4", "data.image_size=20"]
     caplog.set_level(logging.INFO, logger="stable_cnn")
 
-    def train_images(*more: str) -> torch.Tensor:
+    def train_images(*more: str) -> torch.Tensor:  # each with its label
         caplog.clear()
         config = compose_run([*args, *more]).data
-        images = build_splits(config, torch.device("cpu"), seed=0).train.images
-        return images[torch.arange(len(images))]  # the disk's are read from the file here
+        train = build_splits(config, torch.device("cpu"), seed=0).train
+        images = train.images[torch.arange(len(train.labels))]  # disk: read from the file
+        pairs = torch.cat([images.flatten(1), train.labels[:, None].to(torch.uint8)], 1)
+        return torch.unique(pairs, dim=0)  # each image with its label, in any order
 
     in_memory = train_images("data.cache=memory")
     built = train_images("data.cache=disk")
     assert torch.equal(built, in_memory) and caplog.text.count("decoded into") == 2
     cache = images / ".stable_cnn_cache"
-    assert sorted(p.name for p in cache.iterdir()) == [
-        "train-3x20x20.json",
-        "train-3x20x20.npy",
-        "val-3x20x20.json",
-        "val-3x20x20.npy",
-    ]
+    files = sorted(p.name.split("-")[0] + p.suffix for p in cache.iterdir() if p.name != ".lock")
+    assert files == ["train.json", "train.npy", "val.json", "val.npy"]
+    (val_key,) = cache.glob("val-*.json")
     assert torch.equal(train_images("data.cache=disk"), in_memory)
     assert "decoded into" not in caplog.text and caplog.text.count("reading") == 2
 
@@ -232,15 +232,15 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
     rebuilt = train_images("data.cache=disk")
     assert "train/ changed since" in caplog.text and not torch.equal(rebuilt, in_memory)
 
-    (cache / "val-3x20x20.json").unlink()  # as a build killed before its key was written
-    (cache / "val-3x20x20.npy").write_bytes(b"half")
+    val_key.unlink()  # as a build killed before its key was written
+    val_key.with_suffix(".npy").write_bytes(b"half")
     train_images("data.cache=disk")
     assert caplog.text.count("decoded into") == 1 and "reading" in caplog.text
     assert not list(cache.glob("*.tmp*")), "nothing half written is left"
 
     elsewhere = tmp_path / "cache"
     assert torch.equal(train_images("data.cache=disk", f"data.cache_dir={elsewhere}"), rebuilt)
-    assert (elsewhere / "train-3x20x20.npy").exists()
+    assert len(list(elsewhere.glob("train-3x20x20-*.npy"))) == 1
 
 
 BUILD_CACHE = """
@@ -261,7 +261,9 @@ def test_jobs_side_by_side_build_one_disk_cache(tmp_path):
     remains of a build that was killed are cleared."""
     write_image_folder(tmp_path, {"train": {"cat": 60, "dog": 60}, "val": {"cat": 2, "dog": 3}})
     (tmp_path / ".stable_cnn_cache").mkdir()
-    killed = tmp_path / ".stable_cnn_cache" / "train-3x32x32.999.tmp.npy"
+    root = hashlib.sha256(str((tmp_path / "train").resolve()).encode()).hexdigest()[:8]
+    stem = f"train-3x32x32-{root}"  # the name a build of train/ writes under, killed
+    killed = tmp_path / ".stable_cnn_cache" / f"{stem}.999.tmp.npy"
     killed.write_bytes(b"half")
     jobs = [
         subprocess.Popen(

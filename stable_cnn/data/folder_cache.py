@@ -32,12 +32,25 @@ import torch
 from torch.utils.data import Subset
 
 from stable_cnn.config import ImageFolderConfig
+from stable_cnn.errors import DataError
 
 log = logging.getLogger("stable_cnn")
 
 CACHE_FOLDER = ".stable_cnn_cache"
-VERSION = 1  # of the file's layout and the decoding that fills it
+VERSION = 2  # of the file's layout (its rows' order) and the decoding that fills it
 CHUNK_IMAGES = 4096  # decoded, then written, at once
+
+
+def file_order(count: int) -> torch.Tensor:
+    """Which of the folder's images (ImageFolder sorts them by class) each row of its
+    cache holds: a fixed shuffle, so that a block of consecutive rows, which a run reads
+    together, holds every class in proportion."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(VERSION))
+
+
+def rows_of(images: torch.Tensor, count: int) -> torch.Tensor:
+    """The cache rows of the folder's images ``images`` (indices into its samples)."""
+    return file_order(count).argsort()[images]
 
 
 def cache_folder(config: ImageFolderConfig) -> Path:
@@ -62,7 +75,8 @@ def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: An
     cache matches."""
     channels, size = config.in_channels, config.image_size
     directory = cache_folder(config)
-    stem = directory / f"{split}-{channels}x{size}x{size}"
+    root = hashlib.sha256(str(Path(folder.root).resolve()).encode()).hexdigest()[:8]
+    stem = directory / f"{split}-{channels}x{size}x{size}-{root}"  # several roots, one cache_dir
     array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     key = folder_key(folder, channels, size)
     if built_for(key_path, array_path) == key:
@@ -85,10 +99,11 @@ def built_for(key_path: Path, array_path: Path) -> str | None:
 
 @contextmanager
 def building(directory: Path) -> Iterator[None]:
-    """This process alone builds in ``directory`` (an advisory lock on the folder itself)."""
-    handle = os.open(directory, os.O_RDONLY)
+    """This process alone builds in ``directory``: a lock on its ``.lock`` file (POSIX
+    record locks, which NFS shares between machines too)."""
+    handle = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.lockf(handle, fcntl.LOCK_EX)
         yield
     finally:
         os.close(handle)  # releases the lock
@@ -112,8 +127,9 @@ def build(
     array = np.lib.format.open_memmap(
         temporary, mode="w+", dtype=np.uint8, shape=(count, channels, size, size)
     )
+    order = file_order(count).tolist()
     for start in range(0, count, CHUNK_IMAGES):
-        chunk = Subset(folder, range(start, min(start + CHUNK_IMAGES, count)))
+        chunk = Subset(folder, order[start : start + CHUNK_IMAGES])
         array[start : start + len(chunk)] = decode(chunk)[0].numpy()
     array.flush()
     del array
@@ -173,7 +189,9 @@ class FileRows:
         batch = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8)
         buffers = batch.numpy().reshape(len(rows), -1)
         for buffer, row in zip(buffers, in_file_order.tolist(), strict=True):
-            os.preadv(self.file, [buffer], self.offset + row * self.row_bytes)
+            read = os.preadv(self.file, [buffer], self.offset + row * self.row_bytes)
+            if read != self.row_bytes:  # the file was cut short under the run
+                raise DataError(f"data.cache=disk: {self.path} ends early: delete it")
         return batch[position.argsort()]
 
     def to(self, device: torch.device) -> FileRows:

@@ -1,10 +1,12 @@
 """``data=image_folder``: images in class folders. With ``data.cache=memory`` each image
-the run uses is decoded once, in parallel, into uint8 at the training size and channels,
-and the run trains from there as it does on Fashion-MNIST (tensors.py: whole batches
-augmented on the device, exact resume); with ``none`` images are decoded and augmented
-one at a time in DataLoader workers every epoch (loaders.py), for folders too large for
-memory; ``auto`` takes memory where the decoded images fit (custom.py's sizing rule).
-Mean and std left null are computed from the training images."""
+the run uses is decoded once into uint8 at the training size and channels, and the run
+trains from there as it does on Fashion-MNIST (tensors.py: whole batches augmented on
+the device, exact resume); with ``disk`` each folder is decoded once into a file that
+later runs read (folder_cache.py), the training batches read from it as they are
+needed; with ``none`` images are decoded and augmented one at a time in DataLoader
+workers every epoch (loaders.py). ``auto`` takes memory where the decoded images fit
+(custom.py's sizing rule), else disk, else none. Mean and std left null are computed
+from the training images."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.utils.data import Subset
 from stable_cnn.config import ImageFolderConfig
 from stable_cnn.data.custom import fits_in_memory, sample_stats
 from stable_cnn.data.decode import ChannelStats, image_tensor
-from stable_cnn.data.folder_cache import FileRows, cache_folder, cached_folder
+from stable_cnn.data.folder_cache import FileRows, cache_folder, cached_folder, rows_of
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -173,11 +175,11 @@ def decoded_splits(
         images = cached_folder(
             folder, Path(folder.root).name, config, lambda part: decode_files(part, config)
         )
-        index = index.sort().values  # file order: reads stay close together
-        labels = torch.as_tensor(folder.targets)[index]
+        rows, order = rows_of(index, len(folder.samples)).sort()  # file order: reads close
+        labels = torch.as_tensor(folder.targets)[index][order]
         if training:  # read by batch: the file may be larger than memory
-            return FileRows(images, index, block_rows=config.batch_size * 32), labels
-        return torch.from_numpy(images[index.numpy()]), labels
+            return FileRows(images, rows, block_rows=config.batch_size * 32), labels
+        return torch.from_numpy(images[rows.numpy()]), labels
 
     started = time.perf_counter()
     train, test = decoded(train_set, training=True), decoded(test_set)
@@ -219,6 +221,8 @@ def decode_files(subset: Subset, config: ImageFolderConfig) -> tuple[torch.Tenso
             try:
                 image = decode_image(read_file(path), mode=mode)
             except RuntimeError:  # a format torchvision does not decode (BMP, TIFF), or none
+                image = None
+            if image is None or image.dtype != torch.uint8:  # 16-bit PNGs come as uint16
                 image = image_tensor(read_image(path), channels, size, path)
             if tuple(image.shape[1:]) != (size, size):
                 image = functional.resize(image, [size, size], antialias=True)

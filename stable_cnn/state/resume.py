@@ -56,6 +56,8 @@ IGNORED_KEYS = {
 
 # Keys added since checkpoints began recording the config, with the value that an older
 # checkpoint's run had in effect: a run written before a key existed still resumes.
+# data=image_folder's mean and std before they were computed from the images
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ADDED_KEYS = {
     ("model", "sync_batchnorm"): False,
     ("trainer", "accumulate_grad_batches"): 1,
@@ -88,6 +90,12 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         )
         for group, values in config.items()
     }
+    data = comparable_config.get("data")
+    if isinstance(data, dict) and data.get("name") == "image_folder" and "cache" not in data:
+        # a run from before data.cache: its defaults then are today's null and auto
+        data.update(cache="auto", cache_dir=None)
+        if data.get("mean") == IMAGENET_MEAN and data.get("std") == IMAGENET_STD:
+            data.update(mean=None, std=None)
     for (group, key), value in ADDED_KEYS.items():
         if isinstance(comparable_config.get(group), dict):
             comparable_config[group].setdefault(key, value)

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,9 @@ def load_for_evaluation(
     model = rebuild_model(state, record, path, trust_code)
     if data is None:
         data = adjust_data(record.data) if adjust_data is not None else record.data
+    if getattr(data, "mean", None) is None or getattr(data, "std", None) is None:
+        # images of another folder go through the model as its training images did
+        data = replace(data, mean=data.mean or record.data.mean, std=data.std or record.data.std)
     check_data_fits(record.model_config, data, path)
 
     device = resolve_device(device_name)
