@@ -59,7 +59,7 @@ def image_folder_splits(
         f"test accuracy is optimistic; add a test/ folder, or hold validation images out "
         f"of train/ with data.val_size=N"
     )
-    train_set, val_set, test_set, classes = folder_datasets(config, transformed=False)
+    train_set, val_set, test_set, classes = folder_datasets(config)
     training = len(train_set) + (0 if val_set is test_set else len(val_set))
     count = len(test_set) + (0 if test_only else training)
     config = replace(config, cache=chosen_cache(config, count, device))
@@ -73,7 +73,10 @@ def image_folder_splits(
             config = with_stats(
                 config, *sample_stats(train_set.dataset, index_of(train_set), config)
             )
-        train_set, val_set, test_set, classes = folder_datasets(config, transformed=True)
+        train_transform, eval_transform = folder_transforms(config)  # on the folders read
+        train_set.dataset.transform = train_transform  # held-out val has a folder of its own
+        for subset in (val_set, test_set):
+            subset.dataset.transform = eval_transform
         info = DatasetInfo(
             "image_folder", config.in_channels, len(classes), config.image_size, classes
         )
@@ -100,7 +103,7 @@ def image_folder_splits(
 def folder_cache(config: ImageFolderConfig, device: torch.device, copies: int = 1) -> str:
     """data.cache for the images a run of ``config`` uses, ``copies`` of them (one per
     process on this machine): see chosen_cache."""
-    train_set, val_set, test_set, _ = folder_datasets(config, transformed=False)
+    train_set, val_set, test_set, _ = folder_datasets(config)
     images = len(train_set) + len(test_set) + (0 if val_set is test_set else len(val_set))
     return chosen_cache(config, images, device, copies)
 
@@ -255,7 +258,7 @@ def folder_transforms(config: ImageFolderConfig) -> tuple[Any, Any]:
     )
 
 
-def open_folder(root: Path, split: str, transform: Any) -> Any:
+def open_folder(root: Path, split: str) -> Any:
     """root/split as a torchvision ImageFolder, or one DataError line saying what is wrong."""
     from torchvision import datasets
 
@@ -266,7 +269,7 @@ def open_folder(root: Path, split: str, transform: Any) -> Any:
             f"folders with one subfolder of images per class"
         )
     try:  # every image decoded as RGB; data.in_channels=1 makes it grey afterwards
-        return datasets.ImageFolder(str(path), transform=transform, loader=read_image)
+        return datasets.ImageFolder(str(path), loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"image_folder: no images in {path} ({err})") from None
 
@@ -284,25 +287,22 @@ def read_image(path: str) -> Any:
         ) from None
 
 
-def folder_datasets(
-    config: ImageFolderConfig, transformed: bool = True
-) -> tuple[Any, Any, Any, tuple[str, ...]]:
+def folder_datasets(config: ImageFolderConfig) -> tuple[Any, Any, Any, tuple[str, ...]]:
     """The train, validation and test datasets and the class names: train/ and val/ (and
     test/ where it exists, else val/ is the test set too), validation held out of train/
-    with data.val_size=N, the limits applied; the class folders checked alike. Without
-    ``transformed`` an item is the decoded PIL image as the file holds it."""
+    with data.val_size=N, the limits applied; the class folders checked alike. An item is
+    the decoded PIL image as the file holds it (the DataLoader path sets transforms)."""
     root = Path(config.root).expanduser()
-    train_transform, eval_transform = folder_transforms(config) if transformed else (None, None)
-    train_set = open_folder(root, "train", train_transform)
+    train_set = open_folder(root, "train")
     classes = tuple(train_set.classes)
     if config.num_classes is not None and config.num_classes != len(classes):
         raise DataError(
             f"data.num_classes={config.num_classes} but {root / 'train'} has {len(classes)} "
             f"class folders: set data.num_classes=null to infer it"
         )
-    val_set = open_folder(root, "val", eval_transform)
+    val_set = open_folder(root, "val")
     has_test = (root / "test").is_dir()
-    test_set = open_folder(root, "test", eval_transform) if has_test else val_set
+    test_set = open_folder(root, "test") if has_test else val_set
     for split, dataset in (("val", val_set), ("test", test_set)):
         if tuple(dataset.classes) != classes:
             raise DataError(
@@ -322,7 +322,7 @@ def folder_datasets(
         train_index, val_index = split_indices(
             train_labels, len(train_labels), config.val_size, "image_folder", config.sampling
         )
-        val_set = sample(open_folder(root, "train", eval_transform), val_index, config.limit_test)
+        val_set = sample(open_folder(root, "train"), val_index, config.limit_test)
     elif has_test:
         val_set = sample(val_set, None, config.limit_test)
     else:
