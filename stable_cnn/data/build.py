@@ -2,7 +2,7 @@
 batches. Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
 decoded once into a uint8 tensor on the training device, where whole batches are
 augmented (tensors.py); ``image_folder`` (image_folder.py) takes that way from memory or
-from a decoded file on disk (folder_cache.py), ``custom`` (custom.py) where its images
+from a decoded file on disk (image_cache.py), ``custom`` (custom.py) where its images
 fit; else the per-image DataLoader path (loaders.py)."""
 
 from __future__ import annotations

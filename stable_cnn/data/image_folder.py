@@ -2,7 +2,7 @@
 the run uses is decoded once into uint8 at the training size and channels, and the run
 trains from there as it does on Fashion-MNIST (tensors.py: whole batches augmented on
 the device, exact resume); with ``disk`` each folder is decoded once into a file that
-later runs read (folder_cache.py), the training batches read from it as they are
+later runs read (image_cache.py), the training batches read from it as they are
 needed; with ``none`` images are decoded and augmented one at a time in DataLoader
 workers every epoch (loaders.py). ``auto`` takes memory where the decoded images fit
 (custom.py's sizing rule), else disk, else none. Mean and std left null are computed
@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 from stable_cnn.config import ImageFolderConfig
 from stable_cnn.data.custom import fits_in_memory, sample_stats
 from stable_cnn.data.decode import ChannelStats, image_tensor
-from stable_cnn.data.folder_cache import FileRows, cache_folder, cached_folder, rows_of
+from stable_cnn.data.image_cache import FileRows, cache_folder, cached_folder, rows_of
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
