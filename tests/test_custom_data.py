@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stable_cnn.data.build import build_splits
-from stable_cnn.data.custom import fits_in_memory
+from stable_cnn.data.image_cache import fits_in_memory
 from stable_cnn.errors import DataError
 from stable_cnn.system.memory import available_memory, cgroup_available
 from tests.conftest import REPO, TINY, compose_run, run_cli
@@ -108,7 +108,7 @@ def test_channels_settle_from_a_sample_not_the_first_image(my_data: Path, caplog
 
 
 def test_a_bad_label_names_its_image_on_every_path(my_data: Path):
-    for extra in ([], ["data.in_memory=false"]):
+    for extra in ([], ["data.cache=none"]):
         config = compose_run(custom("+data.bad_label_at=37", *extra)).data
         with pytest.raises(DataError, match=r"train image 37 has label 4, outside 0\.\.3"):
             build_splits(config, torch.device("cpu"), seed=0)
@@ -120,7 +120,7 @@ def test_a_bad_label_read_by_a_loader_worker_is_one_line(my_data: Path, tmp_path
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
     done = run_cli(
         custom(
-            "data.in_memory=false",
+            "data.cache=none",
             "+data.with_targets=false",
             "+data.bad_label_at=37",
             "data.val_size=0",
@@ -163,9 +163,7 @@ def test_decoding_and_statistics_stay_near_the_size_of_the_images(my_data: Path)
     """4,096 RGB images of 64x64 are 48 MiB as uint8: decoding them and computing their
     mean and std takes about that, not a float copy of thousands of images (the chunks
     used to be 4,096 images, 17x their uint8 size at the peak)."""
-    overrides = custom(
-        "+data.count=4096", "+data.size=64", "data.val_size=0", "data.in_memory=true"
-    )
+    overrides = custom("+data.count=4096", "+data.size=64", "data.val_size=0", "data.cache=memory")
     script = textwrap.dedent(PEAK.format(folder=str(my_data), overrides=overrides))
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
@@ -221,7 +219,7 @@ def test_lr_auto_reuses_the_decoded_images(my_data: Path, tmp_path: Path):
     reads = tmp_path / "reads"
     env = {"PYTHONPATH": f"{my_data}{os.pathsep}{REPO}", "READS_FILE": str(reads)}
     done = run_cli(
-        custom("optimizer.lr=auto", "trainer.epochs=1", "data.in_memory=true", "hydra.run.dir=run"),
+        custom("optimizer.lr=auto", "trainer.epochs=1", "data.cache=memory", "hydra.run.dir=run"),
         tmp_path,
         env=env,
     )
@@ -241,7 +239,7 @@ def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Pat
 
     env = {**os.environ, "PYTHONPATH": f"{my_data}{os.pathsep}{REPO}"}
     args = custom(
-        "data.in_memory=false",
+        "data.cache=none",
         "data.num_workers=1",
         "+data.count=2048",
         "+data.with_targets=false",
@@ -254,7 +252,7 @@ def test_a_run_through_loader_workers_resumes_exactly_as_it_started(my_data: Pat
     stop_in_second_epoch(args, stopped, tmp_path, env)
     record = CheckpointRecord.read(load_checkpoint(stopped / "checkpoints" / "last.pt"), stopped)
     continued = data_as_it_started(compose_run(args).data, record)
-    assert continued.in_memory is False and continued.mean == record.data_resolved["mean"]
+    assert continued.cache == "none" and continued.mean == record.data_resolved["mean"]
     assert continued.sampling == "stratified" and continued.val_size == 204
     resumed = run_cli(
         [*args, f"trainer.resume={stopped}", f"hydra.run.dir={stopped}"], tmp_path, env=env
@@ -273,3 +271,87 @@ def test_a_dataset_that_fails_in_one_process_stops_every_process(my_data: Path, 
     assert done.returncode != 0
     errors = [line for line in done.stdout.splitlines() if "error:" in line]
     assert errors == [errors[0]] and "no images where this process looks (on rank 1)" in errors[0]
+
+
+def images_with_labels(batches) -> torch.Tensor:
+    """Every image of a split with its label, in one order whatever the split's."""
+    images = batches.images[torch.arange(len(batches.labels))]  # from a file, where it is one
+    pairs = torch.cat([images.flatten(1), batches.labels[:, None].to(torch.uint8)], 1)
+    return torch.unique(pairs, dim=0)
+
+
+def test_a_disk_cache_of_your_datasets_is_built_once_and_read_by_later_runs(
+    my_data: Path, tmp_path: Path, caplog, monkeypatch
+):
+    """data.cache=disk: the first run decodes each of the callable's datasets into a file
+    (labels too: these datasets do not list them), later runs read it (the same images and
+    labels as data.cache=memory decodes), a dataset whose images changed is decoded anew;
+    stable-cnn-eval reads the test file."""
+    import my_patterns
+
+    caplog.set_level(logging.INFO, logger="stable_cnn")
+    args = custom("+data.with_targets=false", "data.limit_train=64", "data.limit_test=32")
+    disk = [*args, "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"]
+    in_memory = build_splits(compose_run(args).data, torch.device("cpu"), seed=0)
+    my_patterns.READS.clear()
+    built = build_splits(compose_run(disk).data, torch.device("cpu"), seed=0)
+    assert built.resolved["cache"] == "disk" and caplog.text.count("decoded into") == 2
+    assert len(my_patterns.READS) >= 512 + 128, "every image of both datasets, once"
+    for split in ("train", "val", "test"):
+        expected = images_with_labels(getattr(in_memory, split))
+        assert torch.equal(images_with_labels(getattr(built, split)), expected), split
+    assert built.resolved["mean"] == in_memory.resolved["mean"]
+
+    caplog.clear()
+    my_patterns.READS.clear()
+    again = build_splits(compose_run(disk).data, torch.device("cpu"), seed=0)
+    assert "decoded into" not in caplog.text and caplog.text.count("reading") == 2
+    assert len(my_patterns.READS) <= 16 + 2 * 64, "the shape and the key's sample alone"
+    assert torch.equal(images_with_labels(again.train), images_with_labels(built.train))
+
+    caplog.clear()
+    brighter = my_patterns.Patterns.__getitem__
+    monkeypatch.setattr(  # the same call, other pixels: the sample in the key sees it
+        my_patterns.Patterns, "__getitem__", lambda self, i: (brighter(self, i)[0] // 2, i % 4)
+    )
+    build_splits(compose_run(disk).data, torch.device("cpu"), seed=0)
+    assert caplog.text.count("changed since") == 2 and caplog.text.count("decoded into") == 2
+
+
+def test_a_run_and_its_eval_share_the_disk_cache(my_data: Path, tmp_path: Path):
+    """A run with data.cache=disk trains from the file it built, and stable-cnn-eval on
+    its checkpoint reads the test file instead of decoding the test images again."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{my_data}{os.pathsep}{REPO}",
+        "READS_FILE": str(tmp_path / "reads"),
+    }
+    cache = tmp_path / "cache"
+    done = run_cli(
+        custom(
+            "data.cache=disk", f"data.cache_dir={cache}", "trainer.epochs=1", "hydra.run.dir=run"
+        ),
+        tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data custom, settled from the data:" in done.stdout and "cache disk" in done.stdout
+    assert len(list(cache.glob("custom-*.labels.npy"))) == 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stable_cnn.cli.eval",
+            f"checkpoint={checkpoint}",
+            "trust_code=true",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "data.cache=disk: reading" in evaluated.stdout + evaluated.stderr
+    assert int((tmp_path / "reads").read_text()) <= 16 + 64, "the shape and the key alone"

@@ -167,7 +167,7 @@ def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
     training images, the same whichever way the images are read, and are recorded; a
     value given still wins. Where the decoded images would not fit (the memory this
     job may take, faked at the OS's answer), auto reads them one by one."""
-    from stable_cnn.data import custom
+    from stable_cnn.data import image_cache
     from stable_cnn.data.decode import channel_stats
     from stable_cnn.data.tensors import TensorBatches
 
@@ -189,7 +189,9 @@ def test_image_folder_decodes_once_into_memory_with_the_images_own_statistics(
     assert (read.resolved["mean"], read.resolved["std"]) == (mean, std)
     given = compose_run([*args, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]).data
     assert build_splits(given, torch.device("cpu"), seed=0).resolved["mean"] == [0.5] * 3
-    monkeypatch.setattr(custom, "available_memory", lambda: 1000)  # bytes: 12 images do not fit
+    monkeypatch.setattr(
+        image_cache, "available_memory", lambda: 1000
+    )  # bytes: 12 images do not fit
     assert build_splits(compose_run(args).data, torch.device("cpu"), 0).resolved["cache"] == "disk"
     assert "data.cache=auto: disk" in caplog.text
     (tmp_path / "a_file").write_text("")  # a cache folder that cannot be made: one by one
@@ -220,8 +222,8 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
     built = train_images("data.cache=disk")
     assert torch.equal(built, in_memory) and caplog.text.count("decoded into") == 2
     cache = images / ".stable_cnn_cache"
-    files = sorted(p.name.split("-")[0] + p.suffix for p in cache.iterdir() if p.name != ".lock")
-    assert files == ["train.json", "train.npy", "val.json", "val.npy"]
+    files = sorted(p.name.split("-")[0] + "".join(p.suffixes) for p in cache.iterdir())
+    assert files == [".lock", *(f"{s}.{x}" for s in ("train", "val") for x in FILES)]
     (val_key,) = cache.glob("val-*.json")
     assert torch.equal(train_images("data.cache=disk"), in_memory)
     assert "decoded into" not in caplog.text and caplog.text.count("reading") == 2
@@ -240,8 +242,10 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
 
     elsewhere = tmp_path / "cache"
     assert torch.equal(train_images("data.cache=disk", f"data.cache_dir={elsewhere}"), rebuilt)
-    assert len(list(elsewhere.glob("train-3x20x20-*.npy"))) == 1
+    assert len(list(elsewhere.glob("train-3x20x20-*.labels.npy"))) == 1
 
+
+FILES = ("json", "labels.npy", "npy")  # of a disk cache, per folder
 
 BUILD_CACHE = """
 import logging, sys

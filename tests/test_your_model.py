@@ -262,7 +262,7 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
     ]
     in_memory = train(args, tmp_path / "memory", my_models)
     workers = train(
-        [*args, "+data.as_tensors=true", "data.in_memory=false"], tmp_path / "workers", my_models
+        [*args, "+data.as_tensors=true", "data.cache=none"], tmp_path / "workers", my_models
     )
     settled = [
         line.split(" - ", 1)[1]
@@ -270,6 +270,8 @@ def test_a_dataset_of_your_own_in_memory_and_through_workers(
         for line in output.splitlines()
         if "settled from the data" in line
     ]
+    assert settled[0].endswith(", cache memory") and settled[1].endswith(", cache none")
+    settled = [line.rsplit(", cache", 1)[0] for line in settled]  # the same but the way
     assert len(settled) == 2 and settled[0] == settled[1], settled
     assert "in_channels 1, image_size 28, num_classes 10, val_size 64" in settled[0]
     mean = float(settled[0].split("mean [")[1].split("]")[0])
@@ -360,6 +362,11 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
             ["trainer.patience=2"],
             "trainer.patience is not a key of this config (TrainerConfig): "
             "did you mean trainer.early_stopping_patience?",
+        ),
+        (  # a key of an earlier version
+            ["data=custom", "data._target_=my_data.load", "data.in_memory=false"],
+            "data.in_memory is no longer a key: write data.cache=memory for true, "
+            "data.cache=none for false",
         ),
     ],
 )

@@ -35,6 +35,15 @@ NOISE = (
 )
 
 
+# Keys that were renamed, with what to write today.
+RENAMED_KEYS = {
+    "data.in_memory": (
+        "write data.cache=memory for true, data.cache=none for false, data.cache=auto for "
+        "null, or data.cache=disk (docs/data.md#the-image-cache)"
+    ),
+}
+
+
 def describe(err: BaseException, program: str) -> str:
     """The mistake in one line, with the fix."""
     text = str(err)
@@ -70,6 +79,8 @@ def describe(err: BaseException, program: str) -> str:
                 f"head_dropout, hidden and batchnorm belong to model=small_cnn; "
                 f"`{program} --cfg job` lists this model's keys"
             )
+        if name in RENAMED_KEYS:
+            return f"{name} is no longer a key: {RENAMED_KEYS[name]}"
         group, _, leaf = name.rpartition(".")
         schema_class = getattr(stable_cnn.config, schema.group(1), None) if schema else None
         known = [f.name for f in fields(schema_class)] if is_dataclass(schema_class) else []

@@ -14,6 +14,7 @@ is precision.py), the whole run's config in run.py; every schema is importable f
 
 from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import (
+    CachedDataConfig,
     CustomDataConfig,
     DataConfig,
     ImageFolderConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "TAKES_KWARGS",
     "AdamWConfig",
     "AmpConfig",
+    "CachedDataConfig",
     "ClippingConfig",
     "CosineConfig",
     "CustomDataConfig",

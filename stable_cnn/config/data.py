@@ -125,20 +125,19 @@ class SyntheticDataConfig(DataConfig):
         check(self.num_test >= 1, "data.num_test", self.num_test, "must be >= 1")
 
 
-CACHES = ("auto", "memory", "disk", "none")  # data.cache's options (data=image_folder)
+CACHES = ("auto", "memory", "disk", "none")  # data.cache's options
 
 
 @dataclass
-class ImageFolderConfig(DataConfig):
-    """data=image_folder: images in class folders (docs/data.md#your-own-images). They
-    are decoded once into uint8 at the training size and trained from memory as
-    Fashion-MNIST is (data.cache=memory) or from a file (disk), or read image by image
-    (none); mean and std left null are computed from the training images."""
+class CachedDataConfig(DataConfig):
+    """Images that are decoded once into uint8 at the training size and channels (data=
+    image_folder, data=custom): then trained from memory as Fashion-MNIST is
+    (data.cache=memory) or from a file (disk), or read image by image every epoch (none)."""
 
     cache: str = "auto"  # auto: memory where the decoded images fit, else disk, else none
-    cache_dir: str | None = None  # data.cache=disk's folder; null: <root>/.stable_cnn_cache
-    mean: list[float] | None = None  # null: computed from the training images
-    std: list[float] | None = None
+    # data.cache=disk's folder; null: <root>/.stable_cnn_cache for an image folder, the
+    # user's cache folder (~/.cache/stable-cnn) for data=custom
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,7 +145,16 @@ class ImageFolderConfig(DataConfig):
 
 
 @dataclass
-class CustomDataConfig(DataConfig):
+class ImageFolderConfig(CachedDataConfig):
+    """data=image_folder: images in class folders (docs/data.md#your-own-images), cached
+    as data.cache says; mean and std left null are computed from the training images."""
+
+    mean: list[float] | None = None  # null: computed from the training images
+    std: list[float] | None = None
+
+
+@dataclass
+class CustomDataConfig(CachedDataConfig):
     """data=custom: datasets of your own, from a callable (docs/data.md#your-own-dataset).
     What is left null is found from the data: channels from a sample of training images
     (colour if any is), the size from the first, classes from the datasets' ``classes``
@@ -159,10 +167,6 @@ class CustomDataConfig(DataConfig):
     # the test dataset, each of (image, label) pairs
     _target_: str = MISSING
     kwargs: dict[str, Any] = field(default_factory=dict)  # filled from +data.KEY=VALUE
-    # null: decoded into memory (the fast path) when the images the run uses take at most
-    # a quarter of the memory the job may take (its cgroup limit counted; on a GPU, half
-    # its free memory too); false: per-image DataLoader workers, as data=image_folder
-    in_memory: bool | None = None
     val_size: int | None = None  # null: a tenth of the training images
     in_channels: int | None = None  # null: 3 if any of 16 sampled training images is colour, else 1
     num_classes: int | None = None  # null: the datasets' classes, else the largest label + 1

@@ -10,10 +10,11 @@ keep every class in proportion without reading an image).
 What the config leaves null is settled from the data: channels from a sample of the
 training images (colour if any is), the size from the first, the classes from
 ``classes`` (else the labels), mean and std from the training images. The images the
-run uses (``data.limit_*`` applied first) go the in-memory way of the built-in ones
-(decoded once, in parallel, into uint8 tensors, augmented a batch at a time: tensors.py)
-when they fit in what the job may use, host and GPU; else image by image through
-DataLoader workers (loaders.py), as ``data=image_folder`` does.
+run uses (``data.limit_*`` applied first) are decoded once, in parallel, into uint8
+tensors and augmented a batch at a time (tensors.py), as the built-in datasets are:
+held in memory where they fit in what the job may use, host and GPU, else read from a
+file the first run decodes every image into (image_cache.py; ``data.cache``); with
+``data.cache=none``, image by image through DataLoader workers (loaders.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from stable_cnn.config import CustomDataConfig, DataConfig
-from stable_cnn.data.decode import ChannelStats, as_label, channel_stats, decode, image_tensor
+from stable_cnn.data.decode import (
+    ChannelStats,
+    as_label,
+    decode,
+    image_tensor,
+    streamed_stats,
+)
+from stable_cnn.data.image_cache import CachedImages, Part, cached_dataset, chosen_cache
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -39,13 +47,10 @@ from stable_cnn.data.splits import (
 from stable_cnn.data.tensors import parts_as_splits
 from stable_cnn.errors import ConfigError, DataError
 from stable_cnn.system.imports import find_callable
-from stable_cnn.system.memory import available_memory, device_memory_available
 from stable_cnn.system.seeding import stream_seed
 
 log = logging.getLogger("stable_cnn")
 
-MEMORY_SHARE = 4  # in memory when the uint8 images take at most 1/4 of the memory available
-DEVICE_SHARE = 2  # and, on a GPU, at most half its free memory (training needs the rest)
 STATS_SAMPLE = 10_000  # the DataLoader way: mean and std from this many training images at most
 STATS_BYTES = 512 * 2**20  # and from at most this many bytes of them
 DECODE_BYTES = 32 * 2**20  # images of a sample decoded at once (uint8) for the statistics
@@ -60,30 +65,30 @@ def custom_splits(
     train_device: torch.device | None = None,
     test_only: bool = False,
 ) -> DataSplits:
-    """The user's datasets cut into train, val and test, in memory where they fit.
-    ``seed`` is the run's; ``train_device`` as for the built-in datasets; ``test_only``
-    (evaluating a checkpoint whose record settled the rest): only the test images are
-    decoded, and the splits' train is None."""
+    """The user's datasets cut into train, val and test, decoded into memory, or into a
+    file, or read image by image, as data.cache says. ``seed`` is the run's;
+    ``train_device`` as for the built-in datasets; ``test_only`` (evaluating a checkpoint
+    whose record settled the rest): only the test images are decoded, and the splits'
+    train is None."""
     train_set, test_set = open_datasets(config)
     config = settle_shape(config, train_set)
     chosen = choose_images(config, train_set, test_set)
-    if config.in_memory is None:  # recorded, so that a resumed run goes the same way
-        config = replace(config, in_memory=fits_in_memory(config, chosen.count(test_only), device))
-    if config.in_memory:
-        return in_memory_splits(
-            config, (train_set, test_set), chosen, seed, device, shard, train_device, test_only
-        )
-    return worker_splits(config, train_set, test_set, chosen, seed, device, shard)
+    # auto settled and recorded, so that a resumed run goes the same way
+    config = replace(config, cache=chosen_cache(config, chosen.count(test_only), device))
+    if config.cache == "none":
+        return worker_splits(config, train_set, test_set, chosen, seed, device, shard)
+    return decoded_splits(
+        config, (train_set, test_set), chosen, seed, device, shard, train_device, test_only
+    )
 
 
-def custom_fits_in_memory(config: CustomDataConfig, device: torch.device, copies: int = 1) -> bool:
-    """Whether the images a run of ``config`` uses fit in memory, ``copies`` of them (one
-    per process on this machine): see fits_in_memory."""
+def custom_cache(config: CustomDataConfig, device: torch.device, copies: int = 1) -> str:
+    """data.cache for the images a run of ``config`` uses, ``copies`` of them (one per
+    process on this machine): see chosen_cache."""
     train_set, test_set = open_datasets(config)
     config = settle_shape(config, train_set)
-    return fits_in_memory(
-        config, choose_images(config, train_set, test_set).count(), device, copies
-    )
+    images = choose_images(config, train_set, test_set).count()
+    return chosen_cache(config, images, device, copies)
 
 
 @dataclass(frozen=True)
@@ -182,17 +187,6 @@ def settle_shape(config: CustomDataConfig, train_set: Any) -> CustomDataConfig:
     return shaped
 
 
-def fits_in_memory(config: DataConfig, images: int, device: torch.device, copies: int = 1) -> bool:
-    """Whether ``images`` decoded images (``copies`` of them: one per process on this
-    machine) fit in a quarter of the memory this job may still take (its cgroup's limit
-    counted) and, where they would live on a GPU, in half its free memory."""
-    needed = images * config.in_channels * config.image_size**2
-    host = available_memory()
-    fits_host = needed * copies <= 2**31 if host is None else needed * copies * MEMORY_SHARE <= host
-    on_device = device_memory_available(device)
-    return fits_host and (on_device is None or needed * DEVICE_SHARE <= on_device)
-
-
 def class_names(
     config: CustomDataConfig, datasets: tuple[Any, Any], labels: torch.Tensor | None
 ) -> tuple[str, ...]:
@@ -220,7 +214,7 @@ def dataset_targets(datasets: tuple[Any, Any]) -> torch.Tensor:
     if any(t is None for t in targets):
         raise DataError(
             "data=custom: the datasets have neither `classes` nor `targets`: set "
-            "data.num_classes=N (or data.in_memory=true, which reads every label)"
+            "data.num_classes=N (or data.cache=memory, which reads every label)"
         )
     return torch.cat([torch.as_tensor(t).flatten() for t in targets])
 
@@ -271,11 +265,11 @@ def settled(
 
 def resolved_values(config: CustomDataConfig) -> dict[str, Any]:
     """What the run settled, for its log and its checkpoint's record."""
-    keys = ("in_channels", "image_size", "num_classes", "val_size", "mean", "std", "in_memory")
+    keys = ("in_channels", "image_size", "num_classes", "val_size", "mean", "std", "cache")
     return {key: getattr(config, key) for key in keys}
 
 
-def in_memory_splits(
+def decoded_splits(
     config: CustomDataConfig,
     datasets: tuple[Any, Any],
     chosen: ChosenImages,
@@ -285,9 +279,13 @@ def in_memory_splits(
     train_device: torch.device | None,
     test_only: bool = False,
 ) -> DataSplits:
-    """The chosen images decoded into memory, checked, and cut into splits (the test
-    split alone with ``test_only``)."""
-    train, val, test = decode_chosen(datasets, chosen, config, test_only)
+    """The chosen images decoded into memory, or into the cache file (data.cache=disk:
+    the training images then read from it a batch at a time), checked, and cut into
+    splits (the test split alone with ``test_only``)."""
+    if config.cache == "disk":
+        train, val, test = cached_chosen(datasets, chosen, config, test_only)
+    else:
+        train, val, test = decode_chosen(datasets, chosen, config, test_only)
     decoded = [part for part in (train, val, test) if part is not None]
     listed = [t for t in (chosen.train_labels, chosen.test_labels) if t is not None]
     seen = [*listed, *(labels for _, labels in decoded)]  # all, where the datasets list them
@@ -303,15 +301,12 @@ def in_memory_splits(
     stats = None
     if config.mean is None or config.std is None:  # from a sample where train is not decoded
         stats = (
-            channel_stats(train[0]) if train else sample_stats(datasets[0], chosen.train, config)
+            streamed_stats(train[0]) if train else sample_stats(datasets[0], chosen.train, config)
         )
     config = settled(config, classes, stats)
     splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
     splits.resolved = resolved_values(config)
     return splits
-
-
-Part = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and their labels
 
 
 def decode_chosen(
@@ -327,6 +322,29 @@ def decode_chosen(
         return None, None, test
     train = decode(train_set, chosen.train, config, "train")
     val = decode(train_set, chosen.val, config, "train") if len(chosen.val) else None
+    return train, val, test
+
+
+def cached_chosen(
+    datasets: tuple[Any, Any], chosen: ChosenImages, config: CustomDataConfig, test_only: bool
+) -> tuple[Part | None, Part | None, Part]:
+    """The chosen train, val and test images from the cache files of the two datasets
+    (every image of each, decoded the first time; train read a batch at a time)."""
+
+    def cached(split: str) -> CachedImages:
+        dataset = datasets[split == "test"]
+
+        def decode_items(items: list[int]) -> Part:
+            return decode(dataset, torch.as_tensor(items), config, split)
+
+        return cached_dataset(dataset, split, config, decode_items)
+
+    test = cached("test").part(chosen.test)
+    if test_only:
+        return None, None, test
+    train_cache = cached("train")
+    train = train_cache.part(chosen.train, block_rows=config.batch_size * 32)
+    val = train_cache.part(chosen.val) if len(chosen.val) else None
     return train, val, test
 
 

@@ -14,6 +14,7 @@ from stable_cnn.config import DataConfig
 from stable_cnn.errors import DataError
 
 CHUNK_BYTES = 2 * 2**20  # uint8 images turned into floats at once for the statistics (~17x)
+STREAM_BYTES = 4 * 2**20  # images read at once from a file for the statistics
 
 
 def image_tensor(image: Any, channels: int | None, size: int | None, where: str) -> torch.Tensor:
@@ -138,4 +139,14 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     stats = ChannelStats(images.shape[1])
     stats.add(images)
+    return stats.result()
+
+
+def streamed_stats(images: Any) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) held in memory or read from
+    a file (FileRows), a few megabytes at a time."""
+    stats = ChannelStats(images.shape[1])
+    chunk = max(1, STREAM_BYTES // int(np.prod(images.shape[1:])))
+    for start in range(0, len(images), chunk):
+        stats.add(images[start : start + chunk])
     return stats.result()

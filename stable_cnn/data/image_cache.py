@@ -1,17 +1,21 @@
-"""``data.cache=disk``: an image folder's images decoded once into a uint8 file, reused by
-every later run, sweep job, process and evaluation on the machine.
+"""``data.cache``: where a run's images live once decoded (memory, a file, or nowhere),
+and the file of ``data.cache=disk``, reused by every later run, sweep job, process and
+evaluation on the machine.
 
-Each of the folder's splits (train/, val/, test/) becomes one ``.npy`` array (N, C, H, W)
-at the run's channels and size, in ``<data.root>/.stable_cnn_cache/`` or
-``data.cache_dir``, with a ``.json`` beside it holding the key it was built for: the
-split's file list with each file's size and modification time, the channels, the size
-and this format's version. The array is written under a temporary name and renamed,
-then the key is written the same way: a build that was killed leaves no key that
-matches, so its remains are never read, and a folder whose files changed gets its cache
-rebuilt (one log line says why). Processes of a distributed run build it once: the
-first process of each machine opens its data first (training/build.py); processes
-that do not know of each other (a sweep's jobs side by side) take turns through a lock
-on the cache folder, so one builds and the others read.
+Each split of the source (an image folder's train/, val/, test/; a data=custom
+callable's train and test datasets) becomes one ``.npy`` array (N, C, H, W) of uint8 at
+the run's channels and size, with its labels in a ``.labels.npy`` and a ``.json``
+beside them holding the key it was built for: for a folder, its file list with each
+file's size and modification time; for a callable, its name and arguments, its
+datasets' lengths and a sample of their images (or their files, where the dataset lists
+them as torchvision's folders do); and the channels, the size and this format's
+version. The arrays are written under temporary names and renamed, then the key is
+written the same way: a build that was killed leaves no key that matches, so its
+remains are never read, and a source that changed gets its cache rebuilt (one log line
+says so). Processes of a distributed run build it once: the first process of each
+machine opens its data first (training/build.py); processes that do not know of each
+other (a sweep's jobs side by side) take turns through a lock on the cache folder, so
+one builds and the others read.
 """
 
 from __future__ import annotations
@@ -22,41 +26,111 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
-from stable_cnn.config import ImageFolderConfig
+from stable_cnn.config import CustomDataConfig, DataConfig, ImageFolderConfig
 from stable_cnn.errors import DataError
+from stable_cnn.system.memory import available_memory, device_memory_available
 
 log = logging.getLogger("stable_cnn")
 
 CACHE_FOLDER = ".stable_cnn_cache"
-VERSION = 2  # of the file's layout (its rows' order) and the decoding that fills it
+VERSION = 3  # of the files' layout (their rows' order, the labels) and the decoding
 CHUNK_IMAGES = 4096  # decoded, then written, at once
+MEMORY_SHARE = 4  # in memory when the uint8 images take at most 1/4 of the memory available
+DEVICE_SHARE = 2  # and, on a GPU, at most half its free memory (training needs the rest)
+Part = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W), or FileRows, and labels
+
+
+def fits_in_memory(config: DataConfig, images: int, device: torch.device, copies: int = 1) -> bool:
+    """Whether ``images`` decoded images (``copies`` of them: one per process on this
+    machine) fit in a quarter of the memory this job may still take (its cgroup's limit
+    counted) and, where they would live on a GPU, in half its free memory."""
+    needed = images * config.in_channels * config.image_size**2
+    host = available_memory()
+    fits_host = needed * copies <= 2**31 if host is None else needed * copies * MEMORY_SHARE <= host
+    on_device = device_memory_available(device)
+    return fits_host and (on_device is None or needed * DEVICE_SHARE <= on_device)
+
+
+def chosen_cache(config: Any, images: int, device: torch.device, copies: int = 1) -> str:
+    """data.cache as given, or for ``auto``: memory where ``images`` decoded images
+    (``copies`` of them) fit (fits_in_memory), else disk where its cache folder can be
+    written, else none; logged with why."""
+    if config.cache != "auto":
+        return config.cache
+    mib = images * config.in_channels * config.image_size**2 / 2**20
+    size = f"{images} images take {mib:.0f} MiB as uint8"
+    if fits_in_memory(config, images, device, copies):
+        log.info("data.cache=auto: memory (%s)", size)
+        return "memory"
+    folder = cache_folder(config)
+    if writable(folder):
+        log.info("data.cache=auto: disk (%s, more than fits in memory): %s", size, folder)
+        return "disk"
+    log.info(
+        "data.cache=auto: none, images read one by one (%s, more than fits in memory, and "
+        "%s cannot be written: set data.cache_dir)",
+        size,
+        folder,
+    )
+    return "none"
+
+
+def writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and can be written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def cache_folder(config: ImageFolderConfig | CustomDataConfig) -> Path:
+    """data.cache_dir, or by default: beside an image folder, in <root>/.stable_cnn_cache;
+    for data=custom, in the user's cache folder ($XDG_CACHE_HOME, else ~/.cache)."""
+    if config.cache_dir is not None:
+        return Path(config.cache_dir).expanduser()
+    if isinstance(config, ImageFolderConfig):
+        return Path(config.root).expanduser() / CACHE_FOLDER
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(user_cache) / "stable-cnn"
 
 
 def file_order(count: int) -> torch.Tensor:
-    """Which of the folder's images (ImageFolder sorts them by class) each row of its
-    cache holds: a fixed shuffle, so that a block of consecutive rows, which a run reads
-    together, holds every class in proportion."""
+    """Which of the source's images (ImageFolder sorts them by class; datasets often do)
+    each row of its cache holds: a fixed shuffle, so that a block of consecutive rows,
+    which a run reads together, holds every class in proportion."""
     return torch.randperm(count, generator=torch.Generator().manual_seed(VERSION))
 
 
 def rows_of(images: torch.Tensor, count: int) -> torch.Tensor:
-    """The cache rows of the folder's images ``images`` (indices into its samples)."""
+    """The cache rows of the source's images ``images`` (indices into its items)."""
     return file_order(count).argsort()[images]
 
 
-def cache_folder(config: ImageFolderConfig) -> Path:
-    if config.cache_dir is not None:
-        return Path(config.cache_dir).expanduser()
-    return Path(config.root).expanduser() / CACHE_FOLDER
+@dataclass(frozen=True)
+class CachedImages:
+    """A split's images as its cache file holds them, mapped from the file (pages are
+    read as they are used), and their labels, row by row."""
+
+    images: np.memmap  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def part(self, index: torch.Tensor, block_rows: int | None = None) -> Part:
+        """The source's images ``index`` and their labels, in the file's order: read now
+        into memory, or with ``block_rows`` (training) read a batch at a time (FileRows)."""
+        rows = rows_of(index, len(self.labels)).sort().values  # file order: reads close
+        if block_rows is not None:  # the file may be larger than memory
+            return FileRows(self.images, rows, block_rows), self.labels[rows]
+        return torch.from_numpy(self.images[rows.numpy()]), self.labels[rows]
 
 
 def folder_key(folder: Any, channels: int, size: int) -> str:
@@ -69,32 +143,88 @@ def folder_key(folder: Any, channels: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def cached_folder(folder: Any, split: str, config: ImageFolderConfig, decode: Any) -> np.memmap:
-    """Every image of ``folder`` as a uint8 array (N, C, H, W) mapped from the cache file
-    (pages are read as they are used), built first with ``decode(subset)`` where no
-    cache matches."""
+def cached_folder(
+    folder: Any, split: str, config: ImageFolderConfig, decode: Callable[[list[int]], Part]
+) -> CachedImages:
+    """Every image of ``folder`` (a torchvision ImageFolder) from the cache file, built
+    first with ``decode(indices)`` where no cache matches."""
     channels, size = config.in_channels, config.image_size
-    directory = cache_folder(config)
     root = hashlib.sha256(str(Path(folder.root).resolve()).encode()).hexdigest()[:8]
-    stem = directory / f"{split}-{channels}x{size}x{size}-{root}"  # several roots, one cache_dir
-    array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    stem = (
+        cache_folder(config) / f"{split}-{channels}x{size}x{size}-{root}"
+    )  # one cache_dir, many roots
     key = folder_key(folder, channels, size)
-    if built_for(key_path, array_path) == key:
-        log.info("data.cache=disk: reading %s", array_path)
-        return open_array(array_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    with building(directory):  # sweep jobs side by side: one builds, the others wait
-        if built_for(key_path, array_path) == key:  # by another process meanwhile
-            log.info("data.cache=disk: reading %s", array_path)
-            return open_array(array_path)
-        return build(folder, split, config, decode, key, stem)
+    return cached_images(stem, key, len(folder.samples), decode, f"{split}/")
 
 
-def built_for(key_path: Path, array_path: Path) -> str | None:
+def cached_dataset(
+    dataset: Any, split: str, config: CustomDataConfig, decode: Callable[[list[int]], Part]
+) -> CachedImages:
+    """Every image of a data=custom ``dataset`` from the cache file, built first with
+    ``decode(indices)`` where no cache matches (dataset_key says what it depends on)."""
+    from stable_cnn.data.decode import image_tensor
+
+    channels, size = config.in_channels, config.image_size
+    call = json.dumps([config._target_, config.kwargs], sort_keys=True, default=str)
+    source = hashlib.sha256(call.encode()).hexdigest()[:8]
+    stem = cache_folder(config) / f"custom-{split}-{channels}x{size}x{size}-{source}"
+    digest = hashlib.sha256(f"v{VERSION} channels {channels} size {size}\n{call}\n".encode())
+    digest.update(f"{split} {len(dataset)}\n".encode())
+    listed = getattr(dataset, "samples", None)  # torchvision's folders list their files
+    if isinstance(listed, list) and all(isinstance(item, tuple) for item in listed):
+        for item in listed:
+            stat = os.stat(item[0])
+            digest.update(f"{item}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    else:  # a sample of images, spread evenly, and every label the dataset lists
+        for i in torch.linspace(0, len(dataset) - 1, min(SAMPLE, len(dataset))).long().tolist():
+            image, label = dataset[i]
+            digest.update(image_tensor(image, channels, size, f"{split} image {i}").numpy())
+            digest.update(f"{label}\n".encode())
+        targets = getattr(dataset, "targets", None)
+        if targets is not None:
+            digest.update(np.asarray(targets).tobytes())
+    return cached_images(stem, digest.hexdigest(), len(dataset), decode, f"the {split} dataset")
+
+
+SAMPLE = 64  # images of a data=custom dataset whose pixels go into its cache's key
+
+
+def cached_images(
+    stem: Path, key: str, count: int, decode: Callable[[list[int]], Part], source: str
+) -> CachedImages:
+    """The ``count`` images of ``source`` from the cache files at ``stem`` where they were
+    built for ``key``; else built first with ``decode(indices)``, by one process at a time."""
+    paths = cache_paths(stem)
+    if built_for(paths) == key:
+        log.info("data.cache=disk: reading %s", paths["images"])
+        return open_cache(paths)
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with building(stem.parent):  # sweep jobs side by side: one builds, the others wait
+            if built_for(paths) == key:  # by another process meanwhile
+                log.info("data.cache=disk: reading %s", paths["images"])
+                return open_cache(paths)
+            return build(stem, key, count, decode, source)
+    except PermissionError as err:
+        raise DataError(
+            f"data.cache=disk: {err.filename or stem.parent} cannot be written ({err.strerror}): "
+            f"set data.cache_dir to a folder you can write, or data.cache=memory"
+        ) from None
+
+
+def cache_paths(stem: Path) -> dict[str, Path]:
+    return {
+        "images": stem.with_suffix(".npy"),
+        "labels": stem.with_suffix(".labels.npy"),
+        "key": stem.with_suffix(".json"),
+    }
+
+
+def built_for(paths: dict[str, Path]) -> str | None:
     """The key the cache was built for, or None where none was finished."""
-    if not (key_path.exists() and array_path.exists()):
+    if not all(path.exists() for path in paths.values()):
         return None
-    return json.loads(key_path.read_text()).get("key")
+    return json.loads(paths["key"].read_text()).get("key")
 
 
 @contextmanager
@@ -110,48 +240,56 @@ def building(directory: Path) -> Iterator[None]:
 
 
 def build(
-    folder: Any, split: str, config: ImageFolderConfig, decode: Any, key: str, stem: Path
-) -> np.memmap:
-    """Decode ``folder`` into the cache file at ``stem``, then write its key."""
-    channels, size = config.in_channels, config.image_size
-    array_path, key_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
-    if key_path.exists():
+    stem: Path, key: str, count: int, decode: Callable[[list[int]], Part], source: str
+) -> CachedImages:
+    """Decode the ``count`` images of ``source`` into the cache files at ``stem``, then
+    write its key."""
+    paths = cache_paths(stem)
+    if paths["key"].exists():
         log.info(
-            "data.cache=disk: %s/ changed since %s was built: rebuilding it", split, array_path
+            "data.cache=disk: %s changed since %s was built (or stable-cnn's cache format "
+            "did): rebuilding it",
+            source,
+            paths["images"],
         )
     for remains in stem.parent.glob(f"{stem.name}.*.tmp*"):  # of a build that was killed
         remains.unlink()
     started = time.perf_counter()
-    count = len(folder.samples)
-    temporary = stem.with_name(f"{stem.name}.{os.getpid()}.tmp.npy")
-    array = np.lib.format.open_memmap(
-        temporary, mode="w+", dtype=np.uint8, shape=(count, channels, size, size)
-    )
+    temporary = {  # x.npy: x.<pid>.tmp.npy, and so on
+        name: path.with_suffix(f".{os.getpid()}.tmp{path.suffix}") for name, path in paths.items()
+    }
+    array = None
+    labels = np.empty(count, dtype=np.int64)
     order = file_order(count).tolist()
     for start in range(0, count, CHUNK_IMAGES):
-        chunk = Subset(folder, order[start : start + CHUNK_IMAGES])
-        array[start : start + len(chunk)] = decode(chunk)[0].numpy()
+        images, labels[start : start + len(images)] = decode(order[start : start + CHUNK_IMAGES])
+        if array is None:  # the decoder says the images' shape
+            shape = (count, *images.shape[1:])
+            array = np.lib.format.open_memmap(temporary["images"], "w+", np.uint8, shape)
+        array[start : start + len(images)] = images.numpy()
     array.flush()
     del array
-    replace_durably(temporary, array_path)
-    written = key_path.with_name(f"{key_path.name}.{os.getpid()}.tmp")
-    written.write_text(json.dumps({"key": key, "images": count, "folder": str(folder.root)}))
-    replace_durably(written, key_path)  # last: only now does the cache count
+    np.save(temporary["labels"], labels)
+    replace_durably(temporary["images"], paths["images"])
+    replace_durably(temporary["labels"], paths["labels"])
+    temporary["key"].write_text(json.dumps({"key": key, "images": count, "source": source}))
+    replace_durably(temporary["key"], paths["key"])  # last: only now does the cache count
     log.info(
-        "data.cache=disk: %d images of %s/ decoded into %s (%.0f MiB) in %.1f s",
+        "data.cache=disk: %d images of %s decoded into %s (%.0f MiB) in %.1f s",
         count,
-        split,
-        array_path,
-        array_path.stat().st_size / 2**20,
+        source,
+        paths["images"],
+        paths["images"].stat().st_size / 2**20,
         time.perf_counter() - started,
     )
-    return open_array(array_path)
+    return open_cache(paths)
 
 
-def open_array(path: Path) -> np.memmap:
-    """The cached array, memory-mapped (copy on write: torch wants a writable array; the
-    file is never written through it)."""
-    return np.load(path, mmap_mode="c")
+def open_cache(paths: dict[str, Path]) -> CachedImages:
+    """The cached images, memory-mapped (copy on write: torch wants a writable array; the
+    file is never written through it), and their labels."""
+    labels = torch.from_numpy(np.load(paths["labels"]))
+    return CachedImages(np.load(paths["images"], mmap_mode="c"), labels)
 
 
 def replace_durably(source: Path, target: Path) -> None:
@@ -195,9 +333,14 @@ class FileRows:
         return batch[position.argsort()]
 
     def to(self, device: torch.device) -> FileRows:
-        if torch.device(device).type != "cpu":  # the batches go to the device one by one
-            raise ValueError("data.cache=disk keeps its training images on the CPU")
+        if torch.device(device).type != "cpu":
+            raise ValueError("data.cache=disk reads its training images on the host")
         return self
 
+    def close(self) -> None:
+        if getattr(self, "file", None) is not None:  # None: closed, or never opened
+            os.close(self.file)
+            self.file = None
+
     def __del__(self) -> None:
-        os.close(self.file)
+        self.close()

@@ -11,7 +11,6 @@ from the training images."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import replace
@@ -22,9 +21,9 @@ import torch
 from torch.utils.data import Subset
 
 from stable_cnn.config import ImageFolderConfig
-from stable_cnn.data.custom import fits_in_memory, sample_stats
-from stable_cnn.data.decode import ChannelStats, image_tensor
-from stable_cnn.data.image_cache import FileRows, cache_folder, cached_folder, rows_of
+from stable_cnn.data.custom import sample_stats
+from stable_cnn.data.decode import image_tensor, streamed_stats
+from stable_cnn.data.image_cache import Part, cached_folder, chosen_cache
 from stable_cnn.data.loaders import augmentations, loader_splits
 from stable_cnn.data.splits import (
     ONE_PROCESS,
@@ -108,42 +107,6 @@ def folder_cache(config: ImageFolderConfig, device: torch.device, copies: int = 
     return chosen_cache(config, images, device, copies)
 
 
-def chosen_cache(
-    config: ImageFolderConfig, images: int, device: torch.device, copies: int = 1
-) -> str:
-    """data.cache as given, or for ``auto``: memory where ``images`` decoded images
-    (``copies`` of them) fit in a quarter of the memory this job may still take (and half
-    a GPU's free memory), else disk where its cache folder can be written, else none;
-    logged with why."""
-    if config.cache != "auto":
-        return config.cache
-    mib = images * config.in_channels * config.image_size**2 / 2**20
-    size = f"{images} images take {mib:.0f} MiB as uint8"
-    if fits_in_memory(config, images, device, copies):
-        log.info("data.cache=auto: memory (%s)", size)
-        return "memory"
-    folder = cache_folder(config)
-    if writable(folder):
-        log.info("data.cache=auto: disk (%s, more than fits in memory): %s", size, folder)
-        return "disk"
-    log.info(
-        "data.cache=auto: none, images read one by one (%s, more than fits in memory, and "
-        "%s cannot be written: set data.cache_dir)",
-        size,
-        folder,
-    )
-    return "none"
-
-
-def writable(folder: Path) -> bool:
-    """Whether ``folder`` exists or can be made, and can be written to."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
-
-
 def decoded_splits(
     config: ImageFolderConfig,
     datasets: tuple[Subset | None, Subset | None, Subset],
@@ -174,34 +137,23 @@ def decoded_splits(
             return None
         if not on_disk:
             return decode_files(subset, config)
-        folder, index = subset.dataset, index_of(subset)  # the folder's cache, built once
-        images = cached_folder(
-            folder, Path(folder.root).name, config, lambda part: decode_files(part, config)
+        folder = subset.dataset  # the folder's cache, built once, read by every later run
+        cached = cached_folder(
+            folder,
+            Path(folder.root).name,
+            config,
+            lambda items: decode_files(Subset(folder, items), config),
         )
-        rows, order = rows_of(index, len(folder.samples)).sort()  # file order: reads close
-        labels = torch.as_tensor(folder.targets)[index][order]
-        if training:  # read by batch: the file may be larger than memory
-            return FileRows(images, rows, block_rows=config.batch_size * 32), labels
-        return torch.from_numpy(images[rows.numpy()]), labels
+        return cached.part(index_of(subset), config.batch_size * 32 if training else None)
 
     started = time.perf_counter()
     train, test = decoded(train_set, training=True), decoded(test_set)
     val = decoded(val_set) if separate_val else None
     log.info("data image_folder: images ready in %.1f s", time.perf_counter() - started)
     if train is not None and (config.mean is None or config.std is None):
-        stats = ChannelStats(config.in_channels)
-        chunk = max(1, STATS_BYTES // (config.in_channels * config.image_size**2))
-        for start in range(0, len(train[0]), chunk):  # a file's too, a few MiB at a time
-            stats.add(train[0][start : start + chunk])
-        config = with_stats(config, *stats.result())
-    if on_disk:
-        train_device = torch.device("cpu")  # batches go to the device one by one
+        config = with_stats(config, *streamed_stats(train[0]))
     splits = parts_as_splits(config, train, val, test, classes, device, seed, shard, train_device)
     return splits, config
-
-
-Part = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W), or FileRows, and labels
-STATS_BYTES = 4 * 2**20  # training images read at once for the mean and std
 
 
 def decode_files(subset: Subset, config: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:

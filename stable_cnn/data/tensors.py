@@ -47,12 +47,16 @@ class TensorBatches:
         erase_ratio: tuple[float, float] = (0.3, 3.3),
         shard: Shard = ONE_PROCESS,
         augment_generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.images = images  # (N, C, H, W) uint8 (or FileRows: read from a file by batch)
-        self.labels = labels  # (N,) int64
+        self.labels = labels  # (N,) int64, where the images are
+        # where batches are augmented and handed out: the images' device, or (images read
+        # from a file on the host) the run's, each batch copied there as it is read
+        self.device = torch.device(device) if device is not None else images.device
         self.batch_size = batch_size
-        self.mean = mean.view(1, -1, 1, 1).to(images.device)
-        self.std = std.view(1, -1, 1, 1).to(images.device)
+        self.mean = mean.view(1, -1, 1, 1).to(self.device)
+        self.std = std.view(1, -1, 1, 1).to(self.device)
         self.train = train  # shuffle, augment, drop the last partial batch
         self.crop_padding = crop_padding
         self.flip = flip
@@ -96,7 +100,9 @@ class TensorBatches:
         while self.position < len(self):
             start = self.batch_index(self.position) * self.batch_size
             index = self.order[start : start + self.batch_size]
-            images = self.images[index]
+            images, labels = self.images[index], self.labels[index]
+            if images.device.type != self.device.type:  # read on the host: to the device
+                images, labels = on_device(images, self.device), on_device(labels, self.device)
             if self.train:
                 images = random_crop(images, self.crop_padding, augment)
                 if self.flip:
@@ -105,7 +111,7 @@ class TensorBatches:
             images = normalize(images, self.mean, self.std)
             if self.train and self.erase[0] > 0:
                 images = random_erase(images, *self.erase, augment)
-            yield images, self.labels[index]
+            yield images, labels
         self.order = None  # the epoch is over: the next iteration draws a new order
 
     def preview(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +143,13 @@ class TensorBatches:
         order = state["order"]
         self.order = None if order is None else order.to(self.images.device)
         self.position = state["position"]
+
+
+def on_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``; to a GPU through page-locked memory, without waiting."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def shuffled(count: int, generator: torch.Generator, block: int = 0) -> torch.Tensor:
@@ -230,15 +243,18 @@ def training_batches(
 ) -> TensorBatches:
     """Shuffled, augmented batches: the order from the data stream's seed (the same on
     every process), the augmentation from each process's own stream."""
+    # Images read from a file (FileRows) stay on the host, and so do their order and
+    # labels: a batch's rows are read there, then copied to ``device`` and augmented.
+    kept = torch.device("cpu") if hasattr(images, "block_rows") else device
     augment_generator = None  # one process: the order's generator augments too
-    if shard.count > 1:
+    if shard.count > 1 or kept != device:
         augment_generator = torch.Generator(device=device)
         augment_generator.manual_seed(stream_seed(run_seed, f"augment/{shard.index}"))
-    order = torch.Generator(device=device).manual_seed(stream_seed(run_seed, "data"))
+    order = torch.Generator(device=kept).manual_seed(stream_seed(run_seed, "data"))
     augment = config.augment
     return TensorBatches(
-        images.to(device),
-        labels.to(device),
+        images.to(kept),
+        labels.to(kept),
         config.batch_size,
         torch.tensor(config.mean),
         torch.tensor(config.std),
@@ -251,6 +267,7 @@ def training_batches(
         erase_ratio=tuple(config.erase_ratio),
         shard=shard,
         augment_generator=augment_generator,
+        device=device,
     )
 
 

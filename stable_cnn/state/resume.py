@@ -78,6 +78,9 @@ DROPPED_KEYS = {
 }
 
 
+CACHE_OF_IN_MEMORY = {None: "auto", True: "memory", False: "none"}
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys that a resumed run may change (and with the keys
     added since, where an older checkpoint's config lacks them, and without those
@@ -96,6 +99,9 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         data.update(cache="auto", cache_dir=None)
         if data.get("mean") == IMAGENET_MEAN and data.get("std") == IMAGENET_STD:
             data.update(mean=None, std=None)
+    if isinstance(data, dict) and data.get("name") == "custom" and "in_memory" in data:
+        # data.in_memory (null, true, false) became data.cache (auto, memory, none)
+        data.update(cache=CACHE_OF_IN_MEMORY[data.pop("in_memory")], cache_dir=None)
     for (group, key), value in ADDED_KEYS.items():
         if isinstance(comparable_config.get(group), dict):
             comparable_config[group].setdefault(key, value)
@@ -120,9 +126,12 @@ def data_as_it_started(data: DataConfig, record: CheckpointRecord) -> DataConfig
     source = {key: recorded[key] for key in ("mean", "std") if key in recorded}
     if data.name == "image_folder" and "cache" not in recorded:
         source["cache"] = "none"
+    resolved = dict(record.data_resolved)
+    if "in_memory" in resolved:  # data=custom before data.cache: memory, or workers
+        resolved["cache"] = CACHE_OF_IN_MEMORY[bool(resolved.pop("in_memory"))]
     settled = {
         key: value
-        for key, value in {**source, **record.data_resolved}.items()
+        for key, value in {**source, **resolved}.items()
         if key in known and getattr(data, key) in (None, "auto")  # left to be settled
     }
     if data.sampling != sampling:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from stable_cnn.config import (
-    CustomDataConfig,
+    CachedDataConfig,
     CustomModelConfig,
     ImageFolderConfig,
     OneCycleConfig,
@@ -24,7 +24,7 @@ from stable_cnn.config import (
     TimmConfig,
 )
 from stable_cnn.data.build import batch_mixing, build_splits
-from stable_cnn.data.custom import custom_fits_in_memory
+from stable_cnn.data.custom import custom_cache
 from stable_cnn.data.image_folder import folder_cache
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import DataError, UserError
@@ -237,18 +237,8 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
     if data_config.num_workers is None:
         workers = loader_workers(threads_per_process(world, usable_cores()))
         data_config = replace(data_config, num_workers=workers)
-    if isinstance(data_config, CustomDataConfig) and data_config.in_memory is None:
-        data_config = replace(
-            data_config, in_memory=in_memory_everywhere(data_config, world, runtime.device)
-        )
-    if isinstance(data_config, ImageFolderConfig) and data_config.cache == "auto":
-        cache = folder_cache(data_config, runtime.device, world.local_size)
-        if world.distributed:  # one way for every process, or they would wait for ever
-            agreed = [  # once per run: memory where all can, else disk, else none
-                bool(world.all_true(torch.tensor(cache in ways, device=runtime.device)).item())
-                for ways in (("memory",), ("memory", "disk"))
-            ]
-            cache = "memory" if agreed[0] else "disk" if agreed[1] else "none"
+    if isinstance(data_config, CachedDataConfig) and data_config.cache == "auto":
+        cache = cache_everywhere(data_config, world, runtime.device)
         data_config = replace(data_config, cache=cache)
     with world.local_main_first():  # a dataset is extracted once per machine
         shard = Shard(world.rank, world.size)
@@ -267,27 +257,27 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
         per_process,
     )
     if data.resolved:
-        settled = ", ".join(
-            f"{key} {value}" for key, value in data.resolved.items() if key != "in_memory"
-        )  # the line above says which way it went
+        settled = ", ".join(f"{key} {value}" for key, value in data.resolved.items())
         log.info("data %s, settled from the data: %s", data.info.name, settled)
     if data.val_is_test:
         log.warning("%s", data.val_is_test_reason)
     return data
 
 
-def in_memory_everywhere(config: CustomDataConfig, world: World, device: torch.device) -> bool:
-    """data=custom's way, agreed before any process decodes: in memory only where every
-    machine holds a copy per process and every GPU its own (processes that went different
-    ways would wait on each other for ever). The user's callable runs on each machine's
-    first process first, as the data itself is built; where it fails on one process,
-    every process stops."""
+def cache_everywhere(config: CachedDataConfig, world: World, device: torch.device) -> str:
+    """data.cache=auto settled, the same on every process before any decodes: memory
+    where every machine holds a copy per process and every GPU its own, else disk where
+    every process can write its cache, else none (processes that went different ways
+    would wait on each other for ever). The source is opened on each machine's first
+    process first, as the data itself is built; where that fails on one process (a
+    data=custom callable may fail any way), every process stops."""
+    local_cache = folder_cache if isinstance(config, ImageFolderConfig) else custom_cache
     if not world.distributed:
-        return custom_fits_in_memory(config, device)
-    fits, failure = False, None
+        return local_cache(config, device)
+    cache, failure = "none", None
     with world.local_main_first():
         try:
-            fits = custom_fits_in_memory(config, device, world.local_size)
+            cache = local_cache(config, device, world.local_size)
         except Exception as err:  # the user's code: any kind; the others must not wait
             failure = err
     reason = world.agree_on_reason(
@@ -296,8 +286,12 @@ def in_memory_everywhere(config: CustomDataConfig, world: World, device: torch.d
     if failure is not None:
         raise failure
     if reason:
-        raise DataError(f"data=custom could not be opened: {reason}")
-    return bool(world.all_true(torch.tensor(fits, device=device)).item())  # once per run
+        raise DataError(f"data={config.name} could not be opened: {reason}")
+    agreed = [  # once per run: memory where all can, else disk, else none
+        bool(world.all_true(torch.tensor(cache in ways, device=device)).item())
+        for ways in (("memory",), ("memory", "disk"))
+    ]
+    return "memory" if agreed[0] else "disk" if agreed[1] else "none"
 
 
 def build_state(
