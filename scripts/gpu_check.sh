@@ -15,9 +15,12 @@
 #   6. scripts/benchmark.py: SmallCNN width 64 on CIFAR-10-shaped synthetic data, batch
 #      128 and 512, fp16 and bf16, the step in a CUDA graph, torch.compile (512)
 #   7. experiment=fashion_mnist_speedrun (93% in 45 s on a 2-core CPU; optimizer=muon)
-#   8. experiment=fashion_mnist_resnet18 for 2 epochs: torchvision's ResNet-18 (model=resnet)
+#   8. scripts/image_folder_benchmark.py: a folder of 50,000 JPEGs made from Fashion-MNIST,
+#      data=image_folder with data.cache=memory, disk and none beside a plain ImageFolder +
+#      DataLoader loop on the GPU (issue 32's GPU point: does the device wait on the host?)
+#   9. experiment=fashion_mnist_resnet18 for 2 epochs: torchvision's ResNet-18 (model=resnet)
 #      on the GPU, its images/s
-#   9. experiment=fashion_mnist_gpu (95.36% in 30 epochs on a CPU), as far as time allows
+#  10. experiment=fashion_mnist_gpu (95.36% in 30 epochs on a CPU), as far as time allows
 #
 # Usage: bash scripts/gpu_check.sh OUTDIR [--dry-run]
 #   --dry-run: everything but the CUDA parts, tiny and on the CPU (CI runs it this way).
@@ -149,7 +152,7 @@ write_summary() {  # also on an early exit: whatever ran is in summary.md
             echo "## $name"
             echo
             if grep -q '^| path' "$logs/$name.log" 2>/dev/null; then
-                grep -E '^(\||CPU|SmallCNN)' "$logs/$name.log"
+                grep -E '^(\||CPU|SmallCNN|machine)' "$logs/$name.log"
             else  # cut short: the rows it finished, as it printed them
                 echo '```'
                 grep -E '^  ' "$logs/$name.log" 2>/dev/null
@@ -198,6 +201,7 @@ if $dry; then
     bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
     sizes=(32)  # one size is enough to know the step works
     graph=()
+    folder_bench=(--images 800 --epochs 1 --caches memory,disk)
 else
     device=cuda
     on=()
@@ -209,6 +213,7 @@ else
     bench=(--device cuda --width 64 --steps 200 --warmup 10 --quick)
     sizes=(128 512)
     graph=(--cuda-graph)
+    folder_bench=(--images 50000 --epochs 2 --caches memory,disk,none)
 fi
 
 step facts 30 "$py" -c "
@@ -244,6 +249,9 @@ if ! $dry; then  # the CPU's speedrun on the GPU (Muon's Newton-Schulz on the de
     step speedrun 90 "$py" -m stable_cnn.train experiment=fashion_mnist_speedrun "${data[@]}" \
         "hydra.run.dir=$runs/speedrun"
 fi
+benchmarks+=("image_folder")
+step image_folder 120 "$py" scripts/image_folder_benchmark.py "${folder_bench[@]}" \
+    --out "$work/folder" --data-root "$work/data" --system-dir "$system_dir"
 step resnet18 75 "$py" -m stable_cnn.train "${resnet[@]}" "${data[@]}" "hydra.run.dir=$runs/resnet18"
 # the preset last, with whatever time is left: the summary says how far it got
 may_time_out=true step time_to_accuracy 600 "$py" -m stable_cnn.train "${preset[@]}" "${data[@]}" \

@@ -6,6 +6,9 @@ a bare loop at amp=auto's precision), in one run on one machine.
     python scripts/image_folder_benchmark.py --images 40000   # JPEGs made from Fashion-MNIST
     python scripts/image_folder_benchmark.py --folder /path/to/images  # train/ val/ [test/]
 
+On a GPU (scripts/gpu_check.sh runs it there) both train on it; the plain loop's
+DataLoader then pins its batches and copies them without waiting, as a user's would.
+
 The folder made from Fashion-MNIST (its 70,000 images, the first N of them) holds RGB
 JPEGs at --size pixels, 3/4 in train/, 1/8 each in val/ and test/; it is kept under
 --out and reused by the next run. Each stable-cnn run is the real command for
@@ -32,7 +35,6 @@ from stable_cnn.data.build import build_splits
 from stable_cnn.models.small_cnn import SmallCNN
 from stable_cnn.system.hardware import choose_precision, describe_cpu, usable_cores
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = (
     "tshirt",
     "trouser",
@@ -47,7 +49,7 @@ CLASSES = (
 )
 
 
-def make_folder(out: Path, images: int, size: int, data_root: str) -> Path:
+def make_folder(out: Path, images: int, size: int, data_root: str, system_dir: str) -> Path:
     """The first ``images`` Fashion-MNIST images as RGB JPEGs in class folders (made once)."""
     from PIL import Image
 
@@ -56,7 +58,7 @@ def make_folder(out: Path, images: int, size: int, data_root: str) -> Path:
     if done.exists():
         return folder
     config = DataConfig(
-        name="fashion_mnist", root=data_root, system_dir=FASHION_MNIST, val_size=0, augment=False
+        name="fashion_mnist", root=data_root, system_dir=system_dir, val_size=0, augment=False
     )
     splits = build_splits(config, torch.device("cpu"), seed=0)
     pixels = torch.cat([splits.train.images, splits.test.images])[:images, 0].numpy()
@@ -82,8 +84,9 @@ def make_folder(out: Path, images: int, size: int, data_root: str) -> Path:
     return folder
 
 
-def stable_cnn_run(folder: Path, cache: str, epochs: int) -> dict:
-    """The real command on the folder; its img/s per epoch and its whole-command seconds."""
+def stable_cnn_run(folder: Path, cache: str, epochs: int, size: int, cache_dir: Path) -> dict:
+    """The real command on the folder; its img/s per epoch and its whole-command seconds.
+    Its disk cache goes under ``cache_dir`` (not into a folder of the user's)."""
     with tempfile.TemporaryDirectory() as run_dir:
         command = [
             sys.executable,
@@ -92,6 +95,8 @@ def stable_cnn_run(folder: Path, cache: str, epochs: int) -> dict:
             "data=image_folder",
             f"data.root={folder}",
             f"data.cache={cache}",
+            f"data.cache_dir={cache_dir}",
+            f"data.image_size={size}",
             f"trainer.epochs={epochs}",
             "trainer.progress_bar=false",
             "diagnostics.figures_every_n_epochs=null",
@@ -107,15 +112,18 @@ def stable_cnn_run(folder: Path, cache: str, epochs: int) -> dict:
     return {"img_s": per_epoch, "seconds": seconds}
 
 
-def plain_loop(folder: Path, epochs: int, batch_size: int) -> dict:
-    """What a user writes by hand: ImageFolder with per-image transforms, a DataLoader
-    with a worker per core, the same model, amp=auto's precision; training only."""
+def plain_loop(folder: Path, epochs: int, batch_size: int, size: int) -> dict:
+    """What a user writes by hand: ImageFolder with per-image transforms (resized to
+    ``size`` first), a DataLoader with a worker per core, the same model, amp=auto's
+    precision, on the GPU where there is one; training only."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     transform = transforms.Compose(
         [
-            transforms.RandomCrop(32, padding=4),
+            transforms.Resize((size, size)),
+            transforms.RandomCrop(size, padding=4),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize([0.5] * 3, [0.25] * 3),
@@ -129,27 +137,32 @@ def plain_loop(folder: Path, epochs: int, batch_size: int) -> dict:
         num_workers=usable_cores(),
         drop_last=True,
         persistent_workers=True,
+        pin_memory=device.type == "cuda",
     )
     torch.manual_seed(0)
     model = SmallCNN(in_channels=3, num_classes=len(train.classes), width=16)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
-    precision = choose_precision("auto", torch.device("cpu"))
+    precision = choose_precision("auto", device)
     model.train()
     per_epoch = []
     started_all = time.perf_counter()
     for _ in range(epochs):
         started, seen = time.perf_counter(), 0
         for images, labels in loader:
-            images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=precision.dtype, enabled=precision.dtype is not None):
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            dtype = precision.dtype
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = criterion(model(images), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seen += len(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the epoch's work done, not only queued
         per_epoch.append(seen / (time.perf_counter() - started))
     return {"img_s": per_epoch, "seconds": time.perf_counter() - started_all}
 
@@ -157,14 +170,26 @@ def plain_loop(folder: Path, epochs: int, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=40_000, help="images in the made folder")
-    parser.add_argument("--size", type=int, default=32, help="pixels per side of the made images")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=32,
+        help="pixels per side: the made images and the training size",
+    )
     parser.add_argument("--folder", type=Path, help="a folder of yours instead (train/ val/ test/)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-root", default="data", help="where Fashion-MNIST is (or goes)")
+    parser.add_argument(
+        "--system-dir",
+        default="/usr/share/datasets/fashion-mnist",
+        help="Debian's Fashion-MNIST files (dataset-fashion-mnist)",
+    )
     parser.add_argument("--caches", default="memory,disk,none", help="data.cache values to measure")
     args = parser.parse_args()
-    folder = args.folder or make_folder(args.out, args.images, args.size, args.data_root)
+    folder = args.folder or make_folder(
+        args.out, args.images, args.size, args.data_root, args.system_dir
+    )
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -173,17 +198,23 @@ def main() -> None:
         ),
         "CPU",
     )
-    print(f"machine: {cpu} ({describe_cpu()}), {usable_cores()} cores, torch {torch.__version__}")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(
+        f"machine: {cpu} ({describe_cpu()}), {usable_cores()} cores{gpu}, torch {torch.__version__}"
+    )
     rows = []
     for cache in args.caches.split(","):
         rows.append(
-            (f"data=image_folder data.cache={cache}", stable_cnn_run(folder, cache, args.epochs))
+            (
+                f"data=image_folder data.cache={cache}",
+                stable_cnn_run(folder, cache, args.epochs, args.size, args.out / "cache"),
+            )
         )
         print(rows[-1], flush=True)
     rows.append(
         (
             "plain ImageFolder + DataLoader loop (training only)",
-            plain_loop(folder, args.epochs, 128),
+            plain_loop(folder, args.epochs, 128, args.size),
         )
     )
     print(rows[-1], flush=True)

@@ -33,6 +33,7 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
         "torchrun_sync_batchnorm",
         "fp16",
         "benchmark_b32",
+        "image_folder",
         "resnet18",
         "time_to_accuracy",
     ]
@@ -48,6 +49,8 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path: Path):
     assert "precision fp16 (amp=fp16 (slow off CUDA))" in summary
     assert "| eager | bf16 | 0.00 | n/a (CPU) |" in summary, "host reads per step: none"
     assert "| stable-cnn loop | bf16 |" in summary and "| ceiling | fp16 |" in summary
+    assert "| data=image_folder data.cache=disk |" in summary, "the folder's table"
+    assert "| plain ImageFolder + DataLoader loop (training only) |" in summary
     assert "test accuracy" in summary and "SKIPPED" in summary  # cuda tests skip on a CPU
     files = sorted(path.name for path in out.iterdir())
     assert files == ["logs.tar.gz", "summary.md", "time_to_accuracy.json"], files
