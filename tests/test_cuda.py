@@ -367,14 +367,27 @@ def test_stable_cnn_eval_keeps_the_training_images_off_the_gpu(tmp_path: Path):
     check_evaluation_on("cuda", evaluation_checkpoint(tmp_path))
 
 
-def test_an_image_folder_run_on_cuda(tmp_path: Path):
-    """The classic DataLoader path on a GPU: pinned batches, persistent workers."""
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_an_image_folder_run_on_cuda(cache: str, tmp_path: Path):
+    """The classic DataLoader path on a GPU (pinned batches, persistent workers), and
+    batches read from a cache file on the host, copied to the GPU and augmented there
+    (the figures' preview too, at the last epoch)."""
     from tests.test_data import write_image_folder
 
     write_image_folder(
         tmp_path / "images", {"train": {"cat": 40, "dog": 40}, "val": {"cat": 10, "dog": 10}}
     )
-    done = run_cli([*image_folder_run(tmp_path / "images", "cuda"), "hydra.run.dir=run"], tmp_path)
+    done = run_cli(
+        [
+            *image_folder_run(tmp_path / "images", "cuda"),
+            f"data.cache={cache}",
+            "hydra.run.dir=run",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 loader workers" in done.stdout
+    if cache == "none":
+        assert "2 loader workers" in done.stdout
+    else:
+        assert "data.cache=disk: 80 images of train/ decoded into" in done.stdout + done.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 2

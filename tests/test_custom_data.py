@@ -6,6 +6,7 @@ and a bad label is one line naming its image on both the in-memory and the worke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -36,12 +37,14 @@ if os.environ.get("READS_FILE"):  # a command's reads, counted where a test can 
 
 
 class Patterns:
-    def __init__(self, count, size, channels, with_targets, bad_label_at, grey_first):
+    def __init__(self, count, size, channels, with_targets, bad_label_at, grey_first, unique):
         self.count, self.size, self.channels = count, size, channels
-        self.bad_label_at, self.grey_first = bad_label_at, grey_first
+        self.bad_label_at, self.grey_first, self.unique = bad_label_at, grey_first, unique
         self.classes = [f"pattern {k}" for k in range(4)]
         if with_targets:
             self.targets = [self.label(i) for i in range(count)]
+        if unique:  # names of files that are nowhere (a dataset's own bookkeeping)
+            self.samples = [(f"image_{i}.png", self.label(i)) for i in range(count)]
 
     def label(self, index):
         return 4 if index == self.bad_label_at else index % 4
@@ -54,14 +57,16 @@ class Patterns:
         channels = 1 if index == 0 and self.grey_first else self.channels
         image = torch.full((channels, self.size, self.size), (index % 4) * 60, dtype=torch.uint8)
         image[:, index % self.size] = 255  # a line whose place tells images apart
+        if self.unique:  # and the index itself, so that no two images are alike
+            image[0, 0, :2] = torch.tensor([index % 256, index // 256])
         return image, self.label(index)
 
 
 def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False,
-         fails_on_rank=-1):
+         fails_on_rank=-1, unique=False):
     if int(os.environ.get("LOCAL_RANK", "0")) == fails_on_rank:
         raise FileNotFoundError("no images where this process looks")
-    make = lambda n, bad: Patterns(n, size, channels, with_targets, bad, grey_first)
+    make = lambda n, bad: Patterns(n, size, channels, with_targets, bad, grey_first, unique)
     return make(count, bad_label_at), make(count // 4, -1)
 """
 
@@ -107,8 +112,8 @@ def test_channels_settle_from_a_sample_not_the_first_image(my_data: Path, caplog
     assert "1 of 16 sampled training images are greyscale" in caplog.text
 
 
-def test_a_bad_label_names_its_image_on_every_path(my_data: Path):
-    for extra in ([], ["data.cache=none"]):
+def test_a_bad_label_names_its_image_on_every_path(my_data: Path, tmp_path: Path):
+    for extra in ([], ["data.cache=none"], ["data.cache=disk", f"data.cache_dir={tmp_path}"]):
         config = compose_run(custom("+data.bad_label_at=37", *extra)).data
         with pytest.raises(DataError, match=r"train image 37 has label 4, outside 0\.\.3"):
             build_splits(config, torch.device("cpu"), seed=0)
@@ -274,10 +279,13 @@ def test_a_dataset_that_fails_in_one_process_stops_every_process(my_data: Path, 
 
 
 def images_with_labels(batches) -> torch.Tensor:
-    """Every image of a split with its label, in one order whatever the split's."""
+    """Every image of a split with its label, in one order whatever the split's (the
+    images are told apart by their pixels: +data.unique=true)."""
     images = batches.images[torch.arange(len(batches.labels))]  # from a file, where it is one
     pairs = torch.cat([images.flatten(1), batches.labels[:, None].to(torch.uint8)], 1)
-    return torch.unique(pairs, dim=0)
+    distinct = torch.unique(pairs, dim=0)  # sorted
+    assert len(distinct) == len(pairs), "no image twice"
+    return distinct
 
 
 def test_a_disk_cache_of_your_datasets_is_built_once_and_read_by_later_runs(
@@ -285,18 +293,22 @@ def test_a_disk_cache_of_your_datasets_is_built_once_and_read_by_later_runs(
 ):
     """data.cache=disk: the first run decodes each of the callable's datasets into a file
     (labels too: these datasets do not list them), later runs read it (the same images and
-    labels as data.cache=memory decodes), a dataset whose images changed is decoded anew;
-    stable-cnn-eval reads the test file."""
+    labels as data.cache=memory decodes), a dataset whose images changed is decoded anew.
+    Their ``samples`` name files that do not exist: the key goes by their pixels."""
     import my_patterns
 
     caplog.set_level(logging.INFO, logger="stable_cnn")
-    args = custom("+data.with_targets=false", "data.limit_train=64", "data.limit_test=32")
+    args = custom(
+        "+data.with_targets=false", "+data.unique=true", "data.limit_train=64", "data.limit_test=32"
+    )
     disk = [*args, "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"]
     in_memory = build_splits(compose_run(args).data, torch.device("cpu"), seed=0)
     my_patterns.READS.clear()
     built = build_splits(compose_run(disk).data, torch.device("cpu"), seed=0)
     assert built.resolved["cache"] == "disk" and caplog.text.count("decoded into") == 2
-    assert len(my_patterns.READS) >= 512 + 128, "every image of both datasets, once"
+    assert sorted(set(my_patterns.READS)) == list(range(512)), "every image of both datasets"
+    reads = len(my_patterns.READS)
+    assert 512 + 128 <= reads <= 16 + 2 * 64 + 512 + 128, "each once, and the key's sample"
     for split in ("train", "val", "test"):
         expected = images_with_labels(getattr(in_memory, split))
         assert torch.equal(images_with_labels(getattr(built, split)), expected), split
@@ -336,22 +348,52 @@ def test_a_run_and_its_eval_share_the_disk_cache(my_data: Path, tmp_path: Path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "data custom, settled from the data:" in done.stdout and "cache disk" in done.stdout
-    assert len(list(cache.glob("custom-*.labels.npy"))) == 2
+    assert len(list(cache.glob("custom-*.rows.npy"))) == 2
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
-    evaluated = subprocess.run(
+    evaluated = evaluate(checkpoint, tmp_path, env)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "data.cache=disk: reading" in evaluated.stdout + evaluated.stderr
+    assert int((tmp_path / "reads").read_text()) <= 16 + 64, "the shape and the key alone"
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(my_data: Path, tmp_path: Path):
+    (tmp_path / "a_file").write_text("")
+    config = compose_run(
+        custom("data.cache=disk", f"data.cache_dir={tmp_path / 'a_file' / 'cache'}")
+    ).data
+    with pytest.raises(DataError, match=r"a_file/cache cannot be written .*: set data.cache_dir"):
+        build_splits(config, torch.device("cpu"), seed=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"], "nothing left behind"
+
+
+def test_a_checkpoint_of_data_in_memory_evaluates(tmp_path: Path, fashion_mnist_root: Path):
+    """A data=custom run from before data.cache (fixtures/old_runs, written by 3678dec,
+    with data.in_memory): stable-cnn-eval tests its checkpoint, its images in memory."""
+    fixtures = REPO / "tests" / "fixtures"
+    (old_run,) = (fixtures / "old_runs").glob("*-custom")
+    (tmp_path / "data").symlink_to(fashion_mnist_root)  # its +data.folder=data
+    env = {**os.environ, "PYTHONPATH": f"{fixtures / 'user_code'}{os.pathsep}{REPO}"}
+    checkpoint = old_run / "checkpoints" / "best.pt"
+    done = evaluate(checkpoint, tmp_path, env, f"out={tmp_path / 'eval'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decoding 0 + 256 images into memory" in done.stdout + done.stderr
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] > 30
+
+
+def evaluate(checkpoint: Path, cwd: Path, env: dict[str, str], *extra: str):
+    """stable-cnn-eval on ``checkpoint``, trusting its data code, as a user runs it."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "stable_cnn.cli.eval",
             f"checkpoint={checkpoint}",
             "trust_code=true",
+            *extra,
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert "data.cache=disk: reading" in evaluated.stdout + evaluated.stderr
-    assert int((tmp_path / "reads").read_text()) <= 16 + 64, "the shape and the key alone"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,10 +243,10 @@ def test_a_disk_cache_is_built_once_reused_and_rebuilt_when_its_folder_changes(t
 
     elsewhere = tmp_path / "cache"
     assert torch.equal(train_images("data.cache=disk", f"data.cache_dir={elsewhere}"), rebuilt)
-    assert len(list(elsewhere.glob("train-3x20x20-*.labels.npy"))) == 1
+    assert len(list(elsewhere.glob("train-3x20x20-*.rows.npy"))) == 1
 
 
-FILES = ("json", "labels.npy", "npy")  # of a disk cache, per folder
+FILES = ("json", "npy", "rows.npy")  # of a disk cache, per folder
 
 BUILD_CACHE = """
 import logging, sys
@@ -285,16 +286,45 @@ def test_jobs_side_by_side_build_one_disk_cache(tmp_path):
     assert not killed.exists()
 
 
-@pytest.mark.parametrize("cache", ["memory", "none"])
-def test_an_unreadable_image_is_one_line_naming_the_file(cache: str, tmp_path):
+@pytest.mark.parametrize(("cache", "workers"), [("memory", 0), ("memory", 2), ("none", 2)])
+def test_an_unreadable_image_is_one_line_naming_the_file(
+    cache: str, workers: int, tmp_path, monkeypatch
+):
+    from stable_cnn.data import image_folder
+
+    monkeypatch.setattr(image_folder, "PARALLEL_FROM", 1)  # decode even 10 images in workers
     write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 1}})
     (tmp_path / "train" / "dog" / "2.png").write_bytes(b"not a png")
     run = compose_run(
-        ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2", f"data.cache={cache}"]
+        [
+            "data=image_folder",
+            f"data.root={tmp_path}",
+            "data.batch_size=2",
+            f"data.cache={cache}",
+            f"data.num_workers={workers}",
+        ]
     )
-    with pytest.raises(DataError, match=r"dog/2.png cannot be read as an image .*: remove or"):
+    with pytest.raises(DataError) as raised:
         splits = build_splits(run.data, torch.device("cpu"), seed=0)
         list(splits.train)
+    line = str(raised.value)  # what the command prints
+    assert re.fullmatch(r".*dog/2.png cannot be read as an image .*: remove or replace it", line)
+
+
+def test_worker_processes_decode_the_images_one_process_does(tmp_path, monkeypatch):
+    """A large folder decodes in data.num_workers processes: the same pixels and labels,
+    in the same order, as decoding in the process."""
+    from stable_cnn.data import image_folder
+
+    write_image_folder(tmp_path, {"train": {"cat": 9, "dog": 7}, "val": {"cat": 1, "dog": 1}})
+    args = ["data=image_folder", f"data.root={tmp_path}", "data.batch_size=2"]
+    train, _, _, _ = image_folder.folder_datasets(compose_run(args).data)
+    alone = image_folder.decode_files(train, compose_run([*args, "data.num_workers=2"]).data)
+    monkeypatch.setattr(image_folder, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(image_folder, "DECODE_BATCH", 3)  # several batches, out of step
+    shared = image_folder.decode_files(train, compose_run([*args, "data.num_workers=2"]).data)
+    assert torch.equal(shared[0], alone[0]) and torch.equal(shared[1], alone[1])
+    assert alone[0].float().std() > 0, "real pixels"
 
 
 def test_image_folder_with_mismatched_classes_is_refused(tmp_path):

@@ -1,9 +1,9 @@
 """The run's data: the dataset named by ``data.name`` cut into train, validation and test
 batches. Datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR, SVHN, synthetic) are
 decoded once into a uint8 tensor on the training device, where whole batches are
-augmented (tensors.py); ``image_folder`` (image_folder.py) takes that way from memory or
-from a decoded file on disk (image_cache.py), ``custom`` (custom.py) where its images
-fit; else the per-image DataLoader path (loaders.py)."""
+augmented (tensors.py); ``image_folder`` (image_folder.py) and ``custom`` (custom.py)
+take that way from memory or from a decoded file on disk (image_cache.py), or with
+``data.cache=none`` the per-image DataLoader path (loaders.py)."""
 
 from __future__ import annotations
 

@@ -282,8 +282,8 @@ def decoded_splits(
     """The chosen images decoded into memory, or into the cache file (data.cache=disk:
     the training images then read from it a batch at a time), checked, and cut into
     splits (the test split alone with ``test_only``)."""
-    if config.cache == "disk":
-        train, val, test = cached_chosen(datasets, chosen, config, test_only)
+    if config.cache == "disk":  # in the file's order, which ``chosen`` now follows
+        train, val, test, chosen = cached_chosen(datasets, chosen, config, test_only)
     else:
         train, val, test = decode_chosen(datasets, chosen, config, test_only)
     decoded = [part for part in (train, val, test) if part is not None]
@@ -327,9 +327,10 @@ def decode_chosen(
 
 def cached_chosen(
     datasets: tuple[Any, Any], chosen: ChosenImages, config: CustomDataConfig, test_only: bool
-) -> tuple[Part | None, Part | None, Part]:
+) -> tuple[Part | None, Part | None, Part, ChosenImages]:
     """The chosen train, val and test images from the cache files of the two datasets
-    (every image of each, decoded the first time; train read a batch at a time)."""
+    (every image of each, decoded the first time; train read a batch at a time), and
+    the chosen images' indices in the order the parts hold them."""
 
     def cached(split: str) -> CachedImages:
         dataset = datasets[split == "test"]
@@ -339,13 +340,13 @@ def cached_chosen(
 
         return cached_dataset(dataset, split, config, decode_items)
 
-    test = cached("test").part(chosen.test)
+    test, test_index = cached("test").part(chosen.test)
     if test_only:
-        return None, None, test
+        return None, None, test, replace(chosen, test=test_index)
     train_cache = cached("train")
-    train = train_cache.part(chosen.train, block_rows=config.batch_size * 32)
-    val = train_cache.part(chosen.val) if len(chosen.val) else None
-    return train, val, test
+    train, train_index = train_cache.part(chosen.train, block_rows=config.batch_size * 32)
+    val, val_index = train_cache.part(chosen.val) if len(chosen.val) else (None, chosen.val)
+    return train, val, test, replace(chosen, train=train_index, val=val_index, test=test_index)
 
 
 class ImagesOf(Dataset):

@@ -4,22 +4,23 @@ evaluation on the machine.
 
 Each split of the source (an image folder's train/, val/, test/; a data=custom
 callable's train and test datasets) becomes one ``.npy`` array (N, C, H, W) of uint8 at
-the run's channels and size, with its labels in a ``.labels.npy`` and a ``.json``
-beside them holding the key it was built for: for a folder, its file list with each
+the run's channels and size, a ``.rows.npy`` with each row's source image and label,
+and a ``.json`` holding the key it was built for: for a folder, its file list with each
 file's size and modification time; for a callable, its name and arguments, its
-datasets' lengths and a sample of their images (or their files, where the dataset lists
-them as torchvision's folders do); and the channels, the size and this format's
-version. The arrays are written under temporary names and renamed, then the key is
-written the same way: a build that was killed leaves no key that matches, so its
-remains are never read, and a source that changed gets its cache rebuilt (one log line
-says so). Processes of a distributed run build it once: the first process of each
-machine opens its data first (training/build.py); processes that do not know of each
-other (a sweep's jobs side by side) take turns through a lock on the cache folder, so
-one builds and the others read.
+datasets' lengths, a sample of their images, their ``targets`` and the files they list
+(as torchvision's folders do); and the channels, the size and this format's version.
+The arrays are written under temporary names and renamed, then the key is written the
+same way (an old key is removed first): a build that was killed leaves no key that
+matches, so its remains are never read, and a source that changed gets its cache
+rebuilt (one log line says so). Processes of a distributed run build it once: the
+first process of each machine opens its data first (training/build.py); processes that
+do not know of each other (a sweep's jobs side by side) take turns through a lock on the
+cache folder, so one builds and the others read.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -111,26 +112,24 @@ def file_order(count: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(VERSION))
 
 
-def rows_of(images: torch.Tensor, count: int) -> torch.Tensor:
-    """The cache rows of the source's images ``images`` (indices into its items)."""
-    return file_order(count).argsort()[images]
-
-
 @dataclass(frozen=True)
 class CachedImages:
     """A split's images as its cache file holds them, mapped from the file (pages are
-    read as they are used), and their labels, row by row."""
+    read as they are used), and row by row the source's image each row holds (its index
+    among the source's items) and its label."""
 
     images: np.memmap  # (N, C, H, W) uint8
+    sources: torch.Tensor  # (N,) int64
     labels: torch.Tensor  # (N,) int64
 
-    def part(self, index: torch.Tensor, block_rows: int | None = None) -> Part:
+    def part(self, index: torch.Tensor, block_rows: int | None = None) -> tuple[Part, torch.Tensor]:
         """The source's images ``index`` and their labels, in the file's order: read now
-        into memory, or with ``block_rows`` (training) read a batch at a time (FileRows)."""
-        rows = rows_of(index, len(self.labels)).sort().values  # file order: reads close
+        into memory, or with ``block_rows`` (training) read a batch at a time (FileRows);
+        and which of the source's images they are, in that order."""
+        rows = self.sources.argsort()[index].sort().values  # file order: reads stay close
         if block_rows is not None:  # the file may be larger than memory
-            return FileRows(self.images, rows, block_rows), self.labels[rows]
-        return torch.from_numpy(self.images[rows.numpy()]), self.labels[rows]
+            return (FileRows(self.images, rows, block_rows), self.labels[rows]), self.sources[rows]
+        return (torch.from_numpy(self.images[rows.numpy()]), self.labels[rows]), self.sources[rows]
 
 
 def folder_key(folder: Any, channels: int, size: int) -> str:
@@ -170,23 +169,32 @@ def cached_dataset(
     stem = cache_folder(config) / f"custom-{split}-{channels}x{size}x{size}-{source}"
     digest = hashlib.sha256(f"v{VERSION} channels {channels} size {size}\n{call}\n".encode())
     digest.update(f"{split} {len(dataset)}\n".encode())
-    listed = getattr(dataset, "samples", None)  # torchvision's folders list their files
-    if isinstance(listed, list) and all(isinstance(item, tuple) for item in listed):
-        for item in listed:
-            stat = os.stat(item[0])
-            digest.update(f"{item}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    else:  # a sample of images, spread evenly, and every label the dataset lists
-        for i in torch.linspace(0, len(dataset) - 1, min(SAMPLE, len(dataset))).long().tolist():
-            image, label = dataset[i]
-            digest.update(image_tensor(image, channels, size, f"{split} image {i}").numpy())
-            digest.update(f"{label}\n".encode())
-        targets = getattr(dataset, "targets", None)
-        if targets is not None:
-            digest.update(np.asarray(targets).tobytes())
+    for i in torch.linspace(0, len(dataset) - 1, min(SAMPLE, len(dataset))).long().tolist():
+        image, label = dataset[i]  # a sample of images, spread evenly, as the run sees them
+        digest.update(image_tensor(image, channels, size, f"{split} image {i}").numpy())
+        digest.update(f"{label}\n".encode())
+    targets = getattr(dataset, "targets", None)  # every label, where the dataset lists them
+    if targets is not None:
+        digest.update(np.asarray(targets).tobytes())
+    for path in listed_files(dataset):  # torchvision's folders list their files
+        stat = os.stat(path)
+        digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return cached_images(stem, digest.hexdigest(), len(dataset), decode, f"the {split} dataset")
 
 
 SAMPLE = 64  # images of a data=custom dataset whose pixels go into its cache's key
+
+
+def listed_files(dataset: Any) -> list[str]:
+    """The image files a dataset lists as ``samples`` of (path, label), as torchvision's
+    DatasetFolder does; none where its samples are anything else."""
+    listed = getattr(dataset, "samples", None)
+    if not isinstance(listed, list) or not listed:
+        return []
+    paths = [item[0] if isinstance(item, tuple) and item else None for item in listed]
+    if not all(isinstance(path, str | os.PathLike) and os.path.isfile(path) for path in paths):
+        return []
+    return [os.fspath(path) for path in paths]
 
 
 def cached_images(
@@ -205,17 +213,32 @@ def cached_images(
                 log.info("data.cache=disk: reading %s", paths["images"])
                 return open_cache(paths)
             return build(stem, key, count, decode, source)
-    except PermissionError as err:
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
         raise DataError(
             f"data.cache=disk: {err.filename or stem.parent} cannot be written ({err.strerror}): "
-            f"set data.cache_dir to a folder you can write, or data.cache=memory"
+            f"set data.cache_dir to a folder with room that you can write, or data.cache=memory"
         ) from None
+
+
+# A cache folder that cannot take the files: not allowed, read-only, full, over quota,
+# or a file where a folder should be.
+UNWRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
 
 
 def cache_paths(stem: Path) -> dict[str, Path]:
     return {
         "images": stem.with_suffix(".npy"),
-        "labels": stem.with_suffix(".labels.npy"),
+        "rows": stem.with_suffix(".rows.npy"),  # each row's source image and label
         "key": stem.with_suffix(".json"),
     }
 
@@ -258,22 +281,15 @@ def build(
     temporary = {  # x.npy: x.<pid>.tmp.npy, and so on
         name: path.with_suffix(f".{os.getpid()}.tmp{path.suffix}") for name, path in paths.items()
     }
-    array = None
-    labels = np.empty(count, dtype=np.int64)
-    order = file_order(count).tolist()
-    for start in range(0, count, CHUNK_IMAGES):
-        images, labels[start : start + len(images)] = decode(order[start : start + CHUNK_IMAGES])
-        if array is None:  # the decoder says the images' shape
-            shape = (count, *images.shape[1:])
-            array = np.lib.format.open_memmap(temporary["images"], "w+", np.uint8, shape)
-        array[start : start + len(images)] = images.numpy()
-    array.flush()
-    del array
-    np.save(temporary["labels"], labels)
-    replace_durably(temporary["images"], paths["images"])
-    replace_durably(temporary["labels"], paths["labels"])
-    temporary["key"].write_text(json.dumps({"key": key, "images": count, "source": source}))
-    replace_durably(temporary["key"], paths["key"])  # last: only now does the cache count
+    try:
+        write_files(temporary, key, count, decode, source)
+        paths["key"].unlink(missing_ok=True)  # the old key must never stand beside new arrays
+        replace_durably(temporary["images"], paths["images"])
+        replace_durably(temporary["rows"], paths["rows"])
+        replace_durably(temporary["key"], paths["key"])  # last: only now does the cache count
+    finally:  # a failed build (an unreadable image, a full disk) leaves nothing behind
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
     log.info(
         "data.cache=disk: %d images of %s decoded into %s (%.0f MiB) in %.1f s",
         count,
@@ -285,11 +301,33 @@ def build(
     return open_cache(paths)
 
 
+def write_files(
+    files: dict[str, Path], key: str, count: int, decode: Callable[[list[int]], Part], source: str
+) -> None:
+    """The images, decoded in the file's order, each row's source image and label, and
+    the key, written to ``files``."""
+    array = None
+    rows = np.empty((count, 2), dtype=np.int64)  # each row's source image and label
+    rows[:, 0] = file_order(count).numpy()
+    for start in range(0, count, CHUNK_IMAGES):
+        images, rows[start : start + len(images), 1] = decode(
+            rows[start : start + CHUNK_IMAGES, 0].tolist()
+        )
+        if array is None:  # the decoder says the images' shape
+            shape = (count, *images.shape[1:])
+            array = np.lib.format.open_memmap(files["images"], "w+", np.uint8, shape)
+        array[start : start + len(images)] = images.numpy()
+    array.flush()
+    del array
+    np.save(files["rows"], rows)
+    files["key"].write_text(json.dumps({"key": key, "images": count, "source": source}))
+
+
 def open_cache(paths: dict[str, Path]) -> CachedImages:
     """The cached images, memory-mapped (copy on write: torch wants a writable array; the
-    file is never written through it), and their labels."""
-    labels = torch.from_numpy(np.load(paths["labels"]))
-    return CachedImages(np.load(paths["images"], mmap_mode="c"), labels)
+    file is never written through it), each row's source image and its label."""
+    rows = torch.from_numpy(np.load(paths["rows"]))
+    return CachedImages(np.load(paths["images"], mmap_mode="c"), rows[:, 0], rows[:, 1])
 
 
 def replace_durably(source: Path, target: Path) -> None:

@@ -5,20 +5,22 @@ the device, exact resume); with ``disk`` each folder is decoded once into a file
 later runs read (image_cache.py), the training batches read from it as they are
 needed; with ``none`` images are decoded and augmented one at a time in DataLoader
 workers every epoch (loaders.py). ``auto`` takes memory where the decoded images fit
-(custom.py's sizing rule), else disk, else none. Mean and std left null are computed
+(image_cache.py's sizing rule), else disk, else none. Mean and std left null are computed
 from the training images."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from stable_cnn.config import ImageFolderConfig
 from stable_cnn.data.custom import sample_stats
@@ -144,7 +146,7 @@ def decoded_splits(
             config,
             lambda items: decode_files(Subset(folder, items), config),
         )
-        return cached.part(index_of(subset), config.batch_size * 32 if training else None)
+        return cached.part(index_of(subset), config.batch_size * 32 if training else None)[0]
 
     started = time.perf_counter()
     train, test = decoded(train_set, training=True), decoded(test_set)
@@ -158,31 +160,78 @@ def decoded_splits(
 
 def decode_files(subset: Subset, config: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """A folder's images ``subset`` as one uint8 tensor (N, C, H, W) at the run's channels
-    and size, and their labels. torchvision's decoders read JPEG, PNG, GIF and WebP from
+    and size, and their labels: in data.num_workers processes where there are many
+    (torchvision's decoders hold the GIL, so threads would take turns), in order."""
+    files = FolderFiles(subset, config.in_channels, config.image_size)
+    images = torch.empty((len(files), files.channels, files.size, files.size), dtype=torch.uint8)
+    labels = torch.empty(len(files), dtype=torch.int64)
+    workers = (config.num_workers or 0) if len(files) >= PARALLEL_FROM else 0
+    if workers < 2:
+        for position in range(len(files)):
+            images[position], labels[position] = files[position]
+        return images, labels
+    global DECODING
+    DECODING = files  # the forked workers' copy: the file list is not sent to them
+    starts = range(0, len(files), DECODE_BATCH)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), one_thread)
+    try:
+        for start, (batch_images, batch_labels) in zip(
+            starts, pool.map(decode_batch, starts), strict=True
+        ):
+            images[start : start + len(batch_labels)] = batch_images
+            labels[start : start + len(batch_labels)] = batch_labels
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the batches not begun are not
+        DECODING = None
+    return images, labels
+
+
+PARALLEL_FROM = 2048  # images: fewer decode in the process (workers take a second to start)
+DECODE_BATCH = 256  # images a worker decodes and sends at once
+DECODING: FolderFiles | None = None  # what decode_batch decodes, in a worker
+
+
+def one_thread() -> None:
+    torch.set_num_threads(1)  # a worker per core already
+
+
+def decode_batch(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images start..start+DECODE_BATCH of DECODING (in a worker process), and labels."""
+    stop = min(start + DECODE_BATCH, len(DECODING))
+    images, labels = zip(*(DECODING[position] for position in range(start, stop)), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+class FolderFiles(Dataset):
+    """A folder's images ``subset`` one by one as uint8 (C, H, W) at ``channels`` and
+    ``size``, with their labels. torchvision's decoders read JPEG, PNG, GIF and WebP from
     the file's bytes (the pixels PIL gives, at a fifth of its cost per image); other
     formats go through PIL."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms import functional
 
-    channels, size = config.in_channels, config.image_size
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    samples = subset.dataset.samples
-    images = torch.empty((len(subset.indices), channels, size, size), dtype=torch.uint8)
-    labels = torch.empty(len(subset.indices), dtype=torch.int64)
-    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; 0.26 does not
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        for position, index in enumerate(subset.indices):
-            path, labels[position] = samples[index]
+    def __init__(self, subset: Subset, channels: int, size: int) -> None:
+        self.samples, self.indices = subset.dataset.samples, subset.indices
+        self.channels, self.size = channels, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.transforms import functional
+
+        path, label = self.samples[self.indices[position]]
+        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; 0.26 does not
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             try:
                 image = decode_image(read_file(path), mode=mode)
             except RuntimeError:  # a format torchvision does not decode (BMP, TIFF), or none
                 image = None
-            if image is None or image.dtype != torch.uint8:  # 16-bit PNGs come as uint16
-                image = image_tensor(read_image(path), channels, size, path)
-            if tuple(image.shape[1:]) != (size, size):
-                image = functional.resize(image, [size, size], antialias=True)
-            images[position] = image
-    return images, labels
+        if image is None or image.dtype != torch.uint8:  # 16-bit PNGs come as uint16
+            image = image_tensor(read_image(path), self.channels, self.size, path)
+        if tuple(image.shape[1:]) != (self.size, self.size):
+            image = functional.resize(image, [self.size, self.size], antialias=True)
+        return image, label
 
 
 def with_stats(config: ImageFolderConfig, mean: list[float], std: list[float]) -> ImageFolderConfig:

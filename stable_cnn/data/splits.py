@@ -48,13 +48,17 @@ class DataSplits:
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
-        """Stop the splits' DataLoader workers now (in-memory splits have none).
+        """Stop the splits' DataLoader workers now (in-memory splits have none), and close
+        the cache file training batches are read from.
 
         Workers ignore SIGTERM (see image_folder.py), and multiprocessing's exit handler
         terminates and then joins whichever are still alive: a loader that outlives its
         run (any lingering reference to it will do) would hold the process at exit."""
         for split in (self.train, self.val, self.test):
             stop_workers(getattr(split, "loader", split))
+            close = getattr(getattr(split, "images", None), "close", None)
+            if close is not None:  # a cache file's rows (FileRows): its file
+                close()
 
 
 def stop_workers(loader: Any) -> None:

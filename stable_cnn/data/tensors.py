@@ -117,13 +117,15 @@ class TensorBatches:
     def preview(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` images (uint8) augmented as in training, and their labels,
         drawn with a generator of their own: the training stream is left untouched."""
-        images = self.images[:count]
+        images, labels = self.images[:count], self.labels[:count]
+        if images.device.type != self.device.type:  # read from a file on the host
+            images, labels = images.to(self.device), labels.to(self.device)
         if self.train:
-            generator = torch.Generator(device=images.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
             images = random_crop(images, self.crop_padding, generator)
             if self.flip:
                 images = random_flip(images, generator)
-        return images, self.labels[:count]
+        return images, labels
 
     def state_dict(self) -> dict:
         """Where the data stream stands: the RNG, this epoch's order and the next batch."""
@@ -138,7 +140,8 @@ class TensorBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        if self.augment_generator is not self.generator:
+        if self.augment_generator is not self.generator and "augment_generator" in state:
+            # (absent: saved by one process whose order's generator augmented too)
             self.augment_generator.set_state(state["augment_generator"])
         order = state["order"]
         self.order = None if order is None else order.to(self.images.device)

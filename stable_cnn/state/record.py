@@ -37,6 +37,9 @@ def data_config(values: dict[str, Any]) -> DataConfig:
         "image_folder": ImageFolderConfig,
     }
     schema = schemas.get(values.get("name"), DataConfig)
+    if schema is CustomDataConfig and "in_memory" in values:  # became data.cache on 2026-12-02
+        values = dict(values)
+        values["cache"] = "memory" if values.pop("in_memory") else "none"
     known = {f.name for f in fields(schema)}
     kept = {key: value for key, value in values.items() if key in known}
     if schema is CustomDataConfig:  # its +data.KEY=VALUE keys, as the command line gave them
