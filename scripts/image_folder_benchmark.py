@@ -185,7 +185,9 @@ def main() -> None:
         default="/usr/share/datasets/fashion-mnist",
         help="Debian's Fashion-MNIST files (dataset-fashion-mnist)",
     )
-    parser.add_argument("--caches", default="memory,disk,none", help="data.cache values to measure")
+    parser.add_argument(
+        "--caches", default="auto,memory,disk,none", help="data.cache values to measure"
+    )
     args = parser.parse_args()
     folder = args.folder or make_folder(
         args.out, args.images, args.size, args.data_root, args.system_dir
