@@ -7,6 +7,7 @@ other classes is refused in one line that shows both lists."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from tests.test_export import command
 
 pytestmark = pytest.mark.slow
 
-OLD_RUN = sorted((Path(__file__).parent / "fixtures" / "old_runs").iterdir())[-1]
+OLD_RUN = sorted(  # the newest Fashion-MNIST run (image_folder and custom ones are named so)
+    path
+    for path in (Path(__file__).parent / "fixtures" / "old_runs").iterdir()
+    if re.fullmatch(r"[0-9-]{10}-[0-9a-f]+", path.name)
+)[-1]
 IMAGES = 256  # the run's data.limit_test: its first 256 test images (data.sampling=first)
 
 
