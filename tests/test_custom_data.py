@@ -19,7 +19,7 @@ import torch
 
 from stable_cnn.data.build import build_splits
 from stable_cnn.data.image_cache import fits_in_memory
-from stable_cnn.errors import DataError
+from stable_cnn.errors import ConfigError, DataError
 from stable_cnn.system.memory import available_memory, cgroup_available
 from tests.conftest import REPO, TINY, compose_run, run_cli
 
@@ -60,6 +60,12 @@ class Patterns:
         if self.unique:  # and the index itself, so that no two images are alike
             image[0, 0, :2] = torch.tensor([index % 256, index // 256])
         return image, self.label(index)
+
+
+def at(root, count=512):  # a loader that takes data.root
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    return load(count=count)
 
 
 def load(count=512, size=16, channels=3, with_targets=True, bad_label_at=-1, grey_first=False,
@@ -397,3 +403,15 @@ def evaluate(checkpoint: Path, cwd: Path, env: dict[str, str], *extra: str):
         text=True,
         timeout=300,
     )
+
+
+def test_data_root_goes_to_a_callable_that_names_it(my_data: Path, tmp_path: Path):
+    """data.root (and data.download) are given to the callable where it names them; set
+    for one that does not, they are one line."""
+    at_root = compose_run(
+        custom("data._target_=my_patterns.at", f"data.root={tmp_path}", "+data.count=64")
+    ).data
+    assert build_splits(at_root, torch.device("cpu"), seed=0).num_train > 0
+    elsewhere = compose_run(custom(f"data.root={tmp_path}")).data
+    with pytest.raises(ConfigError, match=r"data.root=.* is set but my_patterns.load takes no"):
+        build_splits(elsewhere, torch.device("cpu"), seed=0)

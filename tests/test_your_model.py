@@ -363,6 +363,10 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
             "trainer.patience is not a key of this config (TrainerConfig): "
             "did you mean trainer.early_stopping_patience?",
         ),
+        (  # a key the option has: no + to add it
+            ["data=custom", "data._target_=my_data.load", "+data.root=/data"],
+            "data.root is a key already: write data.root=VALUE, without the +",
+        ),
         (  # a key of an earlier version
             ["data=custom", "data._target_=my_data.load", "data.in_memory=false"],
             "data.in_memory is no longer a key: write data.cache=memory for true, "

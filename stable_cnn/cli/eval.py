@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
 from stable_cnn.cli.conf import config_dir, trust_code
-from stable_cnn.cli.extra_keys import with_kwargs
+from stable_cnn.cli.extra_keys import typed, with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.config import DataConfig, register_schemas
 from stable_cnn.errors import ConfigError, UserError
@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> float:
         path = checkpoint_path(cfg.checkpoint)
         hydra_config = HydraConfig.get()
         chosen = hydra_config.runtime.choices.get("data") is not None  # data=<option>
-        data = with_kwargs("data", OmegaConf.to_object(cfg.data), cfg.data) if chosen else None
+        data = with_kwargs("data", typed("data", cfg.data), cfg.data) if chosen else None
         # without data=<option>, the data.* keys given (the rest are ???) change the run's own
         overrides = (
             {}

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stable_cnn.config import TAKES_KWARGS
+from stable_cnn.config import TAKES_KWARGS, schema_of
 from stable_cnn.errors import ConfigError
 
 
@@ -49,3 +49,17 @@ def with_kwargs(group: str, config: Any, composed: DictConfig) -> Any:
         )
     kwargs = {**config.kwargs, **OmegaConf.to_container(OmegaConf.create(extra), resolve=True)}
     return replace(config, kwargs=kwargs)
+
+
+def typed(group: str, node: DictConfig) -> Any:
+    """A group's composed config as its schema's object; a group composed untyped (your
+    model's or dataset's, whose YAML may hold the callable's arguments beside
+    ``_target_``) is typed here from the keys its schema knows."""
+    if OmegaConf.get_type(node) is not dict:
+        return OmegaConf.to_object(node)
+    schema = schema_of(group, OmegaConf.to_container(node, resolve=False))
+    if schema is None:
+        return OmegaConf.to_object(node)
+    known = [key for key in node if key in {f.name for f in fields(schema)}]
+    values = OmegaConf.masked_copy(node, known)  # the callable's arguments: with_kwargs
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))

@@ -92,6 +92,10 @@ def describe(err: BaseException, program: str) -> str:
             f"{name} is not a key of this config{where}: {meant} (`{program} --cfg job` "
             f"lists every key){argument}"
         )
+    present = re.search(r"An item is already at '([^']+)'", text + str(cause))
+    if present:
+        name = present.group(1)
+        return f"{name} is a key already: write {name}=VALUE, without the +"
     merging = re.search(r"Error merging override (\S+)", text)
     if merging and isinstance(cause, OmegaConfBaseException):
         reason = _meaningful_lines(str(cause))[0]

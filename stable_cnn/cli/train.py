@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from stable_cnn.cli.conf import config_dir
-from stable_cnn.cli.extra_keys import with_kwargs
+from stable_cnn.cli.extra_keys import typed, with_kwargs
 from stable_cnn.cli.hydra_errors import run_reporting_hydra_errors
 from stable_cnn.cli.run_folder import continue_log_in, output_folder_problem
 from stable_cnn.cli.run_outcome import ended_command, workers_outcome
@@ -52,7 +52,7 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
     """The composed config as typed objects; range checks run here, before any data."""
     try:
         groups = {
-            name: with_kwargs(name, OmegaConf.to_object(cfg[name]), cfg[name])
+            name: with_kwargs(name, typed(name, cfg[name]), cfg[name])
             for name in RunConfig.__dataclass_fields__
         }
     except MissingMandatoryValue as err:  # a key left as ??? in the YAML

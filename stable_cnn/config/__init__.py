@@ -38,7 +38,14 @@ from stable_cnn.config.optimizer import (
     SGDConfig,
 )
 from stable_cnn.config.precision import AmpConfig
-from stable_cnn.config.run import DATA_OVERRIDES, SCHEMAS, TAKES_KWARGS, RunConfig, register_schemas
+from stable_cnn.config.run import (
+    DATA_OVERRIDES,
+    SCHEMAS,
+    TAKES_KWARGS,
+    RunConfig,
+    register_schemas,
+    schema_of,
+)
 from stable_cnn.config.scheduler import (
     SCHEDULER_OPTIONS,
     CosineConfig,
@@ -82,4 +89,5 @@ __all__ = [
     "TimmConfig",
     "TrainerConfig",
     "register_schemas",
+    "schema_of",
 ]

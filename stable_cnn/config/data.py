@@ -161,8 +161,10 @@ class CustomDataConfig(CachedDataConfig):
     (else their labels), mean and std from the training images."""
 
     name: str = "custom"
-    root: str = ""  # unused: the callable knows where its data is
-    download: bool = False
+    # given to the callable where it names them (root=, download=) and they are set;
+    # any other argument is +data.KEY=VALUE
+    root: str = ""
+    download: bool | None = None
     # PACKAGE.MODULE.CALLABLE, called with the +data.KEY=VALUE keys; returns the train and
     # the test dataset, each of (image, label) pairs
     _target_: str = MISSING

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from stable_cnn.config.clipping import ClippingConfig
 from stable_cnn.config.data import (
@@ -87,9 +87,32 @@ class RunConfig:
 DATA_OVERRIDES = {f.name: MISSING for f in fields(DataConfig)}
 
 
+# The options whose YAML may hold the callable's arguments as plain keys beside
+# ``_target_`` (``model: {_target_: mynets.Net, depth: 3}``): their schema gives Hydra its
+# keys and defaults, but not its types, while it composes (a typed node refuses a key it
+# does not know), and parse_run_config types them afterwards, the extra keys becoming
+# the callable's keyword arguments.
+UNTYPED_WHILE_COMPOSED = {"schema_model_custom", "schema_data_custom"}
+
+
 def register_schemas() -> None:
     """Store every schema at the ConfigStore's root, where the YAML defaults find it."""
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
-        store.store(name=name, node=schema)
+        node = untyped(schema) if name in UNTYPED_WHILE_COMPOSED else schema
+        store.store(name=name, node=node)
     store.store(name="schema_data_overrides", node=DATA_OVERRIDES)
+
+
+def untyped(schema: type) -> dict:
+    """A schema's keys and defaults as a plain mapping (MISSING stays required)."""
+    return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+
+
+def schema_of(group: str, values: dict) -> type | None:
+    """The schema an untyped group's composed values belong to (parse_run_config)."""
+    if group == "model" and values.get("name") == "custom":
+        return CustomModelConfig
+    if group == "data" and values.get("name") == "custom":
+        return CustomDataConfig
+    return None

@@ -46,7 +46,7 @@ from stable_cnn.data.splits import (
 )
 from stable_cnn.data.tensors import parts_as_splits
 from stable_cnn.errors import ConfigError, DataError
-from stable_cnn.system.imports import find_callable
+from stable_cnn.system.imports import accepted, find_callable
 from stable_cnn.system.seeding import stream_seed
 
 log = logging.getLogger("stable_cnn")
@@ -129,8 +129,17 @@ def open_datasets(config: CustomDataConfig) -> tuple[Any, Any]:
     """The callable's (train, test), checked to be two datasets with images in them."""
     where = f"data._target_={config._target_}"
     load = find_callable(config._target_, "data._target_")
+    offered = {"root": config.root or None, "download": config.download}
+    offered = {key: value for key, value in offered.items() if value is not None}  # the set ones
+    taken = accepted(load, offered)
+    refused = [key for key in ("root", "download") if key in offered and key not in taken]
+    for key in [key for key in refused if offered[key] is not False][:1]:  # False: no harm
+        raise ConfigError(
+            f"data.{key}={offered[key]} is set but {config._target_} takes no {key!r}: "
+            f"unset it, and give your callable its own arguments as +data.KEY=VALUE"
+        )
     try:
-        returned = load(**config.kwargs)
+        returned = load(**taken, **config.kwargs)
     except TypeError as err:
         raise ConfigError(
             f"{where}: {err}: it is called with the +data.KEY values as keyword arguments"

@@ -1,14 +1,18 @@
 """Models stable-cnn does not define: any of timm's by name, and a callable of your own
-(``model._target_``). Both get the data's input channels and classes."""
+(``model._target_``). Both get the data's input channels and classes (yours: those of
+them, and of the image size, that its constructor names)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
 from stable_cnn.errors import ConfigError
-from stable_cnn.system.imports import find_callable
+from stable_cnn.system.imports import accepted, find_callable
+
+log = logging.getLogger("stable_cnn")
 
 
 def timm_model(
@@ -46,16 +50,25 @@ def custom_model(
     target: str, in_channels: int, num_classes: int, image_size: int, kwargs: dict[str, Any]
 ) -> nn.Module:
     """The user's model, checked once on two blank images: an nn.Module that maps
-    (N, C, H, W) float images to (N, num_classes) logits."""
+    (N, C, H, W) float images to (N, num_classes) logits. It is given those of
+    in_channels, num_classes and image_size its constructor names (all three where it
+    takes **kwargs), and every +model.KEY value."""
     build = find_callable(target, "model._target_")
+    offered = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    arguments = {**accepted(build, offered), **kwargs}
+    left = [key for key in offered if key not in arguments]
+    log.info(
+        "model %s(%s)%s",
+        target,
+        ", ".join(f"{key}={value!r}" for key, value in arguments.items()),
+        f": its constructor takes no {' or '.join(left)}" if left else "",
+    )
     try:
-        model = build(
-            in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs
-        )
+        model = build(**arguments)
     except TypeError as err:
         raise ConfigError(
-            f"model._target_={target}: {err}: it is called with in_channels, num_classes, "
-            f"image_size and the +model.KEY values"
+            f"model._target_={target}: {err}: it is given those of in_channels, num_classes "
+            f"and image_size it names, and the +model.KEY values"
         ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(

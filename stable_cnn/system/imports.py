@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,3 +26,20 @@ def find_callable(target: str, key: str) -> Callable[..., Any]:
     if not callable(found):
         raise ConfigError(f"{key}={target}: {module_name} has no callable {attribute!r}")
     return found
+
+
+def accepted(build: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """Those of ``offered`` that ``build``'s signature names (all of them where it takes
+    ``**kwargs``, or where it has no signature Python can read)."""
+    try:
+        parameters = inspect.signature(build).parameters.values()
+    except (TypeError, ValueError):  # a builtin, or a callable without a signature
+        return dict(offered)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(offered)
+    named = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {key: value for key, value in offered.items() if key in named}
