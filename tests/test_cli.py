@@ -19,6 +19,7 @@ EPOCH_KEYS = {
     "val_loss",
     "val_acc",
     "lr",
+    "lr_peak",
     "train_img_s",
     "epoch_s",
     "nonfinite_steps",
@@ -58,6 +59,10 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(set(e) >= EPOCH_KEYS for e in epochs)
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    # the warm-up ends in epoch 1: it starts near 0 and peaks at optimizer.lr, as its
+    # line says (the rate an epoch starts at is metrics.jsonl's lr)
+    assert epochs[0]["lr"] < 0.02 and epochs[0]["lr_peak"] == pytest.approx(0.1)
+    assert "epoch 1/2  " in log and "lr_peak 0.1  " in log.split("epoch 1/2")[1].split("\n")[0]
 
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) >= RESULT_KEYS

@@ -236,6 +236,10 @@ def test_lr_auto_reuses_the_decoded_images(my_data: Path, tmp_path: Path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "optimizer.lr=auto:" in done.stdout
+    # 461 training images, batches of 32: an epoch is 14 steps, the range test 20, not 300
+    assert "optimizer.lr=auto: a range test of 20 steps (one epoch of this data is 14" in (
+        done.stdout
+    )
     assert int(reads.read_text()) <= 16 + 512 + 128
 
 

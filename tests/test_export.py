@@ -128,6 +128,10 @@ def test_onnx_export_runs_in_onnxruntime_like_the_checkpoint(exported, trained_r
     assert metadata["input_size"] == "1x28x28"
     card = json.loads((out.parent / "best.onnx.json").read_text())
     assert card["weights"] == "ema" and card["image_size"] == 28 and len(card["class_names"]) == 10
+    best = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)["counters"]
+    taken = f"epoch {best['best_epoch']} of "
+    assert card["taken"].startswith(taken) and "the best validation accuracy" in card["taken"]
+    assert f"averaged (ema) weights of {taken}" in done.stdout, "what it exported, truly"
 
 
 def test_pt2_export_round_trips_through_torch_export(exported, trained_run, test_pixels):

@@ -96,7 +96,9 @@ def test_lr_auto_trains_as_the_found_rate_would_and_resumes_with_it(tmp_path: Pa
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert_same_run(auto, tmp_path / "hand")
     record = (auto / "train.log").read_text()
-    assert "lr_find: 300 steps" in record
+    # one epoch of this data is 44 steps: the range test is no longer (not 300 steps)
+    assert "optimizer.lr=auto: a range test of 44 steps (one epoch of this data is 44" in record
+    assert "lr_find: 44 steps" in record
 
     evaluated = command("stable-cnn-eval", f"checkpoint={auto}", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr

@@ -534,3 +534,25 @@ def test_your_own_search_space_extends_the_stock_one(tmp_path: Path):
     trials = optuna.load_study(study_name="synthetic-small_cnn", storage=storage).trials
     assert len(trials) == 2 and all(0.01 <= t.params["optimizer.lr"] <= 0.02 for t in trials)
     assert all("model.dropout" in t.params and "model.width" not in t.params for t in trials)
+
+
+def test_a_job_folder_names_every_key_a_search_varies(monkeypatch):
+    """Keys the search adds (+model.depth in hydra.sweeper.params, as a search space of
+    your own may) name the job's folder as the keys it changes do; the rest do not."""
+    from omegaconf import OmegaConf
+
+    from stable_cnn.cli.sweeps import SWEPT_KEYS, job_folder, swept_keys
+
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "overrides": {"task": ["data=synthetic"]},
+                "sweeper": {"params": {"+model.depth": "choice(1, 2)", "optimizer.lr": "x"}},
+            }
+        }
+    )
+    keys = swept_keys(config)
+    assert keys == ["model.depth", "optimizer.lr"]
+    monkeypatch.setenv(SWEPT_KEYS, ",".join(keys))
+    name = job_folder(3, "+model.depth=2,data=synthetic,optimizer.lr=0.05")
+    assert name == "3_+model.depth=2,optimizer.lr=0.05"

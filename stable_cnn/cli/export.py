@@ -47,11 +47,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(err.exit_code)
     card = trained.card
     log.info(
-        "wrote %s (%s, %s weights): float images in [0, 1] of shape (N, %d, %d, %d) -> "
-        "logits for %d classes",
+        "wrote %s (%s, %s weights of %s): float images in [0, 1] of shape (N, %d, %d, %d) "
+        "-> logits for %d classes",
         result.out,
         result.format,
-        card.weights,
+        "averaged (ema)" if card.weights == "ema" else "the trained",
+        card.taken,
         card.in_channels,
         card.image_size,
         card.image_size,

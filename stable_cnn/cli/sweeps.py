@@ -35,7 +35,8 @@ def swept_keys(config: DictConfig) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    return sorted({*keys, *params.keys()} - set(NOT_HPARAMS))
+    named = {key.lstrip("+~") for key in (*keys, *params.keys())}  # +model.width: model.width
+    return sorted(named - set(NOT_HPARAMS))
 
 
 def threads_per_parallel_job(launcher: DictConfig) -> int | None:

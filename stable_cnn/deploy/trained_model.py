@@ -35,7 +35,9 @@ class ModelCard:
     mean: tuple[float, ...]  # the data's normalisation, applied inside PixelClassifier
     std: tuple[float, ...]
     data: str  # the dataset it was trained on
-    weights: str  # "ema" (the run's average) or "last step"
+    weights: str  # "ema" (the run's average) or "raw" (as trained; "last step" before)
+    # which point of the run: "epoch 5 of 5, its best validation accuracy", ...
+    taken: str = "unknown"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "input": "float32 images in [0, 1], shape (N, C, H, W)"}
@@ -51,6 +53,7 @@ class ModelCard:
             std=tuple(values["std"]),
             data=str(values["data"]),
             weights=str(values["weights"]),
+            taken=str(values.get("taken", "unknown")),  # files exported before 2026-12-02
         )
 
 
@@ -99,10 +102,23 @@ def load_trained_model(path: Path, trust_code: bool = False) -> TrainedModel:
         mean=tuple(float(m) for m in data.mean),
         std=tuple(float(s) for s in data.std),
         data=data.name,
-        weights="ema" if record.averaged else "last step",
+        weights="ema" if record.averaged else "raw",
+        taken=point_in_run(state),
     )
     classifier = PixelClassifier(model, card.mean, card.std).eval()
     return TrainedModel(classifier, card, path)
+
+
+def point_in_run(state: dict[str, Any]) -> str:
+    """Which point of its run a checkpoint's weights are from, in words."""
+    counters = state.get("counters") or {}
+    epoch, epochs = counters.get("epoch", 0), (state.get("config") or {}).get("trainer", {})
+    of = f" of {epochs['epochs']}" if isinstance(epochs, dict) and "epochs" in epochs else ""
+    if state.get("progress") is not None:  # stopped by a signal within an epoch
+        return f"step {counters.get('global_step', 0)}, in epoch {epoch + 1}{of} (stopped there)"
+    if counters.get("best_epoch") == epoch:
+        return f"epoch {epoch}{of}, the best validation accuracy so far"
+    return f"epoch {epoch}{of}"
 
 
 # Where stable-cnn-export puts the card in a .pt2 archive (an ONNX file keeps it in its

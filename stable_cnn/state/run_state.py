@@ -40,6 +40,8 @@ class Schedule(Saveable, Protocol):
 
     def go_to(self, global_step: int, epoch: int) -> None: ...
 
+    def peak_rate(self, first_step: int, last_step: int) -> float | None: ...
+
 
 @dataclass
 class Counters:

@@ -228,7 +228,7 @@ def evaluate_checkpoint(
         "test_loss": stats.loss,
         "images": stats.images,
         "precision": runtime.precision.name,
-        "weights": "ema" if loaded.averaged else "last step",
+        "weights": "ema" if loaded.averaged else "raw",
         "tta_flip": tta.flip,
         "tta_translate": tta.translate,
         "per_class_acc": dict(zip(classes, per_class, strict=True)),

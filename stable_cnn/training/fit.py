@@ -71,11 +71,12 @@ def epoch_summary(
     epochs: int,
     train: EpochStats,
     val: EvalStats,
-    lr: float,
+    lr_peak: float,
     ema: EvalStats | None = None,
 ) -> str:
-    """The console line (names as in metrics.jsonl); the weight average's accuracy (ema=on),
-    clip rate, skipped steps and loss spikes appear when there are any."""
+    """The console line (names as in metrics.jsonl; lr_peak: the epoch's highest rate);
+    the weight average's accuracy (ema=on), clip rate, skipped steps and loss spikes
+    appear when there are any."""
     extras = [
         f"val_acc_ema {ema.accuracy:.2f}%" if ema is not None else "",
         f"clipped {100 * train.clip_fraction:.0f}%" if train.clip_fraction > 0 else "",
@@ -85,7 +86,8 @@ def epoch_summary(
     ]
     return (
         f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  val_loss {val.loss:.4f}  "
-        f"val_acc {val.accuracy:.2f}%  lr {lr:.3g}  {train.images_per_second:,.0f} img/s  "
+        f"val_acc {val.accuracy:.2f}%  lr_peak {lr_peak:.3g}  "
+        f"{train.images_per_second:,.0f} img/s  "
         f"{train.seconds:.1f}s" + "".join(f"  {extra}" for extra in extras if extra)
     )
 
@@ -373,9 +375,12 @@ def record_epoch(
     state, tracker, run = training.state, training.tracker, training.run
     lr = state.progress.start_lr
     state.progress = None
+    steps = -(-len(training.data.train) // run.trainer.accumulate_grad_batches)  # an epoch's
+    end = train_stats.global_step
+    lr_peak = state.schedule.peak_rate(max(0, end - steps), end) or lr
     ema_stats = None if state.ema is None else val_stats
     tracker.log_epoch(
-        epoch, lr, train_stats, raw_stats, model_health(training.model), ema=ema_stats
+        epoch, lr, lr_peak, train_stats, raw_stats, model_health(training.model), ema=ema_stats
     )
     every = run.diagnostics.figures_every_n_epochs
     if every is not None and (epoch % every == 0 or epoch == run.trainer.epochs):
@@ -390,7 +395,9 @@ def record_epoch(
             state.counters.global_step,
         )
     improved = val_stats.accuracy > state.counters.best_val_acc
-    summary = epoch_summary(epoch, run.trainer.epochs, train_stats, raw_stats, lr, ema=ema_stats)
+    summary = epoch_summary(
+        epoch, run.trainer.epochs, train_stats, raw_stats, lr_peak, ema=ema_stats
+    )
     log.info("%s%s", summary, "  (best)" if improved else "")
     return improved
 
@@ -429,7 +436,7 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         "wall_s": time.perf_counter() - started,
         "device": str(training.runtime.device),
         "precision": training.runtime.precision.name,
-        "weights": "last step" if ema is None else "ema",  # which weights were tested
+        "weights": "raw" if ema is None else "ema",  # which weights were tested
         "processes": training.world.size,
     }
     tracker.log_results(results, counters.global_step)

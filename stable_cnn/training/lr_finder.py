@@ -239,8 +239,9 @@ def with_found_lr(
             )
         log.info("optimizer.lr=auto: %.4g, found when the run started", found)
     else:
+        settings = sized_to_the_data(LRFindConfig(), data, run.trainer.accumulate_grad_batches)
         finding = find_learning_rate(
-            run, runtime, LRFindConfig(), run_dir / "lr_find", world, stop_requested, data
+            run, runtime, settings, run_dir / "lr_find", world, stop_requested, data
         )
         if finding is None:
             return None
@@ -255,6 +256,29 @@ def with_found_lr(
         )
     composed_config["optimizer"]["lr_found"] = found
     return replace(run, optimizer=replace(run.optimizer, lr=found))
+
+
+def sized_to_the_data(
+    settings: LRFindConfig, data: DataSplits | None, accumulate: int
+) -> LRFindConfig:
+    """The range test of optimizer.lr=auto no longer than one epoch of the run's data
+    where that is shorter (a small folder would train for many epochs before its run
+    began), and never shorter than the 20 steps a curve needs; logged."""
+    if data is None:
+        return settings
+    epoch_steps = len(data.train) // accumulate
+    steps = max(MIN_STEPS, min(settings.num_steps, epoch_steps))
+    if steps < settings.num_steps:
+        log.info(
+            "optimizer.lr=auto: a range test of %d steps (one epoch of this data is %d; "
+            "stable-cnn-lr-find lr_find.num_steps=N runs a longer one)",
+            steps,
+            epoch_steps,
+        )
+    return replace(settings, num_steps=steps)
+
+
+MIN_STEPS = 20  # lr_find.num_steps' least: fewer points make no curve to read
 
 
 def run_range_test(run: RunConfig, settings: LRFindConfig, folder: Path) -> LRFinding:

@@ -114,6 +114,13 @@ class LRSchedule:
             elif momenta is not None:
                 group["momentum"] = momenta[index]
 
+    def peak_rate(self, first_step: int, last_step: int) -> float | None:
+        """The first group's highest rate over optimizer steps first_step+1..last_step, or
+        None where the rate stays as it is within an epoch (per-epoch, plateau, none)."""
+        if self.rates_at is None or self.interval != "step" or last_step <= first_step:
+            return None
+        return max(self.rates_at(step)[0][0] for step in range(first_step, last_step))
+
     def after_optimizer_step(self, global_step: int) -> None:
         if self.interval == "step":
             self.go_to(global_step, 0)

@@ -108,13 +108,15 @@ class RunTracker:
         self,
         epoch: int,
         lr: float,
+        lr_peak: float,
         train: EpochStats,
         val: EvalStats,
         health: dict[str, float] | None = None,
         ema: EvalStats | None = None,
     ) -> None:
         """One line of metrics.jsonl, and the epoch's scalars in TensorBoard.
-        ``lr`` is the learning rate the epoch started with; ``health`` holds the model's
+        ``lr`` is the learning rate the epoch started with, ``lr_peak`` its highest;
+        ``health`` holds the model's
         per-stage weight norms and BatchNorm ranges (diagnostics.model_health); ``val``
         is the last step's weights' validation, ``ema`` the weight average's (ema=on)."""
         record = {
@@ -125,6 +127,7 @@ class RunTracker:
             "val_loss": val.loss,
             "val_acc": val.accuracy,
             "lr": lr,
+            "lr_peak": lr_peak,
             "grad_norm": train.grad_norm,
             "grad_norm_clipped": train.grad_norm_clipped,
             "clip_fraction": train.clip_fraction,
