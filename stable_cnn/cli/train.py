@@ -179,8 +179,8 @@ def train_here(
 ) -> dict[str, Any]:
     """This process's part of the run: the folder agreed on, then (optimizer.lr=auto)
     the range test, then the run built with what it found."""
+    from stable_cnn.training.auto_lr import with_auto_lr
     from stable_cnn.training.fit import started_run, train_started
-    from stable_cnn.training.lr_finder import with_auto_lr
 
     with started_run(run, run_dir, composed, Path("outputs"), world, on_run_folder) as start:
         if start.outcome is not None:  # trainer.resume found it finished

@@ -46,7 +46,7 @@ IGNORED_KEYS = {
     # trainer.devices=N's runs of the same world continue each other.
     ("trainer", "devices"),
     # optimizer.lr=auto's value, found when the run started; a resume takes it from the
-    # checkpoint (training/lr_finder.py), so the config asks for auto both times.
+    # checkpoint (training/auto_lr.py), so the config asks for auto both times.
     ("optimizer", "lr_found"),
     # How limits and the hold-out pick images: a resume takes the checkpoint's (runs
     # before the key existed took the first N), so it trains on the images it started on.

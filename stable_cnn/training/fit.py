@@ -2,7 +2,7 @@
 agrees on), build what it needs (training/build.py), then for each epoch train,
 validate, log and checkpoint, and finally test the best checkpoint (``train_started``).
 stable-cnn-train (cli/train.py) composes the config and calls the two, with
-optimizer.lr=auto's range test (training/lr_finder.py) between them.
+optimizer.lr=auto's range test (training/auto_lr.py) between them.
 
 Every process of a distributed run goes through the same lines: each trains on its
 share of the data (DDP averages the gradients), the evaluations and the decisions
