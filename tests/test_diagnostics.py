@@ -231,3 +231,17 @@ def test_ablation_driver_writes_a_row_per_variant_and_setting(tmp_path: Path):
     import matplotlib.image
 
     assert matplotlib.image.imread(report.with_suffix(".png")).shape[1] > 100
+
+
+def test_macro_f1_and_per_class_accuracy_from_the_confusion_matrix():
+    """Rows are true classes, columns predicted: class 0 has 3 right, 1 taken for class 1
+    and 2 of class 1 taken for it (F1 6/9); class 1 has 4 right (F1 8/11)."""
+    from stable_cnn.training.evaluation import EvalStats
+
+    stats = EvalStats(0.5, 70.0, 10, torch.tensor([[3, 1], [2, 4]]))
+    assert stats.macro_f1 == pytest.approx(100 * (6 / 9 + 8 / 11) / 2)
+    assert stats.per_class == pytest.approx([75.0, 100 * 4 / 6])
+    assert stats.summary("val", ("cat", "dog")) == {
+        "val_f1": pytest.approx(69.70, abs=0.01),
+        "val_per_class_acc": {"cat": 75.0, "dog": pytest.approx(66.67, abs=0.01)},
+    }, "no top-5 with 2 classes"

@@ -50,6 +50,30 @@ class EvalStats:
     accuracy: float  # percent
     images: int
     confusion: torch.Tensor  # (classes, classes) counts on the CPU: rows true, columns predicted
+    top5: float | None = None  # percent whose label is among the 5 highest logits (> 5 classes)
+
+    @property
+    def per_class(self) -> list[float]:
+        """Percent correct per true class."""
+        return per_class_accuracy(self.confusion)
+
+    @property
+    def macro_f1(self) -> float:
+        """The mean over classes of F1 (2 precision recall / (precision + recall)), in
+        percent: each class counts alike, however many images it has."""
+        confusion = self.confusion.double()
+        hits = confusion.diagonal()
+        # F1 = 2 TP / (2 TP + FP + FN): rows sum to TP + FN, columns to TP + FP
+        scores = 2 * hits / (confusion.sum(0) + confusion.sum(1)).clamp(min=1)
+        return 100.0 * scores.mean().item()
+
+    def summary(self, split: str, class_names: tuple[str, ...]) -> dict[str, Any]:
+        """The split's metrics as results.json and metrics.jsonl name them."""
+        summary: dict[str, Any] = {f"{split}_f1": self.macro_f1}
+        if self.top5 is not None:
+            summary[f"{split}_top5"] = self.top5
+        summary[f"{split}_per_class_acc"] = dict(zip(class_names, self.per_class, strict=True))
+        return summary
 
 
 def evaluate(
@@ -72,6 +96,7 @@ def evaluate(
     device = runtime.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
+    top5_hits = torch.zeros((), device=device, dtype=torch.int64)
     confusion = None  # (true, predicted) counts, flattened; sized by the first batch
     if num_classes is not None:
         confusion = torch.zeros(num_classes**2, device=device, dtype=torch.int64)
@@ -89,15 +114,29 @@ def evaluate(
             # index_add_ rather than bincount: bincount reads the device to size its output.
             pairs = labels * classes + logits.argmax(1)
             confusion.index_add_(0, pairs, torch.ones_like(pairs))
+            if classes > TOP_K:
+                best = logits.topk(TOP_K, dim=1).indices
+                top5_hits += (best == labels[:, None]).any(1).sum()
             count += labels.shape[0]
+    sums = torch.stack([loss_sum.double(), top5_hits.double()])
     if world.distributed:
         classes = num_classes
-        totals = world.sum(torch.cat([confusion.double(), loss_sum.double().view(1)]))
-        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
+        totals = world.sum(torch.cat([confusion.double(), sums]))
+        confusion, sums = totals[:-2].round().long(), totals[-2:]
         count = int(confusion.sum().item())
     confusion = confusion.view(classes, classes).cpu()
     correct = confusion.diagonal().sum().item()
-    return EvalStats(loss_sum.item() / count, 100.0 * correct / count, count, confusion)
+    loss, top5 = sums.tolist()  # one read for both
+    return EvalStats(
+        loss / count,
+        100.0 * correct / count,
+        count,
+        confusion,
+        100.0 * top5 / count if classes > TOP_K else None,
+    )
+
+
+TOP_K = 5  # top-5 accuracy, where there are more classes than that
 
 
 def check_data_fits(model_config: dict[str, Any], data: DataConfig, path: Path) -> None:
@@ -226,6 +265,8 @@ def evaluate_checkpoint(
         "data": splits.info.name,
         "test_acc": stats.accuracy,
         "test_loss": stats.loss,
+        "test_f1": stats.macro_f1,
+        **({"test_top5": stats.top5} if stats.top5 is not None else {}),
         "images": stats.images,
         "precision": runtime.precision.name,
         "weights": "ema" if loaded.averaged else "raw",

@@ -380,7 +380,14 @@ def record_epoch(
     lr_peak = state.schedule.peak_rate(max(0, end - steps), end) or lr
     ema_stats = None if state.ema is None else val_stats
     tracker.log_epoch(
-        epoch, lr, lr_peak, train_stats, raw_stats, model_health(training.model), ema=ema_stats
+        epoch,
+        lr,
+        lr_peak,
+        train_stats,
+        raw_stats,
+        model_health(training.model),
+        ema=ema_stats,
+        class_names=training.data.info.class_names,
     )
     every = run.diagnostics.figures_every_n_epochs
     if every is not None and (epoch % every == 0 or epoch == run.trainer.epochs):
@@ -438,6 +445,7 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         "precision": training.runtime.precision.name,
         "weights": "raw" if ema is None else "ema",  # which weights were tested
         "processes": training.world.size,
+        **test_stats.summary("test", data.info.class_names),
     }
     tracker.log_results(results, counters.global_step)
     final = {

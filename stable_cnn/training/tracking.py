@@ -113,6 +113,7 @@ class RunTracker:
         val: EvalStats,
         health: dict[str, float] | None = None,
         ema: EvalStats | None = None,
+        class_names: tuple[str, ...] = (),
     ) -> None:
         """One line of metrics.jsonl, and the epoch's scalars in TensorBoard.
         ``lr`` is the learning rate the epoch started with, ``lr_peak`` its highest;
@@ -139,6 +140,8 @@ class RunTracker:
         }
         if ema is not None:
             record.update(val_loss_ema=ema.loss, val_acc_ema=ema.accuracy)
+        if class_names:  # macro-F1, top-5, per class (from the confusion matrix read once)
+            record.update(val.summary("val", class_names))
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
         scalars = {
@@ -150,6 +153,7 @@ class RunTracker:
             "stability/lr_epoch": lr,
             "stability/grad_norm_epoch": train.grad_norm,
             "stability/grad_norm_clipped_epoch": train.grad_norm_clipped,
+            **{f"accuracy/{key}": record[key] for key in ("val_f1", "val_top5") if key in record},
             **(health or {}),
         }
         if ema is not None:
@@ -188,9 +192,11 @@ class RunTracker:
 
     def log_results(self, results: dict[str, Any], global_step: int) -> None:
         """results.json, written atomically, and the test scalars."""
-        self.log_step(
-            global_step, {"accuracy/test": results["test_acc"], "loss/test": results["test_loss"]}
-        )
+        scalars = {"accuracy/test": results["test_acc"], "loss/test": results["test_loss"]}
+        for key in ("test_f1", "test_top5"):
+            if key in results:
+                scalars[f"accuracy/{key}"] = results[key]
+        self.log_step(global_step, scalars)
         with atomic_write(self.run_dir / "results.json") as out:
             out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
         (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that now finished
