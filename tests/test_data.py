@@ -531,3 +531,32 @@ def test_the_hold_out_and_limits_of_fashion_mnist_are_stratified(fashion_mnist_r
     splits = build_splits(run.data, torch.device("cpu"), seed=0)
     for split, each in ((splits.train, 200), (splits.val, 50), (splits.test, 50)):
         assert torch.bincount(split.labels, minlength=10).tolist() == [each] * 10
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_balanced_class_weights_come_from_the_training_labels(cache: str, tmp_path, caplog):
+    """trainer.class_weights=balanced on a folder of 9 cats and 3 dogs weighs a cat 12 /
+    (2 x 9) and a dog 12 / (2 x 3), on the tensor path and through loader workers; a list
+    of the wrong length is one line."""
+    from stable_cnn.errors import ConfigError
+    from stable_cnn.training.build import training_loss
+
+    write_image_folder(tmp_path, {"train": {"cat": 9, "dog": 3}, "val": {"cat": 1, "dog": 1}})
+    args = [
+        "data=image_folder",
+        f"data.root={tmp_path}",
+        "data.batch_size=4",
+        f"data.cache={cache}",
+        "data.num_workers=0",
+    ]
+    caplog.set_level(logging.INFO, logger="stable_cnn")
+    run = compose_run([*args, "trainer.class_weights=balanced"])
+    splits = build_splits(run.data, torch.device("cpu"), seed=0)
+    loss = training_loss(run.trainer, splits, torch.device("cpu"))
+    assert loss.weight.tolist() == pytest.approx([12 / 18, 12 / 6])
+    assert "class weights of the training loss: cat 0.667, dog 2" in caplog.text
+    wrong = compose_run([*args, "trainer.class_weights=[1.0,2.0,3.0]"])
+    with pytest.raises(ConfigError, match="has 3 values for 2 classes"):
+        training_loss(wrong.trainer, splits, torch.device("cpu"))
+    plain = training_loss(compose_run(args).trainer, splits, torch.device("cpu"))
+    assert plain.weight is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from stable_cnn.config.checks import check, check_choice
 
@@ -16,6 +17,9 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # TensorBoard step scalars and progress-bar loss interval
     early_stopping_patience: int | None = None  # stop after N epochs without a better val acc
     label_smoothing: float = 0.1
+    # the training loss's weight per class: null (all 1) | balanced (N / (classes x the
+    # class's training images), from the training labels) | a list, one per class
+    class_weights: Any = None
     channels_last: bool | None = None  # null = where it is faster (CUDA, AVX-512 CPUs)
     tf32: bool = True  # CUDA (Ampere+): fp32 matmuls and convolutions on TF32 tensor cores
     progress_bar: bool = True  # shown only on a terminal
@@ -67,6 +71,19 @@ class TrainerConfig:
             "trainer.num_threads",
             self.num_threads,
             "must be null or >= 1",
+        )
+        weights = self.class_weights
+        check(
+            weights is None
+            or weights == "balanced"
+            or (
+                isinstance(weights, list | tuple)
+                and len(weights) >= 2
+                and all(isinstance(w, int | float) and w > 0 for w in weights)
+            ),
+            "trainer.class_weights",
+            weights,
+            "must be null, balanced, or a list of positive numbers, one per class",
         )
         check(
             0 <= self.label_smoothing < 1,

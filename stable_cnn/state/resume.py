@@ -65,6 +65,7 @@ ADDED_KEYS = {
     ("data", "cutmix_alpha"): 0.0,
     ("data", "mix_prob"): 1.0,
     ("data", "tta_translate"): 0,
+    ("trainer", "class_weights"): None,
 }
 
 # Keys that options of a group have dropped since, with the options that dropped them:

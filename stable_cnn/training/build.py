@@ -22,12 +22,13 @@ from stable_cnn.config import (
     ResNetConfig,
     RunConfig,
     TimmConfig,
+    TrainerConfig,
 )
 from stable_cnn.data.build import batch_mixing, build_splits
 from stable_cnn.data.custom import custom_cache
 from stable_cnn.data.image_folder import folder_cache
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
-from stable_cnn.errors import DataError, UserError
+from stable_cnn.errors import ConfigError, DataError, UserError
 from stable_cnn.models.build import build_model, describe_model
 from stable_cnn.models.ema import WeightEMA
 from stable_cnn.models.global_batchnorm import GlobalBatchNorm
@@ -201,7 +202,7 @@ def build_training(
     no_sync = getattr(network, "no_sync", None)  # DDP's: micro-batches before the last
     if trainer.compile:
         network = compile_model(network, runtime.device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+    criterion = training_loss(trainer, data, runtime.device)
     state = build_state(run, world, runtime, data, model, spec, composed_config)
     if resume is not None:
         resume_from, resume_state = resume
@@ -228,6 +229,45 @@ def build_training(
     return Training(
         run, world, runtime, run_dir, data, model, network, criterion, state, train_step, tracker
     )
+
+
+def training_loss(trainer: TrainerConfig, data: DataSplits, device: torch.device) -> nn.Module:
+    """Cross-entropy with the trainer's label smoothing and class weights (balanced: from
+    the training labels, counted once here), logged where they are not all 1."""
+    weights, classes = trainer.class_weights, data.info.num_classes
+    if weights == "balanced":
+        counts = torch.bincount(training_labels(data).cpu(), minlength=classes)[:classes]
+        weights = (counts.sum() / (classes * counts.clamp(min=1))).tolist()
+    if weights is not None:
+        if len(weights) != classes:
+            raise ConfigError(
+                f"trainer.class_weights has {len(weights)} values for {classes} classes: "
+                f"give one per class, in the order of the class names"
+            )
+        log.info(
+            "class weights of the training loss: %s",
+            ", ".join(
+                f"{name} {w:.3g}" for name, w in zip(data.info.class_names, weights, strict=True)
+            ),
+        )
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=trainer.label_smoothing)
+
+
+def training_labels(data: DataSplits) -> torch.Tensor:
+    """Every training image's label: the tensor path's, or the folders' and datasets'
+    own list (``targets``) on the DataLoader path."""
+    train = data.train
+    if hasattr(train, "labels"):
+        return train.labels
+    subset = train.dataset.dataset  # ShuffledLoader's SeededAugmentation of a Subset
+    targets = getattr(subset.dataset, "targets", None)
+    if targets is None:
+        raise ConfigError(
+            "trainer.class_weights=balanced needs the training labels, and this dataset "
+            "does not list them (targets): give the weights as a list, or data.cache=memory"
+        )
+    return torch.as_tensor(targets)[torch.as_tensor(subset.indices)]
 
 
 def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:

@@ -33,7 +33,7 @@ from stable_cnn.system.distributed import ALONE, World, wrap_for_training
 from stable_cnn.system.hardware import Runtime, compile_model
 from stable_cnn.system.plotting import pyplot
 from stable_cnn.system.seeding import seed_everything
-from stable_cnn.training.build import build_data, choose_runtime, model_config
+from stable_cnn.training.build import build_data, choose_runtime, model_config, training_loss
 from stable_cnn.training.epoch import chunked, to_device
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.step import TrainStep
@@ -242,7 +242,7 @@ def find_learning_rate(
         network: nn.Module = wrap_for_training(model, world, runtime.device)
         if run.trainer.compile:
             network = compile_model(network, runtime.device)
-        criterion = nn.CrossEntropyLoss(label_smoothing=run.trainer.label_smoothing)
+        criterion = training_loss(run.trainer, data, runtime.device)
         optimizer = build_optimizer(model, replace(run.optimizer, lr=settings.min_lr))
         scaler = torch.amp.GradScaler(
             runtime.device.type, enabled=runtime.precision.use_grad_scaler
