@@ -363,6 +363,11 @@ def test_accumulating_4_batches_of_32_equals_one_batch_of_128(tmp_path: Path):
             "trainer.patience is not a key of this config (TrainerConfig): "
             "did you mean trainer.early_stopping_patience?",
         ),
+        (["model=custom"], "model._target_ is required here and has no value"),
+        (  # the data says it, not +model
+            ["model=custom", "model._target_=my_models.Net", "+model.num_classes=3"],
+            "+model.num_classes=3: num_classes comes from the data (10): drop it",
+        ),
         (  # a key the option has: no + to add it
             ["data=custom", "data._target_=my_data.load", "+data.root=/data"],
             "data.root is a key already: write data.root=VALUE, without the +",

@@ -9,6 +9,7 @@ from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from stable_cnn.config import TAKES_KWARGS, schema_of
 from stable_cnn.errors import ConfigError
@@ -60,6 +61,15 @@ def typed(group: str, node: DictConfig) -> Any:
     schema = schema_of(group, OmegaConf.to_container(node, resolve=False))
     if schema is None:
         return OmegaConf.to_object(node)
-    known = [key for key in node if key in {f.name for f in fields(schema)}]
-    values = OmegaConf.masked_copy(node, known)  # the callable's arguments: with_kwargs
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    known = {f.name for f in fields(schema)}
+    try:  # resolved where the node sits, so that ${trainer.seed} and the like still work
+        values = OmegaConf.to_container(node, resolve=True)
+        values = {key: value for key, value in values.items() if key in known}  # the rest: kwargs
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:  # name the key as the command line does
+        key = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
+        if isinstance(err, MissingMandatoryValue):
+            raise ConfigError(
+                f"{key} is required here and has no value: add {key}=... to the command line"
+            ) from None
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None

@@ -111,8 +111,6 @@ def untyped(schema: type) -> dict:
 
 def schema_of(group: str, values: dict) -> type | None:
     """The schema an untyped group's composed values belong to (parse_run_config)."""
-    if group == "model" and values.get("name") == "custom":
-        return CustomModelConfig
-    if group == "data" and values.get("name") == "custom":
-        return CustomDataConfig
-    return None
+    if "_target_" not in values:  # the two options that call something of yours have one
+        return None
+    return {"model": CustomModelConfig, "data": CustomDataConfig}.get(group)

@@ -53,8 +53,12 @@ def custom_model(
     (N, C, H, W) float images to (N, num_classes) logits. It is given those of
     in_channels, num_classes and image_size its constructor names (all three where it
     takes **kwargs), and every +model.KEY value."""
-    build = find_callable(target, "model._target_")
     offered = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    for key in sorted(offered.keys() & kwargs.keys())[:1]:  # the data says them, not +model
+        raise ConfigError(
+            f"+model.{key}={kwargs[key]}: {key} comes from the data ({offered[key]}): drop it"
+        )
+    build = find_callable(target, "model._target_")
     arguments = {**accepted(build, offered), **kwargs}
     left = [key for key in offered if key not in arguments]
     log.info(

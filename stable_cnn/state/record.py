@@ -37,6 +37,8 @@ def data_config(values: dict[str, Any]) -> DataConfig:
         "image_folder": ImageFolderConfig,
     }
     schema = schemas.get(values.get("name"), DataConfig)
+    if "_target_" in values:  # a dataset of the user's, under a name of their own
+        schema = CustomDataConfig
     if schema is CustomDataConfig and "in_memory" in values:  # became data.cache on 2026-12-02
         values = dict(values)
         values["cache"] = "memory" if values.pop("in_memory") else "none"

@@ -261,7 +261,8 @@ def training_labels(data: DataSplits) -> torch.Tensor:
     if hasattr(train, "labels"):
         return train.labels
     subset = train.dataset.dataset  # ShuffledLoader's SeededAugmentation of a Subset
-    targets = getattr(subset.dataset, "targets", None)
+    source = subset.dataset  # an ImageFolder, or (data=custom) ImagesOf the user's dataset
+    targets = getattr(source, "targets", getattr(getattr(source, "dataset", None), "targets", None))
     if targets is None:
         raise ConfigError(
             "trainer.class_weights=balanced needs the training labels, and this dataset "
