@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from stable_cnn.config import CustomDataConfig, DataConfig, ImageFolderConfig
+from stable_cnn.data.decode import image_tensor
 from stable_cnn.errors import DataError
 from stable_cnn.system.memory import available_memory, device_memory_available
 
@@ -61,7 +62,9 @@ def fits_in_memory(config: DataConfig, images: int, device: torch.device, copies
     return fits_host and (on_device is None or needed * DEVICE_SHARE <= on_device)
 
 
-def chosen_cache(config: Any, images: int, device: torch.device, copies: int = 1) -> str:
+def chosen_cache(
+    config: ImageFolderConfig | CustomDataConfig, images: int, device: torch.device, copies: int = 1
+) -> str:
     """data.cache as given, or for ``auto``: memory where ``images`` decoded images
     (``copies`` of them) fit (fits_in_memory), else disk where its cache folder can be
     written, else none; logged with why."""
@@ -160,9 +163,7 @@ def cached_dataset(
     dataset: Any, split: str, config: CustomDataConfig, decode: Callable[[list[int]], Part]
 ) -> CachedImages:
     """Every image of a data=custom ``dataset`` from the cache file, built first with
-    ``decode(indices)`` where no cache matches (dataset_key says what it depends on)."""
-    from stable_cnn.data.decode import image_tensor
-
+    ``decode(indices)`` where no cache matches."""
     channels, size = config.in_channels, config.image_size
     call = json.dumps([config._target_, config.kwargs], sort_keys=True, default=str)
     source = hashlib.sha256(call.encode()).hexdigest()[:8]
