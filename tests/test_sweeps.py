@@ -82,10 +82,13 @@ def test_a_grid_sweep_ends_with_a_report_that_aggregates_seeds(seeded_sweep: Pat
         assert float(row["best_val_acc_std"]) == pytest.approx(
             abs(accuracies[0] - accuracies[1]) / 2**0.5
         )
+        f1 = [json.loads((Path(f) / "results.json").read_text())["test_f1"] for f in folders]
+        assert float(row["test_f1_mean"]) == pytest.approx(sum(f1) / 2)
     means = [float(row["best_val_acc_mean"]) for row in rows]
     assert means == sorted(means, reverse=True), "best first"
     markdown = (seeded_sweep / "report.md").read_text()
     assert "| `optimizer.lr=0.1` | 2/2 |" in markdown and " ± " in markdown
+    assert "| test acc (%) | test macro-F1 (%) | test top-5 (%) | epochs |" in markdown
     assert "Common to every run: `data=synthetic model.width=8" in markdown
     assert_png(seeded_sweep / "val_acc.png")
 
@@ -171,7 +174,13 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
         # the swept keys come first: the table shows the first few without ticking
         assert columns[:2] == ["optimizer.lr", "trainer.seed"], columns
         metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
-        assert metrics == {"accuracy/best_val", "accuracy/test", "run/wall_s", "run/epochs"}
+        assert metrics == {
+            "accuracy/best_val",
+            "run/best_monitored",
+            "accuracy/test",
+            "run/wall_s",
+            "run/epochs",
+        }
 
         groups = post_json(
             base + "/data/plugin/hparams/session_groups",
@@ -197,6 +206,7 @@ def test_tensorboard_shows_every_run_with_its_hparams_and_final_metrics(seeded_s
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert values["accuracy/test"] == pytest.approx(results["test_acc"])
         assert values["accuracy/best_val"] == pytest.approx(results["best_val_acc"])
+        assert values["run/best_monitored"] == pytest.approx(results["best_val_acc"])  # val_acc
         assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
     lrs = sorted(group["hparams"]["optimizer.lr"] for group in groups)
     assert lrs == [0.01, 0.01, 0.1, 0.1]

@@ -22,7 +22,7 @@ def cli(argv: list[str] | None = None) -> None:
         "--metric",
         choices=METRICS,
         default="best_val_acc",
-        help="sort by this metric, best first (default: best_val_acc)",
+        help="sort by this metric, best first (a loss lowest first; default: best_val_acc)",
     )
     parser.add_argument(
         "--out",

@@ -79,6 +79,7 @@ KEY_HPARAMS = (
     "trainer.epochs",
     "trainer.label_smoothing",
     "trainer.seed",
+    "trainer.monitor",
 )
 HPARAM_GROUPS = ("data", "optimizer", "scheduler", "clipping", "amp", "ema", "experiment")
 

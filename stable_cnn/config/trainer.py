@@ -7,6 +7,9 @@ from typing import Any
 
 from stable_cnn.config.checks import check, check_choice
 
+# What trainer.monitor may name, and which way is better for each.
+MONITORED = {"val_acc": "max", "val_loss": "min", "val_f1": "max", "val_top5": "max"}
+
 
 @dataclass
 class TrainerConfig:
@@ -15,7 +18,13 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic kernels: reproducible, sometimes slower
     log_every_n_steps: int = 50  # TensorBoard step scalars and progress-bar loss interval
-    early_stopping_patience: int | None = None  # stop after N epochs without a better val acc
+    # the validation metric that picks best.pt, the kept checkpoints and early stopping,
+    # measured on the weights the run tests (the average's with ema=on)
+    monitor: str = "val_acc"  # val_acc | val_loss | val_f1 | val_top5 (more than 5 classes)
+    monitor_mode: str | None = None  # max | min; null = from the name (min for a loss)
+    save_top_k: int = 1  # keep the k best checkpoints (best.pt is the first); 1 = best.pt alone
+    early_stopping_patience: int | None = None  # stop after N epochs without a better monitor
+    early_stopping_min_delta: float = 0.0  # better means better by more than this
     label_smoothing: float = 0.1
     # the training loss's weight per class: null (all 1) | balanced (N / (classes x the
     # class's training images), from the training labels) | a list, one per class
@@ -51,6 +60,16 @@ class TrainerConfig:
             "trainer.early_stopping_patience",
             self.early_stopping_patience,
             "must be null or >= 1",
+        )
+        check_choice("trainer.monitor", self.monitor, tuple(MONITORED))
+        if self.monitor_mode is not None:
+            check_choice("trainer.monitor_mode", self.monitor_mode, ("max", "min"))
+        check(self.save_top_k >= 1, "trainer.save_top_k", self.save_top_k, "must be >= 1")
+        check(
+            self.early_stopping_min_delta >= 0,
+            "trainer.early_stopping_min_delta",
+            self.early_stopping_min_delta,
+            "must be >= 0 (in the monitor's unit: percent for accuracies)",
         )
         check_choice("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(
@@ -91,3 +110,8 @@ class TrainerConfig:
             self.label_smoothing,
             "must be in [0, 1)",
         )
+
+    @property
+    def monitor_direction(self) -> str:
+        """max or min: trainer.monitor_mode, or the monitor's own way."""
+        return self.monitor_mode or MONITORED[self.monitor]

@@ -109,15 +109,25 @@ def load_trained_model(path: Path, trust_code: bool = False) -> TrainedModel:
     return TrainedModel(classifier, card, path)
 
 
+MONITOR_WORDS = {
+    "val_acc": "validation accuracy",
+    "val_loss": "validation loss",
+    "val_f1": "validation macro-F1",
+    "val_top5": "validation top-5 accuracy",
+}
+
+
 def point_in_run(state: dict[str, Any]) -> str:
     """Which point of its run a checkpoint's weights are from, in words."""
     counters = state.get("counters") or {}
-    epoch, epochs = counters.get("epoch", 0), (state.get("config") or {}).get("trainer", {})
-    of = f" of {epochs['epochs']}" if isinstance(epochs, dict) and "epochs" in epochs else ""
+    epoch, trainer = counters.get("epoch", 0), (state.get("config") or {}).get("trainer", {})
+    trainer = trainer if isinstance(trainer, dict) else {}
+    of = f" of {trainer['epochs']}" if "epochs" in trainer else ""
     if state.get("progress") is not None:  # stopped by a signal within an epoch
         return f"step {counters.get('global_step', 0)}, in epoch {epoch + 1}{of} (stopped there)"
     if counters.get("best_epoch") == epoch:
-        return f"epoch {epoch}{of}, the best validation accuracy so far"
+        monitor = trainer.get("monitor", "val_acc")  # runs before trainer.monitor: val_acc
+        return f"epoch {epoch}{of}, the best {MONITOR_WORDS.get(monitor, monitor)} so far"
     return f"epoch {epoch}{of}"
 
 

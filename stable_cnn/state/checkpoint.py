@@ -7,7 +7,9 @@ no arbitrary pickles.
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from stable_cnn.errors import UserError
-from stable_cnn.system.atomic import atomic_write
+from stable_cnn.system.atomic import atomic_write, host_name
 
 FORMAT = "stable-cnn/2"  # 2: the epoch's sums in one tensor, the resolved runtime recorded
 READABLE_FORMATS = ("stable-cnn/1", FORMAT)  # what eval and export can still load
@@ -37,6 +39,25 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise CheckpointError(
             f"could not write checkpoint {path} ({reason}): free disk space or set "
             f"hydra.run.dir elsewhere; the previous checkpoint there is intact"
+        ) from None
+
+
+def save_checkpoint_copy(source: Path, path: Path) -> None:
+    """``path`` atomically becomes the checkpoint ``source`` (a hard link where the file
+    system has them, else a copy), so the same weights do not take the disk twice."""
+    partial = path.with_name(f".{path.name}.{host_name()}.{os.getpid()}.partial")
+    try:
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(source, partial)
+        except OSError:  # no hard links here (some network and FAT file systems)
+            shutil.copyfile(source, partial)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({err.strerror or err}): free disk space "
+            f"or set hydra.run.dir elsewhere; the previous checkpoint there is intact"
         ) from None
 
 

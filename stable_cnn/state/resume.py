@@ -66,6 +66,10 @@ ADDED_KEYS = {
     ("data", "mix_prob"): 1.0,
     ("data", "tta_translate"): 0,
     ("trainer", "class_weights"): None,
+    ("trainer", "monitor"): "val_acc",
+    ("trainer", "monitor_mode"): None,
+    ("trainer", "save_top_k"): 1,
+    ("trainer", "early_stopping_min_delta"): 0.0,
 }
 
 # Keys that options of a group have dropped since, with the options that dropped them:

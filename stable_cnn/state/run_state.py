@@ -45,12 +45,25 @@ class Schedule(Saveable, Protocol):
 
 @dataclass
 class Counters:
-    """Where the run stands."""
+    """Where the run stands, and what its monitor (trainer.monitor) has seen."""
 
     epoch: int = 0  # completed epochs
     global_step: int = 0
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
+    best_val_acc: float = -1.0  # best.pt's validation accuracy
+    best_epoch: int = 0  # best.pt's epoch
+    best_value: float | None = None  # best.pt's value of the monitor
+    # early stopping's reference: the last value better than the one before by more
+    # than trainer.early_stopping_min_delta, and its epoch
+    patience_value: float | None = None
+    patience_epoch: int = 0
+    # save_top_k > 1: the checkpoints kept, best first: {"epoch", "value", "file"}
+    kept: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.best_epoch > 0 and self.best_value is None:  # written before monitors: val_acc
+            self.best_value = self.best_val_acc
+        if self.best_epoch > 0 and self.patience_value is None:
+            self.patience_value, self.patience_epoch = self.best_val_acc, self.best_epoch
 
 
 @dataclass

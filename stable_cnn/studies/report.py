@@ -36,7 +36,18 @@ NOT_IN_NAMES = (
     "trainer.num_threads=",
 )
 SEED_KEY = "trainer.seed"
-METRICS = ("best_val_acc", "test_acc")
+# Columns a table shows where any of its runs has them: results.json key -> heading.
+EXTRA_TEST_METRICS = {"test_f1": "test macro-F1 (%)", "test_top5": "test top-5 (%)"}
+# What a report may sort by: results.json's keys (best_<monitor>: trainer.monitor's best).
+METRICS = (
+    "best_val_acc",
+    "test_acc",
+    "test_f1",
+    "test_top5",
+    "best_val_loss",
+    "best_val_f1",
+    "best_val_top5",
+)
 
 
 @dataclass
@@ -160,11 +171,28 @@ def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], lis
         name = " ".join(short_override(o) for o in own) or "(common settings)"
         rows.setdefault(key, ConfigRow(name, [])).runs.append(run)
 
+    sign = 1 if "loss" in metric else -1  # best first: a loss lowest, the others highest
+
     def rank(row: ConfigRow) -> tuple[bool, float]:
         mean = row.mean(metric)
-        return (mean is None, -(mean if mean is not None else 0.0))
+        return (mean is None, sign * (mean if mean is not None else 0.0))
 
     return sorted(rows.values(), key=rank), common
+
+
+def metric_columns(rows: list[ConfigRow]) -> dict[str, str]:
+    """The table's metric columns (results.json key -> heading): the best validation
+    accuracy, each other trainer.monitor the runs watched (its best value), the test
+    accuracy, and macro-F1 and top-5 where the runs have them."""
+    runs = [run for row in rows for run in row.runs]
+    monitors = sorted({str(run.results.get("monitor", "val_acc")) for run in runs} - {"val_acc"})
+    found = {key for run in runs for key in run.results}
+    return {
+        "best_val_acc": "best val acc (%)",
+        **{f"best_{monitor}": f"best {monitor}" for monitor in monitors},
+        "test_acc": "test acc (%)",
+        **{key: heading for key, heading in EXTRA_TEST_METRICS.items() if key in found},
+    }
 
 
 def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric: str) -> str:
@@ -178,10 +206,11 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
     )
     if common:
         out.write(f"Common to every run: `{_cell(' '.join(common))}`\n")
+    columns = metric_columns(rows)
     out.write(
-        "\n| run | finished | best val acc (%) | test acc (%) | epochs | wall (s) | status |\n"
+        f"\n| run | finished | {' | '.join(columns.values())} | epochs | wall (s) | status |\n"
     )
-    out.write("|---|---:|---:|---:|---:|---:|---|\n")
+    out.write(f"|---|---:|{'---:|' * len(columns)}---:|---:|---|\n")
     for row in rows:
         finished = sum(run.status == "finished" for run in row.runs)
         epochs = _mean_or_none([r.results.get("epochs") for r in row.runs if r.results])
@@ -189,7 +218,7 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
         status = row.status + (f": {row.reasons}" if row.reasons else "")
         out.write(
             f"| `{_cell(row.name)}` | {finished}/{len(row.runs)} | "
-            f"{_mean_std(row, 'best_val_acc')} | {_mean_std(row, 'test_acc')} | "
+            f"{' | '.join(_mean_std(row, key) for key in columns)} | "
             f"{_number(epochs, 0)} | {_number(wall, 0)} | {_cell(status)} |\n"
         )
     return out.getvalue()
@@ -228,14 +257,12 @@ def render_study(study: dict[str, Any], root: Path, out_dir: Path) -> str:
 
 
 def write_csv(rows: list[ConfigRow], path: Path) -> None:
+    metrics = list(metric_columns(rows))
     columns = [
         "run",
         "runs",
         "finished",
-        "best_val_acc_mean",
-        "best_val_acc_std",
-        "test_acc_mean",
-        "test_acc_std",
+        *(f"{key}_{stat}" for key in metrics for stat in ("mean", "std")),
         "epochs",
         "wall_s",
         "status",
@@ -252,10 +279,7 @@ def write_csv(rows: list[ConfigRow], path: Path) -> None:
                     row.name,
                     len(row.runs),
                     len(finished),
-                    row.mean("best_val_acc"),
-                    row.std("best_val_acc"),
-                    row.mean("test_acc"),
-                    row.std("test_acc"),
+                    *(value for key in metrics for value in (row.mean(key), row.std(key))),
                     _mean_or_none([r.results.get("epochs") for r in finished]),
                     _mean_or_none([r.results.get("wall_s") for r in finished]),
                     row.status,
@@ -362,10 +386,13 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 def _mean_std(row: ConfigRow, metric: str) -> str:
     mean, std = row.mean(metric), row.std(metric)
+    digits = 4 if "loss" in metric else 2  # a loss's digits are below 1
     if mean is None:
-        best_so_far = [r.results[metric] for r in row.runs if r.results.get(metric) is not None]
-        return f"({max(best_so_far):.2f})" if best_so_far else "-"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+        so_far = [r.results[metric] for r in row.runs if r.results.get(metric) is not None]
+        if not so_far:
+            return "-"
+        return f"({(min if 'loss' in metric else max)(so_far):.{digits}f})"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
 def _cell(text: str) -> str:

@@ -58,6 +58,7 @@ from stable_cnn.system.hardware import (
 )
 from stable_cnn.system.seeding import seed_own_stream
 from stable_cnn.training.captured_step import GraphedTrainStep, build_train_step
+from stable_cnn.training.monitor import Monitor, remove_unkept
 from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
@@ -169,6 +170,7 @@ class Training:
     state: RunState
     train_step: TrainStep | GraphedTrainStep
     tracker: RunTracker
+    monitor: Monitor  # what picks best.pt and the kept checkpoints, and stops early
 
     @property
     def checkpoints(self) -> Path:
@@ -188,6 +190,7 @@ def build_training(
     run's state, resumed if asked."""
     trainer = run.trainer
     data = data if data is not None else build_data(run, world, runtime)
+    monitor = Monitor.of(trainer, data.info.num_classes)
     spec = model_config(run, data.info)
     model = build_model(spec).to(runtime.device, memory_format=runtime.memory_format)
     seed_own_stream(trainer.seed, world.rank)
@@ -210,6 +213,8 @@ def build_training(
         log.info(
             "resuming from %s (%s, step %d)", resume_from, state.where(), state.counters.global_step
         )
+        if world.is_main:
+            remove_unkept(run_dir / "checkpoints", state.counters)
     train_step = build_train_step(
         network,
         criterion,
@@ -227,7 +232,18 @@ def build_training(
     )
     tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
     return Training(
-        run, world, runtime, run_dir, data, model, network, criterion, state, train_step, tracker
+        run,
+        world,
+        runtime,
+        run_dir,
+        data,
+        model,
+        network,
+        criterion,
+        state,
+        train_step,
+        tracker,
+        monitor,
     )
 
 

@@ -27,7 +27,12 @@ from stable_cnn.data.build import test_time_augmentation
 from stable_cnn.data.splits import DataSplits
 from stable_cnn.data.tensors import TensorBatches
 from stable_cnn.errors import ConfigError, TrainingDiverged
-from stable_cnn.state.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from stable_cnn.state.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    save_checkpoint_copy,
+)
 from stable_cnn.state.record import CheckpointRecord
 from stable_cnn.state.resume import data_as_it_started, earlier_outcome
 from stable_cnn.state.run_files import FAILURE_FILE
@@ -61,6 +66,7 @@ from stable_cnn.training.epoch import (
     train_one_epoch,
 )
 from stable_cnn.training.evaluation import EvalStats, evaluate
+from stable_cnn.training.monitor import Verdict
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -263,10 +269,9 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
                 val_stats, raw_stats = validate(training)
                 state.schedule.after_epoch(epoch, val_stats.accuracy)
                 counters.epoch = epoch
-                improved = record_epoch(training, epoch, train_stats, raw_stats, val_stats)
-                if improved:
-                    counters.best_val_acc, counters.best_epoch = val_stats.accuracy, epoch
-                save_checkpoints(training, best=improved)
+                verdict = training.monitor.judge(counters, epoch, val_stats)
+                record_epoch(training, epoch, train_stats, raw_stats, val_stats, verdict.improved)
+                save_checkpoints(training, verdict)
                 signal_name = training.world.agree_on_reason(stop.signal_name or "")
                 if signal_name and epoch < trainer.epochs:  # arrived in validation or saving
                     raise RunPreempted(
@@ -278,17 +283,16 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
                     trial.should_stop(epoch, val_stats.accuracy, last)
                 ):
                     raise TrialPruned(f"after epoch {epoch} (val_acc {val_stats.accuracy:.2f}%)")
-                patience = trainer.early_stopping_patience
-                if patience is not None and epoch - counters.best_epoch >= patience:
-                    log.info("early stopping: no better val_acc for %d epochs", patience)
+                if verdict.stop:  # early stopping (logged by the monitor)
                     break
     except (TrainingDiverged, TrialPruned, RunPreempted) as err:
         status, reason = how_it_stopped(err)
         tracker.record_failure(status, reason=reason, message=str(err))
         if status != "interrupted":  # a run that will not go on: its row in HPARAMS
             final = {"run/epochs": float(counters.epoch)}
-            if counters.best_epoch > 0:
+            if counters.best_value is not None:
                 final["accuracy/best_val"] = counters.best_val_acc
+                final["run/best_monitored"] = counters.best_value
             tracker.log_hparams(hparams, final, succeeded=False, global_step=counters.global_step)
         tracker.close()
         training.world.barrier()  # every process stops here: none exits before the record
@@ -331,7 +335,7 @@ def epoch_settings(training: Training, epoch: int) -> EpochSettings:
 
 def stop_mid_epoch(training: Training, epoch: int, stats: EpochStats) -> None:
     """An epoch cut short by a signal or by non-finite steps: save last.pt and raise."""
-    save_checkpoints(training, best=False)
+    save_checkpoints(training)
     where = f"stopped in epoch {epoch} at step {stats.global_step}"
     if stats.signalled:  # to this process or another
         raise RunPreempted(
@@ -369,9 +373,10 @@ def record_epoch(
     train_stats: EpochStats,
     raw_stats: EvalStats,
     val_stats: EvalStats,
-) -> bool:
-    """metrics.jsonl, TensorBoard, the figures every N epochs and the console line;
-    returns whether the epoch beat the best validation accuracy so far."""
+    improved: bool,
+) -> None:
+    """metrics.jsonl, TensorBoard, the figures every N epochs and the console line
+    (marked where the epoch is the best so far)."""
     state, tracker, run = training.state, training.tracker, training.run
     lr = state.progress.start_lr
     state.progress = None
@@ -401,22 +406,30 @@ def record_epoch(
             epoch,
             state.counters.global_step,
         )
-    improved = val_stats.accuracy > state.counters.best_val_acc
     summary = epoch_summary(
         epoch, run.trainer.epochs, train_stats, raw_stats, lr_peak, ema=ema_stats
     )
     log.info("%s%s", summary, "  (best)" if improved else "")
-    return improved
 
 
-def save_checkpoints(training: Training, best: bool) -> None:
-    """last.pt (and best.pt) from rank 0, holding every process's own state; the others
-    wait, so that no process moves on (or exits) before the checkpoint is on disk."""
+def save_checkpoints(training: Training, verdict: Verdict | None = None) -> None:
+    """last.pt, and what the epoch's ``verdict`` keeps (best.pt, a top-k file), from
+    rank 0, holding every process's own state; then the files it pushed out go. The
+    others wait, so that no process moves on (or exits) before the files are on disk."""
     saved = training.state.state_dict()  # a collective: every process's position
+    folder = training.checkpoints
     if training.world.is_main:
-        if best:  # best.pt first: last.pt must never name a best that is not on disk
-            save_checkpoint(saved, training.checkpoints / "best.pt")
-        save_checkpoint(saved, training.checkpoints / "last.pt")
+        # kept and best first: last.pt must never name a file that is not on disk
+        if verdict is not None and verdict.kept_file is not None:
+            save_checkpoint(saved, folder / verdict.kept_file)
+        if verdict is not None and verdict.improved:
+            if verdict.kept_file is not None:
+                save_checkpoint_copy(folder / verdict.kept_file, folder / "best.pt")
+            else:
+                save_checkpoint(saved, folder / "best.pt")
+        save_checkpoint(saved, folder / "last.pt")
+        for name in [] if verdict is None else verdict.pushed_out:
+            (folder / name).unlink(missing_ok=True)
     training.world.barrier()
 
 
@@ -433,9 +446,12 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
     test_stats = evaluate(
         tested, data.test, training.runtime, tta, training.world, data.info.num_classes
     )
+    monitor = training.monitor
     results = {
-        "best_val_acc": counters.best_val_acc,
+        "best_val_acc": counters.best_val_acc,  # best.pt's
         "best_epoch": counters.best_epoch,
+        "monitor": monitor.name,
+        f"best_{monitor.name}": counters.best_value,
         "test_acc": test_stats.accuracy,
         "test_loss": test_stats.loss,
         "epochs": counters.epoch,
@@ -447,17 +463,23 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         "processes": training.world.size,
         **test_stats.summary("test", data.info.class_names),
     }
+    if monitor.top_k > 1:
+        results["kept_checkpoints"] = [entry["file"] for entry in counters.kept]
     tracker.log_results(results, counters.global_step)
     final = {
         "accuracy/best_val": results["best_val_acc"],
+        "run/best_monitored": counters.best_value,
         "run/wall_s": results["wall_s"],
         "run/epochs": float(results["epochs"]),
     }
     tracker.log_hparams(hparams, final, succeeded=True, global_step=counters.global_step)
     tracker.close()
     log.info(
-        "test of best checkpoint (epoch %d): test_acc %.2f%%  test_loss %.4f  (%.0fs in all)",
+        "test of best checkpoint (epoch %d, %s %.4g): test_acc %.2f%%  test_loss %.4f  "
+        "(%.0fs in all)",
         counters.best_epoch,
+        monitor.name,
+        counters.best_value,
         test_stats.accuracy,
         test_stats.loss,
         results["wall_s"],

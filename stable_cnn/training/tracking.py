@@ -60,7 +60,14 @@ class Hparams:
 
 
 # The HPARAMS tab's metric columns: scalars logged once, when the run ends.
-FINAL_METRICS = ("accuracy/best_val", "accuracy/test", "run/wall_s", "run/epochs")
+# run/best_monitored: the best value of trainer.monitor (a column beside the trainer.monitor one)
+FINAL_METRICS = (
+    "accuracy/best_val",
+    "run/best_monitored",
+    "accuracy/test",
+    "run/wall_s",
+    "run/epochs",
+)
 # Charts written only from their first non-zero value on (metrics.jsonl keeps every value).
 SPARSE = {
     "stability/skipped_nonfinite": "nonfinite_steps",
