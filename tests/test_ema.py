@@ -68,7 +68,7 @@ def test_an_ema_run_keeps_tests_hands_on_and_resumes_the_average(tmp_path: Path)
     done = run_cli([*EMA_RUN, f"hydra.run.dir={uninterrupted}"], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     metrics = read_jsonl(uninterrupted / "metrics.jsonl")
-    assert all({"val_acc", "val_acc_ema", "val_loss_ema"} <= set(m) for m in metrics)
+    assert all({"val_acc", "val_acc_ema", "val_loss_ema", "val_f1_ema"} <= set(m) for m in metrics)
     results = json.loads((uninterrupted / "results.json").read_text())
     assert results["weights"] == "ema"
     assert results["best_val_acc"] == max(m["val_acc_ema"] for m in metrics), "selected by EMA"

@@ -15,7 +15,7 @@ from stable_cnn.config import TrainerConfig
 from stable_cnn.errors import ConfigError
 from stable_cnn.state.run_state import Counters
 from stable_cnn.training.evaluation import EvalStats
-from stable_cnn.training.monitor import Monitor
+from stable_cnn.training.monitor import Monitor, tidy_kept
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import stop_in_second_epoch
 
@@ -69,6 +69,43 @@ def test_the_three_lowest_loss_checkpoints_are_kept_across_sigterm_and_resume(tm
         "| best val acc (%) | best val_loss | test acc (%) | test macro-F1 (%) |" in report.stdout
     )
     assert f"| {lowest[0]['val_loss']:.4f} |" in report.stdout
+    unsortable = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "stable-cnn-report"),
+            str(run_dir),
+            "--metric",
+            "best_val_f1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unsortable.returncode == 2
+    assert "error: no run here has best_val_f1" in unsortable.stderr
+
+
+def test_a_resumed_run_puts_its_kept_files_and_best_pt_back_as_its_counters_say(tmp_path: Path):
+    """What a kill between best.pt and last.pt, or before the pushed-out file went, left."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, content in [
+        ("epoch001-val_loss0.5000.pt", b"epoch 1"),
+        ("epoch002-val_loss0.4000.pt", b"epoch 2, killed before last.pt"),
+        ("best.pt", b"epoch 2, killed before last.pt"),
+        ("last.pt", b"epoch 1"),
+        ("epoch1-notes.pt", b"a file of the user's"),
+    ]:
+        (folder / name).write_bytes(content)
+    counters = Counters(epoch=1, best_epoch=1, best_value=0.5)
+    counters.kept = [{"epoch": 1, "value": 0.5, "file": "epoch001-val_loss0.5000.pt"}]
+    tidy_kept(folder, counters)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "best.pt",
+        "epoch001-val_loss0.5000.pt",
+        "epoch1-notes.pt",
+        "last.pt",
+    ]
+    assert (folder / "best.pt").read_bytes() == b"epoch 1"
 
 
 def stats(loss: float, accuracy: float = 50.0) -> EvalStats:
@@ -81,7 +118,10 @@ def test_early_stopping_counts_from_the_last_improvement_bigger_than_min_delta()
     )
     monitor, counters = Monitor.of(trainer, num_classes=10), Counters()
     losses = [1.0, 0.9, 0.88, 0.87, 0.5]  # epochs 3 and 4: better, but not by 0.05
-    verdicts = [monitor.judge(counters, epoch, stats(loss)) for epoch, loss in enumerate(losses, 1)]
+    verdicts = [
+        monitor.judge(counters, epoch, stats(loss), train_loss=1.0)
+        for epoch, loss in enumerate(losses, 1)
+    ]
     assert [v.improved for v in verdicts] == [True, True, True, True, True]
     assert [v.stop for v in verdicts] == [False, False, False, True, False]
     assert (counters.patience_epoch, counters.best_epoch) == (5, 5)

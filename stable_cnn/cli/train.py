@@ -115,7 +115,7 @@ register_job_folder_resolver()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | Pruned:
-    """Compose, train, and return the best validation accuracy (what sweepers maximise),
+    """Compose, train, and return best.pt's validation accuracy (what sweepers maximise),
     or, for a search's trial that its pruner stopped, how far it went; how the command
     ends otherwise is cli/run_outcome.py's."""
     hydra_config = HydraConfig.get()
@@ -136,6 +136,9 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path, in_sweep: bool) ->
     if not world.is_main:  # one process reports; the others speak only of trouble
         logging.getLogger("stable_cnn").setLevel(logging.WARNING)
     run = parse_run_config(cfg)
+    debug = hydra_config.runtime.choices.get("debug")
+    if problem := debug_preset_problem(debug, in_sweep, run.trainer.resume):
+        raise ConfigError(problem)
     check_devices(world, run.trainer.devices)
     if run.optimizer.lr == "auto" and (run.trainer.devices > 1 or world.distributed):
         raise ConfigError(
@@ -191,6 +194,26 @@ def train_here(
             start, data = with_auto_lr(start, composed, world)
             hparams.values["optimizer.lr"] = start.run.optimizer.lr
         return train_started(start, composed, hparams, world, trial, data)
+
+
+def debug_preset_problem(preset: str | None, in_sweep: bool, resume: str | None) -> str:
+    """Why a debug preset (conf/debug/) makes no sense with these settings, or ''."""
+    if preset is None:
+        return ""
+    if in_sweep:
+        return f"debug={preset} is one quick run, not a sweep: drop -m (or debug={preset})"
+    if resume is not None:
+        return (
+            f"debug={preset} starts a fresh run and keeps no checkpoint: drop trainer.resume "
+            f"(or debug={preset})"
+        )
+    return ""
+
+
+def preset_in_arguments(args: list[str]) -> str | None:
+    """The debug preset a command line names (debug=NAME), if any."""
+    named = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith("debug=")]
+    return named[-1] if named and named[-1] not in ("null", "") else None
 
 
 def trial_of(sweeper: DictConfig, world: World) -> TrialReport | FollowerReport:
@@ -294,7 +317,14 @@ def run_local_workers(
 
 def cli() -> None:
     """The console entry point: pre-flight checks with one-line errors, then ``main``."""
-    problem = output_folder_problem(sys.argv[1:])
+    args = sys.argv[1:]
+    multirun = "-m" in args or "--multirun" in args
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.resume=")), None)
+    # refused here, before a sweep starts jobs that would each refuse it
+    problem = debug_preset_problem(
+        preset_in_arguments(args), multirun, None if resume == "null" else resume
+    )
+    problem = problem or output_folder_problem(args)
     if problem:
         print(f"stable-cnn-train: error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,9 @@ from stable_cnn.config.checks import check
 class DiagnosticsConfig:
     loss_spike_factor: float = 2.0  # a step whose loss exceeds this x the running mean is a spike
     figures_every_n_epochs: int | None = 5  # histograms, image grid, confusion matrix; null: never
+    # torch.profiler: trace this many training steps (after one skipped and one warm-up)
+    # into <run folder>/profile/; null: no profiling (debug=profile sets 5)
+    profile_steps: int | None = None
 
     def __post_init__(self) -> None:
         check(
@@ -24,4 +27,10 @@ class DiagnosticsConfig:
             "diagnostics.figures_every_n_epochs",
             self.figures_every_n_epochs,
             "must be null (never) or >= 1",
+        )
+        check(
+            self.profile_steps is None or self.profile_steps >= 1,
+            "diagnostics.profile_steps",
+            self.profile_steps,
+            "must be null (no profiling) or >= 1",
         )

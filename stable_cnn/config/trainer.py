@@ -25,6 +25,8 @@ class TrainerConfig:
     save_top_k: int = 1  # keep the k best checkpoints (best.pt is the first); 1 = best.pt alone
     early_stopping_patience: int | None = None  # stop after N epochs without a better monitor
     early_stopping_min_delta: float = 0.0  # better means better by more than this
+    stop_at_train_loss: float | None = None  # stop once an epoch's training loss is below this
+    keep_checkpoints: bool = True  # false: delete checkpoints/ once the run has tested best.pt
     label_smoothing: float = 0.1
     # the training loss's weight per class: null (all 1) | balanced (N / (classes x the
     # class's training images), from the training labels) | a list, one per class
@@ -70,6 +72,12 @@ class TrainerConfig:
             "trainer.early_stopping_min_delta",
             self.early_stopping_min_delta,
             "must be >= 0 (in the monitor's unit: percent for accuracies)",
+        )
+        check(
+            self.stop_at_train_loss is None or self.stop_at_train_loss > 0,
+            "trainer.stop_at_train_loss",
+            self.stop_at_train_loss,
+            "must be null or > 0",
         )
         check_choice("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(

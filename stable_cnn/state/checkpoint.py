@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stable_cnn.errors import UserError
-from stable_cnn.system.atomic import atomic_write, host_name
+from stable_cnn.system.atomic import atomic_write, fsync_folder, host_name, remove_stale_partials
 
 FORMAT = "stable-cnn/2"  # 2: the epoch's sums in one tensor, the resolved runtime recorded
 READABLE_FORMATS = ("stable-cnn/1", FORMAT)  # what eval and export can still load
@@ -43,16 +43,20 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def save_checkpoint_copy(source: Path, path: Path) -> None:
-    """``path`` atomically becomes the checkpoint ``source`` (a hard link where the file
-    system has them, else a copy), so the same weights do not take the disk twice."""
+    """``path`` atomically becomes the checkpoint ``source``: a hard link where the file
+    system has them, so the same weights do not take the disk twice, else a copy."""
     partial = path.with_name(f".{path.name}.{host_name()}.{os.getpid()}.partial")
     try:
+        remove_stale_partials(path)
         partial.unlink(missing_ok=True)
         try:
             os.link(source, partial)
         except OSError:  # no hard links here (some network and FAT file systems)
-            shutil.copyfile(source, partial)
+            with atomic_write(path) as out, source.open("rb") as copied:
+                shutil.copyfileobj(copied, out)
+            return
         os.replace(partial, path)
+        fsync_folder(path.parent)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise CheckpointError(

@@ -70,6 +70,9 @@ ADDED_KEYS = {
     ("trainer", "monitor_mode"): None,
     ("trainer", "save_top_k"): 1,
     ("trainer", "early_stopping_min_delta"): 0.0,
+    ("trainer", "stop_at_train_loss"): None,
+    ("trainer", "keep_checkpoints"): True,
+    ("diagnostics", "profile_steps"): None,
 }
 
 # Keys that options of a group have dropped since, with the options that dropped them:

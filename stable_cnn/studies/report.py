@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from stable_cnn.config.trainer import MONITORED
 from stable_cnn.errors import UserError
 from stable_cnn.state.run_files import holds_a_record, read_failure, read_metrics
 from stable_cnn.studies.optuna_study import IMPORTANCES_PLOT, STUDY_FILE
@@ -141,9 +142,33 @@ def read_run(folder: Path) -> RunRecord:
     else:
         record.status = "unfinished"  # still running, or killed without a chance to say
     if record.status != "finished" and record.val_curve:  # how far it got (a pruned trial)
-        record.results["best_val_acc"] = max(acc for _, acc in record.val_curve)
+        record.results.update(best_so_far(folder))
         record.results["epochs"] = record.val_curve[-1][0]
     return record
+
+
+def best_so_far(folder: Path) -> dict[str, Any]:
+    """An unfinished run's best epoch as its results.json would give it: chosen by its
+    trainer.monitor (the weight average's values with ema=on), with that epoch's
+    validation accuracy as ``best_val_acc``."""
+    trainer = OmegaConf.load(folder / ".hydra" / "config.yaml").get("trainer") or {}
+    monitor = str(trainer.get("monitor", "val_acc"))
+    direction = trainer.get("monitor_mode") or MONITORED.get(monitor, "max")
+    epochs = read_metrics(folder)
+
+    def value(epoch: dict[str, Any], name: str) -> float | None:
+        return epoch.get(f"{name}_ema", epoch.get(name))
+
+    scored = [e for e in epochs if value(e, monitor) is not None]
+    if not scored:
+        return {}
+    sign = 1 if direction == "min" else -1
+    best = min(scored, key=lambda e: (sign * value(e, monitor), e["epoch"]))
+    return {
+        "monitor": monitor,
+        "best_val_acc": value(best, "val_acc"),
+        f"best_{monitor}": value(best, monitor),
+    }
 
 
 def _plain(override: str) -> str:
@@ -180,13 +205,19 @@ def group_runs(runs: list[RunRecord], metric: str) -> tuple[list[ConfigRow], lis
     return sorted(rows.values(), key=rank), common
 
 
-def metric_columns(rows: list[ConfigRow]) -> dict[str, str]:
+def metric_columns(rows: list[ConfigRow], metric: str = "best_val_acc") -> dict[str, str]:
     """The table's metric columns (results.json key -> heading): the best validation
     accuracy, each other trainer.monitor the runs watched (its best value), the test
-    accuracy, and macro-F1 and top-5 where the runs have them."""
+    accuracy, and macro-F1 and top-5 where the runs have them; one line where no run
+    has the ``metric`` the table is sorted by."""
     runs = [run for row in rows for run in row.runs]
     monitors = sorted({str(run.results.get("monitor", "val_acc")) for run in runs} - {"val_acc"})
     found = {key for run in runs for key in run.results}
+    if metric != "best_val_acc" and metric not in found:  # (a sweep whose jobs all failed: a table)
+        raise UserError(
+            f"no run here has {metric} (a run records best_<monitor> for its "
+            f"trainer.monitor): sort by one of {', '.join(k for k in METRICS if k in found)}"
+        )
     return {
         "best_val_acc": "best val acc (%)",
         **{f"best_{monitor}": f"best {monitor}" for monitor in monitors},
@@ -206,7 +237,7 @@ def render_markdown(rows: list[ConfigRow], common: list[str], root: Path, metric
     )
     if common:
         out.write(f"Common to every run: `{_cell(' '.join(common))}`\n")
-    columns = metric_columns(rows)
+    columns = metric_columns(rows, metric)
     out.write(
         f"\n| run | finished | {' | '.join(columns.values())} | epochs | wall (s) | status |\n"
     )

@@ -39,7 +39,7 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)  # make the rename itself durable
+    fsync_folder(path.parent)  # make the rename itself durable
 
 
 STALE_AFTER_S = 3600.0  # another host's temporary file this old has lost its writer
@@ -82,7 +82,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -58,8 +58,9 @@ from stable_cnn.system.hardware import (
 )
 from stable_cnn.system.seeding import seed_own_stream
 from stable_cnn.training.captured_step import GraphedTrainStep, build_train_step
-from stable_cnn.training.monitor import Monitor, remove_unkept
+from stable_cnn.training.monitor import Monitor, tidy_kept
 from stable_cnn.training.optimizers import build_optimizer
+from stable_cnn.training.profiling import ProfiledStep
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
 from stable_cnn.training.tracking import RunTracker, open_tracker
@@ -168,7 +169,7 @@ class Training:
     network: nn.Module  # what trains: the model compiled and/or wrapped in DDP
     criterion: nn.Module
     state: RunState
-    train_step: TrainStep | GraphedTrainStep
+    train_step: TrainStep | GraphedTrainStep | ProfiledStep
     tracker: RunTracker
     monitor: Monitor  # what picks best.pt and the kept checkpoints, and stops early
 
@@ -213,8 +214,8 @@ def build_training(
         log.info(
             "resuming from %s (%s, step %d)", resume_from, state.where(), state.counters.global_step
         )
-        if world.is_main:
-            remove_unkept(run_dir / "checkpoints", state.counters)
+        if world.is_main and resume_from == run_dir / "checkpoints" / "last.pt":
+            tidy_kept(run_dir / "checkpoints", state.counters)
     train_step = build_train_step(
         network,
         criterion,
@@ -230,6 +231,11 @@ def build_training(
         no_sync=no_sync,
         mixing=batch_mixing(run.data, data.info.num_classes),
     )
+    if run.diagnostics.profile_steps is not None:
+        profile_folder = run_dir / "profile"
+        train_step = ProfiledStep(
+            train_step, profile_folder, run.diagnostics.profile_steps, world.rank
+        )
     tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
     return Training(
         run,

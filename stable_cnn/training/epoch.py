@@ -21,6 +21,7 @@ from stable_cnn.state.progress import SLOT, EpochProgress, across_processes
 from stable_cnn.system.distributed import ALONE, World
 from stable_cnn.system.hardware import Runtime
 from stable_cnn.training.captured_step import GraphedTrainStep
+from stable_cnn.training.profiling import ProfiledStep
 from stable_cnn.training.schedulers import LRSchedule
 from stable_cnn.training.step import StepOutcome, TrainStep
 
@@ -67,7 +68,7 @@ class EpochLoop:
     batches, the schedule it advances, where the logged values go, and where there are
     any the weight average, the other processes and the check for a signal."""
 
-    train_step: TrainStep | GraphedTrainStep
+    train_step: TrainStep | GraphedTrainStep | ProfiledStep
     batches: Iterable
     schedule: LRSchedule
     log_step: StepLogger = field(default=lambda step, scalars: None)

@@ -12,6 +12,7 @@ are shared, and rank 0 alone writes (its tracker; the others' is silent).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ from stable_cnn.training.epoch import (
 )
 from stable_cnn.training.evaluation import EvalStats, evaluate
 from stable_cnn.training.monitor import Verdict
+from stable_cnn.training.profiling import ProfiledStep
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -246,6 +248,8 @@ def train_started(
         fit(training, hparams, trial)
         return test_best(training, hparams, start.started)
     finally:
+        if isinstance(training.train_step, ProfiledStep):  # debug=profile: the trace's end
+            training.train_step.finish()
         training.data.close()
 
 
@@ -269,7 +273,7 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
                 val_stats, raw_stats = validate(training)
                 state.schedule.after_epoch(epoch, val_stats.accuracy)
                 counters.epoch = epoch
-                verdict = training.monitor.judge(counters, epoch, val_stats)
+                verdict = training.monitor.judge(counters, epoch, val_stats, train_stats.loss)
                 record_epoch(training, epoch, train_stats, raw_stats, val_stats, verdict.improved)
                 save_checkpoints(training, verdict)
                 signal_name = training.world.agree_on_reason(stop.signal_name or "")
@@ -283,7 +287,7 @@ def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) 
                     trial.should_stop(epoch, val_stats.accuracy, last)
                 ):
                     raise TrialPruned(f"after epoch {epoch} (val_acc {val_stats.accuracy:.2f}%)")
-                if verdict.stop:  # early stopping (logged by the monitor)
+                if verdict.stop:  # early stopping, or the training loss's goal (logged)
                     break
     except (TrainingDiverged, TrialPruned, RunPreempted) as err:
         status, reason = how_it_stopped(err)
@@ -484,4 +488,7 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         test_stats.loss,
         results["wall_s"],
     )
+    if not training.run.trainer.keep_checkpoints and training.world.is_main:
+        shutil.rmtree(training.checkpoints, ignore_errors=True)
+        log.info("checkpoints deleted (trainer.keep_checkpoints=false)")
     return results

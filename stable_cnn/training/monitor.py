@@ -16,6 +16,7 @@ from pathlib import Path
 
 from stable_cnn.config import TrainerConfig
 from stable_cnn.errors import ConfigError
+from stable_cnn.state.checkpoint import save_checkpoint_copy
 from stable_cnn.state.run_state import Counters
 from stable_cnn.training.evaluation import TOP_K, EvalStats
 
@@ -43,6 +44,8 @@ class Monitor:
     top_k: int = 1
     patience: int | None = None
     min_delta: float = 0.0
+    stop_at_train_loss: float | None = None  # debug=overfit's goal
+    epochs: int = 0  # the run's last epoch
 
     @classmethod
     def of(cls, trainer: TrainerConfig, num_classes: int) -> Monitor:
@@ -58,6 +61,8 @@ class Monitor:
             trainer.save_top_k,
             trainer.early_stopping_patience,
             trainer.early_stopping_min_delta,
+            trainer.stop_at_train_loss,
+            trainer.epochs,
         )
 
     def value(self, stats: EvalStats) -> float:
@@ -74,8 +79,9 @@ class Monitor:
             return True
         return value > than + by if self.mode == "max" else value < than - by
 
-    def judge(self, counters: Counters, epoch: int, stats: EvalStats) -> Verdict:
-        """Record ``epoch``'s validation in ``counters`` and say what it means."""
+    def judge(self, counters: Counters, epoch: int, stats: EvalStats, train_loss: float) -> Verdict:
+        """Record ``epoch``'s validation in ``counters`` and say what it means (and, with
+        trainer.stop_at_train_loss, what its training loss does)."""
         value = self.value(stats)
         verdict = Verdict(value, improved=self.better(value, counters.best_value))
         if verdict.improved:
@@ -105,13 +111,44 @@ class Monitor:
                 counters.patience_value,
                 counters.patience_epoch,
             )
+        verdict.stop = verdict.stop or self.reached_train_loss(epoch, train_loss)
         return verdict
 
+    def reached_train_loss(self, epoch: int, train_loss: float) -> bool:
+        """Whether the training loss is below trainer.stop_at_train_loss; says so, and
+        says at the last epoch that it never got there."""
+        goal = self.stop_at_train_loss
+        if goal is None:
+            return False
+        if train_loss < goal:
+            log.info(
+                "training loss %.4f < %g at epoch %d (trainer.stop_at_train_loss): the model "
+                "fits these images; stopping",
+                train_loss,
+                goal,
+                epoch,
+            )
+            return True
+        if epoch == self.epochs:
+            log.warning(
+                "training loss %.4f after %d epochs, not below %g (trainer.stop_at_train_loss): "
+                "the model did not fit these images; check the labels, the model's output "
+                "(one logit per class) and the learning rate, or give it more epochs",
+                train_loss,
+                epoch,
+                goal,
+            )
+        return False
 
-def remove_unkept(folder: Path, counters: Counters) -> None:
-    """Delete kept-checkpoint files that the counters no longer keep: a run stopped
-    between saving an epoch and removing what it pushed out left them."""
-    kept = {entry["file"] for entry in counters.kept}
+
+def tidy_kept(folder: Path, counters: Counters) -> None:
+    """Make the kept files what ``counters`` (a resumed last.pt's) says: a run killed
+    between saving an epoch and removing what it pushed out left extra files, and one
+    killed between best.pt and last.pt left best.pt ahead of the counters."""
+    kept = [entry["file"] for entry in counters.kept]
     for path in folder.glob("epoch*-val_*.pt"):
         if KEPT_NAME.fullmatch(path.name) and path.name not in kept:
             path.unlink(missing_ok=True)
+    best, first = folder / "best.pt", folder / kept[0] if kept else None
+    if first is not None and first.is_file() and not (best.is_file() and best.samefile(first)):
+        save_checkpoint_copy(first, best)

@@ -149,6 +149,10 @@ class RunTracker:
             record.update(val_loss_ema=ema.loss, val_acc_ema=ema.accuracy)
         if class_names:  # macro-F1, top-5, per class (from the confusion matrix read once)
             record.update(val.summary("val", class_names))
+        if class_names and ema is not None:  # what trainer.monitor=val_f1 or val_top5 reads
+            record["val_f1_ema"] = ema.macro_f1
+            if ema.top5 is not None:
+                record["val_top5_ema"] = ema.top5
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
         scalars = {
