@@ -10,6 +10,7 @@ from omegaconf import MISSING
 from stable_cnn.config.checks import check, check_bounds
 
 SAMPLING = ("stratified", "first")  # data.sampling's options
+SAMPLERS = ("shuffle", "balanced")  # data.sampler's options
 
 
 @dataclass
@@ -26,6 +27,9 @@ class DataConfig:
     # how data.limit_* and data.val_size pick images: stratified (a seeded sample, every
     # class in proportion) | first (the first N: what runs before 2026-12-02 did)
     sampling: str = "stratified"
+    # the training order of each epoch: shuffle (every image once) | balanced (as many
+    # draws as images, every class alike: drawn with replacement, weight 1 / class count)
+    sampler: str = "shuffle"
     # DataLoader worker processes (image_folder only); null: one per CPU core this process
     # may use, less one for the trainer, between 2 and 16
     num_workers: int | None = None
@@ -58,6 +62,12 @@ class DataConfig:
             "data.sampling",
             self.sampling,
             f"must be one of {', '.join(SAMPLING)}",
+        )
+        check(
+            self.sampler in SAMPLERS,
+            "data.sampler",
+            self.sampler,
+            f"must be one of {', '.join(SAMPLERS)}",
         )
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from stable_cnn.config import DataConfig
 from stable_cnn.data.splits import ONE_PROCESS, DatasetInfo, DataSplits, Shard, check_batch_size
+from stable_cnn.data.tensors import balanced_draw, class_balanced_weights
 from stable_cnn.errors import DataError
 from stable_cnn.system.hardware import loader_workers, usable_cores
 from stable_cnn.system.seeding import stream_seed
@@ -56,8 +57,17 @@ def loader_splits(
     test = loader(test_set)
     val = test if val_set is test_set else loader(val_set)
     reason = {} if val_is_test_reason is None else {"val_is_test_reason": val_is_test_reason}
+    balanced_by = None
+    if config.sampler == "balanced":
+        balanced_by = dataset_labels(train_set)
+        if balanced_by is None:
+            raise DataError(
+                "data.sampler=balanced needs every training image's label, and this dataset "
+                "does not list them: give it a targets list (as torchvision's datasets "
+                "have), or use data.cache=memory"
+            )
     return DataSplits(
-        ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory),
+        ShuffledLoader(train_set, config.batch_size, workers, seed, shard, pin_memory, balanced_by),
         val,
         test,
         info,
@@ -88,6 +98,19 @@ def augmentations(config: DataConfig) -> tuple[list, list]:
             )
         )
     return before, after
+
+
+def dataset_labels(dataset: Any) -> torch.Tensor | None:
+    """Every image's label, where the dataset lists them (``targets``, as an ImageFolder
+    and torchvision's datasets do): of a Subset, of a wrapper of the user's dataset, or
+    of the dataset itself; None where it does not."""
+    if isinstance(dataset, Subset):
+        labels = dataset_labels(dataset.dataset)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None and hasattr(dataset, "dataset"):  # ImagesOf: the user's dataset
+        return dataset_labels(dataset.dataset)
+    return None if targets is None else torch.as_tensor(targets)
 
 
 def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:
@@ -125,8 +148,12 @@ class ShuffledLoader:
         seed: int,
         shard: Shard = ONE_PROCESS,
         pin_memory: bool = False,
+        balanced_by: torch.Tensor | None = None,
     ) -> None:
         self.dataset = SeededAugmentation(dataset)
+        # data.sampler=balanced: each image's chance in a draw, from the labels given
+        self.draw_weights = None if balanced_by is None else class_balanced_weights(balanced_by)
+        self.shard = shard
         self.batch_size = batch_size
         self.seed = seed
         self.sampler = DistributedSampler(
@@ -157,8 +184,7 @@ class ShuffledLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.in_epoch:  # a new epoch; a resumed one continues its own
             self.epoch, self.position, self.in_epoch = self.epoch + 1, 0, True
-        self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)
+        order = self.epoch_order()
         draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
         image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
         size = self.batch_size
@@ -171,6 +197,17 @@ class ShuffledLoader:
             self.position += 1
             yield batch
         self.in_epoch = False
+
+    def epoch_order(self) -> list[int]:
+        """This process's images of the current epoch, in order: its share of the
+        DistributedSampler's shuffle, or of a balanced draw seeded by the epoch."""
+        if self.draw_weights is None:
+            self.sampler.set_epoch(self.epoch)
+            return list(self.sampler)
+        draws = torch.Generator().manual_seed(stream_seed(self.seed, f"balanced/{self.epoch}"))
+        everyone = balanced_draw(self.draw_weights, draws).tolist()
+        share = len(everyone) // self.shard.count  # the same on every process
+        return everyone[self.shard.index :: self.shard.count][:share]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "in_epoch": self.in_epoch}

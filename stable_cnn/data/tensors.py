@@ -48,6 +48,7 @@ class TensorBatches:
         shard: Shard = ONE_PROCESS,
         augment_generator: torch.Generator | None = None,
         device: torch.device | None = None,
+        balanced: bool = False,
     ) -> None:
         self.images = images  # (N, C, H, W) uint8 (or FileRows: read from a file by batch)
         self.labels = labels  # (N,) int64, where the images are
@@ -66,6 +67,8 @@ class TensorBatches:
         # itself for a single process, so that one process draws as it always has).
         self.augment_generator = augment_generator or generator
         self.shard = shard
+        # data.sampler=balanced: each image's chance, 1 / its class's count (counted once)
+        self.draw_weights = class_balanced_weights(labels) if balanced else None
         self.order: torch.Tensor | None = None  # this epoch's shuffled indices
         self.position = 0  # batches of this epoch already handed out (by this process)
 
@@ -93,8 +96,11 @@ class TensorBatches:
         if not self.train:
             self.order, self.position = torch.arange(len(self.labels), device=device), 0
         elif self.order is None:  # a new epoch; a resumed one keeps its saved order
-            block = getattr(self.images, "block_rows", 0)  # FileRows: reads stay together
-            order = shuffled(len(self.labels), self.generator, block)
+            if self.draw_weights is not None:
+                order = balanced_draw(self.draw_weights, self.generator)
+            else:
+                block = getattr(self.images, "block_rows", 0)  # FileRows: reads stay together
+                order = shuffled(len(self.labels), self.generator, block)
             self.order, self.position = order.to(device), 0
         augment = self.augment_generator
         while self.position < len(self):
@@ -153,6 +159,19 @@ def on_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return batch.to(device)
     return batch.pin_memory().to(device, non_blocking=True)
+
+
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Each image's weight for a class-balanced draw: 1 / the count of its class, so that
+    every class present is drawn alike (torch's WeightedRandomSampler recipe)."""
+    counts = torch.bincount(labels)  # once per run (it reads the device to size itself)
+    return (1.0 / counts.double())[labels]
+
+
+def balanced_draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order under data.sampler=balanced: as many indices as images, drawn
+    with replacement by ``weights``, from ``generator`` (saved with the run)."""
+    return torch.multinomial(weights, len(weights), replacement=True, generator=generator)
 
 
 def shuffled(count: int, generator: torch.Generator, block: int = 0) -> torch.Tensor:
@@ -271,6 +290,7 @@ def training_batches(
         shard=shard,
         augment_generator=augment_generator,
         device=device,
+        balanced=config.sampler == "balanced",
     )
 
 

@@ -73,6 +73,7 @@ ADDED_KEYS = {
     ("trainer", "stop_at_train_loss"): None,
     ("trainer", "keep_checkpoints"): True,
     ("diagnostics", "profile_steps"): None,
+    ("data", "sampler"): "shuffle",
 }
 
 # Keys that options of a group have dropped since, with the options that dropped them:

@@ -27,6 +27,7 @@ from stable_cnn.config import (
 from stable_cnn.data.build import batch_mixing, build_splits
 from stable_cnn.data.custom import custom_cache
 from stable_cnn.data.image_folder import folder_cache
+from stable_cnn.data.loaders import dataset_labels
 from stable_cnn.data.splits import DatasetInfo, DataSplits, Shard
 from stable_cnn.errors import ConfigError, DataError, UserError
 from stable_cnn.models.build import build_model, describe_model
@@ -282,15 +283,13 @@ def training_labels(data: DataSplits) -> torch.Tensor:
     train = data.train
     if hasattr(train, "labels"):
         return train.labels
-    subset = train.dataset.dataset  # ShuffledLoader's SeededAugmentation of a Subset
-    source = subset.dataset  # an ImageFolder, or (data=custom) ImagesOf the user's dataset
-    targets = getattr(source, "targets", getattr(getattr(source, "dataset", None), "targets", None))
-    if targets is None:
+    labels = dataset_labels(train.dataset.dataset)  # ShuffledLoader's SeededAugmentation
+    if labels is None:
         raise ConfigError(
             "trainer.class_weights=balanced needs the training labels, and this dataset "
             "does not list them (targets): give the weights as a list, or data.cache=memory"
         )
-    return torch.as_tensor(targets)[torch.as_tensor(subset.indices)]
+    return labels
 
 
 def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
@@ -322,6 +321,11 @@ def build_data(run: RunConfig, world: World, runtime: Runtime) -> DataSplits:
     if data.resolved:
         settled = ", ".join(f"{key} {value}" for key, value in data.resolved.items())
         log.info("data %s, settled from the data: %s", data.info.name, settled)
+    if data_config.sampler == "balanced":
+        log.info(
+            "data.sampler=balanced: %d draws an epoch, every class alike (with replacement)",
+            data.num_train,
+        )
     if data.val_is_test:
         log.warning("%s", data.val_is_test_reason)
     return data
