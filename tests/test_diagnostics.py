@@ -245,3 +245,7 @@ def test_macro_f1_and_per_class_accuracy_from_the_confusion_matrix():
         "val_f1": pytest.approx(69.70, abs=0.01),
         "val_per_class_acc": {"cat": 75.0, "dog": pytest.approx(66.67, abs=0.01)},
     }, "no top-5 with 2 classes"
+    # a third class neither in the split nor predicted: no F1 of its own, no accuracy
+    absent = EvalStats(0.5, 70.0, 10, torch.tensor([[3, 1, 0], [2, 4, 0], [0, 0, 0]]))
+    assert absent.macro_f1 == pytest.approx(stats.macro_f1)
+    assert absent.per_class[2] is None

@@ -144,7 +144,9 @@ def confusion_figure(confusion: torch.Tensor, class_names: tuple[str, ...], titl
     return figure
 
 
-def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
-    """Percent correct per true class (rows of the confusion matrix)."""
-    totals = confusion.sum(dim=1).clamp(min=1).double()
-    return (100.0 * confusion.diagonal().double() / totals).tolist()
+def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
+    """Percent correct per true class (rows of the confusion matrix); None for a class
+    with no image in the split (0% would read as a class the model always misses)."""
+    totals = confusion.sum(dim=1)
+    accuracy = 100.0 * confusion.diagonal().double() / totals.clamp(min=1).double()
+    return [a if n > 0 else None for a, n in zip(accuracy.tolist(), totals.tolist(), strict=True)]

@@ -53,19 +53,21 @@ class EvalStats:
     top5: float | None = None  # percent whose label is among the 5 highest logits (> 5 classes)
 
     @property
-    def per_class(self) -> list[float]:
+    def per_class(self) -> list[float | None]:
         """Percent correct per true class."""
         return per_class_accuracy(self.confusion)
 
     @property
     def macro_f1(self) -> float:
         """The mean over classes of F1 (2 precision recall / (precision + recall)), in
-        percent: each class counts alike, however many images it has."""
+        percent: each class counts alike, however many images it has. A class neither
+        in the split nor predicted has no F1 and is left out, as scikit-learn does."""
         confusion = self.confusion.double()
         hits = confusion.diagonal()
         # F1 = 2 TP / (2 TP + FP + FN): rows sum to TP + FN, columns to TP + FP
-        scores = 2 * hits / (confusion.sum(0) + confusion.sum(1)).clamp(min=1)
-        return 100.0 * scores.mean().item()
+        seen = confusion.sum(0) + confusion.sum(1)
+        scores = 2 * hits / seen.clamp(min=1)
+        return 100.0 * scores[seen > 0].mean().item()
 
     def summary(self, split: str, class_names: tuple[str, ...]) -> dict[str, Any]:
         """The split's metrics as results.json and metrics.jsonl name them."""
