@@ -124,7 +124,12 @@ def test_fp16s_scaler_steps_muon_on_the_device(auxiliary: str, unscaled_by: str)
         reference.zero_grad(set_to_none=True)
     assert reads == 0, f"{reads} host reads in 3 steps: GradScaler read found_inf"
     assert scaler.get_scale() == 2.0**11, "the Inf step lowered the scale"
-    torch.testing.assert_close(trained_tensors(model, optimizer), trained_tensors(twin, reference))
+    # fused AdamW's kernel rounds in another order than the unfused one (by up to 5e-5 on
+    # an AMD EPYC, not at all on a Xeon); a step skipped or taken twice differs far more
+    tolerance = {"rtol": 1e-3, "atol": 1e-4} if auxiliary == "adamw" else {}
+    torch.testing.assert_close(
+        trained_tensors(model, optimizer), trained_tensors(twin, reference), **tolerance
+    )
 
 
 def test_every_command_line_of_the_gpu_suite_composes(tmp_path: Path):
