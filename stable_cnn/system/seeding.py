@@ -31,8 +31,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: the few CUDA kernels without a deterministic version warn, not crash.
         torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.use_deterministic_algorithms(False)  # a multirun's jobs share the process
+    elif torch.are_deterministic_algorithms_enabled():  # a multirun's jobs share the process
+        # (asked only where it is on: setting it imports torch's compiler, 1.5 s)
+        torch.use_deterministic_algorithms(False)
     # cuDNN autotuning picks kernels by timing, so it is off when runs must repeat exactly.
     torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
 
