@@ -3,6 +3,7 @@ clear errors for checkpoints that cannot be used."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -118,11 +119,20 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
     with (run_dir / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"epoch": 3, "global_st')  # a kill in the middle of appending a line
 
-    resumed = start(run_dir, "trainer.resume=auto")
+    resumed = start(run_dir, "trainer.resume=auto", "logger=csv")  # a store added on resume
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resuming from" in output
     assert_same_run(uninterrupted, run_dir)
+    with (run_dir / "metrics.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    epochs = read_jsonl(run_dir / "metrics.jsonl")
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4], "each epoch once"
+    assert [float(row["val_acc"]) for row in rows] == [e["val_acc"] for e in epochs]
+    first_class = next(iter(epochs[0]["val_per_class_acc"]))
+    assert float(rows[0][f"val_per_class_acc/{first_class}"]) == pytest.approx(
+        epochs[0]["val_per_class_acc"][first_class]
+    )
 
     events = EventAccumulator(str(run_dir))
     events.Reload()

@@ -22,6 +22,7 @@ from stable_cnn.config.data import (
 )
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
+from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.config.lr_find import LRFindConfig
 from stable_cnn.config.model import (
     CustomModelConfig,
@@ -74,6 +75,7 @@ __all__ = [
     "EmaConfig",
     "ImageFolderConfig",
     "LRFindConfig",
+    "LoggerConfig",
     "ModelConfig",
     "MuonConfig",
     "OneCycleConfig",

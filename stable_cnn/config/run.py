@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -16,6 +16,7 @@ from stable_cnn.config.data import (
 )
 from stable_cnn.config.diagnostics import DiagnosticsConfig
 from stable_cnn.config.ema import EmaConfig
+from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.config.lr_find import LRFindConfig
 from stable_cnn.config.model import (
     CustomModelConfig,
@@ -61,6 +62,7 @@ SCHEMAS: dict[str, type] = {
     "schema_ema": EmaConfig,
     "schema_trainer": TrainerConfig,
     "schema_diagnostics": DiagnosticsConfig,
+    "schema_logger": LoggerConfig,
     "schema_lr_find": LRFindConfig,  # stable-cnn-lr-find's own keys (conf/lr_find.yaml)
 }
 
@@ -78,6 +80,7 @@ class RunConfig:
     ema: EmaConfig
     trainer: TrainerConfig
     diagnostics: DiagnosticsConfig
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # stores beside TensorBoard
 
 
 # stable-cnn-eval's `data` before any data group is chosen: every data.* key, unset

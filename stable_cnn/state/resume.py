@@ -54,6 +54,11 @@ IGNORED_KEYS = {
 }
 
 
+# Groups a resumed run may change as it likes: where it reports (a store added or
+# dropped on resume changes nothing the run computes).
+IGNORED_GROUPS = {"logger"}
+
+
 # Keys added since checkpoints began recording the config, with the value that an older
 # checkpoint's run had in effect: a run written before a key existed still resumes.
 # data=image_folder's mean and std before they were computed from the images
@@ -101,6 +106,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
             else values
         )
         for group, values in config.items()
+        if group not in IGNORED_GROUPS
     }
     data = comparable_config.get("data")
     if isinstance(data, dict) and data.get("name") == "image_folder" and "cache" not in data:

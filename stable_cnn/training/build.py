@@ -237,7 +237,8 @@ def build_training(
         train_step = ProfiledStep(
             train_step, profile_folder, run.diagnostics.profile_steps, world.rank
         )
-    tracker = open_tracker(run_dir, world.is_main, state.counters.global_step, state.counters.epoch)
+    counters = state.counters
+    tracker = open_tracker(run_dir, world.is_main, counters.global_step, counters.epoch, run.logger)
     return Training(
         run,
         world,

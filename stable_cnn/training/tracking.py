@@ -42,10 +42,12 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failure
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.training.epoch import EpochStats
 from stable_cnn.training.evaluation import EvalStats
+from stable_cnn.training.trackers import Tracker, open_trackers
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,16 @@ class RunTracker:
 
     writes = True  # False for the other processes of a distributed run (SilentTracker)
 
-    def __init__(self, run_dir: Path, resume_step: int = 0, epochs_done: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int = 0,
+        epochs_done: int = 0,
+        stores: list[Tracker] | None = None,
+    ) -> None:
         self.run_dir = run_dir
+        self.stores = stores or []  # the logger group's, fed what TensorBoard is
+        self.ended = "finished"  # or how the run stopped (record_failure)
         self.metrics_path = run_dir / "metrics.jsonl"
         if resume_step > 0:
             self._truncate_metrics(epochs_done)
@@ -107,9 +117,12 @@ class RunTracker:
             out.write("".join(json.dumps(record) + "\n" for record in kept).encode())
 
     def log_step(self, global_step: int, scalars: dict[str, float]) -> None:
-        """Step-level scalars (train/loss, train/lr, ...): TensorBoard only."""
+        """Scalars at a step (train/loss, train/lr, ...; an epoch's at its last step):
+        TensorBoard, and every store of the logger group under the same names."""
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, global_step)
+        for store in self.stores:
+            store.log_scalars(global_step, scalars)
 
     def log_epoch(
         self,
@@ -155,6 +168,8 @@ class RunTracker:
                 record["val_top5_ema"] = ema.top5
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
+        for store in self.stores:
+            store.log_epoch(record)
         scalars = {
             "accuracy/train": train.accuracy,
             "accuracy/val": val.accuracy,
@@ -212,6 +227,8 @@ class RunTracker:
             out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
         (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that now finished
         self.writer.flush()
+        for store in self.stores:
+            store.log_results(results)
 
     def log_hparams(
         self, hparams: Hparams, final: dict[str, float], succeeded: bool, global_step: int
@@ -234,9 +251,12 @@ class RunTracker:
 
     def record_failure(self, status: str, reason: str, message: str) -> None:
         record_failure(self.run_dir, status, reason, message)
+        self.ended = status
 
     def close(self) -> None:
         self.writer.close()
+        for store in self.stores:
+            store.close(self.ended)
 
 
 class SilentTracker(RunTracker):
@@ -271,11 +291,19 @@ class SilentTracker(RunTracker):
         pass
 
 
-def open_tracker(run_dir: Path, writes: bool, resume_step: int, epochs_done: int) -> RunTracker:
-    """The run's tracker on the process that ``writes`` (rank 0), a silent one elsewhere."""
+def open_tracker(
+    run_dir: Path,
+    writes: bool,
+    resume_step: int,
+    epochs_done: int,
+    logger: LoggerConfig | None = None,
+) -> RunTracker:
+    """The run's tracker on the process that ``writes`` (rank 0), with the stores
+    ``logger`` turns on; a silent one elsewhere."""
     if not writes:
         return SilentTracker(run_dir)
-    return RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done)
+    stores = open_trackers(run_dir, logger or LoggerConfig())
+    return RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done, stores=stores)
 
 
 def _experiment(hparams: Hparams) -> Summary:
