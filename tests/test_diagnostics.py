@@ -249,3 +249,17 @@ def test_macro_f1_and_per_class_accuracy_from_the_confusion_matrix():
     absent = EvalStats(0.5, 70.0, 10, torch.tensor([[3, 1, 0], [2, 4, 0], [0, 0, 0]]))
     assert absent.macro_f1 == pytest.approx(stats.macro_f1)
     assert absent.per_class[2] is None
+    from stable_cnn.training.evaluation import describe
+
+    table = describe(
+        {
+            "data": "fashion_mnist",
+            "test_acc": 70.0,
+            "images": 10,
+            "test_loss": 0.5,
+            "precision": "fp32",
+            "weights": "raw",
+            "per_class_acc": dict(zip(("cat", "dog", "eel"), absent.per_class, strict=True)),
+        }
+    )
+    assert "eel     n/a (no image)" in table, "stable-cnn-eval's table of a split without eels"

@@ -54,7 +54,7 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         groups = {
             name: with_kwargs(name, typed(name, cfg[name]), cfg[name])
             for name in RunConfig.__dataclass_fields__
-            if name in cfg  # (a checkpoint's config from before the logger group has none)
+            if name in cfg or name != "logger"  # (a config from before the group has none)
         }
     except MissingMandatoryValue as err:  # a key left as ??? in the YAML
         raise ConfigError(

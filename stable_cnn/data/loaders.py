@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from stable_cnn.config import DataConfig
 from stable_cnn.data.splits import ONE_PROCESS, DatasetInfo, DataSplits, Shard, check_batch_size
-from stable_cnn.data.tensors import balanced_draw, class_balanced_weights
+from stable_cnn.data.tensors import ClassIndex, balanced_draw
 from stable_cnn.errors import DataError
 from stable_cnn.system.hardware import loader_workers, usable_cores
 from stable_cnn.system.seeding import stream_seed
@@ -110,7 +110,14 @@ def dataset_labels(dataset: Any) -> torch.Tensor | None:
     targets = getattr(dataset, "targets", None)
     if targets is None and hasattr(dataset, "dataset"):  # ImagesOf: the user's dataset
         return dataset_labels(dataset.dataset)
-    return None if targets is None else torch.as_tensor(targets)
+    try:
+        labels = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):  # strings, ragged lists: not labels
+        return None
+    usable = labels.dim() == 1 and len(labels) == len(dataset) and not labels.is_floating_point()
+    if targets is None or not usable or labels.dtype == torch.bool or (labels < 0).any():
+        return None
+    return labels.long()
 
 
 def evaluation_share(dataset: Any, batch_size: int, shard: Shard) -> Any:
@@ -152,7 +159,7 @@ class ShuffledLoader:
     ) -> None:
         self.dataset = SeededAugmentation(dataset)
         # data.sampler=balanced: each image's chance in a draw, from the labels given
-        self.draw_weights = None if balanced_by is None else class_balanced_weights(balanced_by)
+        self.draw_weights = None if balanced_by is None else ClassIndex.of(balanced_by)
         self.shard = shard
         self.batch_size = batch_size
         self.seed = seed
@@ -184,12 +191,12 @@ class ShuffledLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.in_epoch:  # a new epoch; a resumed one continues its own
             self.epoch, self.position, self.in_epoch = self.epoch + 1, 0, True
-        order = self.epoch_order()
-        draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
-        image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
+        order, seeds = self.epoch_order()
         size = self.batch_size
         self.plan.batches = [
-            [(i, image_seeds[i]) for i in order[k * size : (k + 1) * size]]
+            list(
+                zip(order[k * size : (k + 1) * size], seeds[k * size : (k + 1) * size], strict=True)
+            )
             for k in range(self.position, len(self))
         ]
         self.loader.generator.manual_seed(stream_seed(self.seed, f"workers/{self.epoch}"))
@@ -198,16 +205,23 @@ class ShuffledLoader:
             yield batch
         self.in_epoch = False
 
-    def epoch_order(self) -> list[int]:
-        """This process's images of the current epoch, in order: its share of the
-        DistributedSampler's shuffle, or of a balanced draw seeded by the epoch."""
+    def epoch_order(self) -> tuple[list[int], list[int]]:
+        """This process's images of the current epoch, in order, and each one's
+        augmentation seed: its share of the DistributedSampler's shuffle (a seed per
+        image), or of a balanced draw seeded by the epoch (a seed per draw, so that an
+        image drawn twice is augmented twice)."""
+        draws = torch.Generator().manual_seed((self.seed + self.epoch) % 2**62)
         if self.draw_weights is None:
+            image_seeds = torch.randint(2**62, (len(self.dataset),), generator=draws).tolist()
             self.sampler.set_epoch(self.epoch)
-            return list(self.sampler)
-        draws = torch.Generator().manual_seed(stream_seed(self.seed, f"balanced/{self.epoch}"))
-        everyone = balanced_draw(self.draw_weights, draws).tolist()
+            order = list(self.sampler)
+            return order, [image_seeds[i] for i in order]
+        balanced = torch.Generator().manual_seed(stream_seed(self.seed, f"balanced/{self.epoch}"))
+        everyone = balanced_draw(self.draw_weights, balanced).tolist()
+        draw_seeds = torch.randint(2**62, (len(everyone),), generator=draws).tolist()
         share = len(everyone) // self.shard.count  # the same on every process
-        return everyone[self.shard.index :: self.shard.count][:share]
+        mine = slice(self.shard.index, share * self.shard.count, self.shard.count)
+        return everyone[mine], draw_seeds[mine]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "in_epoch": self.in_epoch}

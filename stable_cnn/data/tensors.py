@@ -5,6 +5,7 @@ generator."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -68,7 +69,7 @@ class TensorBatches:
         self.augment_generator = augment_generator or generator
         self.shard = shard
         # data.sampler=balanced: each image's chance, 1 / its class's count (counted once)
-        self.draw_weights = class_balanced_weights(labels) if balanced else None
+        self.draw_weights = ClassIndex.of(labels) if balanced else None
         self.order: torch.Tensor | None = None  # this epoch's shuffled indices
         self.position = 0  # batches of this epoch already handed out (by this process)
 
@@ -161,17 +162,37 @@ def on_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
-def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Each image's weight for a class-balanced draw: 1 / the count of its class, so that
-    every class present is drawn alike (torch's WeightedRandomSampler recipe)."""
-    counts = torch.bincount(labels)  # once per run (it reads the device to size itself)
-    return (1.0 / counts.double())[labels]
+@dataclass(frozen=True)
+class ClassIndex:
+    """The images grouped by class, for a class-balanced draw (data.sampler=balanced):
+    image indices sorted by label, where each class starts among them, its count, and
+    the classes present."""
+
+    by_class: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+    present: torch.Tensor
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> ClassIndex:
+        counts = torch.bincount(labels)  # once per run (it reads the device to size itself)
+        starts = counts.cumsum(0) - counts
+        present = (counts > 0).nonzero()[:, 0]  # once per run, as above
+        return cls(labels.argsort(stable=True), starts, counts, present)
 
 
-def balanced_draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """An epoch's order under data.sampler=balanced: as many indices as images, drawn
-    with replacement by ``weights``, from ``generator`` (saved with the run)."""
-    return torch.multinomial(weights, len(weights), replacement=True, generator=generator)
+def balanced_draw(index: ClassIndex, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order under data.sampler=balanced: as many draws as images, each a
+    class drawn uniformly among those present, then an image uniformly within it (the
+    same draw as weights 1 / class count, on the generator's device, with no size limit
+    and no float64), from ``generator`` (saved with the run)."""
+    total, device = len(index.by_class), generator.device
+    classes = index.present[
+        torch.randint(len(index.present), (total,), generator=generator, device=device)
+    ]
+    within = torch.rand(total, generator=generator, device=device) * index.counts[classes]
+    offset = within.long().minimum(index.counts[classes] - 1)  # rand's 1 - eps rounds up
+    return index.by_class[index.starts[classes] + offset]
 
 
 def shuffled(count: int, generator: torch.Generator, block: int = 0) -> torch.Tensor:

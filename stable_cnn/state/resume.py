@@ -51,6 +51,9 @@ IGNORED_KEYS = {
     # How limits and the hold-out pick images: a resume takes the checkpoint's (runs
     # before the key existed took the first N), so it trains on the images it started on.
     ("data", "sampling"),
+    # What a run keeps and whether it profiles change nothing it computes.
+    ("trainer", "keep_checkpoints"),
+    ("diagnostics", "profile_steps"),
 }
 
 

@@ -232,7 +232,7 @@ def build_training(
         no_sync=no_sync,
         mixing=batch_mixing(run.data, data.info.num_classes),
     )
-    if run.diagnostics.profile_steps is not None:
+    if run.diagnostics.profile_steps is not None and world.is_main:  # rank 0's steps
         profile_folder = run_dir / "profile"
         train_step = ProfiledStep(
             train_step, profile_folder, run.diagnostics.profile_steps, world.rank

@@ -319,5 +319,8 @@ def describe(result: dict[str, Any]) -> str:
         "per class:",
     ]
     width = max(len(name) for name in result["per_class_acc"])
-    lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in result["per_class_acc"].items()]
+    lines += [
+        f"  {name:<{width}}  " + ("   n/a (no image)" if acc is None else f"{acc:6.2f}%")
+        for name, acc in result["per_class_acc"].items()
+    ]
     return "\n".join(lines)

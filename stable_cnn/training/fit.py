@@ -248,9 +248,11 @@ def train_started(
         fit(training, hparams, trial)
         return test_best(training, hparams, start.started)
     finally:
-        if isinstance(training.train_step, ProfiledStep):  # debug=profile: the trace's end
-            training.train_step.finish()
-        training.data.close()
+        try:
+            if isinstance(training.train_step, ProfiledStep):  # debug=profile: its end
+                training.train_step.finish()
+        finally:
+            training.data.close()
 
 
 def fit(training: Training, hparams: Hparams, trial: EpochReport | None = None) -> None:
@@ -467,7 +469,7 @@ def test_best(training: Training, hparams: Hparams, started: float) -> dict[str,
         "processes": training.world.size,
         **test_stats.summary("test", data.info.class_names),
     }
-    if monitor.top_k > 1:
+    if monitor.top_k > 1 and training.run.trainer.keep_checkpoints:
         results["kept_checkpoints"] = [entry["file"] for entry in counters.kept]
     tracker.log_results(results, counters.global_step)
     final = {

@@ -32,6 +32,16 @@ class ProfiledStep:
         self.model, self.runtime = step.model, step.runtime
         self.optimizer, self.scaler = step.optimizer, step.scaler
         self.folder = folder
+        self.trace: Path | None = None  # the file this profiler wrote
+        write_trace = torch.profiler.tensorboard_trace_handler(
+            str(folder), worker_name=f"rank{rank}"
+        )
+
+        def on_trace_ready(profiler: profile) -> None:
+            before = set(folder.glob("*.pt.trace.json"))
+            write_trace(profiler)
+            self.trace = max(set(folder.glob("*.pt.trace.json")) - before, default=None)
+
         activities = [ProfilerActivity.CPU]
         if step.runtime.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
@@ -40,9 +50,7 @@ class ProfiledStep:
         self.profiler = profile(
             activities=activities,
             schedule=schedule(wait=SKIPPED, warmup=WARM_UP, active=steps, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(
-                str(folder), worker_name=f"rank{rank}"
-            ),
+            on_trace_ready=on_trace_ready,
             record_shapes=True,
         )
         self.profiler.start()
@@ -59,8 +67,7 @@ class ProfiledStep:
             return
         self.finished = True
         self.profiler.stop()  # a trace cut short by a short run is written here
-        traces = sorted(self.folder.glob("*.pt.trace.json"))
-        if not traces:
+        if self.trace is None:
             log.warning("no profiler trace: the run ended before step %d", SKIPPED + WARM_UP + 1)
             return
         key = (
@@ -68,4 +75,4 @@ class ProfiledStep:
         )
         table = self.profiler.key_averages().table(sort_by=key, row_limit=TABLE_ROWS)
         log.info("profile of the traced steps, by %s:\n%s", key, table)
-        log.info("profiler trace: %s (open it in https://ui.perfetto.dev)", traces[-1])
+        log.info("profiler trace: %s (open it in https://ui.perfetto.dev)", self.trace)

@@ -39,6 +39,8 @@ class CsvTracker:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        if (run_dir / "metrics.jsonl").exists():  # a resumed run: its epochs so far, now
+            self.log_epoch({})
 
     def log_scalars(self, global_step: int, scalars: dict[str, float]) -> None:
         pass

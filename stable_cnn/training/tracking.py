@@ -239,8 +239,7 @@ class RunTracker:
         ``final`` maps the FINAL_METRICS tags that this run reached to their values;
         they are logged as scalars too, which is where the HPARAMS tab reads them.
         """
-        for tag, value in final.items():
-            self.writer.add_scalar(tag, value, global_step)
+        self.log_step(global_step, final)  # the stores get them too
         _, session_start, _ = hparams_summaries(hparams.values, dict.fromkeys(FINAL_METRICS, 0.0))
         experiment = _experiment(hparams)
         status = "STATUS_SUCCESS" if succeeded else "STATUS_FAILURE"
