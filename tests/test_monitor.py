@@ -4,8 +4,6 @@ metric, across a SIGTERM and a resume."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from stable_cnn.state.run_state import Counters
 from stable_cnn.training.evaluation import EvalStats
 from stable_cnn.training.monitor import Monitor, tidy_kept
 from tests.conftest import TINY, read_jsonl, run_cli
+from tests.test_export import command
 from tests.test_resume import stop_in_second_epoch
 
 TOP_3_BY_LOSS = [
@@ -58,28 +57,13 @@ def test_the_three_lowest_loss_checkpoints_are_kept_across_sigterm_and_resume(tm
     assert best["counters"]["epoch"] == lowest[0]["epoch"]
     assert f"test of best checkpoint (epoch {lowest[0]['epoch']}, val_loss" in done.stdout
 
-    report = subprocess.run(
-        [str(Path(sys.executable).parent / "stable-cnn-report"), str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = command("stable-cnn-report", str(run_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert (
         "| best val acc (%) | best val_loss | test acc (%) | test macro-F1 (%) |" in report.stdout
     )
     assert f"| {lowest[0]['val_loss']:.4f} |" in report.stdout
-    unsortable = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "stable-cnn-report"),
-            str(run_dir),
-            "--metric",
-            "best_val_f1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    unsortable = command("stable-cnn-report", str(run_dir), "--metric", "best_val_f1", cwd=tmp_path)
     assert unsortable.returncode == 2
     assert "error: no run here has best_val_f1" in unsortable.stderr
 

@@ -424,17 +424,18 @@ def save_checkpoints(training: Training, verdict: Verdict | None = None) -> None
     others wait, so that no process moves on (or exits) before the files are on disk."""
     saved = training.state.state_dict()  # a collective: every process's position
     folder = training.checkpoints
+    kept = None if verdict is None else verdict.kept_file
     if training.world.is_main:
         # kept and best first: last.pt must never name a file that is not on disk
-        if verdict is not None and verdict.kept_file is not None:
-            save_checkpoint(saved, folder / verdict.kept_file)
-        if verdict is not None and verdict.improved:
-            if verdict.kept_file is not None:
-                save_checkpoint_copy(folder / verdict.kept_file, folder / "best.pt")
+        if kept is not None:
+            save_checkpoint(saved, folder / kept)
+        if verdict is not None and verdict.improved:  # best.pt: the kept file's twin
+            if kept is not None:
+                save_checkpoint_copy(folder / kept, folder / "best.pt")
             else:
                 save_checkpoint(saved, folder / "best.pt")
         save_checkpoint(saved, folder / "last.pt")
-        for name in [] if verdict is None else verdict.pushed_out:
+        for name in verdict.pushed_out if verdict is not None else []:
             (folder / name).unlink(missing_ok=True)
     training.world.barrier()
 
