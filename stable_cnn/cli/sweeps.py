@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from stable_cnn.cli.run_folder import discard_if_unused
+from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.studies.report import short_override, write_report
 
 log = logging.getLogger("stable_cnn")
@@ -68,9 +69,21 @@ class SweepCallback(Callback):
         # The jobs' HPARAMS records mark these as the keys that set runs apart (an
         # environment variable reaches jobs in this process, joblib's and SLURM's alike).
         os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
+        logger = sweep_logger(config)
+        if logger is not None and logger.mlflow:  # the jobs' parent run, opened once
+            from stable_cnn.training.mlflow_tracker import SWEEP_RUN, start_sweep_run
+
+            experiment = config.hydra.runtime.choices.get("experiment") or "stable-cnn"
+            run_id = start_sweep_run(logger, experiment, str(config.hydra.sweep.dir))
+            os.environ[SWEEP_RUN] = run_id
+            log.info("MLflow: this sweep's jobs are child runs of run %s", run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEPT_KEYS, None)
+        from stable_cnn.training.mlflow_tracker import SWEEP_RUN, end_sweep_run
+
+        if (run_id := os.environ.pop(SWEEP_RUN, None)) and (logger := sweep_logger(config)):
+            end_sweep_run(logger, run_id)
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
             # every job was refused, or went on in the run it resumed: nothing to report
@@ -84,6 +97,18 @@ class SweepCallback(Callback):
             log.warning("no sweep report (%s); try stable-cnn-report %s", err, root)
             return
         log.info("sweep report: %s", ", ".join(str(path) for path in written))
+
+
+def sweep_logger(config: DictConfig) -> LoggerConfig | None:
+    """The sweep's logger group as typed settings (None in a config without it); a store
+    whose package is missing is refused here, before any job starts."""
+    from stable_cnn.training.trackers import check_stores
+
+    if "logger" not in config:
+        return None
+    logger = LoggerConfig(**OmegaConf.to_container(config.logger, resolve=True))
+    check_stores(logger)
+    return logger
 
 
 JOB_FOLDER_LENGTH = 160  # characters of a sweep job's folder name, at most (filesystems: 255)

@@ -36,6 +36,7 @@ from stable_cnn.cli.sweeps import (
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import EXIT_PREEMPTED, ConfigError
 from stable_cnn.studies.optuna_study import Pruned
+from stable_cnn.training.trackers import RunLabels, check_stores, flat_params, run_labels
 
 if TYPE_CHECKING:
     from stable_cnn.studies.optuna_study import FollowerReport, TrialReport
@@ -141,6 +142,7 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path, in_sweep: bool) ->
     if problem := debug_preset_problem(debug, in_sweep, run.trainer.resume):
         raise ConfigError(problem)
     check_devices(world, run.trainer.devices)
+    check_stores(run.logger)
     if run.optimizer.lr == "auto" and (run.trainer.devices > 1 or world.distributed):
         raise ConfigError(
             "optimizer.lr=auto finds the learning rate in one process: run "
@@ -169,8 +171,28 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path, in_sweep: bool) ->
         if trial is not None:
             trial.record_folder(folder)
 
-    results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial)
+    sweep_dir = str(hydra_config.sweep.dir) if in_sweep else None
+    labels = labels_of(run_dir, composed, hparams, hydra_config.runtime.choices, sweep_dir)
+    results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial, labels)
     return results["best_val_acc"]
+
+
+def labels_of(
+    run_dir: Path,
+    composed: dict[str, Any],
+    hparams: Hparams,
+    choices: DictConfig,
+    sweep_dir: str | None,
+) -> RunLabels:
+    """How the logger group's stores name this run: the experiment preset, the keys that
+    set it apart (hparams.varied) with their values, its sweep and the sweep's own run."""
+    from stable_cnn.training.mlflow_tracker import SWEEP_RUN
+
+    params = flat_params(composed)
+    varied = {key: str(hparams.values.get(key, params.get(key))) for key in sorted(hparams.varied)}
+    parents = {"mlflow": os.environ[SWEEP_RUN]} if os.environ.get(SWEEP_RUN) else {}
+    experiment = choices.get("experiment")
+    return run_labels(run_dir, composed, varied, experiment, sweep_dir, parents)
 
 
 def train_here(
@@ -181,9 +203,11 @@ def train_here(
     world: World,
     on_run_folder: Callable[[Path], None],
     trial: TrialReport | FollowerReport | None,
+    labels: RunLabels | None = None,
 ) -> dict[str, Any]:
     """This process's part of the run: the folder agreed on, then (optimizer.lr=auto)
-    the range test, then the run built with what it found."""
+    the range test, then the run built with what it found (``labels`` name it in the
+    logger group's stores)."""
     from stable_cnn.training.auto_lr import with_auto_lr
     from stable_cnn.training.fit import started_run, train_started
 
@@ -194,7 +218,7 @@ def train_here(
         if start.run.optimizer.lr == "auto":  # the range test's data serves the run too
             start, data = with_auto_lr(start, composed, world)
             hparams.values["optimizer.lr"] = start.run.optimizer.lr
-        return train_started(start, composed, hparams, world, trial, data)
+        return train_started(start, composed, hparams, world, trial, data, labels)
 
 
 def debug_preset_problem(preset: str | None, in_sweep: bool, resume: str | None) -> str:

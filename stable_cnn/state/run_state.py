@@ -79,6 +79,9 @@ class RunState:
     counters: Counters = field(default_factory=Counters)
     progress: EpochProgress | None = None  # the running sums of an unfinished epoch
     world: World = ALONE  # the processes training together
+    # the experiment stores' own runs (logger=mlflow, wandb): name -> run id, so that a
+    # resume continues them
+    tracker_runs: dict[str, str] = field(default_factory=dict)
 
     def own_state(self) -> dict[str, Any]:
         """What differs between processes: the data position (and augmentation stream),
@@ -102,6 +105,7 @@ class RunState:
             "counters": asdict(self.counters),
             **processes[0],
             "other_processes": processes[1:],  # ranks 1, 2, ...
+            "tracker_runs": dict(self.tracker_runs),
             **self.record.as_state(),
         }
 
@@ -114,6 +118,7 @@ class RunState:
         if self.ema is not None:  # the same config: the checkpoint has its average
             self.ema.load_state_dict(state["ema"])
         self.counters = Counters(**state["counters"])
+        self.tracker_runs = dict(state.get("tracker_runs") or {})  # none before logger=mlflow
         self.schedule.go_to(self.counters.global_step, self.counters.epoch)
         own = state if self.world.rank == 0 else state["other_processes"][self.world.rank - 1]
         self.data.load_state_dict(own["data"])

@@ -64,6 +64,7 @@ from stable_cnn.training.optimizers import build_optimizer
 from stable_cnn.training.profiling import ProfiledStep
 from stable_cnn.training.schedulers import build_schedule
 from stable_cnn.training.step import TrainStep
+from stable_cnn.training.trackers import RunLabels
 from stable_cnn.training.tracking import RunTracker, open_tracker
 
 log = logging.getLogger("stable_cnn")
@@ -187,9 +188,10 @@ def build_training(
     composed_config: dict[str, Any],
     resume: tuple[Path, dict[str, Any]] | None,
     data: DataSplits | None = None,
+    labels: RunLabels | None = None,
 ) -> Training:
     """Data (``data`` where already built), model, optimizer, schedule, scaler and the
-    run's state, resumed if asked."""
+    run's state, resumed if asked, and its logs (the stores name the run by ``labels``)."""
     trainer = run.trainer
     data = data if data is not None else build_data(run, world, runtime)
     monitor = Monitor.of(trainer, data.info.num_classes)
@@ -238,7 +240,15 @@ def build_training(
             train_step, profile_folder, run.diagnostics.profile_steps, world.rank
         )
     counters = state.counters
-    tracker = open_tracker(run_dir, world.is_main, counters.global_step, counters.epoch, run.logger)
+    tracker = open_tracker(
+        run_dir,
+        world.is_main,
+        counters.global_step,
+        counters.epoch,
+        run.logger,
+        labels,
+        state.tracker_runs,  # a resumed run's stores continue their runs; new ones add theirs
+    )
     return Training(
         run,
         world,

@@ -69,6 +69,7 @@ from stable_cnn.training.epoch import (
 from stable_cnn.training.evaluation import EvalStats, evaluate
 from stable_cnn.training.monitor import Verdict
 from stable_cnn.training.profiling import ProfiledStep
+from stable_cnn.training.trackers import RunLabels, in_folder
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -227,17 +228,27 @@ def train_started(
     world: World = ALONE,
     trial: EpochReport | None = None,
     data: DataSplits | None = None,
+    labels: RunLabels | None = None,
 ) -> dict[str, Any]:
     """Build the run, train and validate every epoch, test the best checkpoint; returns
     results.json's content. ``hparams`` (name -> value) goes to TensorBoard's HPARAMS
     tab with the final metrics; ``world`` is this process's place among the processes
     training together; ``trial`` hears each epoch's validation accuracy where the run is
     a search's trial, and may stop it (TrialPruned); ``data``, the run's splits where
-    they were built already (by the range test)."""
+    they were built already (by the range test); ``labels``, how the logger group's
+    stores name the run."""
     hparams = hparams or Hparams()
+    labels = in_folder(labels, start.run_dir) if labels is not None else None
     try:
         training = build_training(
-            start.run, world, start.runtime, start.run_dir, composed_config, start.resume, data
+            start.run,
+            world,
+            start.runtime,
+            start.run_dir,
+            composed_config,
+            start.resume,
+            data,
+            labels,
         )
     except BaseException:
         if data is not None:  # the range test's loader workers would hold the exit
@@ -248,6 +259,7 @@ def train_started(
         fit(training, hparams, trial)
         return test_best(training, hparams, start.started)
     finally:
+        training.tracker.close()  # closed already, unless an error nobody expected stopped it
         try:
             if isinstance(training.train_step, ProfiledStep):  # debug=profile: its end
                 training.train_step.finish()
@@ -437,6 +449,7 @@ def save_checkpoints(training: Training, verdict: Verdict | None = None) -> None
         save_checkpoint(saved, folder / "last.pt")
         for name in verdict.pushed_out if verdict is not None else []:
             (folder / name).unlink(missing_ok=True)
+        training.tracker.commit()  # the stores send what last.pt now covers
     training.world.barrier()
 
 

@@ -1,18 +1,24 @@
 """The experiment stores a run reports to besides TensorBoard (the logger group:
-logger=csv, and the ones to come). RunTracker (tracking.py), the one place that feeds
-TensorBoard, hands each of them the same things at the same points: every scalar
-under TensorBoard's name at its step, metrics.jsonl's row of each epoch, the results,
-and how the run ended; so a metric has one code path whatever the stores.
+logger=csv, mlflow, wandb). RunTracker (tracking.py), the one place that feeds
+TensorBoard, hands each of them the same things at the same points: every scalar under
+TensorBoard's name at its step, the figures, metrics.jsonl's row of each epoch, the
+results, and how the run ended; so a metric has one code path whatever the stores.
+
+A store that sends scalars elsewhere holds them until ``commit``: RunTracker commits
+once a checkpoint covers them (and when the run ends), so a resumed run, which goes on
+from its checkpoint, never sends a step twice, and no step waits on a store.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from stable_cnn.config.logger import LoggerConfig
+from stable_cnn.errors import ConfigError
 from stable_cnn.state.run_files import read_metrics
 from stable_cnn.system.atomic import atomic_write
 
@@ -22,13 +28,100 @@ CSV_FILE = "metrics.csv"
 class Tracker(Protocol):
     """An experiment store, as RunTracker feeds it."""
 
+    run_id: str | None  # the store's own run, saved in checkpoints so a resume continues it
+
     def log_scalars(self, global_step: int, scalars: dict[str, float]) -> None: ...
+
+    def log_figure(self, global_step: int, tag: str, figure: Any) -> None: ...  # matplotlib
 
     def log_epoch(self, record: dict[str, Any]) -> None: ...
 
     def log_results(self, results: dict[str, Any]) -> None: ...
 
-    def close(self, status: str) -> None: ...  # finished, interrupted, diverged, pruned
+    def commit(self) -> None: ...  # a checkpoint now covers what was logged: send it
+
+    # finished, interrupted, diverged, pruned, or failed (an error nobody caught)
+    def close(self, status: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunLabels:
+    """How the stores name and file a run: chosen by the command, like its folder."""
+
+    name: str  # the run folder's date/time, a sweep job's folder name
+    folder: Path  # the run folder (artifacts come from there)
+    experiment: str  # the experiment preset's name, or stable-cnn
+    params: dict[str, str] = field(default_factory=dict)  # the composed config, flattened
+    varied: dict[str, str] = field(default_factory=dict)  # a sweep's swept keys (or overrides)
+    sweep: str | None = None  # a sweep job's sweep folder
+    parent_runs: dict[str, str] = field(default_factory=dict)  # a sweep's run, per store
+
+
+def run_labels(
+    folder: Path,
+    composed: dict[str, Any],
+    varied: dict[str, str],
+    experiment: str | None = None,
+    sweep: str | None = None,
+    parent_runs: dict[str, str] | None = None,
+) -> RunLabels:
+    """A run's labels: ``varied`` the keys that set it apart, with their values."""
+    return RunLabels(
+        run_name(folder, sweep),
+        folder,
+        experiment or "stable-cnn",
+        flat_params(composed),
+        varied,
+        sweep,
+        parent_runs or {},
+    )
+
+
+def run_name(folder: Path, sweep: str | None) -> str:
+    """Like the folder: ``2026-12-03/08-30-00``, a sweep job's ``3_optimizer.lr=0.1``."""
+    return folder.name if sweep is not None else "/".join(folder.parts[-2:])
+
+
+def in_folder(labels: RunLabels, folder: Path) -> RunLabels:
+    """The labels of a run that goes on in ``folder`` (the run it resumed)."""
+    if folder == labels.folder:
+        return labels
+    return replace(labels, folder=folder, name=run_name(folder, labels.sweep))
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A composed config as ``key.path -> text`` (null, true and false as YAML writes them)."""
+    params: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            params.update(flat_params(value, f"{name}."))
+        elif value is None or isinstance(value, bool):
+            params[name] = "null" if value is None else str(value).lower()
+        else:
+            params[name] = str(value)
+    return params
+
+
+INSTALL = {"mlflow": "mlflow", "wandb": "wandb"}  # store -> the package it needs
+
+
+def check_stores(logger: LoggerConfig) -> None:
+    """Refuse, before anything starts, a store whose package is missing or whose place
+    cannot hold runs."""
+    from importlib.util import find_spec
+
+    for store in logger.trackers:
+        package = INSTALL.get(store)
+        if package is not None and find_spec(package) is None:
+            raise ConfigError(
+                f"logger={store} needs the {package} package: pip install "
+                f"'stable-cnn[{store}]' (or pip install {package})"
+            )
+    if logger.mlflow:
+        from stable_cnn.training.mlflow_tracker import tracking_uri
+
+        tracking_uri(logger.tracking_uri)  # a folder store is refused
 
 
 class CsvTracker:
@@ -37,12 +130,17 @@ class CsvTracker:
     ``val_per_class_acc/<class>``). Rewritten from metrics.jsonl after every epoch, so
     a resumed run's file is its metrics.jsonl's, never a row twice."""
 
+    run_id = None
+
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         if (run_dir / "metrics.jsonl").exists():  # a resumed run: its epochs so far, now
             self.log_epoch({})
 
     def log_scalars(self, global_step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def log_figure(self, global_step: int, tag: str, figure: Any) -> None:
         pass
 
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -56,6 +154,9 @@ class CsvTracker:
             out.write(text.getvalue().encode())
 
     def log_results(self, results: dict[str, Any]) -> None:
+        pass
+
+    def commit(self) -> None:
         pass
 
     def close(self, status: str) -> None:
@@ -73,9 +174,29 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def open_trackers(run_dir: Path, logger: LoggerConfig) -> list[Tracker]:
-    """The stores ``logger`` turns on, for the run in ``run_dir`` (rank 0's)."""
+def open_trackers(
+    logger: LoggerConfig, labels: RunLabels, run_ids: dict[str, str]
+) -> list[Tracker]:
+    """The stores ``logger`` turns on, for the run ``labels`` name (rank 0's); a store
+    whose run is in ``run_ids`` (a resumed run's checkpoint) continues that run, and a
+    new run's id is added there."""
     trackers: list[Tracker] = []
-    if logger.csv:
-        trackers.append(CsvTracker(run_dir))
+    try:
+        if logger.csv:
+            trackers.append(CsvTracker(labels.folder))
+        if logger.mlflow:
+            from stable_cnn.training.mlflow_tracker import MlflowTracker
+
+            trackers.append(MlflowTracker(logger, labels, run_ids.get("mlflow")))
+        if logger.wandb:
+            from stable_cnn.training.wandb_tracker import WandbTracker
+
+            trackers.append(WandbTracker(logger, labels, run_ids.get("wandb")))
+    except BaseException:
+        for opened in trackers:  # a store that did open does not stay open as running
+            opened.close("failed")
+        raise
+    for name, tracker in zip(logger.trackers, trackers, strict=True):
+        if tracker.run_id is not None:
+            run_ids[name] = tracker.run_id
     return trackers

@@ -17,6 +17,7 @@ value on, not a flat line at zero in every run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failur
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.training.epoch import EpochStats
 from stable_cnn.training.evaluation import EvalStats
-from stable_cnn.training.trackers import Tracker, open_trackers
+from stable_cnn.training.trackers import RunLabels, Tracker, open_trackers
+
+log = logging.getLogger("stable_cnn")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ class RunTracker:
     ) -> None:
         self.run_dir = run_dir
         self.stores = stores or []  # the logger group's, fed what TensorBoard is
-        self.ended = "finished"  # or how the run stopped (record_failure)
+        # how the run ended: finished (log_results), or how it stopped (record_failure)
+        self.ended = "failed"
+        self.closed = False
         self.metrics_path = run_dir / "metrics.jsonl"
         if resume_step > 0:
             self._truncate_metrics(epochs_done)
@@ -211,6 +216,8 @@ class RunTracker:
             grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
             self.writer.add_image("samples/augmented_train_images", grid, global_step)
         if confusion is not None:
+            for store in self.stores:  # before TensorBoard closes the figure
+                store.log_figure(global_step, "predictions/confusion_matrix_val", confusion)
             self.writer.add_figure(
                 "predictions/confusion_matrix_val", confusion, global_step, close=True
             )
@@ -227,6 +234,7 @@ class RunTracker:
             out.write((json.dumps(_finite_or_none(results), indent=2) + "\n").encode())
         (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that now finished
         self.writer.flush()
+        self.ended = "finished"
         for store in self.stores:
             store.log_results(results)
 
@@ -252,10 +260,23 @@ class RunTracker:
         record_failure(self.run_dir, status, reason, message)
         self.ended = status
 
+    def commit(self) -> None:
+        """A checkpoint now holds the run up to here: the stores may send what they hold
+        (what they sent before a kill is then never sent again by the resumed run)."""
+        for store in self.stores:
+            store.commit()
+
     def close(self) -> None:
+        """The end of the run's logs, however it ended (a second call does nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         self.writer.close()
         for store in self.stores:
-            store.close(self.ended)
+            try:
+                store.close(self.ended)
+            except Exception as err:  # a store that fails at the end does not hide the run's end
+                log.warning("%s did not close: %s", type(store).__name__, err)
 
 
 class SilentTracker(RunTracker):
@@ -286,6 +307,9 @@ class SilentTracker(RunTracker):
     def record_failure(self, status: str, reason: str, message: str) -> None:
         pass
 
+    def commit(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -296,13 +320,24 @@ def open_tracker(
     resume_step: int,
     epochs_done: int,
     logger: LoggerConfig | None = None,
+    labels: RunLabels | None = None,
+    run_ids: dict[str, str] | None = None,
 ) -> RunTracker:
     """The run's tracker on the process that ``writes`` (rank 0), with the stores
-    ``logger`` turns on; a silent one elsewhere."""
+    ``logger`` turns on, naming the run by ``labels``; a store continues its run in
+    ``run_ids`` (the checkpoint's), and a new one's id is added there. A silent
+    tracker elsewhere."""
     if not writes:
         return SilentTracker(run_dir)
-    stores = open_trackers(run_dir, logger or LoggerConfig())
-    return RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done, stores=stores)
+    labels = labels or RunLabels(run_dir.name, run_dir, "stable-cnn")
+    tracker = RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done)
+    try:
+        stores = open_trackers(logger or LoggerConfig(), labels, {} if run_ids is None else run_ids)
+        tracker.stores = stores
+    except BaseException:
+        tracker.writer.close()
+        raise
+    return tracker
 
 
 def _experiment(hparams: Hparams) -> Summary:
