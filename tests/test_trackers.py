@@ -222,3 +222,19 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_at_once():
 
     with pytest.raises(ConfigError, match=r"no MLflow server answers at http://127.0.0.1:9/ "):
         check_server("http://127.0.0.1:9/", timeout=5)
+
+
+def test_a_preset_chosen_on_the_command_line_is_labelled_with_its_name():
+    """What the stores tag (and TensorBoard's HPARAMS shows) for ``experiment=smoke``."""
+    from hydra import compose, initialize_config_dir
+
+    from stable_cnn.cli.conf import config_dir
+    from stable_cnn.cli.train import hparams_of
+
+    overrides = ["experiment=smoke", "model.width=8"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    hparams = hparams_of(cfg, dict(cfg.hydra.runtime.choices), overrides)
+    assert hparams.values["experiment"] == "smoke", "was null: the preset is no config key"
+    assert hparams.values["model.width"] == 8
+    assert hparams.varied == {"experiment", "model.width"}

@@ -100,6 +100,9 @@ def hparams_of(cfg: DictConfig, choices: dict[str, Any], overrides: list[str]) -
         if key not in NOT_HPARAMS
     ]
     for key in (*KEY_HPARAMS, *overridden):
+        if key in choices:  # a group (experiment=smoke): its choice, not a config value
+            values[key] = str(choices[key])
+            continue
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, bool) or value is None:
             # TensorBoard shows a bool as 0/1; and every run needs every key, or the
