@@ -5,6 +5,7 @@ resume, and in a parallel sweep."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from collections.abc import Iterator
@@ -14,9 +15,6 @@ import pytest
 
 from tests.conftest import TINY, read_jsonl, run_cli
 from tests.test_resume import stop_in_second_epoch
-
-mlflow = pytest.importorskip("mlflow")  # the test command installs the extras (.[dev])
-wandb = pytest.importorskip("wandb")
 
 TRACKED = [
     *TINY,
@@ -32,6 +30,7 @@ TRACKED = [
 def offline_env(tmp_path: Path) -> dict[str, str]:
     """No network: W&B offline, its own files under tmp_path; MLflow's default store."""
     return {
+        **os.environ,
         "WANDB_MODE": "offline",
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
         "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
@@ -92,6 +91,8 @@ def wandb_history(run_file: Path) -> tuple[set[str], list[dict[str, str]]]:
 
 @pytest.mark.slow
 def test_one_mlflow_run_and_one_wandb_run_across_sigterm_and_resume(tmp_path: Path):
+    pytest.importorskip("mlflow")  # the test command installs the extras (.[dev])
+    pytest.importorskip("wandb")
     env = offline_env(tmp_path)
     run_dir = tmp_path / "outputs" / "2026-12-03" / "10-00-00"
     stop_in_second_epoch(TRACKED, run_dir, cwd=tmp_path, env=env)
@@ -155,7 +156,9 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(rows))
 
 
+@pytest.mark.slow
 def test_a_two_job_parallel_sweep_is_two_child_runs_of_one_mlflow_run(tmp_path: Path):
+    pytest.importorskip("mlflow")
     sweep = tmp_path / "multirun" / "sweep"
     done = run_cli(
         [
@@ -238,3 +241,56 @@ def test_a_preset_chosen_on_the_command_line_is_labelled_with_its_name():
     assert hparams.values["experiment"] == "smoke", "was null: the preset is no config key"
     assert hparams.values["model.width"] == 8
     assert hparams.varied == {"experiment", "model.width"}
+
+
+def test_a_store_that_fails_is_a_warning_and_the_run_goes_on(tmp_path: Path, caplog):
+    from stable_cnn.training.tracking import RunTracker
+
+    class Unreachable:  # a store whose server went away mid-run
+        run_id = "r"
+
+        def commit(self) -> None:
+            raise ConnectionError("server closed the connection")
+
+        def close(self, status: str) -> None:
+            raise ConnectionError("server closed the connection")
+
+    tracker = RunTracker(tmp_path, stores=[Unreachable()])
+    tracker.commit()
+    tracker.close()
+    assert caplog.text.count("Unreachable: server closed the connection; the run goes on") == 2
+    assert tracker.closed
+
+
+def test_what_no_checkpoint_covers_is_sent_only_by_a_run_that_will_not_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A failed or interrupted run resumes from its checkpoint and logs those steps again;
+    the reopened run is the same MLflow run, its params written once."""
+    pytest.importorskip("mlflow")
+    from stable_cnn.config.logger import LoggerConfig
+    from stable_cnn.training.mlflow_tracker import MlflowTracker
+    from stable_cnn.training.trackers import RunLabels
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    labels = RunLabels("2026-12-03/10-00-00", tmp_path, "unit", {"model.width": 8})
+    logger = LoggerConfig(mlflow=True)
+    first = MlflowTracker(logger, labels, None)
+    first.log_scalars(3, {"loss/train": 1.0})
+    first.commit()  # a checkpoint at step 3
+    first.log_scalars(5, {"loss/train": 0.5})
+    first.close("failed")
+    client = store(tmp_path)
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss/train")] == [3]
+    assert client.get_run(first.run_id).info.status == "FAILED"
+
+    again = MlflowTracker(logger, labels, first.run_id)
+    assert again.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    again.log_scalars(5, {"loss/train": 0.5})
+    again.close("finished")
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss/train")] == [3, 5]
+    run = client.get_run(first.run_id)
+    assert (run.info.status, run.data.params["model.width"]) == ("FINISHED", "8")
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -4,6 +4,7 @@ of jobs that run side by side."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ log = logging.getLogger("stable_cnn")
 # Overrides that change nothing a run computes: never a reason to compare runs by them.
 NOT_HPARAMS = ("trainer.resume", "trainer.progress_bar", "trainer.num_threads", "hparams_search")
 SWEPT_KEYS = "STABLE_CNN_SWEPT_KEYS"  # set by SweepCallback for the sweep's jobs
+SWEEP_FOLDER = "STABLE_CNN_SWEEP_DIR"  # the sweep's folder, for its jobs' experiment stores
 # What a diverged job returns to a sweeper: the worst accuracy there is, so that the sweep
 # goes on and Optuna's sampler learns to avoid that region (a failed trial teaches it nothing).
 DIVERGED_VALUE = 0.0
@@ -69,21 +71,45 @@ class SweepCallback(Callback):
         # The jobs' HPARAMS records mark these as the keys that set runs apart (an
         # environment variable reaches jobs in this process, joblib's and SLURM's alike).
         os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
+        os.environ[SWEEP_FOLDER] = str(config.hydra.sweep.dir)
         logger = sweep_logger(config)
         if logger is not None and logger.mlflow:  # the jobs' parent run, opened once
-            from stable_cnn.training.mlflow_tracker import SWEEP_RUN, start_sweep_run
+            self.open_parent_run(logger, config)
 
-            experiment = config.hydra.runtime.choices.get("experiment") or "stable-cnn"
+    def open_parent_run(self, logger: LoggerConfig, config: DictConfig) -> None:
+        """MLflow: the sweep's own run, whose children the jobs' runs are; it ends with
+        the sweep, or as KILLED when the sweep stops before its end (a failed job, a
+        signal: Hydra then skips on_multirun_end)."""
+        from stable_cnn.training.mlflow_tracker import SWEEP_RUN, end_sweep_run, start_sweep_run
+
+        experiment = config.hydra.runtime.choices.get("experiment") or "stable-cnn"
+        try:
             run_id = start_sweep_run(logger, experiment, str(config.hydra.sweep.dir))
-            os.environ[SWEEP_RUN] = run_id
-            log.info("MLflow: this sweep's jobs are child runs of run %s", run_id)
+        except Exception as err:  # Hydra would make it a warning among the jobs' output
+            log.error("MLflow: no run for this sweep (%s); its jobs' runs have no parent", err)
+            return
+        os.environ[SWEEP_RUN] = run_id
+        atexit.register(end_sweep_run, logger, run_id, "KILLED")  # does nothing once ended
+        log.info("MLflow: this sweep's jobs are child runs of run %s", run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEPT_KEYS, None)
+        os.environ.pop(SWEEP_FOLDER, None)
+        try:
+            self.write_sweep_report(config)
+        finally:
+            self.end_parent_run(config)
+
+    def end_parent_run(self, config: DictConfig) -> None:
         from stable_cnn.training.mlflow_tracker import SWEEP_RUN, end_sweep_run
 
         if (run_id := os.environ.pop(SWEEP_RUN, None)) and (logger := sweep_logger(config)):
-            end_sweep_run(logger, run_id)
+            try:
+                end_sweep_run(logger, run_id, "FINISHED")
+            except Exception as err:
+                log.warning("MLflow: this sweep's run %s did not end (%s)", run_id, err)
+
+    def write_sweep_report(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
             # every job was refused, or went on in the run it resumed: nothing to report
@@ -101,7 +127,8 @@ class SweepCallback(Callback):
 
 def sweep_logger(config: DictConfig) -> LoggerConfig | None:
     """The sweep's logger group as typed settings (None in a config without it); a store
-    whose package is missing is refused here, before any job starts."""
+    whose package is missing is refused (Hydra makes that a warning: each job then
+    refuses it in one line)."""
     from stable_cnn.training.trackers import check_stores
 
     if "logger" not in config:

@@ -29,6 +29,7 @@ from stable_cnn.cli.run_folder import continue_log_in, output_folder_problem
 from stable_cnn.cli.run_outcome import ended_command, workers_outcome
 from stable_cnn.cli.sweeps import (
     NOT_HPARAMS,
+    SWEEP_FOLDER,
     SWEPT_KEYS,
     register_job_folder_resolver,
     threads_per_parallel_job,
@@ -36,7 +37,13 @@ from stable_cnn.cli.sweeps import (
 from stable_cnn.config import RunConfig, register_schemas
 from stable_cnn.errors import EXIT_PREEMPTED, ConfigError
 from stable_cnn.studies.optuna_study import Pruned
-from stable_cnn.training.trackers import RunLabels, check_stores, flat_params, run_labels
+from stable_cnn.training.trackers import (
+    RunLabels,
+    as_text,
+    check_stores,
+    flat_params,
+    run_labels,
+)
 
 if TYPE_CHECKING:
     from stable_cnn.studies.optuna_study import FollowerReport, TrialReport
@@ -174,7 +181,8 @@ def run_training_command(cfg: DictConfig, hydra_folder: Path, in_sweep: bool) ->
         if trial is not None:
             trial.record_folder(folder)
 
-    sweep_dir = str(hydra_config.sweep.dir) if in_sweep else None
+    # a sweep's folder, also for a job's trainer.devices workers (which run as single runs)
+    sweep_dir = os.environ.get(SWEEP_FOLDER) or (str(hydra_config.sweep.dir) if in_sweep else None)
     labels = labels_of(run_dir, composed, hparams, hydra_config.runtime.choices, sweep_dir)
     results = train_here(run, run_dir, composed, hparams, world, elsewhere, trial, labels)
     return results["best_val_acc"]
@@ -192,7 +200,9 @@ def labels_of(
     from stable_cnn.training.mlflow_tracker import SWEEP_RUN
 
     params = flat_params(composed)
-    varied = {key: str(hparams.values.get(key, params.get(key))) for key in sorted(hparams.varied)}
+    varied = {
+        key: as_text(hparams.values.get(key, params.get(key))) for key in sorted(hparams.varied)
+    }
     parents = {"mlflow": os.environ[SWEEP_RUN]} if os.environ.get(SWEEP_RUN) else {}
     experiment = choices.get("experiment")
     return run_labels(run_dir, composed, varied, experiment, sweep_dir, parents)

@@ -217,8 +217,11 @@ def build_training(
         log.info(
             "resuming from %s (%s, step %d)", resume_from, state.where(), state.counters.global_step
         )
-        if world.is_main and resume_from == run_dir / "checkpoints" / "last.pt":
+        own_last = resume_from == run_dir / "checkpoints" / "last.pt"
+        if world.is_main and own_last:
             tidy_kept(run_dir / "checkpoints", state.counters)
+        if not own_last:  # the stores' runs went on past this checkpoint, or are another run's
+            state.tracker_runs = {}
     train_step = build_train_step(
         network,
         criterion,
@@ -247,7 +250,7 @@ def build_training(
         counters.epoch,
         run.logger,
         labels,
-        state.tracker_runs,  # a resumed run's stores continue their runs; new ones add theirs
+        state.tracker_runs,  # from the folder's last.pt the stores continue their runs
     )
     return Training(
         run,

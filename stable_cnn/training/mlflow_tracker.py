@@ -19,13 +19,13 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.errors import ConfigError
-from stable_cnn.training.trackers import RunLabels
+from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels, as_text
 
 log = logging.getLogger("stable_cnn")
 
@@ -38,14 +38,16 @@ STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}
 LOCK_WAITS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)  # seconds, then once more, then the error
 PARAMS_PER_CALL = 100  # MLflow's log_batch limits
 METRICS_PER_CALL = 1000
+MAX_PENDING = 200_000  # metrics held while the store fails, at the most
 
 
 def tracking_uri(configured: str | None) -> str:
     """The store's URI; a SQLite file's path made absolute (sweep jobs and workers may
     start elsewhere)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    scheme = uri.split("://", 1)[0] if "://" in uri else ""
-    if scheme in ("", "file") and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    folder = scheme == "file" or (scheme == "" and uri not in ("databricks", "databricks-uc"))
+    if folder and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
         raise ConfigError(
             f"logger.tracking_uri={uri} is a folder store, which MLflow refuses since 3.13: "
             f"use a database (sqlite:///outputs/mlflow.db) or a server (http://HOST:5000)"
@@ -71,16 +73,18 @@ def retried(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Only one process at a time creates a SQLite store's tables and experiments (two
-    that race on MLflow's schema migration break the file): a lock on the file itself."""
+    """Only one process at a time opens a SQLite store for the first time (MLflow creates
+    and migrates its tables then: two that race break the file) and creates experiments:
+    a lock on the file's folder (not on the file, whose locks are SQLite's own)."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    path = Path(uri.removeprefix("sqlite:///"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with suppress(OSError):  # a filesystem without flock: the retries are left
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)  # and the lock with it
@@ -101,27 +105,32 @@ def client_for(uri: str) -> Any:
 def experiment_id(client: Any, uri: str, name: str) -> str:
     """The experiment called ``name``, created the first time (a SQLite store's artifacts
     go beside its file, in mlflow-artifacts/)."""
-    with store_lock(uri):
-        found = retried(client.get_experiment_by_name, name)
-        if found is not None and found.lifecycle_stage == "deleted":
-            raise ConfigError(
-                f"MLflow experiment {name!r} is deleted in {uri}: restore it (mlflow "
-                f"experiments restore --experiment-id {found.experiment_id}) or set "
-                f"logger.experiment=ANOTHER"
-            )
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if uri.startswith("sqlite:///"):
-            folder = re.sub(r"[^\w.-]", "_", name)
-            root = Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts" / folder
-            location = root.as_uri()
+    found = retried(client.get_experiment_by_name, name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"MLflow experiment {name!r} is deleted in {uri}: restore it (mlflow "
+            f"experiments restore --experiment-id {found.experiment_id}) or set "
+            f"logger.experiment=ANOTHER"
+        )
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        folder = re.sub(r"[^\w.-]", "_", name)
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts" / folder
+        location = root.as_uri()
+    try:
         return retried(client.create_experiment, name, artifact_location=location)
+    except Exception as err:  # a server's other client created it just now
+        if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return retried(client.get_experiment_by_name, name).experiment_id
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """A tracking server that does not answer at all is one line now, not MLflow's
     retries for minutes; any HTTP answer (even an error: a proxy, a login) will do."""
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -131,6 +140,8 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         pass
     except (OSError, ValueError) as err:  # refused, no route, no such host, timed out
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; MLflow has its own certificates
+            return
         raise ConfigError(
             f"logger=mlflow: no MLflow server answers at {uri} ({reason}): start it, or "
             f"check logger.tracking_uri or $MLFLOW_TRACKING_URI"
@@ -142,12 +153,13 @@ def open_store(logger: LoggerConfig, experiment: str) -> tuple[Any, str, str]:
     uri = tracking_uri(logger.tracking_uri)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
-    client = client_for(uri)
     try:
-        return client, uri, experiment_id(client, uri, logger.experiment or experiment)
+        with store_lock(uri):
+            client = client_for(uri)
+            return client, uri, experiment_id(client, uri, logger.experiment or experiment)
     except ConfigError:
         raise
-    except Exception as err:  # a server that does not answer, a file that is not a store
+    except Exception as err:  # a file that is not a store, an old schema, a missing driver
         raise ConfigError(
             f"logger=mlflow: the store {uri} did not open ({one_line(err)}): check "
             f"logger.tracking_uri or $MLFLOW_TRACKING_URI"
@@ -162,55 +174,73 @@ def start_sweep_run(logger: LoggerConfig, experiment: str, sweep_dir: str) -> st
     return run.info.run_id
 
 
-def end_sweep_run(logger: LoggerConfig, run_id: str) -> None:
+def end_sweep_run(logger: LoggerConfig, run_id: str, status: str) -> None:
+    """End a sweep's run with ``status``, unless it has ended already."""
     client = client_for(tracking_uri(logger.tracking_uri))
-    retried(client.set_terminated, run_id, "FINISHED")
+    if retried(client.get_run, run_id).info.status == "RUNNING":
+        retried(client.set_terminated, run_id, status)
 
 
 class MlflowTracker:
     """A stable-cnn run's MLflow run (rank 0's store)."""
 
     def __init__(self, logger: LoggerConfig, labels: RunLabels, run_id: str | None) -> None:
-        from mlflow.entities import Param, RunTag
-
-        self.Param, self.labels, self.log_checkpoint = Param, labels, logger.log_checkpoint
+        self.labels, self.log_checkpoint = labels, logger.log_checkpoint
         self.client, self.uri, experiment = open_store(logger, labels.experiment)
         self.pending: list[Any] = []  # metrics logged since the last commit
+        self.run_id: str | None = None
         known = self._reopened(run_id) if run_id is not None else None
         if known is None:
-            tags = {"stable_cnn.run_dir": str(labels.folder.resolve())}
-            varied = "swept" if labels.sweep is not None else "override"  # what sets it apart
-            tags |= {f"{varied}.{key}": value for key, value in labels.varied.items()}
-            if labels.sweep is not None:
-                tags["stable_cnn.sweep"] = str(Path(labels.sweep).resolve())
-            if "mlflow" in labels.parent_runs:
-                tags["mlflow.parentRunId"] = labels.parent_runs["mlflow"]
-            run = retried(self.client.create_run, experiment, run_name=labels.name, tags=tags)
-            self.run_id: str | None = run.info.run_id
-            known = {}
-            self._log_files([".hydra/config.yaml", ".hydra/overrides.yaml"], "config")
-        new_params = [
-            Param(param_key(key), value[:6000])
-            for key, value in labels.params.items()
-            if param_key(key) not in known  # a param is written once, and stays
-        ]
-        for first in range(0, len(new_params), PARAMS_PER_CALL):
-            batch = new_params[first : first + PARAMS_PER_CALL]
-            retried(self.client.log_batch, self.run_id, params=batch)
-        self.RunTag = RunTag
+            self.run_id = retried(self.client.create_run, experiment, **self._new_run()).info.run_id
+        try:  # a run that opened does not stay RUNNING when the rest fails
+            if known is None:
+                self._log_files([".hydra/config.yaml", ".hydra/overrides.yaml"], "config")
+            self._log_params(known or {})
+        except BaseException:
+            with suppress(Exception):
+                retried(self.client.set_terminated, self.run_id, "FAILED")
+            raise
         log.info("MLflow run %s in %s (experiment %s)", self.run_id, self.uri, experiment)
 
+    def _new_run(self) -> dict[str, Any]:
+        """A new run's name and tags: its folder, its sweep and the sweep's run, the keys
+        that set it apart."""
+        labels = self.labels
+        tags = {"stable_cnn.run_dir": str(labels.folder.resolve())}
+        varied = "swept" if labels.sweep is not None else "override"
+        tags |= {f"{varied}.{key}": value for key, value in labels.varied.items()}
+        if labels.sweep is not None:
+            tags["stable_cnn.sweep"] = str(Path(labels.sweep).resolve())
+        if "mlflow" in labels.parent_runs:
+            tags["mlflow.parentRunId"] = labels.parent_runs["mlflow"]
+        return {"run_name": labels.name, "tags": tags}
+
     def _reopened(self, run_id: str) -> dict[str, str] | None:
-        """Continue the run a checkpoint names: its params so far, or None if this store
-        does not have it (the store was moved or changed: a new run)."""
+        """Continue the run a checkpoint names: its params so far; None where this store
+        does not have it (another tracking URI) or it was deleted: a new run, then."""
         try:
             run = retried(self.client.get_run, run_id)
-        except Exception:
+        except Exception as err:
+            if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
             log.warning("MLflow run %s is not in %s: this run starts a new one", run_id, self.uri)
             return None
         retried(self.client.update_run, run_id, status="RUNNING")
         self.run_id = run_id
         return dict(run.data.params)
+
+    def _log_params(self, known: dict[str, str]) -> None:
+        """The composed config, but what the run has already: a param is written once."""
+        from mlflow.entities import Param
+
+        params = {
+            param_key(key): as_text(value)[:6000] for key, value in self.labels.params.items()
+        }
+        new = [Param(key, value) for key, value in params.items() if key not in known]
+        for first in range(0, len(new), PARAMS_PER_CALL):
+            retried(self.client.log_batch, self.run_id, params=new[first : first + PARAMS_PER_CALL])
 
     def log_scalars(self, global_step: int, scalars: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -233,14 +263,22 @@ class MlflowTracker:
             self._log_files(["checkpoints/best.pt"], "checkpoints")
 
     def commit(self) -> None:
+        """Send what the checkpoint covers; a batch leaves the list once MLflow has it
+        (a store that fails now is tried again at the next commit)."""
+        if len(self.pending) > MAX_PENDING:  # the store failed for long: keep the latest
+            self.pending = self.pending[-MAX_PENDING:]
         while self.pending:
-            batch, self.pending = self.pending[:METRICS_PER_CALL], self.pending[METRICS_PER_CALL:]
-            retried(self.client.log_batch, self.run_id, metrics=batch)
+            retried(self.client.log_batch, self.run_id, metrics=self.pending[:METRICS_PER_CALL])
+            del self.pending[:METRICS_PER_CALL]
 
     def close(self, status: str) -> None:
+        from mlflow.entities import RunTag
+
+        if status not in ENDED_FOR_GOOD:  # no checkpoint covers them: the resume logs them
+            self.pending = []
         try:
             self.commit()
-            ended = self.RunTag("stable_cnn.ended", status)
+            ended = RunTag("stable_cnn.ended", status)
             retried(self.client.log_batch, self.run_id, tags=[ended])
         finally:
             retried(self.client.set_terminated, self.run_id, STATUS.get(status, "FAILED"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,11 @@ from stable_cnn.state.run_files import read_metrics
 from stable_cnn.system.atomic import atomic_write
 
 CSV_FILE = "metrics.csv"
+
+
+# how a run ended, when it will not be resumed: what a store holds goes out at its close
+# (a run interrupted or failed goes on from its checkpoint and logs the rest again)
+ENDED_FOR_GOOD = ("finished", "diverged", "pruned")
 
 
 class Tracker(Protocol):
@@ -51,7 +57,7 @@ class RunLabels:
     name: str  # the run folder's date/time, a sweep job's folder name
     folder: Path  # the run folder (artifacts come from there)
     experiment: str  # the experiment preset's name, or stable-cnn
-    params: dict[str, str] = field(default_factory=dict)  # the composed config, flattened
+    params: dict[str, Any] = field(default_factory=dict)  # the composed config, flattened
     varied: dict[str, str] = field(default_factory=dict)  # a sweep's swept keys (or overrides)
     sweep: str | None = None  # a sweep job's sweep folder
     parent_runs: dict[str, str] = field(default_factory=dict)  # a sweep's run, per store
@@ -89,18 +95,23 @@ def in_folder(labels: RunLabels, folder: Path) -> RunLabels:
     return replace(labels, folder=folder, name=run_name(folder, labels.sweep))
 
 
-def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A composed config as ``key.path -> text`` (null, true and false as YAML writes them)."""
-    params: dict[str, str] = {}
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A composed config as ``key.path -> value`` (a number stays a number: W&B plots it)."""
+    params: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             params.update(flat_params(value, f"{name}."))
-        elif value is None or isinstance(value, bool):
-            params[name] = "null" if value is None else str(value).lower()
         else:
-            params[name] = str(value)
+            params[name] = value
     return params
+
+
+def as_text(value: Any) -> str:
+    """A config value as YAML writes it (null, true, false), for stores that keep text."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return str(value)
 
 
 INSTALL = {"mlflow": "mlflow", "wandb": "wandb"}  # store -> the package it needs
@@ -175,11 +186,11 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_trackers(
-    logger: LoggerConfig, labels: RunLabels, run_ids: dict[str, str]
+    logger: LoggerConfig, labels: RunLabels, run_ids: dict[str, str], resume_step: int = 0
 ) -> list[Tracker]:
     """The stores ``logger`` turns on, for the run ``labels`` name (rank 0's); a store
-    whose run is in ``run_ids`` (a resumed run's checkpoint) continues that run, and a
-    new run's id is added there."""
+    whose run is in ``run_ids`` (the checkpoint's, resumed from at ``resume_step``)
+    continues that run, and a new run's id is added there."""
     trackers: list[Tracker] = []
     try:
         if logger.csv:
@@ -191,10 +202,11 @@ def open_trackers(
         if logger.wandb:
             from stable_cnn.training.wandb_tracker import WandbTracker
 
-            trackers.append(WandbTracker(logger, labels, run_ids.get("wandb")))
+            trackers.append(WandbTracker(logger, labels, run_ids.get("wandb"), resume_step))
     except BaseException:
         for opened in trackers:  # a store that did open does not stay open as running
-            opened.close("failed")
+            with suppress(Exception):  # the error that stopped the opening is the one to tell
+                opened.close("failed")
         raise
     for name, tracker in zip(logger.trackers, trackers, strict=True):
         if tracker.run_id is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,7 @@ class RunTracker:
         TensorBoard, and every store of the logger group under the same names."""
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, global_step)
-        for store in self.stores:
-            store.log_scalars(global_step, scalars)
+        self._each_store(lambda store: store.log_scalars(global_step, scalars))
 
     def log_epoch(
         self,
@@ -173,8 +173,7 @@ class RunTracker:
                 record["val_top5_ema"] = ema.top5
         with self.metrics_path.open("a") as out:
             out.write(json.dumps(_finite_or_none(record)) + "\n")
-        for store in self.stores:
-            store.log_epoch(record)
+        self._each_store(lambda store: store.log_epoch(record))
         scalars = {
             "accuracy/train": train.accuracy,
             "accuracy/val": val.accuracy,
@@ -216,8 +215,8 @@ class RunTracker:
             grid = make_grid(images.cpu(), nrow=int(len(images) ** 0.5), pad_value=255)
             self.writer.add_image("samples/augmented_train_images", grid, global_step)
         if confusion is not None:
-            for store in self.stores:  # before TensorBoard closes the figure
-                store.log_figure(global_step, "predictions/confusion_matrix_val", confusion)
+            tag = "predictions/confusion_matrix_val"  # the stores first: TensorBoard closes it
+            self._each_store(lambda store: store.log_figure(global_step, tag, confusion))
             self.writer.add_figure(
                 "predictions/confusion_matrix_val", confusion, global_step, close=True
             )
@@ -235,8 +234,7 @@ class RunTracker:
         (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a resumed run that now finished
         self.writer.flush()
         self.ended = "finished"
-        for store in self.stores:
-            store.log_results(results)
+        self._each_store(lambda store: store.log_results(results))
 
     def log_hparams(
         self, hparams: Hparams, final: dict[str, float], succeeded: bool, global_step: int
@@ -263,8 +261,7 @@ class RunTracker:
     def commit(self) -> None:
         """A checkpoint now holds the run up to here: the stores may send what they hold
         (what they sent before a kill is then never sent again by the resumed run)."""
-        for store in self.stores:
-            store.commit()
+        self._each_store(lambda store: store.commit())
 
     def close(self) -> None:
         """The end of the run's logs, however it ended (a second call does nothing)."""
@@ -272,11 +269,17 @@ class RunTracker:
             return
         self.closed = True
         self.writer.close()
+        self._each_store(lambda store: store.close(self.ended))
+
+    def _each_store(self, call: Callable[[Tracker], None]) -> None:
+        """``call`` on every store; one that fails is a warning and the run goes on: a
+        store is a record of the run, never a reason to stop it (or to hide how it ended)."""
         for store in self.stores:
             try:
-                store.close(self.ended)
-            except Exception as err:  # a store that fails at the end does not hide the run's end
-                log.warning("%s did not close: %s", type(store).__name__, err)
+                call(store)
+            except Exception as err:
+                reason = " ".join(str(err).split())[:300] or type(err).__name__
+                log.warning("%s: %s; the run goes on", type(store).__name__, reason)
 
 
 class SilentTracker(RunTracker):
@@ -332,7 +335,8 @@ def open_tracker(
     labels = labels or RunLabels(run_dir.name, run_dir, "stable-cnn")
     tracker = RunTracker(run_dir, resume_step=resume_step, epochs_done=epochs_done)
     try:
-        stores = open_trackers(logger or LoggerConfig(), labels, {} if run_ids is None else run_ids)
+        run_ids = {} if run_ids is None else run_ids
+        stores = open_trackers(logger or LoggerConfig(), labels, run_ids, resume_step)
         tracker.stores = stores
     except BaseException:
         tracker.writer.close()

@@ -20,17 +20,34 @@ from typing import Any
 
 from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.errors import ConfigError
-from stable_cnn.training.trackers import RunLabels
+from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels
 
 log = logging.getLogger("stable_cnn")
 
 TAG_LENGTH = 64  # W&B's limit for a tag
 
 
+def has_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc (where wandb login puts it) for the
+    W&B host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class WandbTracker:
     """A stable-cnn run's W&B run (rank 0's store)."""
 
-    def __init__(self, logger: LoggerConfig, labels: RunLabels, run_id: str | None) -> None:
+    def __init__(
+        self, logger: LoggerConfig, labels: RunLabels, run_id: str | None, resume_step: int = 0
+    ) -> None:
         try:
             import wandb
         except ImportError:
@@ -40,17 +57,25 @@ class WandbTracker:
             ) from None
         self.wandb, self.labels, self.log_checkpoint = wandb, labels, logger.log_checkpoint
         mode = logger.mode or os.environ.get("WANDB_MODE") or "online"
+        if mode == "online" and not has_credentials():  # else wandb asks in a terminal
+            raise ConfigError(
+                "logger=wandb: no W&B login on this machine: run wandb login (or set "
+                "WANDB_API_KEY), or set logger.mode=offline (upload later with wandb sync)"
+            )
         tags = [f"{key}={value}"[:TAG_LENGTH] for key, value in labels.varied.items()]
         settings = wandb.Settings(console="off")  # train.log is saved instead (close)
-        resume = {} if run_id is None else {"id": run_id, "resume": "must"}
+        # the same run where W&B has it; a new one of that id where it does not (an
+        # offline run not synced yet)
+        resume = {} if run_id is None else {"id": run_id, "resume": "allow"}
+        project = os.environ.get("WANDB_PROJECT") or logger.experiment or labels.experiment
         try:
             self.run = wandb.init(
-                project=logger.project or logger.experiment or labels.experiment,
+                project=logger.project or project,
                 entity=logger.entity,
                 mode=mode,
                 dir=str(labels.folder),
                 name=labels.name,
-                group=None if labels.sweep is None else Path(labels.sweep).name,
+                group=None if labels.sweep is None else "/".join(Path(labels.sweep).parts[-2:]),
                 config=labels.params,
                 tags=tags,
                 settings=settings,
@@ -62,10 +87,14 @@ class WandbTracker:
                 f"logger=wandb did not start a run ({first}): run wandb login, or set "
                 f"logger.mode=offline (upload later with wandb sync)"
             ) from None
-        self.run_id: str | None = self.run.id
+        self.run_id: str | None = None if mode == "disabled" else self.run.id
         self.pending: dict[int, dict[str, Any]] = {}  # step -> values logged since the commit
-        self.sent_step = -1  # the last step W&B has
-        self._save([".hydra/config.yaml", ".hydra/overrides.yaml"])
+        self.sent_step = resume_step if run_id is not None else -1  # the last step W&B has
+        try:
+            self._save([".hydra/config.yaml", ".hydra/overrides.yaml"])
+        except BaseException:
+            self.run.finish(exit_code=1)
+            raise
         log.info("W&B run %s (%s, project %s)", self.run_id, mode, self.run.project)
 
     def log_scalars(self, global_step: int, scalars: dict[str, float]) -> None:
@@ -100,6 +129,8 @@ class WandbTracker:
         self.pending = {}
 
     def close(self, status: str) -> None:
+        if status not in ENDED_FOR_GOOD:  # no checkpoint covers them: the resume logs them
+            self.pending = {}
         try:
             self.commit()
             self._save(["train.log"])
