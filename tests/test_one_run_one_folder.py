@@ -20,6 +20,8 @@ from tests.test_resume import RESUMABLE
 
 pytestmark = pytest.mark.slow
 
+STOPPED = [*RESUMABLE, "trainer.epochs=2"]  # stopped in epoch 2, resumed for the rest of it
+
 
 def run_folders(root: Path) -> list[Path]:
     return sorted(p for p in (root / "outputs").glob("*/*") if p.is_dir())
@@ -39,10 +41,13 @@ def wait_for_a_first_epoch(root: Path, process: subprocess.Popen, known: list[Pa
 
 
 def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
-    """A finished run, a refused one, one stopped with Ctrl-C and continued with
-    trainer.resume=auto, then eval, export and predict: two run folders, both finished."""
-    finished = run_cli([*TINY, "trainer.epochs=1"], tmp_path)
+    """A finished run (started with trainer.resume=auto, nothing to resume yet), a refused
+    one, one stopped with Ctrl-C and continued with trainer.resume=auto, then eval, export
+    and predict: two run folders, both finished."""
+    finished = run_cli([*TINY, "trainer.epochs=1", "trainer.resume=auto"], tmp_path)
     assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "trainer.resume=auto: no unfinished run of this config" in finished.stdout
+    assert "starting a new run" in finished.stdout
     (first,) = run_folders(tmp_path)
     date, time_of_day = first.parent.name, first.name  # Hydra's outputs/<date>/<time>
     assert first.parent.parent == tmp_path / "outputs"
@@ -53,7 +58,7 @@ def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
 
     time.sleep(1.1)  # Hydra names run folders by the second
     process = subprocess.Popen(
-        [sys.executable, "-m", "stable_cnn.train", *RESUMABLE],
+        [sys.executable, "-m", "stable_cnn.train", *STOPPED],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -63,20 +68,13 @@ def test_a_days_work_leaves_one_folder_per_run(tmp_path: Path):
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == EXIT_PREEMPTED
     time.sleep(1.1)
-    resumed = run_cli([*RESUMABLE, "trainer.resume=auto"], tmp_path)
+    resumed = run_cli([*STOPPED, "trainer.resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {second / 'checkpoints' / 'last.pt'}" in resumed.stdout
     assert run_folders(tmp_path) == [first, second], "the resumed run went on in its folder"
     log = (second / "train.log").read_text()
     assert "SIGINT" in log and "resuming from" in log and "test of best checkpoint" in log
     assert len(list(second.glob("events.out.tfevents.*"))) == 2, "one TensorBoard run"
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    nothing = run_cli([*TINY, "trainer.epochs=1", "trainer.resume=auto"], elsewhere)
-    assert nothing.returncode == 0, nothing.stdout + nothing.stderr
-    assert "trainer.resume=auto: no unfinished run of this config" in nothing.stdout
-    assert "starting a new run" in nothing.stdout
 
     assert command("stable-cnn-eval", f"checkpoint={first}", cwd=tmp_path).returncode == 0
     export = command("stable-cnn-export", f"checkpoint={first}", "format=onnx", cwd=tmp_path)
