@@ -69,7 +69,7 @@ from stable_cnn.training.epoch import (
 from stable_cnn.training.evaluation import EvalStats, evaluate
 from stable_cnn.training.monitor import Verdict
 from stable_cnn.training.profiling import ProfiledStep
-from stable_cnn.training.trackers import RunLabels, in_folder
+from stable_cnn.training.trackers import RunLabels, flat_params, in_folder
 from stable_cnn.training.tracking import Hparams, RunTracker
 
 log = logging.getLogger("stable_cnn")
@@ -238,7 +238,8 @@ def train_started(
     they were built already (by the range test); ``labels``, how the logger group's
     stores name the run."""
     hparams = hparams or Hparams()
-    labels = in_folder(labels, start.run_dir) if labels is not None else None
+    if labels is not None:  # the config as it runs (optimizer.lr=auto: with lr_found)
+        labels = in_folder(replace(labels, params=flat_params(composed_config)), start.run_dir)
     try:
         training = build_training(
             start.run,
