@@ -113,28 +113,47 @@ def test_real_fashion_mnist_run_learns_and_writes_every_artefact(fashion_mnist_r
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
-    def metrics(name: str) -> list[dict]:
-        run_dir = tmp_path / name
-        done = run_cli([*TINY, "trainer.seed=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr + done.stdout
-        timing = {"train_img_s", "epoch_s"}
+    """A run, then a sweep of the same seed and another: the same seed's job has the
+    run's metrics; the other seed's does not."""
+    timing = {"train_img_s", "epoch_s"}
+
+    def metrics(run_dir: Path) -> list[dict]:
         return [
             {k: v for k, v in e.items() if k not in timing}
             for e in read_jsonl(run_dir / "metrics.jsonl")
         ]
 
-    first = metrics("a")
-    assert first == metrics("b")
-    done = run_cli([*TINY, "trainer.seed=4", f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
-    assert done.returncode == 0
-    other = read_jsonl(tmp_path / "c" / "metrics.jsonl")
+    done = run_cli([*TINY, "trainer.seed=3", f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", *TINY, "trainer.seed=3,4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    first = metrics(tmp_path / "a")
+    assert first == metrics(sweep / "0_trainer.seed=3")
+    other = metrics(sweep / "1_trainer.seed=4")
     assert other[0]["train_loss"] != first[0]["train_loss"], "another seed, another run"
 
 
-def test_issue_example_overrides_run(tmp_path):
+def test_issue_example_overrides_run_with_a_progress_bar_on_a_terminal(tmp_path):
+    """The issue's overrides, run on a terminal (a pty) as a user types them: the run
+    goes through, and a tqdm bar shows each epoch."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
     run_dir = tmp_path / "run"
-    done = run_cli(
+    main, terminal = pty.openpty()
+    # An 80x24 window, as a real terminal has (a bare pty is 0 columns wide: no bar fits).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
         [
+            sys.executable,
+            "-m",
+            "stable_cnn.train",
             *TINY,
             "optimizer=adamw",
             "optimizer.lr=3e-3",
@@ -146,9 +165,24 @@ def test_issue_example_overrides_run(tmp_path):
             f"hydra.run.dir={run_dir}",
         ],
         cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
     )
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert "precision fp16" in done.stdout
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    text = screen.decode(errors="replace")
+    assert process.wait(timeout=120) == 0, text
+    assert "epoch 1/2:" in text and "it/s" in text, "a tqdm bar with the epoch label"
+    assert "precision fp16" in text
     assert "stability/amp_scale" in scalar_tags(run_dir), "fp16 logs the GradScaler's scale"
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "name: adamw" in config and "max_value: 0.5" in config
@@ -215,37 +249,3 @@ def test_early_stopping_ends_the_run_and_tests_the_best_epoch(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs"] < 5 and results["best_epoch"] < results["epochs"]
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == results["epochs"]
-
-
-def test_progress_bar_shows_on_a_terminal(tmp_path):
-    import fcntl
-    import os
-    import pty
-    import struct
-    import subprocess
-    import sys
-    import termios
-
-    main, terminal = pty.openpty()
-    # An 80x24 window, as a real terminal has (a bare pty is 0 columns wide: no bar fits).
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stable_cnn.train", *TINY, "trainer.epochs=1", "hydra.run.dir=run"],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=terminal,
-        stderr=terminal,
-    )
-    os.close(terminal)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        screen += chunk
-    assert process.wait(timeout=120) == 0
-    text = screen.decode(errors="replace")
-    assert "epoch 1/1:" in text and "it/s" in text, "a tqdm bar with the epoch label"
