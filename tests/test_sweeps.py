@@ -22,7 +22,15 @@ from tests.test_resume import wait_for_epochs
 
 pytestmark = pytest.mark.slow
 
-ONE_EPOCH = [*TINY, "trainer.epochs=1", "trainer.progress_bar=false"]
+# 192 images to train on, 128 to validate and to test: a job is a few steps, and the
+# sweeps' own work (folders, failures, reports, studies) is what these tests check.
+ONE_EPOCH = [
+    *TINY,
+    "trainer.epochs=1",
+    "trainer.progress_bar=false",
+    "data.num_train=320",
+    "data.num_test=128",
+]
 
 
 def job(sweep: Path, number: int | str) -> Path:
@@ -217,7 +225,9 @@ def test_a_diverging_job_is_reported_and_the_sweep_goes_on(tmp_path: Path):
     done = run_cli(
         [
             "-m",
-            *ONE_EPOCH,
+            *TINY,  # 512 images to train on: steps enough to diverge in
+            "trainer.epochs=1",
+            "trainer.progress_bar=false",
             "clipping=none",
             "amp=off",
             "trainer.on_nonfinite=stop",
@@ -385,10 +395,12 @@ def test_every_preset_composes_and_runs(tmp_path: Path):
     sweep = tmp_path / "sweep"
     # The presets' own choices first, then the tiny settings on top of each; each keeps
     # its own model (a width would be refused by the ResNet preset).
+    # 128 images to train on (two batches), 64 to validate and to test: the widest
+    # presets and the ResNet-18 go through one epoch in seconds.
     tiny = [arg for arg in ONE_EPOCH if not arg.startswith("model.")]
+    few = ["data.num_train=192", "data.val_size=64", "data.num_test=64"]
     done = run_cli(
-        ["-m", "experiment=glob(*)", *tiny, "data.val_size=64", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
+        ["-m", "experiment=glob(*)", *tiny, *few, f"hydra.sweep.dir={sweep}"], cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr + done.stdout
     rows = report_rows(sweep)
