@@ -109,15 +109,30 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Path):
-    run_dir = tmp_path / "killed"
+def test_sigterm_then_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Path):
+    """One run stopped twice, as a preempted job may be: SIGTERM in epoch 2 saves mid-epoch;
+    the run resumed from that step is killed -9 in epoch 4 (in the middle of appending a
+    metrics line); resumed again, with a store added, it ends as the run never stopped."""
+    run_dir = tmp_path / "stopped"
     process = start(run_dir)
-    wait_for_epochs(run_dir, 2, process)
+    wait_for_epochs(run_dir, 1, process)
+    time.sleep(0.2)  # into epoch 2
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, output
+    assert "SIGTERM: stopped in epoch" in output and "trainer.resume=" in output
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"] is not None, "mid-epoch"
+    assert state["progress"]["values"][SLOT["steps"]] > 0
+
+    process = start(run_dir, f"trainer.resume={run_dir}")
+    wait_for_epochs(run_dir, 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
+    assert "(mid-epoch 2, step" in (run_dir / "train.log").read_text(), "from that step"
     assert not (run_dir / "results.json").exists()
     with (run_dir / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"epoch": 3, "global_st')  # a kill in the middle of appending a line
+        metrics.write('{"epoch": 4, "global_st')  # a kill in the middle of appending a line
 
     resumed = start(run_dir, "trainer.resume=auto", "logger=csv")  # a store added on resume
     output = resumed.communicate(timeout=300)[0]
@@ -145,26 +160,6 @@ def test_kill_9_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Pa
     ]
 
 
-def test_sigterm_saves_mid_epoch_and_resumes_from_that_step(uninterrupted: Path, tmp_path: Path):
-    run_dir = tmp_path / "preempted"
-    process = start(run_dir)
-    wait_for_epochs(run_dir, 1, process)
-    time.sleep(0.2)  # into epoch 2
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == EXIT_PREEMPTED, output
-    assert "SIGTERM: stopped in epoch" in output and "trainer.resume=" in output
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"] is not None, "mid-epoch"
-    assert state["progress"]["values"][SLOT["steps"]] > 0
-
-    resumed = start(run_dir, f"trainer.resume={run_dir}")
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
-    assert "mid-epoch" in output
-    assert_same_run(uninterrupted, run_dir)
-
-
 @pytest.fixture(scope="module")
 def fashion_folder(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST images as PNG files in class folders: 30 of each class to
@@ -190,16 +185,8 @@ def write_fashion_folder(root: Path, fashion_mnist_root: Path, train: int, val: 
     return root
 
 
-@pytest.mark.parametrize(
-    ("cache", "workers"), [("memory", 0), ("disk", 0), ("none", 0), ("none", 1)]
-)
-def test_image_folder_with_dropout_resumes_exactly(
-    cache: str, workers: int, fashion_folder: Path, tmp_path: Path
-):
-    """SIGTERM in epoch 2, resume, same weights: from the decoded images, and through
-    DataLoader iterators, which a resumed process starts at other points of the run and
-    which draw nothing from the dropout stream."""
-    args = [
+def image_folder_run(fashion_folder: Path, cache: str, workers: int) -> list[str]:
+    return [
         *(a for a in TINY if not a.startswith("data=")),
         "data=image_folder",
         f"data.cache={cache}",
@@ -214,16 +201,41 @@ def test_image_folder_with_dropout_resumes_exactly(
         "trainer.deterministic=true",
         "trainer.progress_bar=false",
     ]
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    done = run_cli([*args, f"hydra.run.dir={whole}"], tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def whole_image_folder_runs(fashion_folder: Path, tmp_path_factory) -> dict[str, Path]:
+    """The image folder's runs never stopped, one per cache (data.cache=none in the main
+    process: a loader worker draws the same images and augmentations)."""
+    folder = tmp_path_factory.mktemp("whole_image_folder")
+    runs = {}
+    for cache in ("memory", "disk", "none"):
+        args = [*image_folder_run(fashion_folder, cache, 0), f"hydra.run.dir={folder / cache}"]
+        done = run_cli(args, folder)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[cache] = folder / cache
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("cache", "workers"), [("memory", 0), ("disk", 0), ("none", 0), ("none", 1)]
+)
+def test_image_folder_with_dropout_resumes_exactly(
+    cache: str, workers: int, fashion_folder: Path, whole_image_folder_runs, tmp_path: Path
+):
+    """SIGTERM in epoch 2, resume, same weights as the run never stopped: from the decoded
+    images, and through DataLoader iterators, which a resumed process starts at other
+    points of the run and which draw nothing from the dropout stream. Through one loader
+    worker, the run is the one the main process draws."""
+    args = image_folder_run(fashion_folder, cache, workers)
+    stopped = tmp_path / "stopped"
     stop_in_second_epoch(args, stopped, tmp_path)
     state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
     assert state["progress"] is not None, "stopped mid-epoch"
     resumed = run_cli([*args, "trainer.resume=auto", f"hydra.run.dir={stopped}"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "mid-epoch" in resumed.stdout
-    assert_same_run(whole, stopped)
+    assert_same_run(whole_image_folder_runs[cache], stopped)
 
 
 def test_a_finished_run_is_not_trained_again(uninterrupted: Path):
