@@ -191,17 +191,17 @@ trap write_summary EXIT
 if $dry; then
     device=cpu
     on=(trainer.device=cpu)
-    default=(experiment=smoke "${on[@]}" data.limit_train=384 data.limit_test=128
-             data.val_size=128 trainer.epochs=1)
+    default=(experiment=smoke "${on[@]}" data.limit_train=256 data.limit_test=64
+             data.val_size=64 trainer.epochs=1)
     small=("${default[@]}")
     preset=("${default[@]}")
-    resnet=(experiment=fashion_mnist_resnet18 "${on[@]}" data.limit_train=128 data.limit_test=64
-            data.val_size=64 trainer.epochs=1)
+    resnet=(experiment=fashion_mnist_resnet18 "${on[@]}" data.limit_train=64 data.limit_test=32
+            data.val_size=32 data.batch_size=32 trainer.epochs=1)
     syncs=(--device cpu --paths eager --precisions bf16)
     bench=(--device cpu --width 8 --steps 2 --warmup 1 --quick)
     sizes=(32)  # one size is enough to know the step works
     graph=()
-    folder_bench=(--images 800 --epochs 1 --caches memory,disk)
+    folder_bench=(--images 400 --epochs 1 --caches disk)  # one stable-cnn run, one plain loop
 else
     device=cuda
     on=()
