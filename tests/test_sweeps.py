@@ -307,7 +307,12 @@ def test_optuna_search_continues_its_study_when_rerun(tmp_path: Path):
 
 
 def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
-    sweep = tmp_path / "sweep"
+    """Also logger=mlflow: parallel jobs on one SQLite store are two child runs of the
+    sweep's run (tests/test_trackers.py checks them)."""
+    pytest.importorskip("mlflow")  # the test command installs it (.[dev])
+    from tests.test_trackers import assert_two_child_runs_of_one_mlflow_run, offline_env
+
+    sweep = tmp_path / "multirun" / "sweep"
     done = run_cli(
         [
             "-m",
@@ -315,9 +320,11 @@ def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
             "hydra.launcher.n_jobs=2",
             *ONE_EPOCH,
             "optimizer.lr=0.01,0.1",
+            "logger=mlflow",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
+        env=offline_env(tmp_path),
     )
     assert done.returncode == 0, done.stderr + done.stdout
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
@@ -326,6 +333,7 @@ def test_joblib_runs_jobs_side_by_side_with_divided_threads(tmp_path: Path):
         log = (job(sweep, number) / "train.log").read_text()
         assert f"jobs run side by side: {threads} torch thread(s) each" in log
         assert f"device cpu, {threads} threads" in log
+    assert_two_child_runs_of_one_mlflow_run(tmp_path, sweep, done.stdout + done.stderr)
 
 
 def test_submitit_local_launcher_really_runs_a_job(tmp_path: Path):

@@ -1,6 +1,6 @@
 """The logger group's stores with the real libraries, offline: MLflow in a SQLite file,
 Weights & Biases in offline mode (its run files read back), across a SIGTERM and a
-resume, and in a parallel sweep."""
+resume (a parallel sweep's MLflow runs: tests/test_sweeps.py's joblib sweep)."""
 
 from __future__ import annotations
 
@@ -156,27 +156,11 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(rows))
 
 
-@pytest.mark.slow
-def test_a_two_job_parallel_sweep_is_two_child_runs_of_one_mlflow_run(tmp_path: Path):
-    pytest.importorskip("mlflow")
-    sweep = tmp_path / "multirun" / "sweep"
-    done = run_cli(
-        [
-            "-m",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            *TINY,
-            "trainer.epochs=1",
-            "optimizer.lr=0.01,0.1",
-            "logger=mlflow",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        env=offline_env(tmp_path),
-    )
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert "database is locked" not in done.stdout + done.stderr
-    client = store(tmp_path)
+def assert_two_child_runs_of_one_mlflow_run(cwd: Path, sweep: Path, output: str) -> None:
+    """What a 2-job sweep of ``optimizer.lr=0.01,0.1`` with ``logger=mlflow`` leaves in
+    the default store (tests/test_sweeps.py runs it with joblib, side by side)."""
+    assert "database is locked" not in output
+    client = store(cwd)
     runs = client.search_runs([client.get_experiment_by_name("stable-cnn").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
