@@ -4,6 +4,7 @@ process does, stop together and resume exactly."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -225,7 +226,11 @@ def test_trainer_devices_writes_one_run_with_one_writer(two_process_run: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("run_dir", [["hydra.run.dir=run"], []], ids=["run dir", "no run dir"])
 def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: Path):
-    """Without hydra.run.dir each process would name its own outputs/<date>/<time>."""
+    """Without hydra.run.dir each process would name its own outputs/<date>/<time>; with
+    logger=mlflow (where installed) only rank 0 opens a run."""
+    mlflow = ["logger=mlflow", "logger.tracking_uri=sqlite:///outputs/mlflow.db"]
+    if not run_dir or importlib.util.find_spec("mlflow") is None:
+        mlflow = []
     few = [item for item in TWO if not item.startswith(("data.num_train=", "trainer.epochs="))]
     done = subprocess.run(
         [
@@ -236,6 +241,7 @@ def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: P
             "data.num_train=2560",
             "trainer.epochs=3",
             *run_dir,
+            *mlflow,
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -244,6 +250,13 @@ def test_torchrun_writes_one_run_with_one_writer(run_dir: list[str], tmp_path: P
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert_one_run(tmp_path, done.stdout + done.stderr, accuracy_above=40, epochs=3)  # 53%
+    if mlflow:  # rank 0 alone logs: one MLflow run, one point per epoch
+        from tests.test_trackers import store
+
+        client = store(tmp_path)
+        (run,) = client.search_runs([client.get_experiment_by_name("stable-cnn").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "accuracy/val")) == 3
 
 
 @pytest.mark.slow
