@@ -203,10 +203,14 @@ def open_trackers(
             from stable_cnn.training.wandb_tracker import WandbTracker
 
             trackers.append(WandbTracker(logger, labels, run_ids.get("wandb"), resume_step))
-    except BaseException:
+    except BaseException as err:
         for opened in trackers:  # a store that did open does not stay open as running
             with suppress(Exception):  # the error that stopped the opening is the one to tell
                 opened.close("failed")
+        if isinstance(err, Exception) and not isinstance(err, ConfigError):
+            store = logger.trackers[len(trackers)]  # the one that was opening
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise ConfigError(f"logger={store}: its run did not open ({reason})") from None
         raise
     for name, tracker in zip(logger.trackers, trackers, strict=True):
         if tracker.run_id is not None:
