@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.errors import ConfigError
-from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels, as_text
+from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels, as_text, one_line
 
 log = logging.getLogger("stable_cnn")
 
@@ -293,7 +293,3 @@ class MlflowTracker:
 def param_key(key: str) -> str:
     """A config key as MLflow takes it (letters, digits, ``_-. /``)."""
     return re.sub(r"[^\w\-. /]", "_", key)[:250]
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__

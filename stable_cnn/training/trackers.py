@@ -63,6 +63,11 @@ class RunLabels:
     parent_runs: dict[str, str] = field(default_factory=dict)  # a sweep's run, per store
 
 
+def one_line(err: BaseException) -> str:
+    """A store's error in a log line: its words on one line, cut to a readable length."""
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
 def run_labels(
     folder: Path,
     composed: dict[str, Any],
@@ -209,8 +214,7 @@ def open_trackers(
                 opened.close("failed")
         if isinstance(err, Exception) and not isinstance(err, ConfigError):
             store = logger.trackers[len(trackers)]  # the one that was opening
-            reason = " ".join(str(err).split())[:300] or type(err).__name__
-            raise ConfigError(f"logger={store}: its run did not open ({reason})") from None
+            raise ConfigError(f"logger={store}: its run did not open ({one_line(err)})") from None
         raise
     for name, tracker in zip(logger.trackers, trackers, strict=True):
         if tracker.run_id is not None:

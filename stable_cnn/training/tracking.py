@@ -49,7 +49,7 @@ from stable_cnn.state.run_files import FAILURE_FILE, read_metrics, record_failur
 from stable_cnn.system.atomic import atomic_write
 from stable_cnn.training.epoch import EpochStats
 from stable_cnn.training.evaluation import EvalStats
-from stable_cnn.training.trackers import RunLabels, Tracker, open_trackers
+from stable_cnn.training.trackers import RunLabels, Tracker, one_line, open_trackers
 
 log = logging.getLogger("stable_cnn")
 
@@ -278,8 +278,7 @@ class RunTracker:
             try:
                 call(store)
             except Exception as err:
-                reason = " ".join(str(err).split())[:300] or type(err).__name__
-                log.warning("%s: %s; the run goes on", type(store).__name__, reason)
+                log.warning("%s: %s; the run goes on", type(store).__name__, one_line(err))
 
 
 class SilentTracker(RunTracker):

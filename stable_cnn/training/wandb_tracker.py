@@ -20,7 +20,7 @@ from typing import Any
 
 from stable_cnn.config.logger import LoggerConfig
 from stable_cnn.errors import ConfigError
-from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels
+from stable_cnn.training.trackers import ENDED_FOR_GOOD, RunLabels, one_line
 
 log = logging.getLogger("stable_cnn")
 
@@ -82,9 +82,8 @@ class WandbTracker:
                 **resume,
             )
         except Exception as err:  # not logged in, no network, an id the project lacks
-            first = " ".join(str(err).split())[:200]
             raise ConfigError(
-                f"logger=wandb did not start a run ({first}): run wandb login, or set "
+                f"logger=wandb did not start a run ({one_line(err)}): run wandb login, or set "
                 f"logger.mode=offline (upload later with wandb sync)"
             ) from None
         self.run_id: str | None = None if mode == "disabled" else self.run.id
